@@ -1,0 +1,157 @@
+"""The one exception tree of cascade.
+
+Callers catch what they can handle; everything derives from :class:`CascadeError`::
+
+    CascadeError
+    ├── ConfigError                 node config / settings invalid (names source and key)
+    │   └── PolicyError             policy YAML invalid (names file, key path, allowed values)
+    ├── ModelError                  a model file is missing, corrupt or fails its checksum
+    ├── RequestError                a client request is unacceptable (maps to a 4xx)
+    │   ├── InvalidInput            422: wrong shape, type, range, empty text...
+    │   ├── UnknownTask             422: task not served by this tier
+    │   ├── PayloadTooLarge         413
+    │   ├── UnsupportedMediaType    415
+    │   ├── MalformedBody           400: not JSON
+    │   ├── NotFound                404
+    │   ├── IdempotencyConflict     409 (in flight) / 422 (same key, different body)
+    │   └── HopLimitExceeded        508-like loop guard, reported as 400
+    ├── ServiceUnavailable          503: cannot take the work now (queue full, disk full, not ready)
+    └── UpstreamError               escalation to the next tier failed
+        ├── UpstreamUnavailable     connection errors / 5xx after retries / breaker open / deadline
+        └── UpstreamRejected        the upstream answered 4xx: retrying will not help
+
+Every :class:`RequestError` and :class:`ServiceUnavailable` carries an HTTP ``status``,
+a machine-readable ``code`` and an optional ``field`` naming the offending input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CascadeError(Exception):
+    """Base of every error cascade raises on purpose."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON error body of the API contract: ``{"error": {code, message, field?}}``."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class ConfigError(CascadeError):
+    """A node config or setting is invalid; the message names its source and key."""
+
+    code = "config_error"
+
+
+class PolicyError(ConfigError):
+    """A policy file is invalid; the message names the file, the key path and what is allowed."""
+
+    code = "policy_error"
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, field=key)
+        self.file = file
+        self.key = key
+
+
+class ModelError(CascadeError):
+    """A model could not be loaded: missing file, checksum mismatch, wrong signature."""
+
+    code = "model_error"
+
+
+class RequestError(CascadeError):
+    """A client request cannot be served as sent (a 4xx)."""
+
+    status = 400
+    code = "bad_request"
+
+
+class MalformedBody(RequestError):
+    status = 400
+    code = "malformed_body"
+
+
+class InvalidInput(RequestError):
+    status = 422
+    code = "invalid_input"
+
+
+class UnknownTask(RequestError):
+    status = 422
+    code = "unknown_task"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class IdempotencyConflict(RequestError):
+    """The same idempotency key is in flight (409) or was used with another body (422)."""
+
+    status = 409
+    code = "idempotency_conflict"
+
+    def __init__(self, message: str, *, status: int = 409, code: str | None = None) -> None:
+        super().__init__(message, field="Idempotency-Key", code=code)
+        self.status = status
+
+
+class HopLimitExceeded(RequestError):
+    status = 400
+    code = "hop_limit_exceeded"
+
+
+class ServiceUnavailable(CascadeError):
+    """The tier cannot accept this work now (queue full, disk full, offline with reject policy)."""
+
+    status = 503
+    code = "unavailable"
+
+
+class UpstreamError(CascadeError):
+    """Escalating to the next tier failed."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached in time (connect errors, 5xx, breaker open, deadline)."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request with a 4xx; retrying cannot help (a poison request)."""
+
+    code = "upstream_rejected"
+
+    def __init__(self, message: str, *, upstream_status: int, upstream_body: Any = None) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.upstream_body = upstream_body
