@@ -1,0 +1,48 @@
+"""The ``cascade`` command: serve a tier, run the local chain, build models, tune policies.
+
+Every sub-command has ``--help`` with examples. Heavy imports happen inside the commands so
+that ``cascade --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cascade.cli.policy_cmd import policy_app
+from cascade.cli.run_cmd import register_run_commands
+
+app = typer.Typer(
+    name="cascade",
+    help=(
+        "Hybrid edge-cloud cascade: confidence-gated model tiers from endpoint to cloud.\n\n"
+        "Quick start: `cascade models build` then `cascade up`, then in another terminal "
+        "`cascade infer documents 'Shares rose after the rate cut'`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+register_run_commands(app)
+app.add_typer(policy_app, name="policy")
+
+
+def _register_optional() -> None:
+    from cascade.cli_models import models_app
+
+    app.add_typer(models_app, name="models")
+    try:
+        from cascade.cli.bench_cmd import bench
+    except ImportError:  # pragma: no cover - during development only
+        return
+    app.command("bench")(bench)
+
+
+_register_optional()
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()
+
+
+__all__ = ["app", "main"]

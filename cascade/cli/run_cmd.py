@@ -1,0 +1,216 @@
+"""``cascade serve``, ``cascade up`` and ``cascade infer``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cascade.cli.common import console, fail, fail_on
+from cascade.errors import CascadeError
+
+CONFIG_HELP = "Node config YAML (e.g. edge_nodes/endpoint.yaml); CASCADE_* env vars override it."
+
+
+def serve(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    port: Optional[int] = typer.Option(None, help="Override the config's port."),
+    host: Optional[str] = typer.Option(None, help="Override the config's host."),
+) -> None:
+    """Serve one tier over HTTP (FastAPI on uvicorn).
+
+    Loads the models named in the config (verifying their sha256 against models/manifest.json),
+    the policy, and the upstream client, then serves POST /v1/infer, /healthz, /readyz and /docs.
+
+    Example: cascade serve --config edge_nodes/endpoint.yaml
+    """
+    import uvicorn
+
+    from cascade.api import create_app
+    from cascade.node import Node
+    from cascade.settings import load_node_settings
+
+    overrides: dict[str, Any] = {}
+    if port is not None:
+        overrides["port"] = port
+    if host is not None:
+        overrides["host"] = host
+    try:
+        settings = load_node_settings(config, **overrides)
+        node = Node.from_settings(settings)  # fail fast, before binding the port
+    except CascadeError as exc:
+        fail_on(exc)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [" + settings.tier + "] %(message)s",
+    )
+    app = create_app(node, max_body_bytes=settings.max_body_bytes)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning" if settings.log_level == "info" else settings.log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=5,
+    )
+
+
+def up(
+    configs: list[Path] = typer.Option(
+        None, "--config", "-c", help="Node configs bottom to top (default: the four-tier chain)."
+    ),
+    base_port: Optional[int] = typer.Option(
+        None, help="Put the tiers on consecutive ports from here and rewire their upstreams."
+    ),
+    log_dir: Path = typer.Option(Path("var/logs"), help="Where each tier's log goes."),
+    ready_timeout: float = typer.Option(30.0, help="Seconds to wait for each tier to be ready."),
+) -> None:
+    """Start the whole local chain (endpoint → edge-node → edge-server → cloud) and keep it up.
+
+    Starts each tier as a child process (top first), waits until it is ready, prints a table
+    of tiers and a ready-to-paste curl example, then waits. Ctrl-C or SIGTERM stops them all;
+    children also die if this process is killed.
+
+    Example: cascade up            (then: cascade infer documents "Shares rose after the rate cut")
+    """
+    from rich.table import Table
+
+    from cascade.supervisor import DEFAULT_CHAIN, Chain
+
+    chain = Chain(configs or list(DEFAULT_CHAIN), base_port=base_port, log_dir=log_dir,
+                  ready_timeout_s=ready_timeout)
+    stopping = {"now": False}
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        with console.status("starting tiers (top first)..."):
+            chain.start()
+    except (CascadeError, RuntimeError, TimeoutError) as exc:
+        fail(f"{exc}; see the logs in {log_dir}/", 1)
+    table = Table(title="cascade: local chain is up", title_justify="left")
+    for col in ("tier", "url", "pid", "ready in", "log"):
+        table.add_column(col)
+    for t in chain.tiers:
+        table.add_row(t.tier, t.url, str(t.pid), f"{chain.ready_s[t.tier]:.2f} s", str(t.log_path))
+    console.print(table)
+    entry = chain.entry_url
+    console.print("\nTry it (tier 1 answers, or escalates up the chain):", style="bold")
+    console.print(
+        f"  curl -s {entry}/v1/infer -H 'Content-Type: application/json' "
+        "-d '{\"task\": \"documents\", \"input\": {\"text\": \"Shares rose after the central "
+        "bank cut interest rates\"}}'",
+        highlight=False, soft_wrap=True,
+    )
+    console.print(f"  cascade infer vision --sample 7 --url {entry}", highlight=False)
+    console.print(f"  API docs: {entry}/docs\n\nCtrl-C stops every tier.", highlight=False)
+    try:
+        while not stopping["now"]:
+            for t in chain.tiers:
+                if t.process.poll() is not None:
+                    console.print(f"[red]tier {t.tier} exited with code {t.process.returncode}; "
+                                  f"stopping the chain (log: {t.log_path})[/]")
+                    stopping["now"] = True
+            time.sleep(0.2)
+    finally:
+        console.print("stopping tiers...")
+        chain.stop()
+        console.print("all tiers stopped.")
+
+
+def infer(
+    task: str = typer.Argument(..., help="vision or documents."),
+    text: Optional[str] = typer.Argument(None, help="documents: the text to classify."),
+    image: Optional[str] = typer.Option(None, help="vision: 8x8 JSON grid of 0..16."),
+    png: Optional[Path] = typer.Option(None, help="vision: a PNG file (scaled to 8x8)."),
+    sample: Optional[int] = typer.Option(
+        None, help="Send test-split sample N from the models dir instead (and show its true label)."
+    ),
+    url: str = typer.Option("http://127.0.0.1:8101", help="Tier to ask (tier 1 by default)."),
+    deadline_ms: Optional[int] = typer.Option(None, help="End-to-end deadline."),
+    models_dir: Path = typer.Option(Path("models"), help="For --sample."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON answer."),
+) -> None:
+    """Send one request from the terminal and print the answer with its hops.
+
+    Examples:
+      cascade infer documents "The striker scored twice in the cup final"
+      cascade infer vision --sample 3
+      cascade infer vision --png digit.png --url http://127.0.0.1:8102
+    """
+    import base64
+
+    import httpx
+    from rich.table import Table
+
+    truth = None
+    payload: dict[str, Any]
+    if sample is not None:
+        from cascade.models.manifest import load_split
+
+        try:
+            inputs, labels = load_split(models_dir, task, "test")
+        except (CascadeError, KeyError) as exc:
+            fail(f"cannot load the test split of {task!r} from {models_dir}: {exc}")
+        if not 0 <= sample < len(labels):
+            fail(f"--sample must be between 0 and {len(labels) - 1}")
+        truth = labels[sample]
+        if task == "vision":
+            payload = {"image": [[float(v) for v in inputs[sample][r * 8:(r + 1) * 8]] for r in range(8)]}
+        else:
+            payload = {"text": inputs[sample]}
+    elif text is not None:
+        payload = {"text": text}
+    elif image is not None:
+        try:
+            payload = {"image": json.loads(image)}
+        except json.JSONDecodeError as exc:
+            fail(f"--image is not JSON: {exc}")
+    elif png is not None:
+        payload = {"png_base64": base64.b64encode(png.read_bytes()).decode()}
+    else:
+        fail("give a text, --image, --png or --sample")
+    body: dict[str, Any] = {"task": task, "input": payload}
+    if deadline_ms:
+        body["deadline_ms"] = deadline_ms
+    try:
+        resp = httpx.post(f"{url}/v1/infer", json=body, timeout=30)
+    except httpx.TransportError as exc:
+        fail(f"cannot reach {url}: {exc} (is the chain up? `cascade up`)", 1)
+    data = resp.json()
+    if as_json:
+        console.print_json(data=data)
+        raise typer.Exit(0 if resp.status_code == 200 else 1)
+    if resp.status_code != 200:
+        err = data.get("error", {})
+        fail(f"{resp.status_code} {err.get('code')}: {err.get('message')}", 1)
+    console.print(
+        f"[bold]{data['label']}[/] (confidence {data['confidence']:.3f}, {data['status']}, "
+        f"answered by {data['answered_by']})" + (f"  true label: {truth}" if truth else "")
+    )
+    table = Table(show_header=True)
+    for col in ("hop", "tier", "model", "label", "confidence", "decision", "ms"):
+        table.add_column(col)
+    for i, hop in enumerate(data["hops"], 1):
+        table.add_row(str(i), hop["tier"], hop["model"], str(hop.get("label")),
+                      f"{hop['confidence']:.3f}", hop["decision"], f"{hop['ms']:.2f}")
+    console.print(table)
+    console.print(f"id {data['id']}  trace {data.get('trace_id')}", style="dim")
+
+
+def register_run_commands(app: typer.Typer) -> None:
+    """Attach serve/up/infer to the root command."""
+    app.command()(serve)
+    app.command()(up)
+    app.command()(infer)

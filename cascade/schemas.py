@@ -1,0 +1,85 @@
+"""API request and response models (the HTTP contract of every tier, design §2)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+class InferRequest(BaseModel):
+    """``POST /v1/infer`` body."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"task": "documents", "input": {"text": "Shares rose after the bank cut rates."}},
+                {"task": "vision", "input": {"image": [[0] * 8] * 8}, "deadline_ms": 500},
+            ]
+        },
+    )
+
+    task: str = Field(..., min_length=1, max_length=64, description="Which task: vision or documents.")
+    input: dict[str, Any] = Field(
+        ...,
+        description=(
+            "vision: {'image': 8x8 nested lists of numbers 0..16} or {'png_base64': str}; "
+            "documents: {'text': str}."
+        ),
+    )
+    deadline_ms: int | None = Field(
+        None, ge=1, le=600_000, description="End-to-end deadline; default from the policy."
+    )
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Where to POST the final answer when this one is provisional.",
+    )
+    request_id: str | None = Field(
+        None,
+        pattern=REQUEST_ID_PATTERN,
+        description="Idempotency key (the Idempotency-Key header takes precedence).",
+    )
+
+
+class Hop(BaseModel):
+    """One tier's part in answering a request."""
+
+    tier: str
+    model: str
+    label: str | None = None
+    confidence: float
+    decision: Literal["answer", "escalate", "unknown"]
+    ms: float
+
+
+class InferResponse(BaseModel):
+    """``POST /v1/infer`` 200 body."""
+
+    id: str
+    task: str
+    label: str | None = Field(description="Predicted class; null when status is 'unknown'.")
+    confidence: float
+    status: Literal["final", "provisional", "unknown"]
+    answered_by: str
+    hops: list[Hop]
+    trace_id: str | None = None
+    escalation: dict[str, Any] | None = Field(
+        None, description="When provisional: the state of the queued escalation."
+    )
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every non-200 answer: ``{"error": {"code", "message", "field"?}}``."""
+
+    error: ErrorDetail
