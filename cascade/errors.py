@@ -138,6 +138,8 @@ class UpstreamError(CascadeError):
 
     status = 502
     code = "upstream_error"
+    attempts: int = 0
+    """How many HTTP attempts were made before giving up."""
 
 
 class UpstreamUnavailable(UpstreamError):

@@ -1,0 +1,55 @@
+"""Run the model ladder over a stored split, without any server: the data behind calibration,
+replay and the benchmark. Uses only onnxruntime + numpy (no scikit-learn)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cascade.gate import SignalName, confidence, score
+
+
+@dataclass(frozen=True)
+class TierPredictions:
+    """One tier's outputs on one split: probabilities, predicted labels, correctness."""
+
+    tier: str
+    model_name: str
+    classes: tuple[str, ...]
+    probabilities: np.ndarray  # [N, K]
+    predicted: list[str]
+    correct: np.ndarray  # [N] bool
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else 0.0
+
+    def confidences(self, signal: SignalName) -> np.ndarray:
+        """The gate confidence of every sample under ``signal`` (same function as serving)."""
+        return np.asarray([confidence(score(row), signal) for row in self.probabilities])
+
+
+def predict_split(
+    models_dir: Path, task: str, tiers: Sequence[str], split: str = "calibration", *,
+    batch_size: int = 256,
+) -> tuple[list[str], dict[str, TierPredictions]]:
+    """Labels of ``split`` and each tier's predictions on it."""
+    from cascade.models.manifest import load_split
+    from cascade.runners.onnx import OnnxRunner
+
+    inputs, labels = load_split(models_dir, task, split)
+    out: dict[str, TierPredictions] = {}
+    for tier in tiers:
+        runner = OnnxRunner.from_manifest(models_dir, task, tier)
+        chunks = [
+            np.asarray(runner.predict_proba(inputs[i : i + batch_size]), dtype=np.float64)
+            for i in range(0, len(labels), batch_size)
+        ]
+        probs = np.concatenate(chunks) if chunks else np.zeros((0, len(runner.classes)))
+        predicted = [runner.classes[i] for i in probs.argmax(axis=1)]
+        correct = np.asarray([p == y for p, y in zip(predicted, labels)], dtype=bool)
+        out[tier] = TierPredictions(tier, runner.model_name, tuple(runner.classes), probs, predicted, correct)
+    return labels, out
