@@ -59,12 +59,17 @@ class TierProcess:
 
 
 def plan_chain(
-    configs: Sequence[str | Path], *, base_port: int | None = None, host: str = "127.0.0.1"
+    configs: Sequence[str | Path],
+    *,
+    base_port: int | None = None,
+    host: str = "127.0.0.1",
+    top_upstream_url: str | None = None,
 ) -> list[tuple[str, Path, int, dict[str, str]]]:
     """(tier, config, port, env overrides) per config, bottom to top.
 
     With ``base_port`` the tiers get consecutive ports from it and each tier's upstream is
-    rewired to the next config's port, so a whole chain can run beside another one.
+    rewired to the next config's port, so a whole chain can run beside another one; the last
+    tier gets ``top_upstream_url`` (none by default: it is the top).
     """
     plan = []
     for i, cfg in enumerate(configs):
@@ -81,7 +86,9 @@ def plan_chain(
             env["CASCADE_PORT"] = str(port)
             env["CASCADE_HOST"] = host
             env["CASCADE_UPSTREAM_URL"] = (
-                f"http://{host}:{base_port + i + 1}" if i + 1 < len(configs) else ""
+                f"http://{host}:{base_port + i + 1}"
+                if i + 1 < len(configs)
+                else (top_upstream_url or "")
             )
         plan.append((tier, path, port, env))
     return plan
@@ -117,8 +124,16 @@ class Chain:
         log_dir: Path | None = None,
         ready_timeout_s: float = 30.0,
         python: str = sys.executable,
+        state_dir: Path | None = None,
+        top_upstream_url: str | None = None,
     ) -> None:
-        self.plan = plan_chain(configs, base_port=base_port, host=host)
+        self.plan = plan_chain(
+            configs, base_port=base_port, host=host, top_upstream_url=top_upstream_url
+        )
+        if state_dir is not None:
+            # Each tier's durable state (outbox database) under state_dir instead of var/.
+            for _tier, _cfg, _port, env in self.plan:
+                env["CASCADE_OUTBOX_URL"] = f"sqlite:///{Path(state_dir) / _tier}.db"
         self.host = host
         self.extra_env = env or {}
         self.log_dir = log_dir

@@ -1,0 +1,1 @@
+"""``cascade bench``: accuracy and latency of the running chain, measured side by side."""

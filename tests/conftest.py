@@ -1,0 +1,81 @@
+"""Shared fixtures: the built model ladder, free ports on 127.0.0.1, a running chain."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAIN_CONFIGS = [
+    ROOT / "edge_nodes/endpoint.yaml",
+    ROOT / "edge_nodes/edge-node.yaml",
+    ROOT / "edge_nodes/edge-server.yaml",
+    ROOT / "cloud/cloud.yaml",
+]
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The project's models directory, built (or confirmed up to date) once per session."""
+    from cascade.models.build import build_models
+
+    out = ROOT / "models"
+    build_models(out)  # seconds when nothing changed
+    return out
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(n: int) -> int:
+    """A base port such that ``base .. base+n-1`` are all free on 127.0.0.1 right now."""
+    for _ in range(200):
+        base = random.randint(20_000, 50_000)
+        if all(_port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block found")
+
+
+@pytest.fixture
+def free_ports() -> "type[free_port_block]":
+    return free_port_block  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def chain_env(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for tier processes started by tests: project models and policy, tmp state."""
+    var = tmp_path_factory.mktemp("var")
+    return {
+        "CASCADE_MODELS_DIR": str(models_dir),
+        "CASCADE_POLICY": str(ROOT / "policies/default.yaml"),
+        "CASCADE_TEST_VAR": str(var),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+
+@pytest.fixture(scope="module")
+def running_chain(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
+    """The four-tier chain as real processes on free 127.0.0.1 ports (shared by a module)."""
+    from cascade.supervisor import Chain
+
+    var = tmp_path_factory.mktemp("chain")
+    base = free_port_block(4)
+    env = {
+        "CASCADE_MODELS_DIR": str(models_dir),
+        "CASCADE_POLICY": str(ROOT / "policies/default.yaml"),
+    }
+    chain = Chain(CHAIN_CONFIGS, base_port=base, env=env, log_dir=var / "logs",
+                  state_dir=var)
+    with chain:
+        yield chain
