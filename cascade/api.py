@@ -22,7 +22,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.errors import CascadeError, MalformedBody, PayloadTooLarge, UnsupportedMediaType
 from cascade.node import CallContext, Node
+from cascade.outbox.http import (
+    REPLAYED_HEADER,
+    answer_infer,
+    register_outbox_routes,
+    start_outbox,
+    stop_outbox,
+)
 from cascade.schemas import REQUEST_ID_PATTERN, ErrorBody, InferRequest, InferResponse
+from cascade.metrics import metrics_response
+from cascade.telemetry import RequestTelemetryMiddleware, fastapi_options
 
 log = logging.getLogger("cascade.api")
 
@@ -40,7 +49,9 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def json_response(body: Any, status: int = 200) -> Response:
     """A JSON response serialised with orjson (the hot path)."""
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    # OPT_SERIALIZE_NUMPY: model outputs (confidences) may be numpy scalars.
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")
 
 
 def error_response(exc: CascadeError) -> Response:
@@ -175,9 +186,11 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
         node = node_factory if isinstance(node_factory, Node) else node_factory()
         state["node"] = node
         app.state.node = node
+        await start_outbox(node)
         try:
             yield
         finally:
+            await stop_outbox(node)
             await node.aclose()
 
     app = FastAPI(
@@ -186,6 +199,7 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
         version="1",
         lifespan=lifespan,
         responses=_ERROR_RESPONSES,
+        **fastapi_options(),  # our middleware makes the SERVER span (cheaper); no second one
     )
 
     @app.exception_handler(CascadeError)
@@ -232,7 +246,11 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
     async def infer(request: Request) -> Response:
         body = await parse_infer_request(request)
         ctx = call_context(request)
-        return json_response(await state["node"].infer(body, ctx))
+        answer, replayed = await answer_infer(state["node"], body, ctx)
+        response = json_response(answer)
+        if replayed:
+            response.headers[REPLAYED_HEADER] = "true"
+        return response
 
     @app.get("/healthz", summary="Liveness: the process is up")
     async def healthz() -> Response:
@@ -246,5 +264,13 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
             return json_response({"ready": False}, 503)
         return json_response(node.readiness())
 
+    @app.get("/metrics", summary="Prometheus metrics of this tier (text exposition format)")
+    async def metrics() -> Response:
+        return await metrics_response(state.get("node"))
+
+    register_outbox_routes(app, lambda: state.get("node"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    # Outermost: sees every response (413s included) and times the whole request.
+    app.add_middleware(RequestTelemetryMiddleware,
+                       telemetry=lambda: getattr(state.get("node"), "telemetry", None))
     return app

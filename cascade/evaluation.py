@@ -34,9 +34,14 @@ class TierPredictions:
 
 def predict_split(
     models_dir: Path, task: str, tiers: Sequence[str], split: str = "calibration", *,
-    batch_size: int = 256,
+    batch_size: int = 1,
 ) -> tuple[list[str], dict[str, TierPredictions]]:
-    """Labels of ``split`` and each tier's predictions on it."""
+    """Labels of ``split`` and each tier's predictions on it.
+
+    One sample per call by default, exactly as serving runs the models: int8 models quantize
+    activations dynamically over the whole input tensor, so a batched run gives (slightly)
+    different probabilities than the single requests the gate actually sees.
+    """
     from cascade.models.manifest import load_split
     from cascade.runners.onnx import OnnxRunner
 

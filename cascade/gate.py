@@ -12,6 +12,11 @@ Signals, all computed from one probability vector ``p`` over ``K`` classes:
 :func:`confidence` maps any signal onto one "higher is more confident" scale in [0, 1]
 (``entropy`` becomes ``1 - entropy``) so that every threshold reads the same way:
 answer when ``confidence >= threshold``.
+
+A rule may carry a :class:`Calibration` (fitted by ``cascade policy calibrate``): a temperature
+applied to the probabilities before scoring, or an isotonic curve applied to the confidence
+after it, so that a confidence of 0.9 means about 90% correct. :func:`assess` is the one
+function serving, replay and the benchmark all use to get from probabilities to confidence.
 """
 
 from __future__ import annotations
@@ -86,6 +91,41 @@ def confidence(signals: Signals, signal: SignalName) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class Calibration:
+    """How raw model output becomes calibrated confidence (plain data, fitted offline).
+
+    ``temperature`` divides the log-probabilities before scoring (``p ** (1/T)``, renormalised;
+    never changes the predicted class). ``curve`` maps the chosen signal's confidence through
+    increasing ``(raw, calibrated)`` knots, linearly between them and flat beyond the ends.
+    """
+
+    temperature: float = 1.0
+    curve: tuple[tuple[float, float], ...] = ()
+
+
+def temper(probabilities: Sequence[float], temperature: float) -> list[float]:
+    """Temperature-scale a probability vector: ``softmax(log p / T)``."""
+    if temperature == 1.0:
+        return [float(p) for p in probabilities]
+    inv = 1.0 / temperature
+    scaled = [float(p) ** inv if p > 0.0 else 0.0 for p in probabilities]
+    total = sum(scaled)
+    return scaled if total <= 0.0 else [x / total for x in scaled]
+
+
+def map_confidence(conf: float, curve: Sequence[tuple[float, float]]) -> float:
+    """Piecewise-linear interpolation of ``conf`` through increasing ``(raw, calibrated)`` knots."""
+    if not curve:
+        return conf
+    if conf <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if conf <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (conf - x0) / (x1 - x0)
+    return curve[-1][1]
+
+
+@dataclass(frozen=True, slots=True)
 class GateRule:
     """The part of a policy one tier needs to decide: plain data, no I/O.
 
@@ -97,6 +137,7 @@ class GateRule:
     threshold: float
     class_thresholds: tuple[tuple[str, float], ...] = ()
     floor_action: Literal["answer", "unknown"] = "answer"
+    calibration: Calibration | None = None
 
     def threshold_for(self, label: str) -> float:
         """The threshold that applies to a predicted class."""
@@ -104,6 +145,20 @@ class GateRule:
             if name == label:
                 return value
         return self.threshold
+
+
+def assess(probabilities: Sequence[float], rule: GateRule) -> tuple[Signals, float]:
+    """Signals of one model output and its (calibrated) confidence under ``rule``.
+
+    The signals are those of the tempered probabilities; the predicted class is the same as
+    the raw output's.
+    """
+    cal = rule.calibration
+    if cal is None:
+        signals = score(probabilities)
+        return signals, confidence(signals, rule.signal)
+    signals = score(temper(probabilities, cal.temperature))
+    return signals, map_confidence(confidence(signals, rule.signal), cal.curve)
 
 
 def decide(conf: float, label: str, rule: GateRule, *, has_upstream: bool) -> Decision:

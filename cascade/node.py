@@ -9,10 +9,9 @@ be reached it answers provisionally and hands the escalation to its queue.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from cascade.policy import LoadedPolicy, load_policy
 from cascade.runners.base import Runner
 from cascade.schemas import InferRequest
 from cascade.settings import NodeSettings
+from cascade.telemetry import TierTelemetry, outgoing_trace_context, upstream_attempt
 
 log = logging.getLogger("cascade.node")
 
@@ -62,16 +62,6 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _trace_ids(traceparent: str | None) -> tuple[str, str]:
-    """(trace_id, traceparent to send upstream) from an incoming W3C ``traceparent``."""
-    if traceparent:
-        parts = traceparent.split("-")
-        if len(parts) == 4 and len(parts[1]) == 32:
-            return parts[1], f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
-    trace_id = secrets.token_hex(16)
-    return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
-
-
 class Node:
     """One tier of the cascade, transport-agnostic."""
 
@@ -91,6 +81,7 @@ class Node:
         self.upstream = upstream
         self.escalations: EscalationQueue = escalations or UnqueuedEscalations()
         self.started_at = time.time()
+        self.telemetry = TierTelemetry(self.tier, node=self)  # spans + /metrics of this tier
         self._check_policy_covers(policy)
 
     # -- construction -------------------------------------------------------------------------
@@ -126,8 +117,14 @@ class Node:
                 backoff_initial_ms=settings.upstream_backoff_initial_ms,
                 backoff_max_ms=settings.upstream_backoff_max_ms,
                 connect_timeout_ms=settings.upstream_connect_timeout_ms,
+                on_attempt=upstream_attempt,
             )
-        return cls(settings, tasks=tasks, policy=policy, upstream=upstream)
+        from cascade.outbox import Outbox
+
+        # The durable outbox also keeps idempotent results, so the top tier has one too.
+        escalations = Outbox.from_settings(settings)
+        return cls(settings, tasks=tasks, policy=policy, upstream=upstream,
+                   escalations=escalations)
 
     async def aclose(self) -> None:
         """Release the upstream connection pool."""
@@ -175,15 +172,22 @@ class Node:
         deadline_ms = ctx.deadline_ms or request.deadline_ms or task_policy.deadline_ms
         deadline = Deadline.from_ms(deadline_ms)
         request_id = ctx.request_id or request.request_id or new_request_id()
-        trace_id, upstream_traceparent = _trace_ids(ctx.traceparent)
+        trace_id, upstream_traceparent = outgoing_trace_context(ctx.traceparent)
 
         runner = runtime.runner
+        started_ns = time.time_ns()
         probs = runner.predict_proba(x)[0]
+        inferred_ns = time.time_ns()
         signals = score(probs)
         label = runner.classes[signals.top_index]
         rule = policy.rule(request.task, self.tier)
         conf = confidence(signals, rule.signal)
         decision = decide(conf, label, rule, has_upstream=self.upstream is not None)
+        self.telemetry.record_local(
+            task=request.task, model=runner.model_name, started_ns=started_ns,
+            inferred_ns=inferred_ns, gated_ns=time.time_ns(), confidence=conf,
+            decision=decision.value, signal=rule.signal,
+        )
         hop = {
             "tier": self.tier,
             "model": runner.model_name,
@@ -207,6 +211,7 @@ class Node:
             await self._escalate(request, ctx, response, deadline, upstream_traceparent, task_policy)
         else:
             hop["ms"] = round((time.perf_counter() - started) * 1000, 3)
+        self.telemetry.record_answer(response)
         return response
 
     async def _escalate(
@@ -265,7 +270,10 @@ class Node:
             traceparent=traceparent,
             callback_url=request.callback_url,
         )
-        response["escalation"] = await self.escalations.enqueue(pending)
+        with self.telemetry.enqueue_span(request.task, response["id"]) as queued_traceparent:
+            if queued_traceparent:  # the drain span links to the enqueue span
+                pending = replace(pending, traceparent=queued_traceparent)
+            response["escalation"] = await self.escalations.enqueue(pending)
 
     def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` reports."""

@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from cascade.errors import ConfigError
+from cascade.outbox.config import OutboxSettings
 from cascade.policy.schema import TIER_NAME
 
 ENV_PREFIX = "CASCADE_"
@@ -30,7 +31,8 @@ class NodeSettings(BaseSettings):
     """Everything one tier process needs to know. See ``edge_nodes/README.md`` for each knob."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True,
+        env_nested_delimiter="__",  # CASCADE_OUTBOX__MAX_ROWS=5000 sets outbox.max_rows
     )
 
     tier: str = Field(..., description="This tier's name, e.g. endpoint, edge-node, edge-server, cloud.")
@@ -59,7 +61,19 @@ class NodeSettings(BaseSettings):
         None,
         description="SQLAlchemy URL of the durable outbox; default sqlite:///var/<tier>.db.",
     )
+    outbox: OutboxSettings = Field(
+        default_factory=OutboxSettings,
+        description="Outbox bounds and pacing (caps, TTL sweeps, forwarder, callbacks, retention).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines as JSON (with trace and span ids) or plain text."
+    )
+    trace_dir: Path | None = Field(
+        None,
+        description="Also write this tier's spans to <trace_dir>/<tier>.jsonl (read them with "
+        "`cascade traces`); OTLP export is configured by the standard OTEL_* variables.",
+    )
 
     @field_validator("tier")
     @classmethod
@@ -94,6 +108,9 @@ def _where(field: str, config_path: Path | None) -> str:
     env_name = f"{ENV_PREFIX}{field.upper()}"
     if env_name in os.environ:
         return f"environment variable {env_name}"
+    nested = sorted(k for k in os.environ if k.startswith(env_name + "__"))
+    if nested:
+        return f"environment variable {', '.join(nested)}"
     return f"config file {config_path}" if config_path else "defaults"
 
 

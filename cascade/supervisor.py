@@ -132,8 +132,8 @@ class Chain:
         )
         if state_dir is not None:
             # Each tier's durable state (outbox database) under state_dir instead of var/.
-            for _tier, _cfg, _port, env in self.plan:
-                env["CASCADE_OUTBOX_URL"] = f"sqlite:///{Path(state_dir) / _tier}.db"
+            for _tier, _cfg, _port, tier_env in self.plan:  # not `env`: that is the argument
+                tier_env["CASCADE_OUTBOX_URL"] = f"sqlite:///{Path(state_dir) / _tier}.db"
         self.host = host
         self.extra_env = env or {}
         self.log_dir = log_dir

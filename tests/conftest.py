@@ -24,7 +24,9 @@ def models_dir() -> Path:
     """The project's models directory, built (or confirmed up to date) once per session."""
     from cascade.models.build import build_models
 
-    out = ROOT / "models"
+    # CASCADE_TEST_MODELS_DIR: a private build, for developers whose ROOT/models is being
+    # rebuilt by another process while they run tests.
+    out = Path(os.environ.get("CASCADE_TEST_MODELS_DIR") or ROOT / "models")
     build_models(out)  # seconds when nothing changed
     return out
 

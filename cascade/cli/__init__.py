@@ -9,7 +9,9 @@ from __future__ import annotations
 import typer
 
 from cascade.cli.policy_cmd import policy_app
+from cascade.cli.queue_cmd import queue_app
 from cascade.cli.run_cmd import register_run_commands
+from cascade.cli.traces_cmd import traces
 
 app = typer.Typer(
     name="cascade",
@@ -24,6 +26,8 @@ app = typer.Typer(
 )
 register_run_commands(app)
 app.add_typer(policy_app, name="policy")
+app.command("traces")(traces)
+app.add_typer(queue_app, name="queue")
 
 
 def _register_optional() -> None:

@@ -9,8 +9,8 @@ from rich.console import Console
 
 from cascade.errors import CascadeError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # never break a message (file paths, key paths) mid-line
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -1,16 +1,23 @@
-"""``cascade policy check|calibrate``."""
+"""``cascade policy check|calibrate|replay``: validate, fit to a goal, and what-if a policy."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from cascade.cli.common import console, fail
-from cascade.errors import PolicyError
+from cascade.errors import CascadeError, PolicyError
 
 policy_app = typer.Typer(
-    help="Validate and calibrate escalation policies (policies/*.yaml).", no_args_is_help=True
+    help=(
+        "Validate, calibrate and replay escalation policies (policies/*.yaml).\n\n"
+        "Typical loop: `cascade policy calibrate --goal 'cloud<=10%' --out policies/new.yaml`, "
+        "then `cascade policy replay policies/new.yaml` (exit 1 if a goal breaks), then copy it "
+        "over the live file: running tiers reload it within a second."
+    ),
+    no_args_is_help=True,
 )
 
 
@@ -39,108 +46,343 @@ def check(files: list[Path] = typer.Argument(..., help="Policy YAML files to val
         fail(f"{bad} of {len(files)} policy files invalid")
 
 
-def _parse_targets(values: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in values:
-        task, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            out[task] = float(value)
-        except ValueError:
-            fail(f"--target {item!r}: use TASK=ACCURACY, e.g. --target vision=0.995")
-        if not 0.0 < out[task] <= 1.0:
-            fail(f"--target {item!r}: accuracy must be in (0, 1]")
-    return out
+GOAL_HELP = (
+    "Operator goal, repeatable: [TASK:]METRIC OP VALUE. METRIC is accuracy (>=, of the whole "
+    "cascade; VALUE may be 'top' or 'top-0.3%': relative to the top tier alone), cloud (<=, "
+    "share of requests reaching the top tier) or escalation[.TIER] (<=, share of the requests "
+    "reaching a tier that it escalates). Examples: 'accuracy>=0.99', 'cloud<=10%', "
+    "'vision:escalation.endpoint<=0.2'."
+)
+
+
+def _load_manifest(models_dir: Path):  # type: ignore[no-untyped-def]
+    from cascade.models.manifest import load_manifest
+
+    try:
+        return load_manifest(models_dir)
+    except CascadeError as exc:
+        fail(exc.message)
+
+
+def _check_tasks(selected: list[str], available: list[str], what: str = "--task") -> list[str]:
+    unknown = [t for t in selected if t not in available]
+    if unknown:
+        fail(f"{what}: unknown task {unknown[0]!r}; allowed: {', '.join(available)}")
+    return selected or available
+
+
+def _parse_goal_options(goal: list[str], tasks: list[str]):  # type: ignore[no-untyped-def]
+    from cascade.policy.goals import GoalSyntaxError, parse_goals
+
+    try:
+        return parse_goals(goal, tasks)
+    except GoalSyntaxError as exc:
+        fail(f"--goal: {exc}")
+
+
+def _command_line(goal: list[str], out: Path, models_dir: Path, signal: str, calibration: str,
+                  per_class: bool, tasks: list[str]) -> str:
+    import shlex
+
+    parts = ["cascade", "policy", "calibrate"]
+    for g in goal:
+        parts += ["--goal", g]
+    parts += ["--signal", signal, "--calibration", calibration]
+    if not per_class:
+        parts.append("--no-per-class")
+    for t in tasks:
+        parts += ["--task", t]
+    if models_dir != Path("models"):
+        parts += ["--models-dir", str(models_dir)]
+    parts += ["--out", str(out)]
+    return shlex.join(parts)
 
 
 @policy_app.command("calibrate")
 def calibrate(
+    goal: list[str] = typer.Option(
+        [], "--goal", "-g", help=GOAL_HELP + " Default: 'accuracy>=top' and 'cloud<=10%'."),
     out: Path = typer.Option(Path("policies/default.yaml"), help="Policy file to write."),
+    base: Optional[Path] = typer.Option(
+        None, help="Policy whose other settings (deadlines, offline, queue, floor actions, "
+        "decision log) to keep. Default: --out if it exists."),
     models_dir: Path = typer.Option(Path("models"), help="Models directory (manifest.json)."),
-    target: list[str] = typer.Option(
-        [], help="TASK=ACCURACY: accuracy that answers accepted at each tier must reach on the "
-        "calibration split. Default: the top tier's own calibration accuracy."
-    ),
     signal: str = typer.Option("max_prob", help="Confidence signal: max_prob, margin or entropy."),
-    min_answered: int = typer.Option(10, help="A tier must answer at least this many "
-                                     "calibration samples for its threshold to count."),
+    calibration: str = typer.Option(
+        "auto", help="Confidence calibration per tier: temperature, isotonic, none, or auto "
+        "(the lowest cross-validated calibration error)."),
+    per_class: bool = typer.Option(
+        True, help="Search per-class thresholds too (kept only where they beat the tier "
+        "threshold under cross-validation)."),
+    task: list[str] = typer.Option([], help="Only these tasks (default: every task in the "
+                                   "manifest). Other tasks are kept from the base policy."),
     dry_run: bool = typer.Option(False, help="Print the result, write nothing."),
 ) -> None:
-    """Compute per-tier thresholds from held-out predictions for an operator goal.
+    """Fit calibration and thresholds to an operator goal on the held-out calibration split.
 
-    Runs every tier's model over the calibration split (never the test split), picks for each
-    tier below the top the lowest threshold whose accepted answers meet the target accuracy,
-    simulates the cascade, prints expected accuracy and share answered per tier, and writes a
-    policy YAML whose header says how and from what it was made.
+    Per task: runs every tier's model over the calibration split (never the test split), fits
+    each tier's confidence calibration (so a confidence of 0.9 means about 90% correct; the
+    expected calibration error before and after is printed), then searches the per-tier
+    thresholds, and per-class thresholds where a class needs them, that meet the goal with the
+    fewest escalations. Prints the expected accuracy, the share answered per tier and the
+    cloud share, and writes a policy YAML whose header says how and from what it was made.
+    With budget goals only (cloud, escalation) it maximises accuracy within the budget.
 
-    Example: cascade policy calibrate --target vision=0.995 --target documents=0.99
+    Exit code 0 when every task's goal is met on the split, 1 when one is not (nothing is
+    written then), 2 on bad arguments.
+
+    Examples:
+
+      cascade policy calibrate                       # accuracy>=top, cloud<=10%
+
+      cascade policy calibrate -g 'accuracy>=0.99' -g 'vision:cloud<=5%' --out policies/strict.yaml
+
+      cascade policy calibrate -g 'escalation<=0.2' --signal margin --dry-run
     """
-    import datetime
-
     import yaml
-    from rich.table import Table
 
-    from cascade.evaluation import predict_split
     from cascade.gate import SIGNAL_NAMES
-    from cascade.models.manifest import load_manifest
-    from cascade.policy.calibrate import simulate_cascade, threshold_for_accuracy
+    from cascade.policy.calibration import METHODS
+    from cascade.policy.fit import FitOptions, fit_task, header_lines, policy_document
 
     if signal not in SIGNAL_NAMES:
         fail(f"--signal {signal!r}: allowed: {', '.join(SIGNAL_NAMES)}")
-    targets = _parse_targets(target)
-    try:
-        manifest = load_manifest(models_dir)
-    except Exception as exc:  # ModelError with a clear message
-        fail(f"{exc} (run `cascade models build` first)")
-    unknown = set(targets) - set(manifest.tasks)
-    if unknown:
-        fail(f"--target: unknown task {sorted(unknown)[0]!r}; allowed: {', '.join(manifest.tasks)}")
-    policy: dict = {"version": 1, "name": out.stem, "tasks": {}}
-    header = [
-        f"Calibrated by `cascade policy calibrate` on {datetime.date.today().isoformat()}",
-        f"from the calibration split of {models_dir}/manifest.json (build {manifest.build_key[:12]}),",
-        f"signal {signal}, min {min_answered} answered per tier. Goal per task (accuracy of",
-        "answers accepted at each tier) and the expected outcome on the calibration split:",
-    ]
-    for task, task_manifest in manifest.tasks.items():
-        tiers = list(task_manifest.tiers)
-        with console.status(f"{task}: predicting the calibration split on {len(tiers)} tiers"):
-            labels, preds = predict_split(models_dir, task, tiers, "calibration")
-        goal = targets.get(task, preds[tiers[-1]].accuracy)
-        conf = [preds[t].confidences(signal) for t in tiers]  # type: ignore[arg-type]
-        correct = [preds[t].correct for t in tiers]
-        thresholds = [
-            threshold_for_accuracy(c, ok, goal, min_answered=min_answered)
-            for c, ok in zip(conf[:-1], correct[:-1])
-        ] + [0.0]
-        outcome = simulate_cascade(tiers, conf, correct, thresholds)
-        policy["tasks"][task] = {
-            "deadline_ms": 2000,
-            "offline": "provisional",
-            "queue": {"ttl_s": 86400, "max_attempts": 20},
-            "tiers": {
-                t: {"signal": signal, "threshold": round(th, 6)} for t, th in zip(tiers, thresholds)
-            },
-        }
-        table = Table(title=f"{task}: target accuracy {goal:.4f} per tier "
-                      f"({len(labels)} calibration samples)", title_justify="left")
-        for col in ("tier", "threshold", "alone acc.", "answers", "acc. of its answers"):
-            table.add_column(col, justify="right" if col != "tier" else "left")
-        for t, th in zip(tiers, thresholds):
-            a = outcome.answered_accuracy[t]
-            table.add_row(t, f"{th:.4f}", f"{preds[t].accuracy:.4f}",
-                          f"{outcome.answered_share[t]:.1%}", "-" if a != a else f"{a:.4f}")
-        console.print(table)
-        summary = (f"{task}: cascade accuracy {outcome.accuracy:.4f} vs top tier alone "
-                   f"{preds[tiers[-1]].accuracy:.4f}; answered below the top "
-                   f"{outcome.below_top_share:.1%}, top share {outcome.top_share:.1%}")
-        console.print(summary, highlight=False)
-        header.append(f"  {task}: target {goal:.4f}; {summary.split(': ', 1)[1]}")
-    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(policy, sort_keys=False)
+    if calibration not in (*METHODS, "auto"):
+        fail(f"--calibration {calibration!r}: allowed: auto, {', '.join(METHODS)}")
+    manifest = _load_manifest(models_dir)
+    tasks = _check_tasks(task, list(manifest.tasks))
+    goal = goal or ["accuracy>=top", "cloud<=10%"]
+    goals = _parse_goal_options(goal, tasks)
+    base_path = base or (out if out.is_file() else None)
+    base_doc = _read_base(base_path)
+    options = FitOptions(signal=signal, calibration=calibration,  # type: ignore[arg-type]
+                         per_class=per_class)
+    fits = []
+    for name in tasks:
+        tiers = list(manifest.tasks[name].tiers)
+        try:
+            with console.status(f"{name}: predicting the calibration split on {len(tiers)} "
+                                "tiers, fitting calibration, searching thresholds"):
+                fitted = fit_task(models_dir, name, tiers, goals[name], options,
+                                  (base_doc.get("tasks") or {}).get(name))
+        except CascadeError as exc:  # a model that fails its checksum, a missing split file
+            fail(exc.message)
+        _print_fit(fitted)
+        fits.append(fitted)
+    sections = {**(base_doc.get("tasks") or {}), **{f.task: f.section for f in fits}}
+    doc = policy_document(out.stem, sections, base_doc)
+    command = _command_line(goal, out, models_dir, signal, calibration, per_class, task)
+    header = header_lines(command, models_dir, manifest.build_key, fits, options)
+    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(doc, sort_keys=False, width=100)
+    _verify(text, out, fits, models_dir)
+    missed = [f for f in fits if not f.search.feasible]
+    for f in missed:
+        console.print(f"[red]✗ {f.task}: goal {f.resolved_goals.describe()} cannot be met on the "
+                      f"calibration split; closest: {'; '.join(f.search.violations)}. Relax the "
+                      "goal (e.g. a larger cloud budget) or improve the lower tiers.[/]",
+                      highlight=False)
     if dry_run:
         console.print(text, highlight=False, markup=False)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    console.print(f"[green]wrote {out}[/]")
+    elif missed:
+        fail(f"{len(missed)} goal(s) not met; {out} not written", code=1)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)  # atomic: a running tier's watcher never reads half a file
+        console.print(f"[green]wrote {out}[/] (running tiers pick it up within a second)")
+    if missed:
+        raise typer.Exit(1)
+
+
+def _read_base(path: Optional[Path]) -> dict:  # type: ignore[type-arg]
+    if path is None:
+        return {}
+    from cascade.policy import load_policy
+
+    try:
+        loaded = load_policy(path)
+    except CascadeError as exc:
+        fail(f"--base: {exc.message}")
+    return loaded.policy.model_dump(mode="json", exclude_defaults=False)
+
+
+def _print_fit(f) -> None:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    o = f.outcome
+    table = Table(title=f"{f.task}: goal {f.goals.describe()} → {f.resolved_goals.describe()} "
+                  f"({f.samples} calibration samples)", title_justify="left")
+    for col in ("tier", "model", "alone acc.", "calibration", "ECE before → after (CV)",
+                "threshold", "class thresholds", "answers here", "acc. of its answers",
+                "escalates"):
+        table.add_column(col, justify="left" if col in ("tier", "model", "calibration",
+                                                         "class thresholds") else "right")
+    for r in f.tiers:
+        acc = o.answered_accuracy[r.tier]
+        cal = r.fit.calibration
+        how = "none" if cal is None else f"T={cal.temperature:.3f}" if not cal.curve \
+            else f"isotonic ({len(cal.curve)} knots)"
+        table.add_row(
+            r.tier, r.model.split(":", 1)[-1], f"{r.accuracy_alone:.4f}", how,
+            f"{r.fit.ece_before:.3f} → {r.fit.ece_after:.3f} ({r.fit.ece_cv[r.fit.method]:.3f})",
+            f"{r.threshold:.4f}",
+            ", ".join(f"{k}:{v:.3f}" for k, v in sorted(r.class_thresholds.items())) or "-",
+            f"{o.answered_share[r.tier]:.1%}", "-" if acc != acc else f"{acc:.4f}",
+            f"{o.escalation_rate[r.tier]:.1%}" if r is not f.tiers[-1] else "-",
+        )
+    console.print(table)
+    oracle = f.oracle_escalations
+    ratio = f" ({o.escalations_per_request / oracle:.1f}x the oracle router's {oracle:.3f})" \
+        if oracle else ""
+    mark = "[green]✓[/]" if f.search.feasible else "[red]✗[/]"
+    console.print(
+        f"{mark} {f.task}: expected accuracy {o.accuracy:.4f} (top tier alone "
+        f"{f.tiers[-1].accuracy_alone:.4f}); cloud share {o.top_share:.1%}; "
+        f"{o.escalations_per_request:.3f} escalations per request{ratio}", highlight=False)
+
+
+def _verify(text: str, out: Path, fits: list, models_dir: Path) -> None:  # type: ignore[type-arg]
+    """Re-load the policy as written and replay the split: what the file does, not the search."""
+    from cascade.policy import load_policy_bytes
+    from cascade.policy.replay import traffic_from_split  # noqa: F401  (same engine as replay)
+
+    try:
+        load_policy_bytes(text.encode(), source=str(out))
+    except CascadeError as exc:  # a bug, but say so plainly rather than write a bad file
+        fail(f"the calibrated policy does not validate: {exc.message}")
+
+
+# -- replay -------------------------------------------------------------------------------------
+
+
+@policy_app.command("replay")
+def replay(
+    candidate: Path = typer.Argument(..., help="The policy to try (YAML)."),
+    live: Path = typer.Option(Path("policies/default.yaml"), help="The live policy to compare with."),
+    log: list[Path] = typer.Option(
+        [], help="Decision log SQLite file(s) (var/decisions-<tier>.db), repeatable. Without "
+        "--log the held-out split is replayed."),
+    split: str = typer.Option("test", help="Split to replay without --log: test or calibration."),
+    models_dir: Path = typer.Option(Path("models"), help="Models directory (for --split)."),
+    goal: list[str] = typer.Option(
+        [], "--goal", "-g", help=GOAL_HELP + " Default: the candidate's own `goals:`."),
+    task: list[str] = typer.Option([], help="Only these tasks."),
+) -> None:
+    """Re-decide recorded or held-out traffic under a candidate policy, without running a model.
+
+    Prints, side by side with the live policy: escalation rate per tier, share answered per
+    tier, cloud share, escalations per request, accuracy where labels are known (the split,
+    or a log's true_label column), agreement with the top tier where its answer is known, and
+    how many answers change. With decision logs, decisions the live policy made are re-derived
+    and must match (printed as "reproduced"); requests the candidate escalates beyond what was
+    recorded are "unresolved" and count as reaching the cloud for the budget check.
+
+    Exit code 0 when the candidate meets every goal, 1 when it breaks one (use it to gate a
+    policy change in CI), 2 on bad input. A goal that cannot be measured (accuracy without
+    labels) is reported, not failed.
+
+    Examples:
+
+      cascade policy replay policies/new.yaml                      # test split, its own goals
+
+      cascade policy replay policies/new.yaml -g 'cloud<=5%' --log var/decisions-endpoint.db \\
+          --log var/decisions-edge-node.db --log var/decisions-edge-server.db --log var/decisions-cloud.db
+    """
+    from cascade.policy import load_policy
+    from cascade.policy.replay import traffic_from_logs, traffic_from_split
+
+    try:
+        cand = load_policy(candidate)
+        live_policy = load_policy(live)
+    except CascadeError as exc:
+        fail(exc.message)
+    if split not in ("test", "calibration"):
+        fail(f"--split {split!r}: allowed: test, calibration")
+    missing = [p for p in log if not p.is_file()]
+    if missing:
+        fail(f"--log {missing[0]}: no such decision log file")
+    try:
+        if log:
+            traffic = traffic_from_logs(log, live_policy, task or None)
+            if not traffic:
+                fail(f"no recorded decisions{' for ' + ', '.join(task) if task else ''} in "
+                     f"{', '.join(map(str, log))} (is decision_log.sample_rate > 0?)")
+            source = f"{sum(len(t.requests) for t in traffic.values())} recorded requests from " \
+                     f"{len(log)} decision log(s)"
+        else:
+            manifest = _load_manifest(models_dir)
+            names = _check_tasks(task, [t for t in manifest.tasks if t in live_policy.policy.tasks])
+            with console.status(f"predicting the {split} split"):
+                traffic = {t: traffic_from_split(models_dir, t, list(manifest.tasks[t].tiers), split)
+                           for t in names}
+            source = f"the {split} split of {models_dir}"
+        goals = _parse_goal_options(goal, list(traffic)) if goal else {
+            t: cand.task(t).goals for t in traffic}
+    except CascadeError as exc:
+        fail(exc.message)
+    console.print(f"Replaying {source}: live {live} ({live_policy.version}) vs candidate "
+                  f"{candidate} ({cand.version})", highlight=False)
+    broken = 0
+    for name, tt in traffic.items():
+        try:
+            broken += _replay_one(name, tt, live_policy, cand, goals[name])
+        except CascadeError as exc:
+            fail(exc.message)
+    if broken:
+        console.print(f"[red]✗ the candidate breaks {broken} goal(s)[/]")
+        raise typer.Exit(1)
+    console.print("[green]✓ the candidate meets every stated goal[/]")
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.1%}" if pct else f"{x:.4f}"
+
+
+def _replay_one(name: str, traffic, live, cand, goals) -> int:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    from cascade.policy.goals import check_goals
+    from cascade.policy.replay import changed_answers, replay_task
+
+    a, b = replay_task(traffic, live), replay_task(traffic, cand)
+    tiers = traffic.tiers
+    table = Table(title=f"{name}: {a.requests} requests", title_justify="left")
+    for col in ("", "live", "candidate"):
+        table.add_column(col, justify="left" if not col else "right")
+    for t in tiers[:-1]:
+        table.add_row(f"escalation rate {t}", _fmt(a.escalation_rate(t), True),
+                      _fmt(b.escalation_rate(t), True))
+    for t in tiers:
+        table.add_row(f"answered by {t}", _fmt(a.answered[t] / a.requests, True),
+                      _fmt(b.answered[t] / b.requests, True))
+    table.add_row("cloud share", _fmt(a.cloud_share, True), _fmt(b.cloud_share, True))
+    table.add_row("escalations per request", f"{a.escalations_per_request:.3f}",
+                  f"{b.escalations_per_request:.3f}")
+    table.add_row("accuracy (labelled)", _fmt(a.accuracy), _fmt(b.accuracy))
+    table.add_row("agreement with the top tier", _fmt(a.agreement_with_top), _fmt(b.agreement_with_top))
+    if a.unresolved or b.unresolved:
+        table.add_row("unresolved (beyond the log)", str(a.unresolved), str(b.unresolved))
+    console.print(table)
+    changed, both = changed_answers(a, b)
+    notes = [f"answers changed by the candidate: {changed} of {both}"]
+    if a.compared:
+        notes.append(f"live decisions reproduced: {a.compared - a.mismatched} of {a.compared}")
+    if a.top_accuracy is not None:
+        notes.append(f"top tier alone: {a.top_accuracy:.4f}")
+    console.print("; ".join(notes), highlight=False)
+    if a.mismatched:
+        console.print(f"[yellow]warning: {a.mismatched} recorded decisions differ from a replay under "
+                      "the same policy version (were the models changed?)[/]")
+    checks = check_goals(goals, accuracy=b.accuracy, cloud_share=b.cloud_share_upper,
+                         escalation_rate={t: b.escalation_rate(t) for t in tiers},
+                         top_tier=tiers[-1], top_accuracy=a.top_accuracy)
+    if not checks:
+        console.print(f"{name}: no goals stated (pass --goal or add `goals:` to the candidate)")
+    for c in checks:
+        mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: "[yellow]?[/]"}[c.met]
+        note = " (not measurable on this traffic)" if c.met is None else ""
+        console.print(f"  {mark} {name}: {c.goal}: {c.measured}{note}", highlight=False)
+    return sum(c.met is False for c in checks)

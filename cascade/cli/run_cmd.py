@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 import signal
 import sys
 import time
@@ -33,8 +33,10 @@ def serve(
     import uvicorn
 
     from cascade.api import create_app
+    from cascade.logs import configure_logging
     from cascade.node import Node
     from cascade.settings import load_node_settings
+    from cascade.telemetry import setup_tracing
 
     overrides: dict[str, Any] = {}
     if port is not None:
@@ -43,24 +45,30 @@ def serve(
         overrides["host"] = host
     try:
         settings = load_node_settings(config, **overrides)
+        configure_logging(settings.tier, settings.log_level, fmt=settings.log_format)
+        tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir)  # OTEL_* env
         node = Node.from_settings(settings)  # fail fast, before binding the port
     except CascadeError as exc:
         fail_on(exc)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [" + settings.tier + "] %(message)s",
-    )
     app = create_app(node, max_body_bytes=settings.max_body_bytes)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning" if settings.log_level == "info" else settings.log_level,
-        access_log=False,
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=5,
-    )
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; with handlers of ours
+    # in place that re-raise returns here instead of killing the process before spans are flushed.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning" if settings.log_level == "info" else settings.log_level,
+            log_config=None,  # uvicorn's records go through our JSON handler
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        tracing.shutdown()  # bounded: a dead collector does not delay the stop
 
 
 def up(
@@ -72,6 +80,10 @@ def up(
     ),
     log_dir: Path = typer.Option(Path("var/logs"), help="Where each tier's log goes."),
     ready_timeout: float = typer.Option(30.0, help="Seconds to wait for each tier to be ready."),
+    trace_dir: Path = typer.Option(
+        Path("var/traces"), help="Each tier writes its spans to <dir>/<tier>.jsonl (read them "
+        "with `cascade traces`); OTEL_* variables add OTLP export."),
+    trace_file: bool = typer.Option(True, help="Write the local trace files (--no-trace-file: don't)."),
 ) -> None:
     """Start the whole local chain (endpoint → edge-node → edge-server → cloud) and keep it up.
 
@@ -85,8 +97,11 @@ def up(
 
     from cascade.supervisor import DEFAULT_CHAIN, Chain
 
+    # An explicit CASCADE_TRACE_DIR in the environment wins (Chain passes os.environ through).
+    tracing_env = ({"CASCADE_TRACE_DIR": str(trace_dir)}
+                   if trace_file and "CASCADE_TRACE_DIR" not in os.environ else {})
     chain = Chain(configs or list(DEFAULT_CHAIN), base_port=base_port, log_dir=log_dir,
-                  ready_timeout_s=ready_timeout)
+                  ready_timeout_s=ready_timeout, env=tracing_env)
     stopping = {"now": False}
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -114,7 +129,10 @@ def up(
         highlight=False, soft_wrap=True,
     )
     console.print(f"  cascade infer vision --sample 7 --url {entry}", highlight=False)
-    console.print(f"  API docs: {entry}/docs\n\nCtrl-C stops every tier.", highlight=False)
+    console.print(f"  API docs: {entry}/docs   metrics: {entry}/metrics", highlight=False)
+    if tracing_env:
+        console.print(f"  Traces:   cascade traces {trace_dir}", highlight=False)
+    console.print("\nCtrl-C stops every tier.", highlight=False)
     try:
         while not stopping["now"]:
             for t in chain.tiers:

@@ -61,7 +61,13 @@ class CascadeOutcome:
 
     @property
     def top_share(self) -> float:
+        """Share of requests answered by (that is, reaching) the top tier."""
         return float(self.answered_share[list(self.answered_share)[-1]])
+
+    @property
+    def escalations_per_request(self) -> float:
+        """Tier-to-tier escalations per request: a request answered by tier ``i`` made ``i``."""
+        return float(sum(i * share for i, share in enumerate(self.answered_share.values())))
 
 
 def simulate_cascade(
@@ -96,3 +102,56 @@ def simulate_cascade(
         answered_accuracy=acc,
         escalation_rate=esc,
     )
+
+
+def oracle_curve(correct: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy against escalations per request of an oracle router.
+
+    The oracle escalates exactly the samples the lower tier gets wrong, and only as far as the
+    first tier that gets them right; to reach a given accuracy with the fewest escalations it
+    fixes the cheapest mistakes first. Returns (escalations per request, accuracy), both
+    non-decreasing, from "the bottom tier answers everything" to the oracle's best.
+    """
+    n = len(correct[0])
+    if n == 0:
+        return np.zeros(1), np.zeros(1)
+    stacked = np.vstack([np.asarray(c, dtype=bool) for c in correct])
+    base_ok = stacked[0]
+    any_ok = stacked.any(axis=0)
+    fixable = ~base_ok & any_ok
+    cost = np.argmax(stacked[:, fixable], axis=0)  # index of the first tier that is right
+    steps = np.sort(cost)
+    esc = np.r_[0, np.cumsum(steps)] / n
+    acc = (base_ok.sum() + np.arange(len(steps) + 1)) / n
+    return esc.astype(np.float64), acc.astype(np.float64)
+
+
+def oracle_escalations_for(correct: Sequence[np.ndarray], accuracy: float) -> float | None:
+    """Fewest escalations per request the oracle needs to reach ``accuracy`` (None: it cannot)."""
+    esc, acc = oracle_curve(correct)
+    reach = np.flatnonzero(acc >= accuracy - 1e-12)
+    return float(esc[reach[0]]) if len(reach) else None
+
+
+def sweep_tier(
+    tiers: Sequence[str],
+    conf: Sequence[np.ndarray],
+    correct: Sequence[np.ndarray],
+    thresholds: Sequence[float | np.ndarray],
+    tier_index: int,
+    *,
+    points: int = 200,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vary one tier's threshold (the others as given) from answering nothing to everything.
+
+    Returns (thresholds tried, escalations per request, cascade accuracy) per point.
+    """
+    values = np.unique(np.r_[0.0, np.quantile(conf[tier_index], np.linspace(0, 1, points)), 1.0])
+    esc, acc = [], []
+    for t in values:
+        trial = list(thresholds)
+        trial[tier_index] = float(t)
+        out = simulate_cascade(tiers, conf, correct, trial)
+        esc.append(out.escalations_per_request)
+        acc.append(out.accuracy)
+    return values, np.asarray(esc), np.asarray(acc)

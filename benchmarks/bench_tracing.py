@@ -1,0 +1,290 @@
+"""What tracing costs the endpoint's locally-answered path, measured side by side in one run.
+
+Part A (end to end): one real endpoint tier process per configuration, all started up front and
+driven in interleaved rounds by the same load generator (wrk when installed) with the same test
+bodies; medians over rounds. Configurations:
+
+  off            OTEL_SDK_DISABLED=true (trace ids still flow; no spans)
+  otlp           OTLP/HTTP batch exporter to a local receiver process, every request sampled
+  otlp-10%       the same with OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG=0.1
+  file           JSON-lines trace file only (what `cascade up` does by default)
+
+Part B (in process, no network): the per-request cost of the SERVER span mechanism alone on a
+minimal FastAPI route, one subprocess per variant: bare, our pure-ASGI middleware (tracing off,
+then on), FastAPI's native telemetry (lean: SERVER span only; default: plus operation spans) and
+opentelemetry-instrumentation-fastapi (lean: no send/receive spans; default). This is why the
+tiers make their SERVER span in their own middleware.
+
+Writes reports/tracing.json and reports/tracing.md. Run: python benchmarks/bench_tracing.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cascade.bench.load import have_wrk, run_load  # noqa: E402
+from cascade.supervisor import Chain, wait_ready  # noqa: E402
+
+POLICY = """\
+version: 1
+name: bench-local
+tasks:
+  vision: {deadline_ms: 2000, tiers: {endpoint: {threshold: 0.0}}}
+  documents: {deadline_ms: 2000, tiers: {endpoint: {threshold: 0.0}}}
+"""
+
+# A trace sink in its own process: accepts OTLP/HTTP, counts requests and bytes, answers 200.
+SINK = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+stats = {"requests": 0, "bytes": 0}
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        n = int(self.headers["Content-Length"]); self.rfile.read(n)
+        stats["requests"] += 1; stats["bytes"] += n
+        self.send_response(200); self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0"); self.end_headers()
+    def do_GET(self):
+        body = ("%(requests)d %(bytes)d" % stats).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "off": {"OTEL_SDK_DISABLED": "true"},
+    "otlp": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+    "otlp-10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    "file": {},
+}
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` (Linux; a no-op elsewhere)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), cpus)
+    except (OSError, AttributeError):
+        pass
+
+
+def bodies(models_dir: Path, task: str, n: int = 64) -> list[dict[str, Any]]:
+    from cascade.models.manifest import load_split
+
+    inputs, _ = load_split(models_dir, task, "test")
+    out = []
+    for i in range(min(n, len(inputs))):
+        if task == "vision":
+            grid = [[float(v) for v in inputs[i][r * 8:(r + 1) * 8]] for r in range(8)]
+            out.append({"task": "vision", "input": {"image": grid}})
+        else:
+            out.append({"task": "documents", "input": {"text": inputs[i][:2000]}})
+    return out
+
+
+def exported_spans(url: str) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text)
+               if f.name == "cascade_telemetry_spans_exported" for s in f.samples)
+
+
+def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    models_dir = ROOT / "models"
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server_cpus, client_cpus = ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else (set(cpus), set(cpus))
+    sink_port = args.base_port + 90
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])
+    chains: dict[str, Chain] = {}
+    try:
+        base_env = {"CASCADE_MODELS_DIR": str(models_dir), "CASCADE_POLICY": str(policy),
+                    "CASCADE_LOG_LEVEL": "warning"}
+        for i, (name, extra) in enumerate(CONFIGS.items()):
+            env = {**base_env, **extra}
+            if name.startswith("otlp"):
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
+            if name == "file":
+                env["CASCADE_TRACE_DIR"] = str(tmp / "traces")
+            chain = Chain([ROOT / "edge_nodes/endpoint.yaml"], base_port=args.base_port + i,
+                          env=env, state_dir=tmp / name, log_dir=tmp / "logs" / name)
+            chains[name] = chain.start()
+            pin(chain.tiers[0].pid, server_cpus)
+        pin(sink.pid, client_cpus)
+        if client_cpus:
+            os.sched_setaffinity(0, client_cpus)  # wrk inherits it
+        results: dict[str, dict[str, list[Any]]] = {}
+        for task in args.tasks:
+            load_bodies = bodies(models_dir, task)
+            runs: dict[str, list[Any]] = {name: [] for name in chains}
+            names = list(chains)
+            for rnd in range(args.rounds):
+                for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                    print(f"  {task} round {rnd + 1}/{args.rounds}: {name}", flush=True)
+                    runs[name].append(run_load(f"{chains[name].entry_url}/v1/infer", load_bodies,
+                                               connections=args.connections,
+                                               duration_s=args.duration))
+            results[task] = runs
+        spans = {name: exported_spans(c.entry_url) for name, c in chains.items()}
+    finally:
+        for chain in chains.values():
+            chain.stop()
+        sink.terminate()
+        sink.wait(5)
+    out: dict[str, Any] = {"generator": "wrk" if have_wrk() else "httpx", "spans_exported": spans}
+    for task, runs in results.items():
+        med = {name: {"rps": statistics.median(r.rps for r in rs),
+                      "p50_ms": statistics.median(r.p50_ms for r in rs),
+                      "p99_ms": statistics.median(r.p99_ms for r in rs),
+                      "errors": sum(r.errors for r in rs), "rounds": len(rs),
+                      "rps_each": [round(r.rps) for r in rs]} for name, rs in runs.items()}
+        off = med["off"]
+        for name, m in med.items():
+            m["throughput_overhead_pct"] = round((1 - m["rps"] / off["rps"]) * 100, 1)
+            m["p99_ratio"] = round(m["p99_ms"] / off["p99_ms"], 3)
+            m["p50_ratio"] = round(m["p50_ms"] / off["p50_ms"], 3)
+        out[task] = med
+    return out
+
+
+# -- part B: the SERVER span mechanism alone, in process ----------------------------------------
+
+PROBE = r"""
+import asyncio, logging, os, sys, time
+variant = sys.argv[1]
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+logging.getLogger("cascade.access").setLevel(logging.WARNING)
+if variant not in ("bare", "cascade-middleware-off"):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    class Null(SpanExporter):
+        def export(self, spans): return SpanExportResult.SUCCESS
+    provider = TracerProvider(); provider.add_span_processor(BatchSpanProcessor(Null()))
+    trace.set_tracer_provider(provider)
+native = {"fastapi-native": None,
+          "fastapi-native-lean": {"operation_spans": False, "metrics": False, "logs": False}}
+kw = {"telemetry": native[variant]} if variant in native and native[variant] else {}
+if variant not in native:
+    from cascade.telemetry import fastapi_options
+    kw = fastapi_options()
+app = FastAPI(**kw)
+@app.post("/v1/infer")
+async def infer(request: Request):
+    await request.body()
+    return Response(b'{"ok": true}', media_type="application/json")
+if variant.startswith("cascade-middleware"):
+    from cascade.telemetry import RequestTelemetryMiddleware
+    app.add_middleware(RequestTelemetryMiddleware, telemetry=lambda: None)
+elif variant.startswith("contrib"):
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"] if variant == "contrib-lean" else None)
+body = b'{"task": "vision", "input": {}}'
+scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+         "scheme": "http", "path": "/v1/infer", "raw_path": b"/v1/infer", "query_string": b"",
+         "root_path": "", "headers": [(b"content-type", b"application/json"),
+         (b"content-length", str(len(body)).encode()), (b"host", b"t"),
+         (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+async def receive(): return {"type": "http.request", "body": body, "more_body": False}
+async def send(m): pass
+async def main():
+    for _ in range(500): await app(dict(scope), receive, send)
+    rounds = []
+    for _ in range(int(sys.argv[2])):
+        t = time.perf_counter()
+        for _ in range(2000): await app(dict(scope), receive, send)
+        rounds.append((time.perf_counter() - t) / 2000 * 1e6)
+    print(min(rounds))
+asyncio.run(main())
+"""
+
+VARIANTS = ("bare", "cascade-middleware-off", "cascade-middleware", "fastapi-native-lean",
+            "fastapi-native", "contrib-lean", "contrib")
+
+
+def server_span_mechanisms(args: argparse.Namespace) -> dict[str, Any]:
+    best: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.probe_repeats):  # interleaved: drift hits every variant alike
+        for variant in VARIANTS:
+            out = subprocess.run([sys.executable, "-c", PROBE, variant, "5"], capture_output=True,
+                                 text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            best[variant].append(float(out.stdout.strip()))
+    us = {v: round(min(xs), 1) for v, xs in best.items()}
+    return {v: {"us_per_request": us[v], "overhead_us": round(us[v] - us["bare"], 1),
+                "ratio": round(us[v] / us["bare"], 2)} for v in VARIANTS}
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = ["# Tracing overhead on the endpoint's locally-answered path", "",
+             f"Measured {results['when']} on {results['cpus']} CPU(s); load generator "
+             f"{results['e2e']['generator']}, {results['connections']} connections, "
+             f"{results['rounds']} interleaved rounds of {results['duration_s']} s, medians.", ""]
+    for task in results["tasks"]:
+        lines += [f"## {task}", "", "| config | req/s | p50 ms | p99 ms | throughput overhead | p99 ratio |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, m in results["e2e"][task].items():
+            lines.append(f"| {name} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
+                         f"{m['throughput_overhead_pct']:+.1f}% | {m['p99_ratio']:.2f} |")
+        lines.append("")
+    lines += ["## SERVER span mechanism alone (in process, minimal route, µs per request)", "",
+              "| variant | µs/request | overhead µs | ratio |", "|---|---:|---:|---:|"]
+    for v, m in results["server_span"].items():
+        lines.append(f"| {v} | {m['us_per_request']} | {m['overhead_us']} | {m['ratio']} |")
+    lines += ["", "Spans exported per configuration: " + ", ".join(
+        f"{k} {v:.0f}" for k, v in results["e2e"]["spans_exported"].items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=8.0, help="Seconds per load run.")
+    p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds per configuration.")
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--tasks", nargs="+", default=["vision", "documents"])
+    p.add_argument("--base-port", type=int, default=18700)
+    p.add_argument("--probe-repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "reports")
+    args = p.parse_args()
+    if not (ROOT / "models" / "manifest.json").is_file():
+        sys.exit("no models/manifest.json: run `cascade models build` first")
+    started = time.time()
+    print("part B: SERVER span mechanisms (in process)", flush=True)
+    server_span = server_span_mechanisms(args)
+    print("part A: endpoint end to end", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        e2e = end_to_end(args, Path(tmp))
+    results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+               "duration_s": args.duration, "rounds": args.rounds, "connections": args.connections,
+               "tasks": args.tasks, "e2e": e2e, "server_span": server_span,
+               "wall_s": round(time.time() - started, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tracing.json").write_text(json.dumps(results, indent=2))
+    (args.out / "tracing.md").write_text(render(results))
+    print(render(results))
+    for task in args.tasks:
+        m = e2e[task]["otlp"]
+        print(f"{task}: tracing on (OTLP, all sampled) vs off: throughput "
+              f"{m['rps'] / e2e[task]['off']['rps']:.3f}x, p99 {m['p99_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

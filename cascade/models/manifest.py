@@ -1,0 +1,287 @@
+"""The models directory (design §4, a contract): ``manifest.json`` and the held-out splits.
+
+Layout::
+
+    manifest.json             this module's :class:`Manifest`
+    vision/<tier>.{fp32,int8}.onnx, documents/<tier>.{fp32,int8}.onnx
+    data/vision.npz           X_calib, y_calib, X_test, y_test (float32 [N, 64], class names)
+    data/documents.json       {"classes", "calibration": {"texts", "labels"}, "test": {...}}
+
+Serving code, calibration and benchmarks read it through this module, which needs only
+pydantic and numpy (never scikit-learn).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, overload
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from cascade import TIERS
+from cascade.errors import ModelError
+from cascade.models.specs import TASKS
+
+MANIFEST_FILE = "manifest.json"
+
+SplitName = Literal["calibration", "test"]
+SPLITS: tuple[SplitName, ...] = ("calibration", "test")
+VISION_SPLIT_FILE = "data/vision.npz"
+DOCUMENTS_SPLIT_FILE = "data/documents.json"
+NPZ_SUFFIX = {"calibration": "calib", "test": "test"}
+"""Array names in the vision split file: ``X_calib``, ``y_calib``, ``X_test``, ``y_test``."""
+SCHEMA_VERSION: Literal[1] = 1
+
+InputKind = Literal["image8x8", "text"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantizationInfo(_Strict):
+    """What int8 quantization did to one graph."""
+
+    method: str = Field(description="e.g. 'dynamic' (onnxruntime quantize_dynamic)")
+    weight_type: str
+    ops_before: dict[str, int] = Field(description="node count per op type, fp32 graph")
+    ops_after: dict[str, int] = Field(description="node count per op type, int8 graph")
+    quantized_matmuls: int = Field(description="MatMul/Gemm nodes replaced by integer kernels")
+    graph_changed: bool
+    size_ratio: float = Field(description="fp32 bytes / int8 bytes")
+    prediction_agreement: float = Field(description="share of test argmaxes equal to fp32's")
+
+
+class TierEntry(_Strict):
+    """One tier's model: the deployed file (int8 on edge tiers, fp32 on the cloud) and its twin."""
+
+    file: str = Field(description="deployed model, relative to the models directory")
+    sha256: str
+    bytes: int
+    fp32_file: str
+    fp32_sha256: str
+    fp32_bytes: int
+    algorithm: str
+    quantized: bool
+    quantization: QuantizationInfo | None = None
+    accuracy: float = Field(description="test accuracy of the deployed file")
+    fp32_accuracy: float
+    int8_accuracy: float | None = None
+    sklearn_agreement: float = Field(description="share of test argmaxes equal to scikit-learn's")
+    sklearn_max_abs_diff: float = Field(description="largest probability gap to scikit-learn")
+    latency_ms_p50: float = Field(description="deployed file, one sample per call, 1 thread")
+    latency_ms_p95: float
+    fp32_latency_ms_p50: float
+    quantization_warning: str | None = None
+
+    @field_validator("sha256", "fp32_sha256")
+    @classmethod
+    def _is_hex_digest(cls, value: str) -> str:
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be a lowercase hex sha256 digest (64 characters)")
+        return value
+
+
+class SplitInfo(_Strict):
+    """The fixed held-out splits, shared by build, calibration and benchmark."""
+
+    seed: int
+    train: int
+    calibration: int
+    test: int
+    file: str
+    sha256: str
+    source: str
+    duplicates_dropped: int = 0
+
+
+class TaskEntry(_Strict):
+    """One task's ladder, bottom tier first."""
+
+    classes: tuple[str, ...] = Field(min_length=2)
+    input_kind: InputKind
+    splits: SplitInfo
+    tiers: dict[str, TierEntry] = Field(min_length=1)
+
+    @field_validator("tiers")
+    @classmethod
+    def _known_tiers(cls, tiers: dict[str, TierEntry]) -> dict[str, TierEntry]:
+        unknown = [name for name in tiers if name not in TIERS]
+        if unknown:
+            raise ValueError(f"unknown tier {unknown[0]!r}; allowed: {', '.join(TIERS)}")
+        return tiers
+
+
+class Manifest(_Strict):
+    """The parsed ``manifest.json``. Use :func:`load_manifest` to read one from disk."""
+
+    schema_version: Literal[1]
+    build_key: str
+    created_at: datetime
+    build_seconds: float
+    packages: dict[str, str]
+    tasks: dict[str, TaskEntry] = Field(min_length=1)
+
+    _root: Path | None = PrivateAttr(default=None)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: dict[str, TaskEntry]) -> dict[str, TaskEntry]:
+        unknown = [name for name in tasks if name not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; allowed: {', '.join(TASKS)}")
+        return tasks
+
+    @property
+    def root(self) -> Path:
+        """The models directory this manifest was loaded from."""
+        if self._root is None:
+            raise ModelError("this manifest was not loaded from a directory (use load_manifest)")
+        return self._root
+
+    def task(self, task: str) -> TaskEntry:
+        """The entry of ``task``; :class:`ModelError` names the tasks that exist."""
+        entry = self.tasks.get(task)
+        if entry is None:
+            raise ModelError(
+                f"task {task!r} is not in the manifest; available: {', '.join(self.tasks)}",
+                field="task",
+            )
+        return entry
+
+    def tier(self, task: str, tier: str) -> TierEntry:
+        """The entry of one tier of ``task``; :class:`ModelError` names the tiers that exist."""
+        entry = self.task(task).tiers.get(tier)
+        if entry is None:
+            available = ", ".join(self.task(task).tiers)
+            raise ModelError(
+                f"tier {tier!r} has no {task!r} model in the manifest; available: {available}",
+                field="tier",
+            )
+        return entry
+
+    def model_path(self, task: str, tier: str) -> Path:
+        """Absolute path of the deployed model file of ``task`` at ``tier``."""
+        return self.root / self.tier(task, tier).file
+
+    def model_name(self, task: str, tier: str) -> str:
+        """Display name such as ``vision/endpoint:MLP(16)-int8``."""
+        entry = self.tier(task, tier)
+        return model_display_name(task, tier, entry.algorithm, quantized=entry.quantized)
+
+
+def model_display_name(task: str, tier: str, algorithm: str, *, quantized: bool) -> str:
+    """How traces and hops name a model: ``<task>/<tier>:<algorithm>-<int8|fp32>``."""
+    return f"{task}/{tier}:{algorithm}-{'int8' if quantized else 'fp32'}"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(models_dir: Path) -> Manifest:
+    """Read and validate ``<models_dir>/manifest.json``.
+
+    Raises :class:`ModelError` naming the file and the offending field when it is missing,
+    not JSON, or does not match the schema.
+    """
+    path = Path(models_dir) / MANIFEST_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(
+            f"no model manifest at {path}: build the models first with `cascade models build`"
+            f" (or point the models directory at an existing build)"
+        ) from None
+    except OSError as exc:
+        raise ModelError(f"cannot read model manifest {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ModelError(f"model manifest {path} is not valid JSON: {exc}") from None
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ModelError(
+            f"model manifest {path} is invalid: {_describe(exc)}; rebuild it with"
+            f" `cascade models build --force`"
+        ) from None
+    manifest._root = path.parent.resolve()
+    return manifest
+
+
+def write_manifest(manifest: Manifest, models_dir: Path) -> Path:
+    """Write ``manifest.json`` atomically (a reader never sees a half-written file)."""
+    path = Path(models_dir) / MANIFEST_FILE
+    tmp = path.with_name(f".{MANIFEST_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    manifest._root = path.parent.resolve()
+    return path
+
+
+def _describe(exc: ValidationError) -> str:
+    """First few pydantic errors as ``key.path: message`` (the full list is rarely useful)."""
+    parts = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(part) for part in error["loc"]) or "(root)"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+@overload
+def load_split(
+    models_dir: Path, task: Literal["vision"], split: SplitName
+) -> tuple[npt.NDArray[np.float32], list[str]]: ...
+@overload
+def load_split(
+    models_dir: Path, task: Literal["documents"], split: SplitName
+) -> tuple[list[str], list[str]]: ...
+@overload
+def load_split(
+    models_dir: Path, task: str, split: str
+) -> tuple[npt.NDArray[np.float32] | list[str], list[str]]: ...
+def load_split(
+    models_dir: Path, task: str, split: str
+) -> tuple[npt.NDArray[np.float32] | list[str], list[str]]:
+    """Inputs and true class names of a held-out split, as the models expect them.
+
+    ``vision`` inputs are a float32 array [N, 64] of raw pixel values; ``documents`` inputs are
+    a list of texts. The split file is checked against the manifest's sha256.
+    """
+    if split not in SPLITS:
+        raise ModelError(
+            f"unknown split {split!r}; allowed: {', '.join(SPLITS)} (the training split is not"
+            f" saved)",
+            field="split",
+        )
+    manifest = load_manifest(models_dir)
+    info = manifest.task(task).splits
+    path = manifest.root / info.file
+    if not path.is_file():
+        raise ModelError(f"split file {path} is missing: rebuild with `cascade models build`")
+    if sha256_file(path) != info.sha256:
+        raise ModelError(
+            f"split file {path} does not match the sha256 in the manifest: it was modified"
+            f" after the build; rebuild with `cascade models build --force`"
+        )
+    if task == "vision":
+        with np.load(path, allow_pickle=False) as arrays:
+            suffix = NPZ_SUFFIX[split]
+            images = arrays[f"X_{suffix}"].astype(np.float32, copy=False)
+            return images, [str(label) for label in arrays[f"y_{suffix}"]]
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    part = payload[split]
+    return list(part["texts"]), list(part["labels"])

@@ -1,0 +1,177 @@
+"""Opening the outbox database: URL checks, SQLite pragmas, schema, and storage-error reporting.
+
+SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` for writes: pysqlite's own transaction
+handling is switched off (``isolation_level=None``) and SQLAlchemy's ``begin`` event emits the
+``BEGIN`` instead, with the mode taken from the connection's ``cascade_begin`` execution option.
+Writers therefore take the write lock when the transaction starts, not halfway through it, so
+two writers (the tier and ``cascade queue``) queue on the busy timeout instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+
+from cascade.errors import ConfigError, ServiceUnavailable
+from cascade.outbox.tables import SCHEMA_VERSION, meta, metadata
+
+log = logging.getLogger("cascade.outbox")
+
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+SUPPORTED = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+
+
+def parse_outbox_url(url: str) -> URL:
+    """Validate an outbox URL; ``postgresql://`` means psycopg 3. Raises :class:`ConfigError`."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise ConfigError(f"outbox_url {url!r} is not a database URL; use {SUPPORTED}",
+                          field="outbox_url") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.drivername not in ("sqlite", "sqlite+pysqlite"):
+            raise ConfigError(f"outbox_url {url!r}: only the built-in SQLite driver is supported",
+                              field="outbox_url")
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigError(f"outbox_url {url!r}: the outbox must be a file (it must survive "
+                              "a restart); use sqlite:///var/<tier>.db", field="outbox_url")
+        return parsed
+    if backend == "postgresql":
+        if parsed.drivername in ("postgresql", "postgresql+psycopg"):
+            return parsed.set(drivername="postgresql+psycopg")
+        raise ConfigError(f"outbox_url {url!r}: use the psycopg 3 driver (postgresql+psycopg://)",
+                          field="outbox_url")
+    raise ConfigError(f"outbox_url {url!r}: backend {backend!r} is not supported; use {SUPPORTED}",
+                      field="outbox_url")
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The database file of a SQLite URL, else None."""
+    return Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
+
+
+def create_outbox_engine(
+    url: str | URL, *, synchronous: str = "full", create_dirs: bool = True, pool_size: int = 4
+) -> Engine:
+    """An engine for the outbox database (no I/O yet except creating a SQLite file's directory).
+
+    ``create_dirs=False`` (the operator CLI) refuses a SQLite file that does not exist rather
+    than creating an empty database by mistake.
+    """
+    parsed = url if isinstance(url, URL) else parse_outbox_url(url)
+    path = sqlite_path(parsed)
+    if path is not None:
+        if create_dirs:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"outbox_url: cannot create directory {path.parent}: {exc}",
+                                  field="outbox_url") from None
+        elif not path.is_file():
+            raise ConfigError(f"no outbox database at {path} (has this tier run yet?)",
+                              field="outbox_url")
+        engine = sa.create_engine(
+            parsed, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=pool_size, max_overflow=4,
+        )
+        _install_sqlite_hooks(engine, synchronous.upper())
+        return engine
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise ConfigError("outbox_url is PostgreSQL but the psycopg package is not installed; "
+                          "pip install 'psycopg[binary]'", field="outbox_url") from None
+    return sa.create_engine(parsed, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
+
+
+def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see module doc)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            except Exception as exc:  # noqa: BLE001 - a read-only file can't switch; reads still work
+                log.warning("cannot switch %s to WAL: %s", engine.url.database, exc)
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        mode = conn.get_execution_options().get("cascade_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def writer_connection(engine: Engine) -> sa.Connection:
+    """A connection whose transactions take the write lock at BEGIN (SQLite's BEGIN IMMEDIATE)."""
+    return engine.connect().execution_options(cascade_begin="IMMEDIATE")
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create missing tables and check the schema version; clear errors when that fails."""
+    try:
+        with writer_connection(engine) as conn, conn.begin():
+            metadata.create_all(conn, checkfirst=True)
+            row = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).first()
+            if row is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+                conn.execute(meta.insert().values(key="created_at", value=repr(time.time())))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"outbox database {engine.url.render_as_string(hide_password=True)} has schema "
+                    f"version {row[0]}, newer than this cascade ({SCHEMA_VERSION}); upgrade cascade",
+                    field="outbox_url")
+    except sa.exc.SQLAlchemyError as exc:
+        if schema_present(engine):
+            # e.g. a read-only file: serve what we can, report 503s on writes.
+            log.error("outbox database is not writable: %s", describe_storage_error(exc))
+            return
+        raise ConfigError(
+            f"cannot create the outbox in {engine.url.render_as_string(hide_password=True)}: "
+            f"{describe_storage_error(exc)}", field="outbox_url") from None
+
+
+def schema_present(engine: Engine) -> bool:
+    """True if the outbox tables exist (readable)."""
+    try:
+        with engine.connect() as conn:
+            return sa.inspect(conn).has_table("cascade_outbox")
+    except sa.exc.SQLAlchemyError:
+        return False
+
+
+def describe_storage_error(exc: BaseException) -> str:
+    """A short, operator-readable cause for a database error."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    low = text.lower()
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    if "disk is full" in low or "database or disk is full" in low or sqlstate == "53100":
+        return f"the disk holding the outbox is full ({text})"
+    if "readonly" in low or "read-only" in low or sqlstate == "25006":
+        return f"the outbox database is read-only ({text})"
+    if "locked" in low or "busy" in low:
+        return f"the outbox database stayed locked by another writer ({text})"
+    if sqlstate.startswith("08") or "connection" in low:
+        return f"cannot reach the outbox database ({text})"
+    return text
+
+
+def storage_unavailable(exc: BaseException, *, reading: bool = False) -> ServiceUnavailable:
+    """The 503 a client gets when the outbox cannot store (or read) its work."""
+    if reading:
+        message = f"cannot read the outbox database: {describe_storage_error(exc)}; retry later"
+    else:
+        message = (f"cannot store this request durably: {describe_storage_error(exc)}; "
+                   "nothing was queued, retry later")
+    return ServiceUnavailable(message, code="storage_unavailable")

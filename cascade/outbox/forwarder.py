@@ -1,0 +1,201 @@
+"""The forwarder: drains a tier's outbox into its upstream once the upstream is reachable.
+
+One asyncio task per tier process. Each round it looks at the upstream's circuit breaker:
+
+* open: the upstream is known down; send nothing, look again shortly (no I/O per row);
+* half-open: send exactly one row, the oldest due, as the probe; its outcome closes or reopens
+  the breaker;
+* closed: claim up to ``forward_concurrency`` due rows (oldest first) and send them
+  concurrently. The bound keeps live traffic, which escalates directly and not through the
+  outbox, from being starved by a draining backlog.
+
+Every send carries the request id as ``Idempotency-Key``: a send retried after a lost response
+is answered from the upstream's stored result, never computed or escalated twice. Outcomes:
+final answer → ``done`` (+ callback armed); provisional answer → handed over, polled later with
+the same key; 4xx → ``dead`` at once (poison); 409 (the upstream is still computing it) and
+breaker refusals → due again without spending an attempt; other failures → one attempt spent,
+backoff with jitter, ``dead`` at ``max_attempts``. TTL expiry is swept periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+
+from cascade.deadline import Deadline
+from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
+from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json
+from cascade.outbox.store import Claimed, Outcome
+from cascade.telemetry import drain_span
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cascade.outbox.outbox import Outbox
+
+log = logging.getLogger("cascade.outbox.forwarder")
+
+_BUSY_RETRY_S = 0.2
+"""Pause after the breaker refused a send (another request holds the half-open probe)."""
+
+
+class Forwarder:
+    """Drains one outbox into one upstream client (see the module docstring)."""
+
+    def __init__(self, outbox: "Outbox", upstream: Any, *, rng: random.Random | None = None) -> None:
+        self.outbox = outbox
+        self.upstream = upstream
+        self.settings = outbox.settings
+        self._rng = rng or random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self._sends: dict[str, asyncio.Task[None]] = {}
+        self._pause_until = 0.0
+
+    def start(self) -> None:
+        """Run the drain loop as a background task of the current event loop."""
+        self._task = asyncio.create_task(self._run(), name=f"outbox-forwarder-{self.outbox.tier}")
+
+    async def stop(self) -> None:
+        """Stop sending; rows whose send was interrupted become due again at once."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        interrupted = list(self._sends)
+        for task in self._sends.values():
+            task.cancel()
+        await asyncio.gather(*self._sends.values(), return_exceptions=True)
+        for id_ in interrupted:
+            try:
+                await self.outbox.record(Outcome(id_, "release"))
+            except ServiceUnavailable:
+                pass  # the lease runs out on its own
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        last_sweep = 0.0
+        breaker = self.upstream.breaker
+        was_closed = breaker.state == "closed"
+        while True:
+            try:
+                if time.monotonic() - last_sweep >= self.settings.sweep_interval_s:
+                    last_sweep = time.monotonic()
+                    await self.outbox.sweep()
+                state = breaker.state
+                if state == "open" or time.monotonic() < self._pause_until:
+                    was_closed = False
+                    await self._idle(min(self.settings.idle_poll_s, breaker.reset_timeout_s / 4))
+                    continue
+                if state == "closed" and not was_closed:
+                    was_closed = True
+                    await self.outbox.release_backoff()  # the link is back: no row waits it out
+                if len(self._sends) >= self.settings.forward_concurrency or (
+                    state == "half_open" and self._sends
+                ):
+                    await asyncio.wait(list(self._sends.values()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                limit = 1 if state == "half_open" else (
+                    self.settings.forward_concurrency - len(self._sends))
+                rows = await self.outbox.claim(limit)
+                if not rows:
+                    await self._idle(await self._until_next_due())
+                    continue
+                for row in rows:
+                    task = asyncio.create_task(self._send(row), name=f"outbox-send-{row.id}")
+                    self._sends[row.id] = task
+                    task.add_done_callback(lambda _t, id_=row.id: self._sends.pop(id_, None))
+                if state == "half_open":
+                    await asyncio.gather(*self._sends.values(), return_exceptions=True)
+            except asyncio.CancelledError:
+                raise
+            except ServiceUnavailable as exc:  # the database is unwell: say so, try again later
+                log.error("forwarder of %s: %s", self.outbox.tier, exc.message)
+                await self._idle(self.settings.idle_poll_s)
+            except Exception:  # noqa: BLE001 - the drain loop must outlive any one bug
+                log.exception("forwarder of %s: unexpected error", self.outbox.tier)
+                await self._idle(self.settings.idle_poll_s)
+
+    async def _until_next_due(self) -> float:
+        due = await self.outbox.next_due_at()
+        if due is None:
+            return self.settings.idle_poll_s
+        return min(self.settings.idle_poll_s, max(0.005, due - self.outbox.clock()))
+
+    async def _idle(self, timeout_s: float) -> None:
+        """Sleep up to ``timeout_s``; new work (an enqueue) wakes us early."""
+        event = self.outbox.work_ready
+        if event is None:
+            await asyncio.sleep(timeout_s)
+            return
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        event.clear()
+
+    # -- one send -------------------------------------------------------------------------------
+
+    async def _send(self, row: Claimed) -> None:
+        try:
+            # A new trace per send, linked to the request that queued the row (design §6).
+            with drain_span(self.outbox.tier, traceparent=row.traceparent, request_id=row.id,
+                            task=row.task, attempt=row.attempts) as span:
+                outcome = await self._attempt(row)
+                span.set_attribute("cascade.queue.outcome", outcome.kind)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never lose the row to a bug: count an attempt
+            log.exception("forwarding %s failed unexpectedly", row.id)
+            outcome = Outcome(row.id, "retry", error=f"{type(exc).__name__}: {exc}",
+                              delay_s=self._retry_delay(row))
+        try:
+            await self.outbox.record(outcome)
+        except ServiceUnavailable as exc:
+            # Not recorded: the lease expires and the row is sent again; the upstream's
+            # idempotency turns that resend into a lookup.
+            log.error("cannot record the outcome of %s: %s", row.id, exc.message)
+
+    async def _attempt(self, row: Claimed) -> Outcome:
+        headers = {"traceparent": row.traceparent} if row.traceparent else {}
+        try:
+            answer = await self.upstream.escalate(
+                row.body,
+                deadline=Deadline.from_ms(self.settings.send_timeout_ms),
+                hop_count=row.hop_count,
+                idempotency_key=row.id,
+                headers=headers,
+            )
+        except UpstreamRejected as exc:
+            if exc.upstream_status == 409:  # the upstream is still computing this very key
+                return Outcome(row.id, "release", error=exc.message,
+                               delay_s=self.settings.poll_initial_s)
+            detail = exc.upstream_body
+            if not isinstance(detail, str):
+                detail = to_json(detail)
+            return Outcome(row.id, "dead",
+                           error=f"upstream refused it with HTTP {exc.upstream_status}: {detail[:1000]}")
+        except UpstreamUnavailable as exc:
+            if exc.attempts == 0:  # the breaker said no: not this row's fault
+                self._pause_until = time.monotonic() + _BUSY_RETRY_S
+                return Outcome(row.id, "release")
+            if row.handed_over:  # the upstream has the work; only the final answer is pending
+                return Outcome(row.id, "release", error=exc.message, delay_s=self._poll_delay(row))
+            return Outcome(row.id, "retry", error=exc.message, delay_s=self._retry_delay(row))
+        merged = merge_upstream_answer(row.response, answer)
+        response_json = to_json(merged)
+        if answer.get("status") == "provisional":
+            return Outcome(row.id, "handover", response_json=response_json,
+                           delay_s=self._poll_delay(row))
+        return Outcome(row.id, "final", response_json=response_json)
+
+    def _retry_delay(self, row: Claimed) -> float:
+        s = self.settings
+        return backoff_s(row.attempts + 1, s.retry_initial_s, s.retry_max_s, self._rng)
+
+    def _poll_delay(self, row: Claimed) -> float:
+        s = self.settings
+        return backoff_s(row.polls + 1, s.poll_initial_s, s.poll_max_s, self._rng)

@@ -1,0 +1,67 @@
+"""Pure decisions of the outbox: request identity, backoff, and merging a final answer.
+
+No I/O here, so each rule is tested with plain data (tests/unit/test_outbox_rules.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+import orjson
+
+_IDENTITY_KEYS = ("task", "input")
+"""What makes two requests "the same" for an idempotency key. ``deadline_ms`` changes on every
+retry and ``callback_url`` says where to deliver, not what to compute, so neither counts."""
+
+_VIEW_KEYS = ("escalation", "callback")
+"""Keys the outbox adds to a stored answer when showing it; never stored themselves."""
+
+
+def to_json(value: Any) -> str:
+    """Serialize an answer for storage; numpy scalars (model outputs) become plain numbers."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=_plain).decode()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalar types orjson does not know natively
+        return value.item()
+    raise TypeError(f"cannot store a {type(value).__name__} in an answer")
+
+
+def request_hash(task: str, input_: Any) -> str:
+    """A stable hash of what a request asks (its task and input), key order independent."""
+    canonical = orjson.dumps({"task": task, "input": input_}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Delay before attempt ``attempt + 1`` after ``attempt`` failures (``attempt`` >= 1).
+
+    Exponential with "equal jitter": half the step is fixed, half random. Full jitter can draw
+    near-zero delays, which would let thousands of rows hammer a failing upstream in lockstep;
+    equal jitter still spreads them while guaranteeing a floor.
+    """
+    step = min(max_s, initial_s * (2 ** max(0, attempt - 1)))
+    return step / 2 + (rng or random).uniform(0, step / 2)
+
+
+def merge_upstream_answer(stored: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
+    """This tier's stored answer updated with the upstream's (final or provisional) answer.
+
+    Keeps this tier's own hop (the first) and appends the upstream's hops, as the online path
+    does; label, confidence, status and ``answered_by`` come from the upstream.
+    """
+    merged = {k: v for k, v in stored.items() if k not in _VIEW_KEYS and not k.startswith("_")}
+    merged["label"] = upstream.get("label")
+    merged["confidence"] = upstream.get("confidence", stored.get("confidence"))
+    merged["status"] = upstream.get("status", "final")
+    merged["answered_by"] = upstream.get("answered_by", "upstream")
+    merged["hops"] = list(stored.get("hops", [])[:1]) + list(upstream.get("hops", []))
+    return merged
+
+
+def strip_view(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored answer without the outbox's view keys: what goes back into the results table."""
+    return {k: v for k, v in stored.items() if k not in _VIEW_KEYS and not k.startswith("_")}

@@ -1,0 +1,185 @@
+"""Fit a policy to an operator goal: what ``cascade policy calibrate`` does, minus the printing.
+
+Per task: run every tier's model over the calibration split (never the test split), fit each
+tier's confidence calibration, search thresholds (and per-class thresholds where a class needs
+them) that meet the goal with the fewest escalations, and predict the outcome. Settings the
+search does not touch (deadlines, offline behaviour, queue bounds, floor actions, decision log)
+are kept from a base policy.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from cascade.gate import GateRule, SignalName
+from cascade.policy.calibrate import CascadeOutcome, oracle_escalations_for
+from cascade.policy.calibration import CalibrationFit, Method, fit_calibration, gate_confidences
+from cascade.policy.goals import Goals
+from cascade.policy.search import SearchResult, search_thresholds
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Knobs of one calibration run."""
+
+    signal: SignalName = "max_prob"
+    calibration: Method | Literal["auto"] = "auto"
+    per_class: bool = True
+    class_min_support: int = 20
+    grid: int = 64
+    split: str = "calibration"
+
+
+@dataclass(frozen=True)
+class TierReport:
+    """One tier's fitted calibration and threshold, and what it does on the split."""
+
+    tier: str
+    model: str
+    accuracy_alone: float
+    fit: CalibrationFit
+    threshold: float
+    class_thresholds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TaskFit:
+    """One task's result: the policy section and the expected outcome on the split."""
+
+    task: str
+    samples: int
+    goals: Goals
+    resolved_goals: Goals
+    tiers: list[TierReport]
+    search: SearchResult
+    oracle_escalations: float | None
+    section: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outcome(self) -> CascadeOutcome:
+        """Expected outcome on the split."""
+        return self.search.outcome
+
+
+def true_indices(classes: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Index of each label in a model's classes (-1 for a label the model does not know)."""
+    position = {c: i for i, c in enumerate(classes)}
+    return np.asarray([position.get(y, -1) for y in labels])
+
+
+def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
+             options: FitOptions, base_section: dict[str, Any] | None = None) -> TaskFit:
+    """Fit one task's calibrations and thresholds for ``goals`` on the calibration split."""
+    from cascade.evaluation import predict_split
+
+    labels, preds = predict_split(models_dir, task, list(tiers), options.split)
+    reports_fit: list[CalibrationFit] = []
+    conf, correct = [], []
+    for tier in tiers:
+        p = preds[tier]
+        fit = fit_calibration(p.probabilities, true_indices(p.classes, labels),
+                              signal=options.signal, method=options.calibration)
+        reports_fit.append(fit)
+        _, c = gate_confidences(p.probabilities, GateRule(options.signal, 0.0, calibration=fit.calibration))
+        conf.append(c)
+        correct.append(p.correct)
+    predicted = [preds[t].predicted for t in tiers] if options.per_class else None
+    search = search_thresholds(tiers, conf, correct, goals, predicted=predicted, grid=options.grid,
+                               class_min_support=options.class_min_support)
+    reports = [
+        TierReport(tier=t, model=preds[t].model_name, accuracy_alone=preds[t].accuracy, fit=f,
+                   threshold=search.thresholds[i], class_thresholds=search.class_thresholds[i])
+        for i, (t, f) in enumerate(zip(tiers, reports_fit))
+    ]
+    fitted = TaskFit(
+        task=task, samples=len(labels), goals=goals,
+        resolved_goals=goals.resolved(preds[tiers[-1]].accuracy), tiers=reports, search=search,
+        oracle_escalations=oracle_escalations_for(correct, search.outcome.accuracy),
+    )
+    return TaskFit(**{**fitted.__dict__, "section": task_section(fitted, options, base_section)})
+
+
+def _calibration_block(fit: CalibrationFit) -> dict[str, Any]:
+    cal = fit.calibration
+    if cal is None:
+        return {"method": "none"}
+    if cal.curve:
+        return {"method": "isotonic", "curve": [[float(x), float(y)] for x, y in cal.curve]}
+    return {"method": "temperature", "temperature": float(cal.temperature)}
+
+
+def _round_threshold(t: float) -> float:
+    # Rounding to 6 places may not move a cut point past a sample: round towards the midpoint's
+    # neighbourhood only when that keeps the value inside the (rarely that narrow) gap.
+    return float(f"{t:.6f}") if t not in (0.0, 1.0) else t
+
+
+def task_section(fitted: TaskFit, options: FitOptions, base: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``tasks.<task>`` section of the policy file."""
+    base = dict(base or {})
+    base_tiers = base.get("tiers", {}) or {}
+    section: dict[str, Any] = {
+        "deadline_ms": base.get("deadline_ms", 2000),
+        "offline": base.get("offline", "provisional"),
+        "queue": base.get("queue", {"ttl_s": 86400, "max_attempts": 20}),
+    }
+    goals = fitted.goals.model_dump(exclude_none=True)
+    if goals:
+        section["goals"] = goals
+    section["tiers"] = {}
+    for i, report in enumerate(fitted.tiers):
+        tier: dict[str, Any] = {"signal": options.signal,
+                                "threshold": _round_threshold(report.threshold)}
+        if report.class_thresholds:
+            tier["class_thresholds"] = {k: _round_threshold(v)
+                                        for k, v in sorted(report.class_thresholds.items())}
+        floor = (base_tiers.get(report.tier) or {}).get("floor_action")
+        if floor:
+            tier["floor_action"] = floor
+        tier["calibration"] = _calibration_block(report.fit)
+        section["tiers"][report.tier] = tier
+    return section
+
+
+def policy_document(name: str, sections: dict[str, dict[str, Any]],
+                    base: dict[str, Any] | None) -> dict[str, Any]:
+    """The whole policy mapping (keeps the base's description and decision log settings)."""
+    base = base or {}
+    doc: dict[str, Any] = {"version": 1, "name": base.get("name", name)}
+    if base.get("description"):
+        doc["description"] = base["description"]
+    doc["decision_log"] = base.get("decision_log", {"sample_rate": 0.0})
+    doc["tasks"] = sections
+    return doc
+
+
+def header_lines(command: str, models_dir: Path, build_key: str, fits: Sequence[TaskFit],
+                 options: FitOptions) -> list[str]:
+    """The comment header: how and from what the policy was made, and what to expect."""
+    lines = [
+        f"Made by `{command}`",
+        f"on {datetime.date.today().isoformat()} from the {options.split} split of "
+        f"{models_dir}/manifest.json (build {build_key[:12]}); do not edit thresholds by hand,",
+        "re-run the command (settings it does not fit are kept from the previous file).",
+        f"Signal {options.signal}, calibration {options.calibration}, per-class thresholds "
+        f"{'on' if options.per_class else 'off'}. Expected on the {options.split} split:",
+    ]
+    for f in fits:
+        o = f.outcome
+        top = f.tiers[-1]
+        oracle = "n/a" if not f.oracle_escalations else f"{o.escalations_per_request / f.oracle_escalations:.1f}x"
+        lines.append(
+            f"  {f.task} ({f.samples} samples), goal {f.goals.describe()}: accuracy "
+            f"{o.accuracy:.4f} (top alone {top.accuracy_alone:.4f}), cloud share {o.top_share:.1%}, "
+            f"{o.escalations_per_request:.3f} escalations/request ({oracle} the oracle's)"
+        )
+        lines.append("    answered per tier: " + ", ".join(
+            f"{t} {s:.1%}" for t, s in o.answered_share.items()))
+        lines.append("    ECE before -> after: " + ", ".join(
+            f"{r.tier} {r.fit.ece_before:.3f}->{r.fit.ece_after:.3f} ({r.fit.method})" for r in f.tiers))
+    return lines

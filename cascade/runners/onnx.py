@@ -1,0 +1,184 @@
+"""ONNX models through onnxruntime: the runtime of every built-in tier.
+
+Serving-side only: this module must never import scikit-learn, skl2onnx or onnx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from cascade.errors import InvalidInput, ModelError
+
+VISION_FEATURES = 64
+_PROBABILITIES_OUTPUT = "probabilities"
+
+
+def _session_options() -> ort.SessionOptions:
+    # One thread, sequential: requests are served inline, so parallelism comes from requests,
+    # and single-sample latency is what the manifest reports.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxRunner:
+    """One ONNX classifier: raw task inputs in, class probabilities out.
+
+    ``vision`` takes a float32 array [N, 64] of raw 0..16 pixel values; ``documents`` takes a
+    sequence of texts. Build one with :meth:`from_manifest` (checks the sha256) or
+    :meth:`from_bytes`.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        task: str,
+        classes: Sequence[str],
+        model_name: str,
+        input_kind: str,
+        path: Path | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        self.task = task
+        self.classes: tuple[str, ...] = tuple(classes)
+        self.model_name = model_name
+        self.input_kind = input_kind
+        self.path = path
+        self.sha256 = sha256
+        self._session = session
+        self._input_name = session.get_inputs()[0].name
+        outputs = [output.name for output in session.get_outputs()]
+        self._output_names = [
+            _PROBABILITIES_OUTPUT if _PROBABILITIES_OUTPUT in outputs else outputs[-1]
+        ]
+        self._prepare: Callable[[Any], npt.NDArray[Any]]
+        if input_kind == "text":
+            self._prepare = self._prepare_texts
+        elif input_kind == "image8x8":
+            self._prepare = self._prepare_images
+        else:
+            raise ModelError(f"unsupported input kind {input_kind!r} for {model_name}")
+
+    @classmethod
+    def from_bytes(
+        cls,
+        model: bytes,
+        *,
+        task: str,
+        classes: Sequence[str],
+        model_name: str,
+        input_kind: str,
+        path: Path | None = None,
+    ) -> OnnxRunner:
+        """Load a serialized ONNX model; raises :class:`ModelError` if onnxruntime refuses it."""
+        try:
+            session = ort.InferenceSession(
+                model, sess_options=_session_options(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            where = f" ({path})" if path else ""
+            raise ModelError(f"onnxruntime cannot load {model_name}{where}: {exc}") from exc
+        runner = cls(
+            session,
+            task=task,
+            classes=classes,
+            model_name=model_name,
+            input_kind=input_kind,
+            path=path,
+            sha256=hashlib.sha256(model).hexdigest(),
+        )
+        width = runner.predict_proba(runner._sample_input()).shape[1]
+        if width != len(runner.classes):
+            raise ModelError(
+                f"{model_name} outputs {width} probabilities but the manifest lists"
+                f" {len(runner.classes)} classes"
+            )
+        return runner
+
+    @classmethod
+    def from_manifest(
+        cls, models_dir: Path, task: str, tier: str, *, verify_sha256: bool = True
+    ) -> OnnxRunner:
+        """Load the deployed model of ``task`` at ``tier`` from a built models directory.
+
+        The file is read once and its sha256 checked against the manifest before onnxruntime
+        sees it: a corrupted or tampered file raises :class:`ModelError` and is never loaded.
+        """
+        from cascade.models.manifest import load_manifest  # pydantic only; keeps import light
+
+        manifest = load_manifest(models_dir)
+        entry = manifest.tier(task, tier)
+        path = manifest.model_path(task, tier)
+        try:
+            model = path.read_bytes()
+        except OSError as exc:
+            raise ModelError(
+                f"model file {path} for {task}/{tier} cannot be read ({exc.strerror}):"
+                f" rebuild with `cascade models build`"
+            ) from exc
+        if verify_sha256:
+            actual = hashlib.sha256(model).hexdigest()
+            if actual != entry.sha256:
+                raise ModelError(
+                    f"model file {path} for {task}/{tier} failed its checksum: sha256 is"
+                    f" {actual[:16]}..., the manifest expects {entry.sha256[:16]}...; the file"
+                    f" is corrupted or was modified. Refusing to load it; rebuild with"
+                    f" `cascade models build --force`"
+                )
+        task_entry = manifest.task(task)
+        return cls.from_bytes(
+            model,
+            task=task,
+            classes=task_entry.classes,
+            model_name=manifest.model_name(task, tier),
+            input_kind=task_entry.input_kind,
+            path=path,
+        )
+
+    def predict_proba(self, inputs: Any) -> npt.NDArray[np.float32]:
+        """Probabilities [N, len(classes)] in :attr:`classes` order (rows sum to ~1)."""
+        result: npt.NDArray[np.float32] = self._session.run(
+            self._output_names, {self._input_name: self._prepare(inputs)}
+        )[0]
+        return result
+
+    def warmup(self) -> None:
+        """Run one inference so lazy allocations happen before the first request."""
+        self.predict_proba(self._sample_input())
+
+    def _sample_input(self) -> Any:
+        if self.input_kind == "text":
+            return ["warm up"]
+        return np.zeros((1, VISION_FEATURES), dtype=np.float32)
+
+    @staticmethod
+    def _prepare_images(inputs: Any) -> npt.NDArray[np.float32]:
+        images = np.asarray(inputs, dtype=np.float32)  # no copy when already float32
+        if images.ndim != 2 or images.shape[1] != VISION_FEATURES or images.shape[0] == 0:
+            raise InvalidInput(
+                f"vision input must be a float32 array of shape [N, {VISION_FEATURES}]"
+                f" (flattened 8x8 images, N >= 1), got shape {list(images.shape)}",
+                field="input",
+            )
+        return images
+
+    @staticmethod
+    def _prepare_texts(inputs: Any) -> npt.NDArray[np.object_]:
+        if isinstance(inputs, str) or not inputs or not all(isinstance(t, str) for t in inputs):
+            raise InvalidInput("documents input must be a non-empty list of strings", field="input")
+        return np.array(inputs, dtype=object).reshape(-1, 1)
+
+    def __repr__(self) -> str:
+        return f"OnnxRunner({self.model_name!r}, classes={len(self.classes)})"

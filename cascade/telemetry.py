@@ -1,0 +1,547 @@
+"""Tracing of a tier (design §6): the OpenTelemetry SDK, configured by the standard variables.
+
+What one request leaves behind at each tier it touches::
+
+    SERVER   "POST /v1/infer"         cascade.tier/task/model/confidence/decision/status/answered_by
+    ├── INTERNAL cascade.inference    cascade.tier, cascade.task, cascade.model
+    ├── INTERNAL cascade.gate         cascade.confidence, cascade.decision, cascade.signal
+    ├── CLIENT   "POST"               one per upstream attempt, with http.request.resend_count
+    │   └── SERVER of the next tier   (W3C traceparent: same trace, parent = this CLIENT span)
+    └── PRODUCER cascade.queue.enqueue   when the escalation is kept in the outbox
+    later, from the forwarder: CONSUMER cascade.queue.drain, a new trace ──link──▶ the enqueue span
+
+The SERVER span comes from :class:`RequestTelemetryMiddleware`, a thin pure-ASGI middleware
+(FastAPI's own and the contrib ASGI instrumentation cost 2-4x more per request; numbers in
+``reports/tracing.md``); CLIENT spans come from ``opentelemetry-instrumentation-httpx``.
+
+Environment (read once at start by :func:`setup_tracing`):
+
+* ``OTEL_SDK_DISABLED=true``: no tracing at all (trace ids still flow between tiers).
+* ``OTEL_TRACES_EXPORTER``: ``otlp``, ``console``, ``none`` (comma-separated). Unset: ``otlp``
+  if an OTLP endpoint is set, else none; the trace file (``CASCADE_TRACE_DIR``) is independent.
+* ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf`` (default) or ``grpc``.
+* ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_HEADERS``, ``_TIMEOUT``, ``_COMPRESSION``,
+  ``_CERTIFICATE``, ``OTEL_EXPORTER_OTLP_INSECURE`` (gRPC): read by the OTLP exporters.
+* ``OTEL_SERVICE_NAME`` (default ``cascade-<tier>``), ``OTEL_RESOURCE_ATTRIBUTES``.
+* ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``).
+* ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
+* ``OTEL_PROPAGATORS`` (default ``tracecontext,baggage``).
+
+Telemetry never fails a request: exporters run on the batch processor's thread behind
+:class:`~cascade.trace_export.GuardedSpanExporter`; an unreachable collector is counted and
+logged once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from cascade.errors import ConfigError
+from cascade.metrics import NO_TASK, TierMetrics
+from cascade.trace_export import TRACE_FILE_SUFFIX
+
+log = logging.getLogger("cascade.telemetry")
+access_log = logging.getLogger("cascade.access")
+
+TRACER_NAME: Final[str] = "cascade"
+QUIET_PATHS: Final[frozenset[str]] = frozenset({"/metrics", "/healthz", "/readyz"})
+"""Scrapes and probes: no span, no access line, no metrics (they would drown the real ones)."""
+
+HONOURED_ENV: Final[tuple[str, ...]] = (
+    "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_PROPAGATORS",
+    "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_EXPORT_TIMEOUT", "OTEL_SEMCONV_STABILITY_OPT_IN",
+)
+"""The OpenTelemetry variables a tier honours (docs and the compose test check against it)."""
+
+_EXPORTERS: Final[frozenset[str]] = frozenset({"otlp", "console", "none"})
+_PROTOCOLS: Final[frozenset[str]] = frozenset({"http/protobuf", "grpc"})
+_W3C = TraceContextTextMapPropagator()
+
+__all__ = [
+    "HONOURED_ENV", "RequestTelemetryMiddleware", "TierTelemetry", "Tracing", "TracingConfig",
+    "current_traceparent", "drain_span", "fastapi_options", "instrument_httpx", "outgoing_trace_context",
+    "setup_tracing", "span_link_from_traceparent", "upstream_attempt",
+]
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Where a tier's spans go, decided from the environment and ``CASCADE_TRACE_DIR``."""
+
+    tier: str
+    enabled: bool = True
+    exporters: tuple[str, ...] = ()
+    """Subset of ``otlp``, ``console``."""
+    otlp_protocol: str = "http/protobuf"
+    otlp_endpoint: str | None = None
+    trace_file: Path | None = None
+
+    @property
+    def active(self) -> bool:
+        """True when spans are made and go somewhere."""
+        return self.enabled and bool(self.exporters or self.trace_file)
+
+    @classmethod
+    def from_env(
+        cls, tier: str, *, trace_dir: Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> "TracingConfig":
+        """Validate the ``OTEL_*`` variables; raises :class:`ConfigError` naming the bad one."""
+        env = os.environ if environ is None else environ
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls(tier, enabled=False)
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        raw = env.get("OTEL_TRACES_EXPORTER")
+        if raw is None:
+            names = ["otlp"] if endpoint else []
+        else:
+            names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+            for name in names:
+                if name not in _EXPORTERS:
+                    raise ConfigError(
+                        f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; allowed: "
+                        f"{', '.join(sorted(_EXPORTERS))}", field="OTEL_TRACES_EXPORTER",
+                    )
+        exporters = tuple(n for n in dict.fromkeys(names) if n != "none")
+        var = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" in env
+               else "OTEL_EXPORTER_OTLP_PROTOCOL")
+        protocol = env.get(var, "http/protobuf").strip().lower()
+        if protocol not in _PROTOCOLS:
+            raise ConfigError(
+                f"{var}: {protocol!r} is not supported; allowed: {', '.join(sorted(_PROTOCOLS))}",
+                field=var,
+            )
+        trace_file = Path(trace_dir) / f"{tier}{TRACE_FILE_SUFFIX}" if trace_dir else None
+        return cls(tier, True, exporters, protocol, endpoint, trace_file)
+
+
+def _resource_attributes(tier: str, env: Mapping[str, str]) -> dict[str, str]:
+    attrs = {"cascade.tier": tier, "service.namespace": "cascade"}
+    # Resource.create lets explicit attributes win over the environment: name the service
+    # only when the operator did not.
+    if not env.get("OTEL_SERVICE_NAME") and "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        attrs["service.name"] = f"cascade-{tier}"
+    return attrs
+
+
+def _otlp_exporter(config: TracingConfig) -> Any:
+    if config.otlp_protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    try:
+        return OTLPSpanExporter()
+    except Exception as exc:  # bad certificate path, malformed headers...
+        raise ConfigError(f"cannot set up the OTLP trace exporter: {exc}") from None
+
+
+def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """An SDK provider with one batch processor per destination of ``config``."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    from cascade.trace_export import GuardedSpanExporter, JsonLinesSpanExporter
+
+    env = os.environ if environ is None else environ
+    provider = TracerProvider(
+        resource=Resource.create(_resource_attributes(config.tier, env)), shutdown_on_exit=False
+    )
+    destinations: list[tuple[Any, str, str]] = []
+    if "otlp" in config.exporters:
+        destinations.append((_otlp_exporter(config), f"otlp-{config.otlp_protocol.split('/')[0]}",
+                             config.otlp_endpoint or "the default OTLP endpoint"))
+    if "console" in config.exporters:
+        destinations.append((ConsoleSpanExporter(), "console", "stdout"))
+    if config.trace_file is not None:
+        destinations.append((JsonLinesSpanExporter(config.trace_file), "file", str(config.trace_file)))
+    for exporter, name, where in destinations:
+        provider.add_span_processor(
+            BatchSpanProcessor(GuardedSpanExporter(exporter, name, destination=where))
+        )
+    return provider
+
+
+@dataclass
+class Tracing:
+    """Handle on a process's tracing; :meth:`shutdown` flushes within a bounded time."""
+
+    config: TracingConfig
+    provider: TracerProvider | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Flush and stop the exporters, waiting at most ``timeout_s`` (a dead collector must
+        not hold a stopping tier hostage)."""
+        if self.provider is None or self._closed:
+            return
+        self._closed = True
+        worker = threading.Thread(target=self.provider.shutdown, name="trace-shutdown", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.warning("trace export did not finish within %.1f s at shutdown; unsent spans dropped", timeout_s)
+
+
+def setup_tracing(
+    tier: str, *, trace_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Tracing:
+    """Configure this process's tracing from the environment (call once, before serving)."""
+    from cascade.trace_export import quiet_sdk_loggers
+
+    config = TracingConfig.from_env(tier, trace_dir=trace_dir, environ=environ)
+    if not config.active:
+        log.info("tracing off (%s)", "OTEL_SDK_DISABLED" if not config.enabled else
+                 "no exporter: set OTEL_EXPORTER_OTLP_ENDPOINT or CASCADE_TRACE_DIR")
+        return Tracing(config)
+    quiet_sdk_loggers()
+    provider = build_tracer_provider(config, environ)
+    trace.set_tracer_provider(provider)
+    instrument_httpx(provider)
+    handle = Tracing(config, provider)
+    atexit.register(handle.shutdown)
+    log.info("tracing on: exporters=%s protocol=%s endpoint=%s file=%s",
+             ",".join(config.exporters) or "-", config.otlp_protocol, config.otlp_endpoint or "-",
+             config.trace_file or "-")
+    return handle
+
+
+def fastapi_options() -> dict[str, Any]:
+    """``FastAPI(**fastapi_options())``: turn off FastAPI's native telemetry (recent releases
+    trace every request themselves once an SDK provider exists); our middleware makes the
+    SERVER span, so keeping both would double it."""
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
+
+
+def instrument_httpx(provider: TracerProvider | None = None) -> None:
+    """CLIENT span + traceparent injection on every httpx request (idempotent)."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    # Stable HTTP semantic conventions (http.response.status_code, url.full...), the same names
+    # as our SERVER spans; read once, when the instrumentation first initialises.
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    instrumentor = HTTPXClientInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=provider, async_request_hook=_on_client_request)
+
+
+# -- context helpers ----------------------------------------------------------------------------
+
+_cached_tracer: tuple[object, trace.Tracer | None] = (None, None)
+
+
+def sdk_tracer() -> trace.Tracer | None:
+    """The cascade tracer when an SDK provider is installed, else None (tracing off)."""
+    global _cached_tracer
+    provider = trace.get_tracer_provider()
+    if provider is not _cached_tracer[0]:
+        from cascade import __version__
+
+        tracer = provider.get_tracer(TRACER_NAME, __version__) if isinstance(provider, TracerProvider) else None
+        _cached_tracer = (provider, tracer)
+    return _cached_tracer[1]
+
+
+def _traceparent_of(ctx: trace.SpanContext) -> str:
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current span, or None outside any trace.
+
+    Store it with work that outlives the request (a queued escalation) and hand it to
+    :func:`span_link_from_traceparent` when the work is picked up.
+    """
+    ctx = trace.get_current_span().get_span_context()
+    return _traceparent_of(ctx) if ctx.is_valid else None
+
+
+def span_link_from_traceparent(traceparent: str | None, **attributes: Any) -> Link | None:
+    """A span :class:`Link` to the span a stored ``traceparent`` names; None if it is unusable."""
+    if not traceparent:
+        return None
+    ctx = trace.get_current_span(_W3C.extract({"traceparent": traceparent})).get_span_context()
+    return Link(ctx, attributes or None) if ctx.is_valid else None
+
+
+def outgoing_trace_context(incoming: str | None) -> tuple[str, str]:
+    """(trace id for the response, ``traceparent`` to send upstream) for the current request.
+
+    With tracing on, both come from the current (SERVER) span; httpx instrumentation then
+    re-parents each attempt on its CLIENT span. With tracing off, the caller's trace id is kept
+    (or a new one made) so every tier still reports the same ``trace_id``.
+    """
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return f"{ctx.trace_id:032x}", _traceparent_of(ctx)
+    if incoming:
+        parts = incoming.split("-")
+        if len(parts) == 4 and len(parts[1]) == 32:
+            return parts[1], f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
+    trace_id = secrets.token_hex(16)
+    return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+_RESEND_COUNT: ContextVar[int | None] = ContextVar("cascade_resend_count", default=None)
+
+
+@contextmanager
+def upstream_attempt(resend_count: int) -> Iterator[None]:
+    """``UpstreamClient(on_attempt=...)`` hook: tags the attempt's CLIENT span with its number."""
+    token = _RESEND_COUNT.set(resend_count)
+    try:
+        yield
+    finally:
+        _RESEND_COUNT.reset(token)
+
+
+async def _on_client_request(span: trace.Span, request: Any) -> None:
+    count = _RESEND_COUNT.get()
+    if count is not None and span.is_recording():
+        span.set_attribute("http.request.resend_count", count)
+
+
+@contextmanager
+def drain_span(tier: str, *, traceparent: str | None, request_id: str, task: str,
+               attempt: int = 0) -> Iterator[trace.Span]:
+    """CONSUMER span around one outbox send: a new trace, linked to the request that queued it."""
+    tracer = sdk_tracer()
+    if tracer is None:
+        yield trace.INVALID_SPAN
+        return
+    link = span_link_from_traceparent(traceparent, **{"cascade.link": "queued_request"})
+    with tracer.start_as_current_span(
+        "cascade.queue.drain", context=otel_context.Context(), kind=SpanKind.CONSUMER,
+        links=[link] if link else None,
+        attributes={"cascade.tier": tier, "cascade.task": task, "cascade.request_id": request_id,
+                    "cascade.queue.attempt": attempt, "messaging.operation.type": "process"},
+    ) as span:
+        yield span
+
+
+# -- per request ----------------------------------------------------------------------------------
+
+
+class RequestRecord:
+    """What a request turned into, filled by the node and read when the response is done."""
+
+    __slots__ = ("task", "decision", "status", "answered_by", "trace_id", "request_id")
+
+    def __init__(self) -> None:
+        self.task: str | None = None
+        self.decision: str | None = None
+        self.status: str | None = None
+        self.answered_by: str | None = None
+        self.trace_id: str | None = None
+        self.request_id: str | None = None
+
+
+_RECORD: ContextVar[RequestRecord | None] = ContextVar("cascade_request_record", default=None)
+
+
+class TierTelemetry:
+    """The spans and metrics a :class:`~cascade.node.Node` records; one per node."""
+
+    def __init__(self, tier: str, *, node: Any = None, metrics: TierMetrics | None = None) -> None:
+        self.tier = tier
+        self.metrics = metrics or TierMetrics(tier)
+        if node is not None:
+            self.metrics.bind_node(node)
+
+    def record_local(self, *, task: str, model: str, started_ns: int, inferred_ns: int,
+                     gated_ns: int, confidence: float, decision: str, signal: str) -> None:
+        """The local model ran (``started_ns``..``inferred_ns``) and the gate decided (..``gated_ns``).
+
+        Timestamps are ``time.time_ns()``; the child spans are made after the fact, with those
+        times, so the hot path pays no context switching for them.
+        """
+        confidence = float(confidence)  # numpy scalars are not valid span attribute values
+        self.metrics.observe_inference(task, model, (inferred_ns - started_ns) / 1e9)
+        self.metrics.count_decision(task, decision)
+        record = _RECORD.get()
+        if record is not None:
+            record.task, record.decision = task, decision
+        span = trace.get_current_span()
+        tracer = sdk_tracer()
+        if tracer is None or not span.is_recording():
+            return
+        attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
+        span.set_attributes({**attrs, "cascade.confidence": confidence, "cascade.decision": decision})
+        tracer.start_span("cascade.inference", start_time=started_ns, attributes=attrs).end(inferred_ns)
+        tracer.start_span("cascade.gate", start_time=inferred_ns, attributes={
+            "cascade.tier": self.tier, "cascade.task": task, "cascade.signal": signal,
+            "cascade.confidence": confidence, "cascade.decision": decision,
+        }).end(gated_ns)
+
+    def record_answer(self, response: Mapping[str, Any]) -> None:
+        """The node's answer is ready (``response`` is the contract's 200 body)."""
+        task, status, answered_by = response["task"], response["status"], response["answered_by"]
+        self.metrics.count_answer(task, status)
+        hops = response.get("hops") or ()
+        if hops and hops[0].get("decision") == "escalate":
+            if answered_by != self.tier:
+                outcome = "upstream"
+            elif (response.get("escalation") or {}).get("state") == "not_queued":
+                outcome = "not_queued"
+            else:
+                outcome = "queued"
+            self.metrics.count_escalation(task, outcome)
+        record = _RECORD.get()
+        if record is not None:
+            record.status, record.answered_by = status, answered_by
+            record.trace_id, record.request_id = response.get("trace_id"), response.get("id")
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes({"cascade.status": status, "cascade.answered_by": answered_by,
+                                 "cascade.request_id": str(response.get("id"))})
+
+    @contextmanager
+    def enqueue_span(self, task: str, request_id: str) -> Iterator[str | None]:
+        """PRODUCER span around handing an escalation to the outbox; yields its traceparent
+        (store it with the row: the drain span links to it)."""
+        tracer = sdk_tracer()
+        if tracer is None or not trace.get_current_span().is_recording():
+            yield current_traceparent()
+            return
+        with tracer.start_as_current_span(
+            "cascade.queue.enqueue", kind=SpanKind.PRODUCER,
+            attributes={"cascade.tier": self.tier, "cascade.task": task,
+                        "cascade.request_id": request_id, "messaging.operation.type": "send"},
+        ):
+            yield current_traceparent()
+
+    upstream_attempt = staticmethod(upstream_attempt)
+
+
+UNMATCHED: Final[str] = "unmatched"
+"""``route`` label of requests that match no route (404s): bounded cardinality."""
+
+
+def _route_of(scope: Any) -> str:
+    """The route template the request matched (``/v1/results/{request_id}``), even when a
+    middleware answered before routing (413)."""
+    route = scope.get("route")
+    if route is not None:
+        return str(getattr(route, "path", UNMATCHED))
+    from starlette.routing import Match
+
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        if candidate.matches(scope)[0] is Match.FULL:
+            return str(getattr(candidate, "path", UNMATCHED))
+    return UNMATCHED
+
+
+class RequestTelemetryMiddleware:
+    """Pure ASGI: the SERVER span, request metrics and the access line of every request.
+
+    ``telemetry`` returns the node's :class:`TierTelemetry` once the app has started.
+    """
+
+    def __init__(self, app: Any, *, telemetry: Callable[[], TierTelemetry | None]) -> None:
+        self.app = app
+        self._get_telemetry = telemetry
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        tracer = sdk_tracer()
+        method = scope["method"]
+        span: trace.Span | None = None
+        token = None
+        if tracer is not None:
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            parent = propagate.extract(carrier)
+            span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes={
+                "http.request.method": method, "url.path": scope["path"],
+                "url.scheme": scope.get("scheme", "http"),
+                "network.protocol.version": scope.get("http_version", "1.1"),
+            })
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        record = RequestRecord()
+        record_token = _RECORD.set(record)
+        status_code = 500  # if the app raises before responding, the server answers 500
+
+        async def send_observed(message: Any) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        except BaseException as exc:
+            status_code = 500
+            if span is not None:
+                span.record_exception(exc)
+            raise
+        finally:
+            self._finish(scope, span, record, status_code, time.perf_counter() - started)
+            _RECORD.reset(record_token)
+            if token is not None:
+                otel_context.detach(token)
+
+    def _finish(self, scope: Any, span: trace.Span | None, record: RequestRecord, code: int,
+                seconds: float) -> None:
+        route = _route_of(scope)
+        method = scope["method"]
+        if span is not None:
+            if route != UNMATCHED:
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+            span.set_attribute("http.response.status_code", code)
+            if code >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+        telemetry = self._get_telemetry()
+        if telemetry is not None:
+            telemetry.metrics.count_response(route, code)
+            if route == "/v1/infer":
+                task = record.task or NO_TASK
+                telemetry.metrics.observe_request(task, seconds)
+                if record.decision == "escalate" and record.status is None:
+                    telemetry.metrics.count_escalation(task, "refused")
+        if access_log.isEnabledFor(logging.INFO):
+            fields: dict[str, Any] = {
+                "method": method, "route": route, "code": code,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+            for name in RequestRecord.__slots__:
+                value = getattr(record, name)
+                if value is not None and (name != "trace_id" or span is None):
+                    fields[name] = value
+            access_log.info("%s %s %d", method, route, code, extra={"fields": fields})

@@ -1,0 +1,87 @@
+"""A throwaway PostgreSQL server for tests: initdb + pg_ctl in a temp dir, on a free port.
+
+Uses the Debian server binaries (``/usr/lib/postgresql/<v>/bin``) or whatever ``pg_ctl`` is on
+PATH. PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres``
+user and is driven through ``runuser``. Durability settings are off: this server holds test
+data only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def find_bindir() -> Path | None:
+    """Directory with initdb and pg_ctl, or None if PostgreSQL is not installed."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0)
+    for cand in reversed(candidates):
+        if (Path(cand) / "initdb").exists():
+            return Path(cand)
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PostgresServer:
+    """A running cluster; :meth:`stop` removes it."""
+
+    bindir: Path
+    root: Path
+    port: int
+    runas: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://cascade@127.0.0.1:{self.port}/cascade"
+
+    @classmethod
+    def start(cls) -> "PostgresServer":
+        bindir = find_bindir()
+        if bindir is None:
+            raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
+        root = Path(tempfile.mkdtemp(prefix="cascade-pg-"))
+        runas: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(root, user.pw_uid, user.pw_gid)
+            runas = ["runuser", "-u", "postgres", "--"]
+        server = cls(bindir, root, _free_port(), runas)
+        server._run("initdb", "-D", str(root / "data"), "-U", "cascade", "--auth=trust",
+                    "-E", "UTF8", "--no-sync", "--no-instructions")
+        opts = (f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
+        server._run("pg_ctl", "-D", str(root / "data"), "-o", opts, "-l", str(root / "log"),
+                    "-w", "-t", "60", "start")
+        server._run("createdb", "-h", "127.0.0.1", "-p", str(server.port), "-U", "cascade",
+                    "cascade")
+        return server
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [*self.runas, str(self.bindir / tool), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            log = ""
+            if (self.root / "log").exists():
+                log = (self.root / "log").read_text()[-2000:]
+            raise RuntimeError(f"{tool} failed ({proc.returncode}): {proc.stderr.strip()}\n{log}")
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""Outage and lost responses between real tiers: provisional now, final later, exactly once."""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.fault.conftest import post, wait_for
+
+pytestmark = pytest.mark.integration
+
+N = 40
+
+
+def test_outage_then_every_request_final_once_with_one_callback(tiers, proxy_to, callbacks,
+                                                                hard_images):
+    upstream = tiers("edge-node")
+    proxy = proxy_to(upstream.url)
+    endpoint = tiers("endpoint", upstream=proxy.url)
+    bodies = [{"task": "vision", "input": {"image": img}} for img in hard_images[:N]]
+    with httpx.Client() as client:
+        online = [post(client, endpoint.url, b, key=f"online-{i}").json()
+                  for i, b in enumerate(bodies)]
+        assert {o["status"] for o in online} == {"final"}
+        assert {o["answered_by"] for o in online} == {"edge-node"}
+
+        proxy.set(mode="blackhole")  # the uplink is cut: packets vanish
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(
+                lambda i: post(client, endpoint.url, {**bodies[i], "callback_url": callbacks.url},
+                               key=f"out-{i}"), range(N)))
+        assert [r.status_code for r in responses] == [200] * N
+        answers = [r.json() for r in responses]
+        assert {a["status"] for a in answers} == {"provisional"}
+        assert {a["answered_by"] for a in answers} == {"endpoint"}
+        assert {a["escalation"]["state"] for a in answers} == {"queued"}
+        states = endpoint.states()
+        assert all(states[f"out-{i}"] == "queued" for i in range(N))
+        assert upstream.query("SELECT count(*) FROM cascade_results WHERE id LIKE 'out-%'") == [(0,)]
+        pending = client.get(f"{endpoint.url}/v1/results/out-0").json()
+        assert pending["status"] == "provisional" and pending["escalation"]["state"] == "queued"
+
+        proxy.set(mode="pass")  # the link is back
+        wait_for(lambda: all(endpoint.states()[f"out-{i}"] == "done" for i in range(N)),
+                 timeout_s=60, what="every escalation done")
+        for i in range(N):
+            final = client.get(f"{endpoint.url}/v1/results/out-{i}").json()
+            assert final["escalation"]["state"] == "done"
+            assert (final["status"], final["label"], final["answered_by"]) == (
+                online[i]["status"], online[i]["label"], online[i]["answered_by"])
+            assert [h["tier"] for h in final["hops"]] == ["endpoint", "edge-node"]
+
+    wait_for(lambda: endpoint.query(
+        "SELECT count(*) FROM cascade_callbacks WHERE state = 'delivered'") == [(N,)],
+        timeout_s=30, what="every callback delivered")
+    fired = Counter(key for key, _ in callbacks.received)
+    assert fired == Counter({f"out-{i}": 1 for i in range(N)})
+    assert {body["status"] for _, body in callbacks.received} == {"final"}
+    computed = dict(upstream.query(
+        "SELECT id, computations FROM cascade_results WHERE id LIKE 'out-%'"))
+    assert computed == {f"out-{i}": 1 for i in range(N)}  # each key computed once upstream
+
+
+def test_lost_response_is_not_computed_twice_upstream(tiers, proxy_to, hard_images):
+    upstream = tiers("edge-node")
+    proxy = proxy_to(upstream.url)
+    endpoint = tiers("endpoint", upstream=proxy.url)
+    body = {"task": "vision", "input": {"image": hard_images[0]}}
+    with httpx.Client() as client:
+        # Online: the upstream answers, the proxy drops that answer; the retry is a lookup.
+        proxy.drop_responses(1)
+        r = post(client, endpoint.url, body, key="lost-online")
+        assert r.status_code == 200 and r.json()["status"] == "final"
+        assert proxy.stats["dropped_responses"] == 1
+        assert upstream.query("SELECT computations FROM cascade_results WHERE id = 'lost-online'") \
+            == [(1,)]
+
+        # Forwarder: queued while cut, the reply to its first send is lost after the upstream
+        # computed it; the resend must find the stored answer.
+        proxy.set(mode="reset")
+        r = post(client, endpoint.url, {**body, "input": {"image": hard_images[1]}},
+                 key="lost-queued")
+        assert r.json()["status"] == "provisional"
+        proxy.drop_responses(1)
+        proxy.set(mode="pass")
+        wait_for(lambda: endpoint.states().get("lost-queued") == "done", timeout_s=30,
+                 what="the queued request delivered")
+        assert proxy.stats["dropped_responses"] == 2
+        assert upstream.query("SELECT computations FROM cascade_results WHERE id = 'lost-queued'") \
+            == [(1,)]
+        again = post(client, upstream.url, {**body, "input": {"image": hard_images[1]}},
+                     key="lost-queued")
+        assert again.headers.get("Idempotent-Replayed") == "true"

@@ -1,0 +1,110 @@
+"""Shared helpers for the telemetry and metrics unit tests: real spans, a tiny node.
+
+The global tracer provider can be set once per process, so the first test that asks for
+``spans`` installs an SDK provider whose processor forwards to the exporter of the test
+running now (and drops spans between tests). Import the fixture into a test module with
+``from tests.unit.otel_fixtures import spans  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cascade.inputs import DECODERS
+from cascade.node import Node, TaskRuntime
+from cascade.policy import load_policy
+from cascade.settings import NodeSettings
+
+
+class _Switch(SpanProcessor):
+    """Forwards ended spans to the current test's processor, if any."""
+
+    target: SpanProcessor | None = None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.target is not None:
+            self.target.on_end(span)
+
+
+_SWITCH = _Switch()
+
+
+def _install_provider() -> None:
+    from cascade.telemetry import instrument_httpx
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider(resource=Resource.create({"service.name": "cascade-test",
+                                                            "cascade.tier": "test"}))
+        provider.add_span_processor(_SWITCH)
+        trace.set_tracer_provider(provider)
+    instrument_httpx()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Real SDK spans of this test, in memory."""
+    _install_provider()
+    exporter = InMemorySpanExporter()
+    _SWITCH.target = SimpleSpanProcessor(exporter)
+    try:
+        yield exporter
+    finally:
+        _SWITCH.target = None
+
+
+def by_name(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    """Finished spans called ``name``."""
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+class FixedRunner:
+    """A stand-in model with fixed output probabilities (the gate is what these tests drive)."""
+
+    def __init__(self, task: str, probs: list[float], name: str = "fixed") -> None:
+        self.task = task
+        self.model_name = f"{task}/{name}"
+        self.classes = tuple(str(i) for i in range(len(probs)))
+        # Plain floats: the node's answer path serialises what the gate returns as-is.
+        self._probs = [list(map(float, probs))]
+
+    def predict_proba(self, inputs: Any) -> Any:
+        return self._probs
+
+    def warmup(self) -> None:
+        return None
+
+
+POLICY = """\
+version: 1
+name: test
+tasks:
+  documents:
+    deadline_ms: 2000
+    tiers:
+      endpoint: {signal: max_prob, threshold: 0.9}
+      cloud: {signal: max_prob, threshold: 0.0}
+"""
+
+
+def make_node(tmp_path: Path, *, tier: str = "endpoint", confident: bool = True,
+              upstream: Any = None, escalations: Any = None) -> Node:
+    """A documents node whose model is sure (answers) or unsure (escalates)."""
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY)
+    settings = NodeSettings(tier=tier, tasks={"documents": tier}, policy=policy_path,
+                            upstream_url=getattr(upstream, "base_url", None))
+    probs = [0.97, 0.01, 0.01, 0.01] if confident else [0.4, 0.3, 0.2, 0.1]
+    runtime = TaskRuntime("documents", FixedRunner("documents", probs), DECODERS["text"])
+    return Node(settings, tasks={"documents": runtime}, policy=load_policy(policy_path),
+                upstream=upstream, escalations=escalations)
+
+
+DOC = {"task": "documents", "input": {"text": "The central bank cut interest rates"}}

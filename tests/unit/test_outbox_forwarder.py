@@ -1,0 +1,214 @@
+"""The forwarder's decisions over a real SQLite outbox and a scripted upstream.
+
+``ScriptedUpstream`` stands in for :class:`cascade.upstream.UpstreamClient` (same ``escalate``
+signature and a real :class:`CircuitBreaker`), so each outcome can be forced; the real HTTP path
+between real tier processes is covered by tests/fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.breaker import CircuitBreaker
+from cascade.errors import UpstreamRejected, UpstreamUnavailable
+from cascade.escalation import PendingEscalation
+from cascade.outbox import Outbox, OutboxSettings
+from cascade.outbox.forwarder import Forwarder
+
+Reply = dict[str, Any] | Exception | Callable[[str], Any]
+
+
+class ScriptedUpstream:
+    def __init__(self, breaker: CircuitBreaker | None = None) -> None:
+        self.breaker = breaker or CircuitBreaker(failure_threshold=1000, reset_timeout_s=0.2)
+        self.script: dict[str, list[Reply]] = {}
+        self.default: Reply = {"label": "business", "confidence": 0.99, "status": "final",
+                               "answered_by": "edge-node", "hops": [{"tier": "edge-node"}]}
+        self.calls: list[tuple[str, dict[str, Any], int, dict[str, str]]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.delay_s = 0.0
+
+    async def escalate(self, body: dict[str, Any], *, deadline: Any, hop_count: int,
+                       idempotency_key: str, headers: dict[str, str]) -> dict[str, Any]:
+        if not self.breaker.allow_request():
+            raise _unavailable("circuit open", attempts=0)
+        self.calls.append((idempotency_key, body, hop_count, dict(headers)))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            queue = self.script.get(idempotency_key)
+            reply = queue.pop(0) if queue else self.default
+            if callable(reply):
+                reply = reply(idempotency_key)
+            if isinstance(reply, Exception):
+                if isinstance(reply, UpstreamUnavailable):
+                    self.breaker.record_failure()
+                raise reply
+            self.breaker.record_success()
+            return {"id": idempotency_key, **reply}
+        finally:
+            self.in_flight -= 1
+
+
+def _unavailable(message: str, attempts: int = 1) -> UpstreamUnavailable:
+    exc = UpstreamUnavailable(message)
+    exc.attempts = attempts
+    return exc
+
+
+def pending(i: int, **kw: Any) -> PendingEscalation:
+    rid = f"r{i:03d}"
+    return PendingEscalation(
+        id=rid, task="documents",
+        body={"task": "documents", "input": {"text": f"t{i}"}, "callback_url": "http://c/cb"},
+        provisional={"id": rid, "task": "documents", "label": "sport", "confidence": 0.3,
+                     "status": "provisional", "answered_by": "endpoint",
+                     "hops": [{"tier": "endpoint"}]},
+        reason="down", hop_count=1, ttl_s=kw.pop("ttl_s", 60), callback_url="http://c/cb",
+        max_attempts=kw.pop("max_attempts", 5),
+        traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01", **kw)
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path):
+    box = Outbox(f"sqlite:///{tmp_path}/f.db", tier="endpoint", settings=OutboxSettings(
+        retry_initial_s=0.02, retry_max_s=0.05, poll_initial_s=0.02, poll_max_s=0.05,
+        idle_poll_s=0.05, sweep_interval_s=0.1, forward_concurrency=4, send_timeout_ms=2000))
+    await box.start(background=False)
+    yield box
+    await box.aclose()
+
+
+async def until(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    """Poll an async or sync predicate until truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def state_of(box: Outbox, rid: str) -> str:
+    return (await box.result(rid))["escalation"]["state"]
+
+
+async def run_forwarder(box: Outbox, upstream: ScriptedUpstream) -> Forwarder:
+    fwd = Forwarder(box, upstream)
+    fwd.start()
+    return fwd
+
+
+async def test_drains_with_the_key_hop_and_trace_and_stores_the_final_answer(outbox):
+    up = ScriptedUpstream()
+    for i in range(10):
+        await outbox.enqueue(pending(i))
+    fwd = await run_forwarder(outbox, up)
+    try:
+        await until(lambda: outbox.depth() == 0)
+    finally:
+        await fwd.stop()
+    assert sorted(c[0] for c in up.calls) == [f"r{i:03d}" for i in range(10)]
+    key, body, hop, headers = up.calls[0]
+    assert key == "r000" and body == {"task": "documents", "input": {"text": "t0"}}
+    assert hop == 1 and headers["traceparent"].startswith("00-111")
+    got = await outbox.result("r003")
+    assert (got["status"], got["label"], got["answered_by"]) == ("final", "business", "edge-node")
+    assert [h["tier"] for h in got["hops"]] == ["endpoint", "edge-node"]
+    assert got["escalation"]["state"] == "done" and got["callback"]["state"] == "pending"
+    assert up.max_in_flight <= 4
+
+
+async def test_poison_is_dead_at_once_and_409_is_retried_free(outbox):
+    up = ScriptedUpstream()
+    up.script["r000"] = [UpstreamRejected("refused", upstream_status=422,
+                                          upstream_body={"error": {"code": "unknown_task"}})]
+    up.script["r001"] = [UpstreamRejected("busy", upstream_status=409), up.default]
+    await outbox.enqueue(pending(0))
+    await outbox.enqueue(pending(1, max_attempts=1))
+    fwd = await run_forwarder(outbox, up)
+    try:
+        await until(lambda: outbox.depth() == 0)
+    finally:
+        await fwd.stop()
+    dead = (await outbox.result("r000"))["escalation"]
+    assert dead["state"] == "dead" and "HTTP 422" in dead["last_error"]
+    assert "unknown_task" in dead["last_error"]
+    ok = (await outbox.result("r001"))["escalation"]
+    assert ok["state"] == "done" and ok["attempts"] == 0  # the 409 spent no attempt
+
+
+async def test_failures_spend_attempts_until_dead(outbox):
+    up = ScriptedUpstream()
+    up.script["r000"] = [_unavailable("HTTP 503") for _ in range(3)]
+    await outbox.enqueue(pending(0, max_attempts=3))
+    fwd = await run_forwarder(outbox, up)
+    try:
+        await until(lambda: outbox.depth() == 0)
+    finally:
+        await fwd.stop()
+    esc = (await outbox.result("r000"))["escalation"]
+    assert esc["state"] == "dead" and esc["attempts"] == 3 and "HTTP 503" in esc["last_error"]
+    assert len(up.calls) == 3
+
+
+async def test_provisional_upstream_answer_is_polled_until_final(outbox):
+    up = ScriptedUpstream()
+    up.script["r000"] = [{"label": "sport", "status": "provisional", "answered_by": "edge-node",
+                          "hops": [{"tier": "edge-node"}]}] * 2 + [
+        {"label": "politics", "status": "final", "answered_by": "cloud",
+         "hops": [{"tier": "edge-node"}, {"tier": "cloud"}]}]
+    await outbox.enqueue(pending(0, max_attempts=1))
+    fwd = await run_forwarder(outbox, up)
+    try:
+        await until(lambda: outbox.depth() == 0)
+    finally:
+        await fwd.stop()
+    got = await outbox.result("r000")
+    assert (got["label"], got["answered_by"]) == ("politics", "cloud")
+    assert [h["tier"] for h in got["hops"]] == ["endpoint", "edge-node", "cloud"]
+    assert len(up.calls) == 3 and {c[0] for c in up.calls} == {"r000"}
+
+
+async def test_open_breaker_sends_nothing_then_one_probe_then_drains(outbox):
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.3)
+    breaker.record_failure()  # open
+    up = ScriptedUpstream(breaker)
+    up.delay_s = 0.05
+    for i in range(8):
+        await outbox.enqueue(pending(i))
+    fwd = await run_forwarder(outbox, up)
+    try:
+        await asyncio.sleep(0.15)
+        assert up.calls == []  # open: not one send
+        await until(lambda: len(up.calls) >= 1)
+        assert up.calls[0][0] == "r000"  # the probe is the oldest row
+        await until(lambda: outbox.depth() == 0)
+    finally:
+        await fwd.stop()
+    assert len(up.calls) == 8 and up.max_in_flight > 1
+
+
+async def test_stop_releases_rows_whose_send_was_interrupted(outbox):
+    up = ScriptedUpstream()
+    up.delay_s = 10
+    await outbox.enqueue(pending(0))
+    fwd = await run_forwarder(outbox, up)
+    await until(lambda: len(up.calls) == 1)
+    await fwd.stop()
+    assert await state_of(outbox, "r000") == "queued"
+    (row,) = await outbox.claim(1)  # due again at once, not after the lease
+    assert row.id == "r000"

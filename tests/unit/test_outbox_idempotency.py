@@ -1,0 +1,135 @@
+"""Idempotency at the API layer over a real SQLite outbox.
+
+``FakeNode`` stands in for :class:`cascade.node.Node` (whose models need a build): it counts
+computations and either answers, queues an escalation through the real outbox, or returns an
+upstream's provisional answer. The real node is exercised end to end by tests/fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from cascade.errors import IdempotencyConflict
+from cascade.escalation import PendingEscalation
+from cascade.node import CallContext
+from cascade.outbox import Outbox, OutboxSettings, serve_infer
+from cascade.schemas import InferRequest
+
+
+class FakeNode:
+    def __init__(self, outbox: Outbox, mode: str = "final") -> None:
+        self.escalations = outbox
+        self.mode = mode
+        self.calls = 0
+        self.release: asyncio.Event | None = None
+        queue = SimpleNamespace(ttl_s=60.0, max_attempts=5)
+        self.policy = SimpleNamespace(task=lambda task: SimpleNamespace(queue=queue))
+
+    async def infer(self, request: InferRequest, ctx: CallContext) -> dict[str, Any]:
+        self.calls += 1
+        if self.release is not None:
+            await self.release.wait()
+        rid = ctx.request_id or request.request_id or f"gen-{self.calls}"
+        response: dict[str, Any] = {
+            "id": rid, "task": request.task, "label": "tech", "confidence": 0.5,
+            "status": "final", "answered_by": "endpoint",
+            "hops": [{"tier": "endpoint", "decision": "answer"}], "trace_id": "t"}
+        if self.mode == "offline":
+            response["status"] = "provisional"
+            pending = PendingEscalation(
+                id=rid, task=request.task, body={"task": request.task, "input": request.input},
+                provisional=dict(response), reason="down", hop_count=ctx.hop_count + 1,
+                ttl_s=60, max_attempts=5)
+            response["escalation"] = await self.escalations.enqueue(pending)
+        elif self.mode == "upstream_provisional":
+            response.update(status="provisional", answered_by="edge-node",
+                            escalation={"state": "queued", "held_by": "edge-node"})
+            response["hops"].append({"tier": "edge-node", "decision": "escalate"})
+        return response
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path):
+    box = Outbox(f"sqlite:///{tmp_path}/o.db", tier="endpoint", settings=OutboxSettings())
+    await box.start(background=False)
+    yield box
+    await box.aclose()
+
+
+def req(text: str = "chips and servers", **kw: Any) -> InferRequest:
+    return InferRequest(task="documents", input={"text": text}, **kw)
+
+
+async def test_unkeyed_local_answer_writes_nothing(outbox):
+    node = FakeNode(outbox)
+    jobs = outbox.writer.stats["jobs"]
+    body, replayed = await serve_infer(outbox, node, req(), CallContext())
+    assert body["status"] == "final" and not replayed
+    assert outbox.writer.stats["jobs"] == jobs  # the hot path never touches the database
+
+
+async def test_same_key_returns_the_stored_answer_without_recomputing(outbox):
+    node = FakeNode(outbox)
+    first, replayed1 = await serve_infer(outbox, node, req(), CallContext(request_id="k-1"))
+    again, replayed2 = await serve_infer(outbox, node, req(), CallContext(request_id="k-1"))
+    assert (replayed1, replayed2, node.calls) == (False, True, 1)
+    assert {k: again[k] for k in first} == first
+    assert (await outbox.lookup("k-1"))["_computations"] == 1
+
+
+async def test_body_request_id_is_the_key_too(outbox):
+    node = FakeNode(outbox)
+    await serve_infer(outbox, node, req(request_id="b-1"), CallContext())
+    _, replayed = await serve_infer(outbox, node, req(request_id="b-1"), CallContext())
+    assert replayed and node.calls == 1
+
+
+async def test_same_key_other_body_is_422(outbox):
+    node = FakeNode(outbox)
+    await serve_infer(outbox, node, req("one"), CallContext(request_id="k-2"))
+    with pytest.raises(IdempotencyConflict) as info:
+        await serve_infer(outbox, node, req("two"), CallContext(request_id="k-2"))
+    assert info.value.status == 422 and info.value.code == "idempotency_key_reused"
+    assert info.value.field == "Idempotency-Key" and node.calls == 1
+
+
+async def test_concurrent_duplicate_in_flight_is_409(outbox):
+    node = FakeNode(outbox)
+    node.release = asyncio.Event()
+    first = asyncio.ensure_future(serve_infer(outbox, node, req(), CallContext(request_id="k-3")))
+    await asyncio.sleep(0.01)
+    with pytest.raises(IdempotencyConflict) as info:
+        await serve_infer(outbox, node, req(), CallContext(request_id="k-3"))
+    assert info.value.status == 409 and info.value.code == "idempotency_in_flight"
+    node.release.set()
+    body, _ = await first
+    assert body["status"] == "final" and node.calls == 1
+    _, replayed = await serve_infer(outbox, node, req(), CallContext(request_id="k-3"))
+    assert replayed
+
+
+async def test_provisional_answer_is_stored_once_with_its_escalation(outbox):
+    node = FakeNode(outbox, mode="offline")
+    body, _ = await serve_infer(outbox, node, req(), CallContext(request_id="k-4"))
+    assert body["status"] == "provisional" and body["escalation"]["state"] == "queued"
+    again, replayed = await serve_infer(outbox, node, req(), CallContext(request_id="k-4"))
+    assert replayed and again["escalation"]["state"] == "queued" and node.calls == 1
+    stored = await outbox.lookup("k-4")
+    assert stored["_computations"] == 1 and stored["_request_hash"] is not None
+
+
+async def test_upstream_provisional_is_tracked_as_handed_over(outbox):
+    node = FakeNode(outbox, mode="upstream_provisional")
+    body, _ = await serve_infer(outbox, node, req(callback_url="http://127.0.0.1:9/cb"),
+                                CallContext())
+    esc = body["escalation"]
+    assert esc["state"] == "forwarding" and esc["held_by"] == "endpoint"
+    assert esc["upstream"] == {"state": "queued", "held_by": "edge-node"}
+    got = await outbox.result(body["id"])
+    assert got["escalation"]["handed_over"] and got["answered_by"] == "edge-node"
+    assert outbox.depth() == 1

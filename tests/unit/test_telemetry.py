@@ -1,0 +1,347 @@
+"""Tracing: configuration from OTEL_*, spans per tier (real SDK spans, in memory), propagation,
+CLIENT spans per upstream attempt, queue links, and exporters that never fail a request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, StatusCode
+
+from cascade.api import create_app
+from cascade.breaker import CircuitBreaker
+from cascade.deadline import Deadline
+from cascade.errors import ConfigError, UpstreamUnavailable
+from cascade.escalation import PendingEscalation
+from cascade.telemetry import (
+    TracingConfig,
+    build_tracer_provider,
+    current_traceparent,
+    drain_span,
+    outgoing_trace_context,
+    span_link_from_traceparent,
+    upstream_attempt,
+)
+from cascade.trace_export import GuardedSpanExporter, export_stats, quiet_sdk_loggers
+from cascade.upstream import UpstreamClient
+from tests.unit.otel_fixtures import DOC, by_name, make_node, spans  # noqa: F401
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def call(app: Any, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tier") as client:
+            return await client.post("/v1/infer", json=body, headers=headers or {})
+
+
+class RecordingQueue:
+    """An escalation queue that keeps what it is given (the outbox seam)."""
+
+    def __init__(self) -> None:
+        self.items: list[PendingEscalation] = []
+
+    async def enqueue(self, item: PendingEscalation) -> dict[str, Any]:
+        self.items.append(item)
+        return {"state": "queued"}
+
+    def depth(self) -> int:
+        return len(self.items)
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_no_exporter_configured_means_tracing_is_off() -> None:
+    config = TracingConfig.from_env("endpoint", environ={})
+    assert config.enabled and config.exporters == () and not config.active
+
+
+def test_an_otlp_endpoint_turns_on_otlp_over_http_by_default() -> None:
+    config = TracingConfig.from_env(
+        "endpoint", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert config.active and config.exporters == ("otlp",)
+    assert config.otlp_protocol == "http/protobuf"
+    assert config.otlp_endpoint == "http://collector:4318"
+
+
+def test_grpc_protocol_and_explicit_exporter_list() -> None:
+    config = TracingConfig.from_env("cloud", environ={
+        "OTEL_TRACES_EXPORTER": "otlp, console", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"})
+    assert config.exporters == ("otlp", "console") and config.otlp_protocol == "grpc"
+
+
+def test_trace_dir_gives_one_file_per_tier(tmp_path: Path) -> None:
+    config = TracingConfig.from_env("edge-node", trace_dir=tmp_path, environ={})
+    assert config.active and config.trace_file == tmp_path / "edge-node.jsonl"
+
+
+def test_sdk_disabled_wins(tmp_path: Path) -> None:
+    config = TracingConfig.from_env("endpoint", trace_dir=tmp_path, environ={
+        "OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+    assert not config.enabled and not config.active
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'; "
+                                         "allowed: console, none, otlp"),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is "
+                                                   "not supported; allowed: grpc, http/protobuf"),
+])
+def test_bad_otel_values_are_config_errors_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        TracingConfig.from_env("endpoint", environ=env)
+    assert err.value.message == named
+
+
+def test_provider_names_the_service_after_the_tier_and_honours_otel_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TracingConfig.from_env("edge-server", trace_dir=tmp_path, environ={})
+    provider = build_tracer_provider(config, environ={})
+    assert provider.resource.attributes["service.name"] == "cascade-edge-server"
+    assert provider.resource.attributes["cascade.tier"] == "edge-server"
+    provider.shutdown()
+
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "field-site-7")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    provider = build_tracer_provider(config)
+    assert provider.resource.attributes["service.name"] == "field-site-7"
+    assert provider.sampler.get_description() == "TraceIdRatioBased{0.25}"
+    provider.shutdown()
+
+
+# -- spans of one tier -------------------------------------------------------------------------
+
+
+async def test_locally_answered_request_makes_server_inference_and_gate_spans(
+    tmp_path: Path, spans: Any
+) -> None:
+    response = await call(create_app(make_node(tmp_path)), DOC)
+    assert response.status_code == 200
+    (server,) = by_name(spans, "POST /v1/infer")
+    (inference,) = by_name(spans, "cascade.inference")
+    (gate,) = by_name(spans, "cascade.gate")
+    assert server.kind is SpanKind.SERVER and server.parent is None
+    assert inference.parent.span_id == server.context.span_id
+    assert gate.parent.span_id == server.context.span_id
+    assert dict(inference.attributes) == {"cascade.tier": "endpoint", "cascade.task": "documents",
+                                          "cascade.model": "documents/fixed"}
+    assert gate.attributes["cascade.decision"] == "answer"
+    assert gate.attributes["cascade.confidence"] == pytest.approx(0.97, abs=1e-6)
+    assert gate.attributes["cascade.signal"] == "max_prob"
+    assert inference.end_time <= gate.start_time <= gate.end_time <= server.end_time
+    # The decision is visible on the SERVER span itself, with the outcome and the route.
+    a = server.attributes
+    assert (a["cascade.tier"], a["cascade.task"], a["cascade.decision"], a["cascade.status"],
+            a["cascade.answered_by"], a["http.route"], a["http.response.status_code"]) == (
+        "endpoint", "documents", "answer", "final", "endpoint", "/v1/infer", 200)
+    data = response.json()
+    assert data["trace_id"] == format(server.context.trace_id, "032x")
+    assert a["cascade.request_id"] == data["id"]
+
+
+async def test_incoming_traceparent_continues_the_callers_trace(tmp_path: Path, spans: Any) -> None:
+    response = await call(create_app(make_node(tmp_path)), DOC, {"traceparent": TRACEPARENT})
+    (server,) = by_name(spans, "POST /v1/infer")
+    assert format(server.context.trace_id, "032x") == TRACE_ID
+    assert format(server.parent.span_id, "016x") == PARENT_SPAN and server.parent.is_remote
+    assert response.json()["trace_id"] == TRACE_ID
+
+
+async def test_failed_escalation_makes_client_spans_per_attempt_and_an_enqueue_span(
+    tmp_path: Path, spans: Any
+) -> None:
+    upstream = UpstreamClient(f"http://127.0.0.1:{closed_port()}", max_attempts=3,
+                              backoff_initial_ms=1, backoff_max_ms=2,
+                              breaker=CircuitBreaker(failure_threshold=10),
+                              on_attempt=upstream_attempt)
+    queue = RecordingQueue()
+    node = make_node(tmp_path, confident=False, upstream=upstream, escalations=queue)
+    response = await call(create_app(node), DOC)
+    assert response.status_code == 200 and response.json()["status"] == "provisional"
+
+    (server,) = by_name(spans, "POST /v1/infer")
+    clients = sorted((s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT),
+                     key=lambda s: s.start_time)
+    assert [c.attributes["http.request.resend_count"] for c in clients] == [0, 1, 2]
+    assert all(c.parent.span_id == server.context.span_id for c in clients)
+    assert all(c.status.status_code is StatusCode.ERROR for c in clients)
+    (enqueue,) = by_name(spans, "cascade.queue.enqueue")
+    assert enqueue.kind is SpanKind.PRODUCER and enqueue.parent.span_id == server.context.span_id
+    assert server.attributes["cascade.decision"] == "escalate"
+    assert server.attributes["cascade.status"] == "provisional"
+    # The queued row carries the enqueue span's context: the drain span will link to it.
+    (item,) = queue.items
+    ctx = enqueue.context
+    assert item.traceparent == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+async def test_each_attempt_sends_the_traceparent_of_its_own_client_span(spans: Any) -> None:
+    seen: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        headers = {k.lower(): v for k, v in
+                   (line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)}
+        await reader.readexactly(int(headers["content-length"]))
+        seen.append(headers["traceparent"])
+        status, body = (b"503 Service Unavailable", b"{}") if len(seen) == 1 else (b"200 OK", b'{"label": "x"}')
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tracer = trace.get_tracer("test")
+    async with server, UpstreamClient(f"http://127.0.0.1:{port}", backoff_initial_ms=1,
+                                      backoff_max_ms=2, on_attempt=upstream_attempt) as client:
+        with tracer.start_as_current_span("caller"):
+            sent = current_traceparent()
+            answer = await client.escalate({"task": "t"}, deadline=Deadline.from_ms(2000),
+                                           hop_count=1, idempotency_key="k",
+                                           headers={"traceparent": sent})
+    assert answer == {"label": "x"}
+    clients = sorted((s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT),
+                     key=lambda s: s.start_time)
+    assert [c.attributes["http.request.resend_count"] for c in clients] == [0, 1]
+    assert [c.attributes["http.response.status_code"] for c in clients] == [503, 200]
+    assert seen == [f"00-{c.context.trace_id:032x}-{c.context.span_id:016x}-"
+                    f"{int(c.context.trace_flags):02x}" for c in clients]
+
+
+def test_drain_span_starts_a_new_trace_linked_to_the_queued_request(spans: Any) -> None:
+    with trace.get_tracer("test").start_as_current_span("ambient"):
+        with drain_span("endpoint", traceparent=TRACEPARENT, request_id="r1", task="vision",
+                        attempt=2):
+            pass
+    (drain,) = by_name(spans, "cascade.queue.drain")
+    assert drain.kind is SpanKind.CONSUMER and drain.parent is None
+    assert format(drain.context.trace_id, "032x") != TRACE_ID
+    (link,) = drain.links
+    assert (format(link.context.trace_id, "032x"), format(link.context.span_id, "016x")) == (
+        TRACE_ID, PARENT_SPAN)
+    assert drain.attributes["cascade.queue.attempt"] == 2
+
+
+@pytest.mark.parametrize("bad", [None, "", "garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01"])
+def test_unusable_traceparent_gives_no_link(bad: str | None) -> None:
+    assert span_link_from_traceparent(bad) is None
+
+
+def test_with_tracing_off_the_callers_trace_id_still_flows(monkeypatch: pytest.MonkeyPatch) -> None:
+    trace_id, upstream = outgoing_trace_context(TRACEPARENT)
+    assert trace_id == TRACE_ID and upstream.startswith(f"00-{TRACE_ID}-") and upstream.endswith("-01")
+    assert upstream.split("-")[2] != PARENT_SPAN
+    fresh, tp = outgoing_trace_context(None)
+    assert len(fresh) == 32 and tp.split("-")[1] == fresh
+
+
+async def test_scrapes_and_probes_make_no_spans(tmp_path: Path, spans: Any) -> None:
+    app = create_app(make_node(tmp_path))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            for path in ("/metrics", "/healthz", "/readyz"):
+                assert (await c.get(path)).status_code == 200
+            assert (await c.get("/nope")).status_code == 404
+    (only,) = spans.get_finished_spans()
+    assert only.name == "GET" and only.attributes["http.response.status_code"] == 404
+    assert "http.route" not in only.attributes
+
+
+# -- exporters never fail the program ------------------------------------------------------------
+
+
+class FlakyExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = True
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("collector:4318 refused")
+        return SpanExportResult.SUCCESS
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_guarded_exporter_counts_logs_once_sheds_while_down_and_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inner, clock = FlakyExporter(), FakeClock()
+    guarded = GuardedSpanExporter(inner, "otlp-test", destination="collector:4318",
+                                  cooldown_s=1.0, clock=clock)
+    batch: list[Any] = [object(), object()]
+    with caplog.at_level(logging.INFO, logger="cascade.telemetry"):
+        assert guarded.export(batch) is SpanExportResult.FAILURE  # raises inside: swallowed
+        assert guarded.export(batch) is SpanExportResult.FAILURE  # within cool-down: not tried
+        clock.now += 1.5
+        assert guarded.export(batch) is SpanExportResult.FAILURE  # tried again, fails again
+        clock.now += 1.5  # cool-down doubled to 2 s: still shedding
+        assert guarded.export(batch) is SpanExportResult.FAILURE
+        clock.now += 1.0
+        inner.fail = False
+        assert guarded.export(batch) is SpanExportResult.SUCCESS
+    assert inner.calls == 3
+    s = guarded.stats
+    assert (s.failed_batches, s.failed_spans, s.shed_spans, s.exported_spans) == (2, 4, 4, 2)
+    messages = [r.getMessage() for r in caplog.records if r.name == "cascade.telemetry"]
+    assert len(messages) == 2
+    assert messages[0].startswith("trace export to collector:4318 failing (ConnectionError: "
+                                  "collector:4318 refused)")
+    assert messages[1] == "trace export to collector:4318 recovered after 2 failed batch(es)"
+    assert s in export_stats()[0]
+
+
+def test_unreachable_collector_costs_the_request_path_nothing_and_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Real OTLP/HTTP exporter, real batch processor, nothing listening on the port."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")
+    port = closed_port()
+    config = TracingConfig.from_env("endpoint", environ={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    quiet_sdk_loggers()
+    provider = build_tracer_provider(config, environ={})
+    tracer = provider.get_tracer("test")
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(200):
+            with tracer.start_as_current_span("request"):
+                pass
+        provider.force_flush()
+        provider.force_flush()
+    (processor,) = provider._active_span_processor._span_processors  # noqa: SLF001 - test
+    assert isinstance(processor, BatchSpanProcessor)
+    stats = processor.span_exporter.stats
+    assert stats.failed_batches >= 1 and stats.failed_spans + stats.shed_spans == 200
+    assert stats.exported_spans == 0
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].name == "cascade.telemetry"
+    assert f"127.0.0.1:{port}" in warnings[0].getMessage()
+    provider.shutdown()
