@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.errors import CascadeError, MalformedBody, PayloadTooLarge, UnsupportedMediaType
 from cascade.node import CallContext, Node
+from cascade.policy.reload import PolicyReloader
 from cascade.outbox.http import (
     REPLAYED_HEADER,
     answer_infer,
@@ -187,9 +188,12 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
         state["node"] = node
         app.state.node = node
         await start_outbox(node)
+        reloader = PolicyReloader(node)  # file watch + SIGHUP; nothing per request
+        await reloader.start()
         try:
             yield
         finally:
+            await reloader.stop()
             await stop_outbox(node)
             await node.aclose()
 

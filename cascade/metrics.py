@@ -99,7 +99,7 @@ class TierMetrics:
         info.labels(tier).set(1)
         self._node: Any = None
         self._queue: dict[str, Any] = {}
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
         r.register(_ScrapeTimeCollector(self))
         if process_metrics:
             from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR

@@ -24,7 +24,8 @@ from cascade.errors import (
     UpstreamRejected,
 )
 from cascade.escalation import EscalationQueue, PendingEscalation, UnqueuedEscalations
-from cascade.gate import Decision, confidence, decide, score
+from cascade.decisionlog import DecisionRecorder
+from cascade.gate import Decision, assess, decide
 from cascade.inputs import DECODERS, InputDecoder
 from cascade.policy import LoadedPolicy, load_policy
 from cascade.runners.base import Runner
@@ -83,6 +84,10 @@ class Node:
         self.started_at = time.time()
         self.telemetry = TierTelemetry(self.tier, node=self)  # spans + /metrics of this tier
         self._check_policy_covers(policy)
+        self.decisions = DecisionRecorder(self.tier)  # sampled gate log, per the policy
+        self.decisions.configure(policy)
+        # Hot reload outcomes (cascade.policy.reload), shown on /readyz.
+        self.policy_reloads: dict[str, Any] = {"reloads": 0, "errors": 0, "last_error": None}
 
     # -- construction -------------------------------------------------------------------------
 
@@ -130,6 +135,7 @@ class Node:
         """Release the upstream connection pool."""
         if self.upstream is not None:
             await self.upstream.aclose()
+        self.decisions.close()
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -146,6 +152,7 @@ class Node:
         """Replace the live policy; raises (keeping the old one) if it does not cover this tier."""
         self._check_policy_covers(policy)
         self._policy = policy  # one reference swap: requests see old or new, never a mix
+        self.decisions.configure(policy)
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -178,10 +185,9 @@ class Node:
         started_ns = time.time_ns()
         probs = runner.predict_proba(x)[0]
         inferred_ns = time.time_ns()
-        signals = score(probs)
-        label = runner.classes[signals.top_index]
         rule = policy.rule(request.task, self.tier)
-        conf = confidence(signals, rule.signal)
+        signals, conf = assess(probs, rule)  # calibrated confidence, as replay computes it
+        label = runner.classes[signals.top_index]
         decision = decide(conf, label, rule, has_upstream=self.upstream is not None)
         self.telemetry.record_local(
             task=request.task, model=runner.model_name, started_ns=started_ns,
@@ -211,6 +217,12 @@ class Node:
             await self._escalate(request, ctx, response, deadline, upstream_traceparent, task_policy)
         else:
             hop["ms"] = round((time.perf_counter() - started) * 1000, 3)
+        self.decisions.observe(
+            policy, task=request.task, request_id=request_id, trace_id=trace_id,
+            hop=ctx.hop_count, model=runner.model_name, has_upstream=self.upstream is not None,
+            probabilities=probs, signals=signals, rule=rule, label=label, conf=conf,
+            decision=decision.value, response=response, payload=request.input,
+        )
         self.telemetry.record_answer(response)
         return response
 
@@ -283,7 +295,7 @@ class Node:
             "ready": True,
             "models": {task: rt.runner.model_name for task, rt in self.tasks.items()},
             "policy": {"path": policy.path, "name": policy.policy.name, "version": policy.version,
-                       "sha256": policy.sha256},
+                       "sha256": policy.sha256, "reload": dict(self.policy_reloads)},
             "upstream": None
             if self.upstream is None
             else {"url": self.settings.upstream_url, "breaker": self.upstream.breaker.state},

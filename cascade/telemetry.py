@@ -1,4 +1,4 @@
-"""Tracing of a tier (design §6): the OpenTelemetry SDK, configured by the standard variables.
+"""Tracing of a tier at run time (design §6): spans, trace context and request telemetry.
 
 What one request leaves behind at each tier it touches::
 
@@ -11,40 +11,20 @@ What one request leaves behind at each tier it touches::
     later, from the forwarder: CONSUMER cascade.queue.drain, a new trace ──link──▶ the enqueue span
 
 The SERVER span comes from :class:`RequestTelemetryMiddleware`, a thin pure-ASGI middleware
-(FastAPI's own and the contrib ASGI instrumentation cost 2-4x more per request; numbers in
-``reports/tracing.md``); CLIENT spans come from ``opentelemetry-instrumentation-httpx``.
-
-Environment (read once at start by :func:`setup_tracing`):
-
-* ``OTEL_SDK_DISABLED=true``: no tracing at all (trace ids still flow between tiers).
-* ``OTEL_TRACES_EXPORTER``: ``otlp``, ``console``, ``none`` (comma-separated). Unset: ``otlp``
-  if an OTLP endpoint is set, else none; the trace file (``CASCADE_TRACE_DIR``) is independent.
-* ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf`` (default) or ``grpc``.
-* ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_HEADERS``, ``_TIMEOUT``, ``_COMPRESSION``,
-  ``_CERTIFICATE``, ``OTEL_EXPORTER_OTLP_INSECURE`` (gRPC): read by the OTLP exporters.
-* ``OTEL_SERVICE_NAME`` (default ``cascade-<tier>``), ``OTEL_RESOURCE_ATTRIBUTES``.
-* ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``).
-* ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
-* ``OTEL_PROPAGATORS`` (default ``tracecontext,baggage``).
-
-Telemetry never fails a request: exporters run on the batch processor's thread behind
-:class:`~cascade.trace_export.GuardedSpanExporter`; an unreachable collector is counted and
-logged once.
+(FastAPI's native telemetry and the contrib ASGI instrumentation cost 2-4x more per request;
+numbers in ``reports/tracing.md``), which also records the request metrics and writes the
+access log line. Process setup (``OTEL_*`` variables, exporters) lives in :mod:`cascade.tracing`
+and is re-exported here.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
@@ -53,9 +33,17 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from cascade.errors import ConfigError
 from cascade.metrics import NO_TASK, TierMetrics
-from cascade.trace_export import TRACE_FILE_SUFFIX
+from cascade.tracing import (
+    HONOURED_ENV,
+    Tracing,
+    TracingConfig,
+    build_tracer_provider,
+    fastapi_options,
+    instrument_httpx,
+    setup_tracing,
+    upstream_attempt,
+)
 
 log = logging.getLogger("cascade.telemetry")
 access_log = logging.getLogger("cascade.access")
@@ -64,200 +52,17 @@ TRACER_NAME: Final[str] = "cascade"
 QUIET_PATHS: Final[frozenset[str]] = frozenset({"/metrics", "/healthz", "/readyz"})
 """Scrapes and probes: no span, no access line, no metrics (they would drown the real ones)."""
 
-HONOURED_ENV: Final[tuple[str, ...]] = (
-    "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
-    "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_PROPAGATORS",
-    "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-    "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-    "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-    "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
-    "OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
-    "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE",
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_EXPORT_TIMEOUT", "OTEL_SEMCONV_STABILITY_OPT_IN",
-)
-"""The OpenTelemetry variables a tier honours (docs and the compose test check against it)."""
-
-_EXPORTERS: Final[frozenset[str]] = frozenset({"otlp", "console", "none"})
-_PROTOCOLS: Final[frozenset[str]] = frozenset({"http/protobuf", "grpc"})
 _W3C = TraceContextTextMapPropagator()
 
 __all__ = [
     "HONOURED_ENV", "RequestTelemetryMiddleware", "TierTelemetry", "Tracing", "TracingConfig",
-    "current_traceparent", "drain_span", "fastapi_options", "instrument_httpx", "outgoing_trace_context",
-    "setup_tracing", "span_link_from_traceparent", "upstream_attempt",
+    "build_tracer_provider", "current_traceparent", "drain_span", "fastapi_options",
+    "instrument_httpx", "outgoing_trace_context", "sdk_tracer", "setup_tracing",
+    "span_link_from_traceparent", "upstream_attempt",
 ]
 
 
-# -- configuration --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TracingConfig:
-    """Where a tier's spans go, decided from the environment and ``CASCADE_TRACE_DIR``."""
-
-    tier: str
-    enabled: bool = True
-    exporters: tuple[str, ...] = ()
-    """Subset of ``otlp``, ``console``."""
-    otlp_protocol: str = "http/protobuf"
-    otlp_endpoint: str | None = None
-    trace_file: Path | None = None
-
-    @property
-    def active(self) -> bool:
-        """True when spans are made and go somewhere."""
-        return self.enabled and bool(self.exporters or self.trace_file)
-
-    @classmethod
-    def from_env(
-        cls, tier: str, *, trace_dir: Path | None = None, environ: Mapping[str, str] | None = None
-    ) -> "TracingConfig":
-        """Validate the ``OTEL_*`` variables; raises :class:`ConfigError` naming the bad one."""
-        env = os.environ if environ is None else environ
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-            return cls(tier, enabled=False)
-        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        raw = env.get("OTEL_TRACES_EXPORTER")
-        if raw is None:
-            names = ["otlp"] if endpoint else []
-        else:
-            names = [n.strip().lower() for n in raw.split(",") if n.strip()]
-            for name in names:
-                if name not in _EXPORTERS:
-                    raise ConfigError(
-                        f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; allowed: "
-                        f"{', '.join(sorted(_EXPORTERS))}", field="OTEL_TRACES_EXPORTER",
-                    )
-        exporters = tuple(n for n in dict.fromkeys(names) if n != "none")
-        var = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" in env
-               else "OTEL_EXPORTER_OTLP_PROTOCOL")
-        protocol = env.get(var, "http/protobuf").strip().lower()
-        if protocol not in _PROTOCOLS:
-            raise ConfigError(
-                f"{var}: {protocol!r} is not supported; allowed: {', '.join(sorted(_PROTOCOLS))}",
-                field=var,
-            )
-        trace_file = Path(trace_dir) / f"{tier}{TRACE_FILE_SUFFIX}" if trace_dir else None
-        return cls(tier, True, exporters, protocol, endpoint, trace_file)
-
-
-def _resource_attributes(tier: str, env: Mapping[str, str]) -> dict[str, str]:
-    attrs = {"cascade.tier": tier, "service.namespace": "cascade"}
-    # Resource.create lets explicit attributes win over the environment: name the service
-    # only when the operator did not.
-    if not env.get("OTEL_SERVICE_NAME") and "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
-        attrs["service.name"] = f"cascade-{tier}"
-    return attrs
-
-
-def _otlp_exporter(config: TracingConfig) -> Any:
-    if config.otlp_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    try:
-        return OTLPSpanExporter()
-    except Exception as exc:  # bad certificate path, malformed headers...
-        raise ConfigError(f"cannot set up the OTLP trace exporter: {exc}") from None
-
-
-def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | None = None) -> TracerProvider:
-    """An SDK provider with one batch processor per destination of ``config``."""
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    from cascade.trace_export import GuardedSpanExporter, JsonLinesSpanExporter
-
-    env = os.environ if environ is None else environ
-    provider = TracerProvider(
-        resource=Resource.create(_resource_attributes(config.tier, env)), shutdown_on_exit=False
-    )
-    destinations: list[tuple[Any, str, str]] = []
-    if "otlp" in config.exporters:
-        destinations.append((_otlp_exporter(config), f"otlp-{config.otlp_protocol.split('/')[0]}",
-                             config.otlp_endpoint or "the default OTLP endpoint"))
-    if "console" in config.exporters:
-        destinations.append((ConsoleSpanExporter(), "console", "stdout"))
-    if config.trace_file is not None:
-        destinations.append((JsonLinesSpanExporter(config.trace_file), "file", str(config.trace_file)))
-    for exporter, name, where in destinations:
-        provider.add_span_processor(
-            BatchSpanProcessor(GuardedSpanExporter(exporter, name, destination=where))
-        )
-    return provider
-
-
-@dataclass
-class Tracing:
-    """Handle on a process's tracing; :meth:`shutdown` flushes within a bounded time."""
-
-    config: TracingConfig
-    provider: TracerProvider | None = None
-    _closed: bool = field(default=False, repr=False)
-
-    def shutdown(self, timeout_s: float = 3.0) -> None:
-        """Flush and stop the exporters, waiting at most ``timeout_s`` (a dead collector must
-        not hold a stopping tier hostage)."""
-        if self.provider is None or self._closed:
-            return
-        self._closed = True
-        worker = threading.Thread(target=self.provider.shutdown, name="trace-shutdown", daemon=True)
-        worker.start()
-        worker.join(timeout_s)
-        if worker.is_alive():
-            log.warning("trace export did not finish within %.1f s at shutdown; unsent spans dropped", timeout_s)
-
-
-def setup_tracing(
-    tier: str, *, trace_dir: Path | None = None, environ: Mapping[str, str] | None = None
-) -> Tracing:
-    """Configure this process's tracing from the environment (call once, before serving)."""
-    from cascade.trace_export import quiet_sdk_loggers
-
-    config = TracingConfig.from_env(tier, trace_dir=trace_dir, environ=environ)
-    if not config.active:
-        log.info("tracing off (%s)", "OTEL_SDK_DISABLED" if not config.enabled else
-                 "no exporter: set OTEL_EXPORTER_OTLP_ENDPOINT or CASCADE_TRACE_DIR")
-        return Tracing(config)
-    quiet_sdk_loggers()
-    provider = build_tracer_provider(config, environ)
-    trace.set_tracer_provider(provider)
-    instrument_httpx(provider)
-    handle = Tracing(config, provider)
-    atexit.register(handle.shutdown)
-    log.info("tracing on: exporters=%s protocol=%s endpoint=%s file=%s",
-             ",".join(config.exporters) or "-", config.otlp_protocol, config.otlp_endpoint or "-",
-             config.trace_file or "-")
-    return handle
-
-
-def fastapi_options() -> dict[str, Any]:
-    """``FastAPI(**fastapi_options())``: turn off FastAPI's native telemetry (recent releases
-    trace every request themselves once an SDK provider exists); our middleware makes the
-    SERVER span, so keeping both would double it."""
-    import inspect
-
-    from fastapi import FastAPI
-
-    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
-        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
-    return {}
-
-
-def instrument_httpx(provider: TracerProvider | None = None) -> None:
-    """CLIENT span + traceparent injection on every httpx request (idempotent)."""
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-
-    # Stable HTTP semantic conventions (http.response.status_code, url.full...), the same names
-    # as our SERVER spans; read once, when the instrumentation first initialises.
-    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
-    instrumentor = HTTPXClientInstrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(tracer_provider=provider, async_request_hook=_on_client_request)
-
-
-# -- context helpers ----------------------------------------------------------------------------
+# -- trace context ----------------------------------------------------------------------------------
 
 _cached_tracer: tuple[object, trace.Tracer | None] = (None, None)
 
@@ -314,25 +119,6 @@ def outgoing_trace_context(incoming: str | None) -> tuple[str, str]:
     return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
 
 
-_RESEND_COUNT: ContextVar[int | None] = ContextVar("cascade_resend_count", default=None)
-
-
-@contextmanager
-def upstream_attempt(resend_count: int) -> Iterator[None]:
-    """``UpstreamClient(on_attempt=...)`` hook: tags the attempt's CLIENT span with its number."""
-    token = _RESEND_COUNT.set(resend_count)
-    try:
-        yield
-    finally:
-        _RESEND_COUNT.reset(token)
-
-
-async def _on_client_request(span: trace.Span, request: Any) -> None:
-    count = _RESEND_COUNT.get()
-    if count is not None and span.is_recording():
-        span.set_attribute("http.request.resend_count", count)
-
-
 @contextmanager
 def drain_span(tier: str, *, traceparent: str | None, request_id: str, task: str,
                attempt: int = 0) -> Iterator[trace.Span]:
@@ -357,7 +143,7 @@ def drain_span(tier: str, *, traceparent: str | None, request_id: str, task: str
 class RequestRecord:
     """What a request turned into, filled by the node and read when the response is done."""
 
-    __slots__ = ("task", "decision", "status", "answered_by", "trace_id", "request_id")
+    __slots__ = ("answered_by", "decision", "request_id", "status", "task", "trace_id")
 
     def __init__(self) -> None:
         self.task: str | None = None

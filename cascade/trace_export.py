@@ -98,7 +98,7 @@ class _SdkLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if record.name == _BATCH_LOGGER:
-            if message.startswith("Queue full"):
+            if message.startswith(("Queue full", "Queue is full")):  # SDK wording varies
                 _REGISTRY.queue_dropped_spans += 1
                 return False
             return True
@@ -187,7 +187,7 @@ class GuardedSpanExporter(SpanExporter):
     def shutdown(self) -> None:
         try:
             self.inner.shutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("exporter %s failed to shut down", self.stats.name, exc_info=True)
 
 
@@ -333,7 +333,7 @@ def read_span_records(path: Path | str) -> tuple[list[SpanRecord], list[str]]:
         good = bad = 0
         first_bad = ""
         try:
-            handle = open(file, "rb")
+            handle = open(file, "rb")  # noqa: SIM115 - closed by the `with` below
         except OSError as exc:
             raise TraceFileError(f"{file}: cannot read: {exc.strerror or exc}") from None
         with handle:

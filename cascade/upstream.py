@@ -273,6 +273,12 @@ class UpstreamClient:
             raise _Retryable(f"no answer within the remaining {remaining_ms} ms") from exc
         except httpx.TransportError as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc or 'transport error'}") from exc
+        except AttributeError as exc:
+            # httpcore/anyio race: a connection reset (RST) right after connect surfaces as
+            # "'NoneType' object has no attribute 'getpeername'" instead of a ConnectError.
+            if "getpeername" not in str(exc):
+                raise
+            raise _Retryable(f"ConnectError: connection reset while connecting ({exc})") from exc
 
         status = response.status_code
         if status == 200:

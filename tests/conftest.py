@@ -10,6 +10,9 @@ from typing import Iterator
 
 import pytest
 
+# `spans`: real SDK spans of one test, in memory (telemetry and metrics tests).
+pytest_plugins = ["tests.unit.otel_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAIN_CONFIGS = [
     ROOT / "edge_nodes/endpoint.yaml",

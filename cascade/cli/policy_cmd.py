@@ -173,7 +173,8 @@ def calibrate(
     doc = policy_document(out.stem, sections, base_doc)
     command = _command_line(goal, out, models_dir, signal, calibration, per_class, task)
     header = header_lines(command, models_dir, manifest.build_key, fits, options)
-    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(doc, sort_keys=False, width=100)
+    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(doc, sort_keys=False, width=100,
+                                                                default_flow_style=None)
     _verify(text, out, fits, models_dir)
     missed = [f for f in fits if not f.search.feasible]
     for f in missed:
@@ -204,7 +205,7 @@ def _read_base(path: Optional[Path]) -> dict:  # type: ignore[type-arg]
         loaded = load_policy(path)
     except CascadeError as exc:
         fail(f"--base: {exc.message}")
-    return loaded.policy.model_dump(mode="json", exclude_defaults=False)
+    return loaded.policy.model_dump(mode="json", exclude_defaults=True)
 
 
 def _print_fit(f) -> None:  # type: ignore[no-untyped-def]

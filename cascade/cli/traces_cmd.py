@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -20,7 +21,7 @@ class SpanNode:
     """One span and its children, ordered by start time."""
 
     record: dict[str, Any]
-    children: list["SpanNode"] = field(default_factory=list)
+    children: list[SpanNode] = field(default_factory=list)
 
     @property
     def start_ns(self) -> int:
@@ -146,9 +147,9 @@ def _bar(start_ns: int, duration_ms: float, t0_ns: int, total_ms: float) -> str:
 
 def trace_header(trace: Trace) -> str:
     """One line: id, start time, total duration, the tiers it crossed, how it ended."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    when = datetime.fromtimestamp(trace.start_ns / 1e9, timezone.utc).strftime(
+    when = datetime.fromtimestamp(trace.start_ns / 1e9, UTC).strftime(
         "%Y-%m-%d %H:%M:%S.%f")[:-3]
     return (f"trace [bold]{trace.trace_id}[/]  {when} UTC  [bold]{trace.duration_ms:.2f} ms[/]  "
             f"{' → '.join(trace.tiers)}  {trace.outcome()}")
@@ -186,8 +187,8 @@ def render_trace(trace: Trace) -> Any:
 def traces(
     path: Path = typer.Argument(
         Path("var/traces"), help="A trace file (<tier>.jsonl) or a directory of them."),
-    trace_id: Optional[str] = typer.Option(None, "--trace", help="Show this trace (id or prefix)."),
-    slow: Optional[float] = typer.Option(None, "--slow", metavar="MS",
+    trace_id: str | None = typer.Option(None, "--trace", help="Show this trace (id or prefix)."),
+    slow: float | None = typer.Option(None, "--slow", metavar="MS",
                                          help="Only traces that took at least MS milliseconds."),
     escalated: bool = typer.Option(False, "--escalated", help="Only traces where a tier escalated."),
     limit: int = typer.Option(10, "--limit", "-n", min=1, help="How many recent traces to show."),

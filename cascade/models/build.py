@@ -38,7 +38,6 @@ from cascade.models.manifest import (
     TierEntry,
     model_display_name,
     sha256_file,
-    write_manifest,
 )
 from cascade.models.specs import (
     LADDERS,
@@ -53,6 +52,7 @@ from cascade.models.validate import (
     quantization_warning,
     single_request_latency_ms,
 )
+from cascade.models.workspace import exclusive_build_lock, publish, staging_dir
 from cascade.runners.onnx import OnnxRunner
 
 if TYPE_CHECKING:
@@ -86,26 +86,47 @@ def build_models(
     """Build both model ladders into ``out_dir`` and return the written manifest.
 
     Skips the work (in well under a second) when ``out_dir`` already holds an intact build with
-    the same build key, unless ``force``. Progress goes to ``console`` (stderr by default);
+    the same build key, unless ``force``. Concurrent builds of one directory run one at a time
+    (the later ones usually find it up to date), and readers keep loading the previous build
+    until the new files are moved into place. Progress goes to ``console`` (stderr by default);
     quantization warnings are printed even when ``show_progress`` is off.
     """
     console = console or Console(stderr=True)
     out_dir = Path(out_dir).resolve()
     build_key = compute_build_key()
-    if not force:
-        existing = up_to_date_manifest(out_dir, build_key)
-        if existing is not None:
-            if show_progress:
-                console.print(
-                    f"[green]Models in {escape(str(out_dir))} are up to date[/] (build key "
-                    f"{build_key}); use --force to rebuild."
-                )
-            return existing
 
+    def up_to_date() -> Manifest | None:
+        existing = None if force else up_to_date_manifest(out_dir, build_key)
+        if existing is not None and show_progress:
+            console.print(
+                f"[green]Models in {escape(str(out_dir))} are up to date[/] (build key "
+                f"{build_key}); use --force to rebuild."
+            )
+        return existing
+
+    def waiting() -> None:
+        if show_progress:
+            console.print(f"Another process is building {escape(str(out_dir))}; waiting...")
+
+    if (existing := up_to_date()) is not None:
+        return existing
+    with exclusive_build_lock(out_dir, on_wait=waiting):
+        # Another process may have finished the same build while we waited for the lock.
+        if (existing := up_to_date()) is not None:
+            return existing
+        with staging_dir(out_dir) as stage:
+            manifest = _build_into(stage, build_key, console, show_progress)
+            publish(stage, out_dir, manifest)
+    if show_progress:
+        console.print(
+            f"[green]Built {sum(len(t.tiers) for t in manifest.tasks.values())} models in "
+            f"{manifest.build_seconds:.0f} s[/] -> {out_dir / MANIFEST_FILE}"
+        )
+    return manifest
+
+
+def _build_into(stage: Path, build_key: str, console: Console, show_progress: bool) -> Manifest:
     started = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A half-rebuilt directory must not pass for a valid one.
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     steps = sum(1 + len(LADDERS[task]) for task in TASKS)
     progress = Progress(
         SpinnerColumn(),
@@ -119,9 +140,9 @@ def build_models(
     )
     with progress:
         step = progress.add_task("starting", total=steps)
-        builder = _Builder(out_dir, progress, step, console, show_progress)
+        builder = _Builder(stage, progress, step, console, show_progress)
         tasks: dict[str, TaskEntry] = {task: builder.build_task(task) for task in TASKS}
-    manifest = Manifest(
+    return Manifest(
         schema_version=SCHEMA_VERSION,
         build_key=build_key,
         created_at=datetime.now(UTC),
@@ -129,13 +150,6 @@ def build_models(
         packages=package_versions(),
         tasks=tasks,
     )
-    write_manifest(manifest, out_dir)
-    if show_progress:
-        console.print(
-            f"[green]Built {sum(len(t.tiers) for t in tasks.values())} models in "
-            f"{manifest.build_seconds:.0f} s[/] -> {out_dir / MANIFEST_FILE}"
-        )
-    return manifest
 
 
 @dataclass

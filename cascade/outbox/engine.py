@@ -10,6 +10,7 @@ two writers (the tier and ``cascade queue``) queue on the busy timeout instead o
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -132,13 +133,15 @@ def ensure_schema(engine: Engine) -> None:
                     f"version {row[0]}, newer than this cascade ({SCHEMA_VERSION}); upgrade cascade",
                     field="outbox_url")
     except sa.exc.SQLAlchemyError as exc:
-        if schema_present(engine):
-            # e.g. a read-only file: serve what we can, report 503s on writes.
-            log.error("outbox database is not writable: %s", describe_storage_error(exc))
+        cause = describe_storage_error(exc, engine.url)
+        if schema_present(engine) or cause.startswith(("the disk", "the outbox database is")):
+            # A storage condition (read-only, full, locked), not a configuration mistake: serve
+            # what needs no outbox, and answer 503 storage_unavailable for what does.
+            log.error("outbox database unusable (requests that need it get 503): %s", cause)
             return
         raise ConfigError(
             f"cannot create the outbox in {engine.url.render_as_string(hide_password=True)}: "
-            f"{describe_storage_error(exc)}", field="outbox_url") from None
+            f"{cause}", field="outbox_url") from None
 
 
 def schema_present(engine: Engine) -> bool:
@@ -150,15 +153,26 @@ def schema_present(engine: Engine) -> bool:
         return False
 
 
-def describe_storage_error(exc: BaseException) -> str:
-    """A short, operator-readable cause for a database error."""
+def _read_only(path: Path) -> bool:
+    """Is this SQLite file (or its directory) on a read-only filesystem or not writable?"""
+    target = path if path.exists() else path.parent
+    try:
+        return bool(os.statvfs(target).f_flag & os.ST_RDONLY) or not os.access(target, os.W_OK)
+    except OSError:
+        return False
+
+
+def describe_storage_error(exc: BaseException, url: URL | None = None) -> str:
+    """A short, operator-readable cause for a database error (``url`` helps name SQLite's)."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     low = text.lower()
     sqlstate = getattr(orig, "sqlstate", None) or ""
+    path = sqlite_path(url) if url is not None else None
     if "disk is full" in low or "database or disk is full" in low or sqlstate == "53100":
         return f"the disk holding the outbox is full ({text})"
-    if "readonly" in low or "read-only" in low or sqlstate == "25006":
+    if ("readonly" in low or "read-only" in low or sqlstate == "25006"
+            or (path is not None and _read_only(path))):
         return f"the outbox database is read-only ({text})"
     if "locked" in low or "busy" in low:
         return f"the outbox database stayed locked by another writer ({text})"
@@ -167,11 +181,13 @@ def describe_storage_error(exc: BaseException) -> str:
     return text
 
 
-def storage_unavailable(exc: BaseException, *, reading: bool = False) -> ServiceUnavailable:
+def storage_unavailable(
+    exc: BaseException, *, reading: bool = False, url: URL | None = None
+) -> ServiceUnavailable:
     """The 503 a client gets when the outbox cannot store (or read) its work."""
+    cause = describe_storage_error(exc, url)
     if reading:
-        message = f"cannot read the outbox database: {describe_storage_error(exc)}; retry later"
+        message = f"cannot read the outbox database: {cause}; retry later"
     else:
-        message = (f"cannot store this request durably: {describe_storage_error(exc)}; "
-                   "nothing was queued, retry later")
+        message = f"cannot store this request durably: {cause}; nothing was queued, retry later"
     return ServiceUnavailable(message, code="storage_unavailable")

@@ -73,6 +73,8 @@ class Outbox:
                                         name=f"outbox-writer-{tier}", clock=clock)
         self.clock = clock
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"outbox-read-{tier}")
+        self.last_storage_error: str | None = None
+        """The latest database failure (shown by ``GET /v1/outbox``)."""
         self.inflight: set[str] = set()
         """Idempotency keys being computed right now in this process (a duplicate gets 409)."""
         self.work_ready: asyncio.Event | None = None
@@ -241,6 +243,7 @@ class Outbox:
             "max_bytes": self.settings.max_bytes,
             "commit_batches": self.writer.stats["batches"],
             "commit_jobs": self.writer.stats["jobs"],
+            "last_storage_error": self.last_storage_error,
         }
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -251,6 +254,7 @@ class Outbox:
         except ServiceUnavailable as exc:
             if exc.code == "storage_unavailable":
                 self.stats["storage_errors"] += 1
+                self.last_storage_error = exc.message
             raise
 
     async def _read(self, fn: Callable[[sa.Connection], T]) -> T:
@@ -262,4 +266,6 @@ class Outbox:
             return await asyncio.get_running_loop().run_in_executor(self._readers, run)
         except sa.exc.SQLAlchemyError as exc:
             self.stats["storage_errors"] += 1
-            raise storage_unavailable(exc, reading=True) from None
+            error = storage_unavailable(exc, reading=True, url=self.url)
+            self.last_storage_error = error.message
+            raise error from None

@@ -189,7 +189,7 @@ class GroupCommitWriter:
         """A batch failed: retry each job alone so only the jobs that really fail, fail."""
         if len(jobs) == 1:
             log.error("outbox write failed: %s", first_error)
-            return [storage_unavailable(first_error)]
+            return [storage_unavailable(first_error, url=self._engine.url)]
         outcomes: list[Any] = []
         conn: sa.Connection | None = None
         for job in jobs:
@@ -199,7 +199,7 @@ class GroupCommitWriter:
                 outcomes.extend(self._commit(conn, [job]))
             except sa.exc.SQLAlchemyError as exc:
                 conn = _discard(conn)
-                outcomes.append(storage_unavailable(exc))
+                outcomes.append(storage_unavailable(exc, url=self._engine.url))
             except Exception as exc:  # noqa: BLE001
                 conn = _discard(conn)
                 outcomes.append(exc)

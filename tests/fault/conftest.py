@@ -100,8 +100,11 @@ class Tier:
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         """Read this tier's outbox database directly (a separate SQLite connection)."""
-        with sqlite3.connect(self.db, timeout=10) as conn:
+        conn = sqlite3.connect(self.db, timeout=10)
+        try:
             return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()  # (a `with` block would only commit, not close)
 
     def states(self) -> dict[str, str]:
         return dict(self.query("SELECT id, state FROM cascade_outbox"))

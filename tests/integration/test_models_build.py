@@ -29,6 +29,7 @@ from cascade.models.freshness import compute_build_key, up_to_date_manifest
 from cascade.models.manifest import MANIFEST_FILE, sha256_file
 from cascade.models.specs import INT8_MAX_ACCURACY_LOSS
 from cascade.models.validate import quantization_warning
+from cascade.models.workspace import LOCK_FILE, exclusive_build_lock, publish, staging_dir
 from cascade.runners.onnx import OnnxRunner
 
 pytest.importorskip("sklearn")
@@ -279,3 +280,53 @@ def test_a_lossy_quantization_is_printed_in_red(tmp_path: Path) -> None:
     assert console.export_text(styles=True).startswith(
         "\x1b[1;31mWARNING vision/endpoint: int8 quantization costs 2.00 points of test accuracy"
     )  # bold red, one span
+
+
+def test_publish_moves_staged_files_then_writes_the_manifest(
+    built: Manifest, tmp_path: Path
+) -> None:
+    out = tmp_path / "models"
+    (out / "vision").mkdir(parents=True)
+    (out / "vision" / "endpoint.int8.onnx").write_bytes(b"previous build")
+    (out / ".staging-999999").mkdir()  # left behind by a killed build
+    with exclusive_build_lock(out), staging_dir(out) as stage:
+        assert not (out / ".staging-999999").exists()
+        for task in built.tasks.values():
+            files = [task.splits.file] + [
+                name for tier in task.tiers.values() for name in (tier.file, tier.fp32_file)
+            ]
+            for name in files:
+                (stage / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(built.root / name, stage / name)
+        publish(stage, out, built)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".build.lock",
+        "data",
+        "documents",
+        MANIFEST_FILE,
+        "vision",
+    ]
+    assert up_to_date_manifest(out, built.build_key) is not None
+    assert OnnxRunner.from_manifest(out, "vision", "endpoint").model_name.endswith("-int8")
+
+
+def test_build_lock_excludes_other_processes(tmp_path: Path) -> None:
+    probe = f"""
+import fcntl
+handle = open({str(tmp_path / LOCK_FILE)!r}, "a")
+try:
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("acquired")
+except BlockingIOError:
+    print("busy")
+"""
+
+    def other_process_gets_lock() -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+        )
+        return result.stdout.strip()
+
+    with exclusive_build_lock(tmp_path):
+        assert other_process_gets_lock() == "busy"
+    assert other_process_gets_lock() == "acquired"

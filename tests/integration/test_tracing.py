@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ class OtlpReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
@@ -181,7 +182,7 @@ def test_request_that_climbs_is_one_trace_across_four_tiers(traced_chain: Any,
     servers = servers_by_tier(spans)
     assert {s["service"] for s in spans} == {f"cascade-{t}" for t in TIERS}
     assert servers["endpoint"]["parent_id"] is None
-    for lower, upper in zip(TIERS, TIERS[1:]):
+    for lower, upper in pairwise(TIERS):
         client = by_id[servers[upper]["parent_id"]]  # the upper tier is called by ...
         assert client["kind"] == "CLIENT" and client["tier"] == lower  # ... the lower's CLIENT
         assert client["parent_id"] == servers[lower]["span_id"]
@@ -257,7 +258,7 @@ def test_metrics_parse_and_move_as_requests_flow(traced_chain: Any) -> None:
     for body in (CLIMBS, STAYS, STAYS):
         assert httpx.post(f"{endpoint.url}/v1/infer", json=body, timeout=10).status_code == 200
     after = scrape(endpoint.url)
-    delta = lambda name, **kw: get(after, name, **kw) - get(before, name, **kw)  # noqa: E731
+    delta = lambda name, **kw: get(after, name, **kw) - get(before, name, **kw)
     assert delta("cascade_answers_total", task="vision", status="final") == 1
     assert delta("cascade_answers_total", task="documents", status="final") == 2
     assert delta("cascade_gate_decisions_total", task="vision", decision="escalate") == 1

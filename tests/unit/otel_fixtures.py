@@ -2,15 +2,18 @@
 
 The global tracer provider can be set once per process, so the first test that asks for
 ``spans`` installs an SDK provider whose processor forwards to the exporter of the test
-running now (and drops spans between tests). Import the fixture into a test module with
-``from tests.unit.otel_fixtures import spans  # noqa: F401``.
+running now (and drops spans between tests). ``tests/conftest.py`` registers this module as a
+plugin, so every test can ask for ``spans``.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -108,3 +111,12 @@ def make_node(tmp_path: Path, *, tier: str = "endpoint", confident: bool = True,
 
 
 DOC = {"task": "documents", "input": {"text": "The central bank cut interest rates"}}
+
+
+@asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client talking to ``app`` in process, with the app's lifespan run around it."""
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=transport, base_url="http://tier") as client:
+        yield client

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,7 +83,7 @@ def test_tier_config_exists_and_env_is_what_the_tier_reads(
 
 def test_upstreams_point_at_the_next_tier_where_it_listens(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    for lower, upper in zip(TIERS, TIERS[1:]):
+    for lower, upper in pairwise(TIERS):
         url = urlsplit(services[lower]["environment"]["CASCADE_UPSTREAM_URL"])
         assert url.hostname == upper
         assert url.port == load(tier_config(services[upper]))["port"]
@@ -221,10 +222,10 @@ def test_rules_use_metrics_the_tiers_expose_and_the_docs_list_them_all(compose: 
 
 def test_dockerfile_copies_what_exists_and_exposes_the_tier_ports(compose: dict[str, Any]) -> None:
     text = (INFRA / "Dockerfile").read_text()
-    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.MULTILINE):
         for item in source.split():
             assert (ROOT / item).exists(), f"COPY {item}: missing"
-    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, flags=re.M).group(1).split()}
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, flags=re.MULTILINE).group(1).split()}
     ports = {load(tier_config(compose["services"][t]))["port"] for t in TIERS}
     assert ports <= exposed
     for tier in TIERS:

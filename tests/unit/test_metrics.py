@@ -13,7 +13,7 @@ from cascade.api import create_app
 from cascade.breaker import CircuitBreaker
 from cascade.metrics import TierMetrics
 from cascade.upstream import UpstreamClient
-from tests.unit.otel_fixtures import DOC, make_node
+from tests.unit.otel_fixtures import DOC, make_node, serving
 
 
 def closed_port() -> int:
@@ -48,17 +48,16 @@ class Scraper:
 
 async def test_counters_move_as_requests_flow(tmp_path: Path) -> None:
     app = create_app(make_node(tmp_path), max_body_bytes=2048)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            scrape = Scraper(c)
-            before = await scrape()
-            assert value(before, "cascade_tier_info", tier="endpoint") == 1
-            for _ in range(3):
-                assert (await c.post("/v1/infer", json=DOC)).status_code == 200
-            assert (await c.post("/v1/infer", json={"task": "nope", "input": {}})).status_code == 422
-            assert (await c.post("/v1/infer", content=b"x" * 4096,
-                                 headers={"content-type": "application/json"})).status_code == 413
-            after = await scrape()
+    async with serving(app) as c:
+        scrape = Scraper(c)
+        before = await scrape()
+        assert value(before, "cascade_tier_info", tier="endpoint") == 1
+        for _ in range(3):
+            assert (await c.post("/v1/infer", json=DOC)).status_code == 200
+        assert (await c.post("/v1/infer", json={"task": "nope", "input": {}})).status_code == 422
+        assert (await c.post("/v1/infer", content=b"x" * 4096,
+                             headers={"content-type": "application/json"})).status_code == 413
+        after = await scrape()
 
     t = {"tier": "endpoint"}
     assert value(after, "cascade_answers_total", **t, task="documents", status="final") == 3
@@ -82,12 +81,11 @@ async def test_escalation_upstream_errors_breaker_and_queue_are_exported(tmp_pat
                               breaker=CircuitBreaker(failure_threshold=2, reset_timeout_s=60))
     node = make_node(tmp_path, confident=False, upstream=upstream)
     app = create_app(node)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            for _ in range(3):
-                r = await c.post("/v1/infer", json=DOC)
-                assert r.status_code == 200 and r.json()["status"] == "provisional"
-            after = await Scraper(c)()
+    async with serving(app) as c:
+        for _ in range(3):
+            r = await c.post("/v1/infer", json=DOC)
+            assert r.status_code == 200 and r.json()["status"] == "provisional"
+        after = await Scraper(c)()
 
     t = {"tier": "endpoint"}
     up = {**t, "upstream": upstream.base_url}

@@ -12,14 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
 
 from cascade.api import create_app
 from cascade.breaker import CircuitBreaker
 from cascade.deadline import Deadline
-from cascade.errors import ConfigError, UpstreamUnavailable
+from cascade.errors import ConfigError
 from cascade.escalation import PendingEscalation
 from cascade.telemetry import (
     TracingConfig,
@@ -32,7 +31,7 @@ from cascade.telemetry import (
 )
 from cascade.trace_export import GuardedSpanExporter, export_stats, quiet_sdk_loggers
 from cascade.upstream import UpstreamClient
-from tests.unit.otel_fixtures import DOC, by_name, make_node, spans  # noqa: F401
+from tests.unit.otel_fixtures import DOC, by_name, make_node, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -46,10 +45,8 @@ def closed_port() -> int:
 
 
 async def call(app: Any, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://tier") as client:
-            return await client.post("/v1/infer", json=body, headers=headers or {})
+    async with serving(app) as client:
+        return await client.post("/v1/infer", json=body, headers=headers or {})
 
 
 class RecordingQueue:
@@ -100,10 +97,10 @@ def test_sdk_disabled_wins(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("env", "named"), [
-    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'; "
-                                         "allowed: console, none, otlp"),
-    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is "
-                                                   "not supported; allowed: grpc, http/protobuf"),
+    ({"OTEL_TRACES_EXPORTER": "zipkin"},
+     "OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'; allowed: console, none, otlp"),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+     "OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is not supported; allowed: grpc, http/protobuf"),
 ])
 def test_bad_otel_values_are_config_errors_naming_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -230,10 +227,9 @@ async def test_each_attempt_sends_the_traceparent_of_its_own_client_span(spans: 
 
 
 def test_drain_span_starts_a_new_trace_linked_to_the_queued_request(spans: Any) -> None:
-    with trace.get_tracer("test").start_as_current_span("ambient"):
-        with drain_span("endpoint", traceparent=TRACEPARENT, request_id="r1", task="vision",
-                        attempt=2):
-            pass
+    with trace.get_tracer("test").start_as_current_span("ambient"), drain_span(
+            "endpoint", traceparent=TRACEPARENT, request_id="r1", task="vision", attempt=2):
+        pass
     (drain,) = by_name(spans, "cascade.queue.drain")
     assert drain.kind is SpanKind.CONSUMER and drain.parent is None
     assert format(drain.context.trace_id, "032x") != TRACE_ID
@@ -258,11 +254,10 @@ def test_with_tracing_off_the_callers_trace_id_still_flows(monkeypatch: pytest.M
 
 async def test_scrapes_and_probes_make_no_spans(tmp_path: Path, spans: Any) -> None:
     app = create_app(make_node(tmp_path))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            for path in ("/metrics", "/healthz", "/readyz"):
-                assert (await c.get(path)).status_code == 200
-            assert (await c.get("/nope")).status_code == 404
+    async with serving(app) as c:
+        for path in ("/metrics", "/healthz", "/readyz"):
+            assert (await c.get(path)).status_code == 200
+        assert (await c.get("/nope")).status_code == 404
     (only,) = spans.get_finished_spans()
     assert only.name == "GET" and only.attributes["http.response.status_code"] == 404
     assert "http.route" not in only.attributes
@@ -336,7 +331,7 @@ def test_unreachable_collector_costs_the_request_path_nothing_and_is_logged_once
                 pass
         provider.force_flush()
         provider.force_flush()
-    (processor,) = provider._active_span_processor._span_processors  # noqa: SLF001 - test
+    (processor,) = provider._active_span_processor._span_processors
     assert isinstance(processor, BatchSpanProcessor)
     stats = processor.span_exporter.stats
     assert stats.failed_batches >= 1 and stats.failed_spans + stats.shed_spans == 200
@@ -345,3 +340,64 @@ def test_unreachable_collector_costs_the_request_path_nothing_and_is_logged_once
     assert len(warnings) == 1 and warnings[0].name == "cascade.telemetry"
     assert f"127.0.0.1:{port}" in warnings[0].getMessage()
     provider.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_otlp_export_reaches_a_real_receiver_over_both_protocols(
+    protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exporter chosen from OTEL_EXPORTER_OTLP_PROTOCOL delivers to a real OTLP server."""
+    import threading
+    from concurrent import futures
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as pb_grpc
+
+    names: list[str] = []
+
+    def keep(request: pb.ExportTraceServiceRequest) -> None:
+        names.extend(s.name for rs in request.resource_spans for ss in rs.scope_spans
+                     for s in ss.spans)
+
+    if protocol == "grpc":
+        class Service(pb_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's naming
+                keep(request)
+                return pb.ExportTraceServiceResponse()
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_TraceServiceServicer_to_server(Service(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        endpoint, stop = f"http://127.0.0.1:{port}", lambda: server.stop(0)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    else:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                keep(pb.ExportTraceServiceRequest.FromString(
+                    self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=http.serve_forever, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{http.server_address[1]}"
+        stop = lambda: (http.shutdown(), http.server_close())  # noqa: E731
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        provider = build_tracer_provider(TracingConfig.from_env("cloud", environ=env))
+        with provider.get_tracer("test").start_as_current_span(f"over-{protocol}"):
+            pass
+        provider.force_flush()
+        provider.shutdown()
+    finally:
+        stop()
+    assert names == [f"over-{protocol}"]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import httpx
 import pytest
 from opentelemetry import trace
 
 from cascade.api import create_app
 from cascade.logs import configure_logging
-from tests.unit.otel_fixtures import by_name, make_node, spans  # noqa: F401
+from tests.unit.otel_fixtures import by_name, make_node, serving
 
 SECRET_TEXT = "Quarterly results of ACME-CONFIDENTIAL-7731 leaked"
 
@@ -41,10 +41,9 @@ async def test_one_json_line_per_request_with_trace_ids_and_no_payload(
 ) -> None:
     app = create_app(make_node(tmp_path))
     body = {"task": "documents", "input": {"text": SECRET_TEXT}}
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            r = await c.post("/v1/infer", json=body, headers={"Idempotency-Key": "req-1"})
-            await c.get("/healthz")  # probes are not logged
+    async with serving(app) as c:
+        r = await c.post("/v1/infer", json=body, headers={"Idempotency-Key": "req-1"})
+        await c.get("/healthz")  # probes are not logged
     assert r.status_code == 200
     access = [line for line in lines(log_stream) if line["logger"] == "cascade.access"]
     (line,) = access

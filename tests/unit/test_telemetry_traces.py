@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from opentelemetry import trace
@@ -149,7 +149,7 @@ def wide_console() -> Iterator[None]:
     try:
         yield
     finally:
-        console._width = None  # noqa: SLF001 - back to auto-detection
+        console._width = None
 
 
 def run(*args: str) -> tuple[int, str]:

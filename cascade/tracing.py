@@ -1,0 +1,255 @@
+"""Tracing setup of a tier process: the OpenTelemetry SDK configured by the standard variables.
+
+Environment (read once at start by :func:`setup_tracing`):
+
+* ``OTEL_SDK_DISABLED=true``: no tracing at all (trace ids still flow between tiers).
+* ``OTEL_TRACES_EXPORTER``: ``otlp``, ``console``, ``none`` (comma-separated). Unset: ``otlp``
+  if an OTLP endpoint is set, else none; the trace file (``CASCADE_TRACE_DIR``) is independent.
+* ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf`` (default) or ``grpc``.
+* ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_HEADERS``, ``_TIMEOUT``, ``_COMPRESSION``,
+  ``_CERTIFICATE``, ``OTEL_EXPORTER_OTLP_INSECURE`` (gRPC): read by the OTLP exporters.
+* ``OTEL_SERVICE_NAME`` (default ``cascade-<tier>``), ``OTEL_RESOURCE_ATTRIBUTES``.
+* ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``).
+* ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
+* ``OTEL_PROPAGATORS`` (default ``tracecontext,baggage``).
+
+Each destination gets its own ``BatchSpanProcessor`` (no exporter I/O on the request path)
+behind :class:`~cascade.trace_export.GuardedSpanExporter`, so an unreachable collector is counted
+and logged once, never raised. CLIENT spans of upstream calls come from
+``opentelemetry-instrumentation-httpx``; :func:`upstream_attempt` numbers them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from cascade.errors import ConfigError
+from cascade.trace_export import TRACE_FILE_SUFFIX
+
+log = logging.getLogger("cascade.telemetry")
+
+__all__ = [
+    "HONOURED_ENV", "Tracing", "TracingConfig", "build_tracer_provider", "fastapi_options",
+    "instrument_httpx", "setup_tracing", "upstream_attempt",
+]
+
+HONOURED_ENV: Final[tuple[str, ...]] = (
+    "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_PROPAGATORS",
+    "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_EXPORT_TIMEOUT", "OTEL_SEMCONV_STABILITY_OPT_IN",
+)
+"""The OpenTelemetry variables a tier honours (docs and the compose test check against it)."""
+
+_EXPORTERS: Final[frozenset[str]] = frozenset({"otlp", "console", "none"})
+_PROTOCOLS: Final[frozenset[str]] = frozenset({"http/protobuf", "grpc"})
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Where a tier's spans go, decided from the environment and ``CASCADE_TRACE_DIR``."""
+
+    tier: str
+    enabled: bool = True
+    exporters: tuple[str, ...] = ()
+    """Subset of ``otlp``, ``console``."""
+    otlp_protocol: str = "http/protobuf"
+    otlp_endpoint: str | None = None
+    trace_file: Path | None = None
+
+    @property
+    def active(self) -> bool:
+        """True when spans are made and go somewhere."""
+        return self.enabled and bool(self.exporters or self.trace_file)
+
+    @classmethod
+    def from_env(
+        cls, tier: str, *, trace_dir: Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> TracingConfig:
+        """Validate the ``OTEL_*`` variables; raises :class:`ConfigError` naming the bad one."""
+        env = os.environ if environ is None else environ
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls(tier, enabled=False)
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        raw = env.get("OTEL_TRACES_EXPORTER")
+        if raw is None:
+            names = ["otlp"] if endpoint else []
+        else:
+            names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+            for name in names:
+                if name not in _EXPORTERS:
+                    raise ConfigError(
+                        f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; allowed: "
+                        f"{', '.join(sorted(_EXPORTERS))}", field="OTEL_TRACES_EXPORTER",
+                    )
+        exporters = tuple(n for n in dict.fromkeys(names) if n != "none")
+        var = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" in env
+               else "OTEL_EXPORTER_OTLP_PROTOCOL")
+        protocol = env.get(var, "http/protobuf").strip().lower()
+        if protocol not in _PROTOCOLS:
+            raise ConfigError(
+                f"{var}: {protocol!r} is not supported; allowed: {', '.join(sorted(_PROTOCOLS))}",
+                field=var,
+            )
+        trace_file = Path(trace_dir) / f"{tier}{TRACE_FILE_SUFFIX}" if trace_dir else None
+        return cls(tier, True, exporters, protocol, endpoint, trace_file)
+
+
+def _resource_attributes(tier: str, env: Mapping[str, str]) -> dict[str, str]:
+    attrs = {"cascade.tier": tier, "service.namespace": "cascade"}
+    # Resource.create lets explicit attributes win over the environment: name the service
+    # only when the operator did not.
+    if not env.get("OTEL_SERVICE_NAME") and "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        attrs["service.name"] = f"cascade-{tier}"
+    return attrs
+
+
+def _otlp_exporter(config: TracingConfig) -> Any:
+    """The OTLP exporter for the configured protocol; it reads endpoint, headers... from env."""
+    import importlib
+
+    # Imported on demand: gRPC pulls in grpcio, which an HTTP-only tier never needs.
+    module = importlib.import_module(
+        f"opentelemetry.exporter.otlp.proto.{'grpc' if config.otlp_protocol == 'grpc' else 'http'}"
+        ".trace_exporter"
+    )
+    try:
+        return module.OTLPSpanExporter()
+    except Exception as exc:  # noqa: BLE001 - bad certificate path, malformed headers...
+        raise ConfigError(f"cannot set up the OTLP trace exporter: {exc}") from None
+
+
+def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """An SDK provider with one batch processor per destination of ``config``."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    from cascade.trace_export import GuardedSpanExporter, JsonLinesSpanExporter
+
+    env = os.environ if environ is None else environ
+    provider = TracerProvider(
+        resource=Resource.create(_resource_attributes(config.tier, env)), shutdown_on_exit=False
+    )
+    destinations: list[tuple[Any, str, str]] = []
+    if "otlp" in config.exporters:
+        destinations.append((_otlp_exporter(config), f"otlp-{config.otlp_protocol.split('/')[0]}",
+                             config.otlp_endpoint or "the default OTLP endpoint"))
+    if "console" in config.exporters:
+        destinations.append((ConsoleSpanExporter(), "console", "stdout"))
+    if config.trace_file is not None:
+        destinations.append((JsonLinesSpanExporter(config.trace_file), "file", str(config.trace_file)))
+    for exporter, name, where in destinations:
+        provider.add_span_processor(
+            BatchSpanProcessor(GuardedSpanExporter(exporter, name, destination=where))
+        )
+    return provider
+
+
+@dataclass
+class Tracing:
+    """Handle on a process's tracing; :meth:`shutdown` flushes within a bounded time."""
+
+    config: TracingConfig
+    provider: TracerProvider | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Flush and stop the exporters, waiting at most ``timeout_s`` (a dead collector must
+        not hold a stopping tier hostage)."""
+        if self.provider is None or self._closed:
+            return
+        self._closed = True
+        worker = threading.Thread(target=self.provider.shutdown, name="trace-shutdown", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.warning("trace export did not finish within %.1f s at shutdown; unsent spans dropped", timeout_s)
+
+
+def setup_tracing(
+    tier: str, *, trace_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Tracing:
+    """Configure this process's tracing from the environment (call once, before serving)."""
+    from cascade.trace_export import quiet_sdk_loggers
+
+    config = TracingConfig.from_env(tier, trace_dir=trace_dir, environ=environ)
+    if not config.active:
+        log.info("tracing off (%s)", "OTEL_SDK_DISABLED" if not config.enabled else
+                 "no exporter: set OTEL_EXPORTER_OTLP_ENDPOINT or CASCADE_TRACE_DIR")
+        return Tracing(config)
+    quiet_sdk_loggers()
+    provider = build_tracer_provider(config, environ)
+    trace.set_tracer_provider(provider)
+    instrument_httpx(provider)
+    handle = Tracing(config, provider)
+    atexit.register(handle.shutdown)
+    log.info("tracing on: exporters=%s protocol=%s endpoint=%s file=%s",
+             ",".join(config.exporters) or "-", config.otlp_protocol, config.otlp_endpoint or "-",
+             config.trace_file or "-")
+    return handle
+
+
+def fastapi_options() -> dict[str, Any]:
+    """``FastAPI(**fastapi_options())``: turn off FastAPI's native telemetry (recent releases
+    trace every request themselves once an SDK provider exists); our middleware makes the
+    SERVER span, so keeping both would double it."""
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
+
+
+def instrument_httpx(provider: TracerProvider | None = None) -> None:
+    """CLIENT span + traceparent injection on every httpx request (idempotent)."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    # Stable HTTP semantic conventions (http.response.status_code, url.full...), the same names
+    # as our SERVER spans; read once, when the instrumentation first initialises.
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    instrumentor = HTTPXClientInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=provider, async_request_hook=_on_client_request)
+
+
+# -- upstream attempts: the CLIENT span of each gets its number --------------------------------
+
+
+_RESEND_COUNT: ContextVar[int | None] = ContextVar("cascade_resend_count", default=None)
+
+
+@contextmanager
+def upstream_attempt(resend_count: int) -> Iterator[None]:
+    """``UpstreamClient(on_attempt=...)`` hook: tags the attempt's CLIENT span with its number."""
+    token = _RESEND_COUNT.set(resend_count)
+    try:
+        yield
+    finally:
+        _RESEND_COUNT.reset(token)
+
+
+async def _on_client_request(span: trace.Span, request: Any) -> None:
+    count = _RESEND_COUNT.get()
+    if count is not None and span.is_recording():
+        span.set_attribute("http.request.resend_count", count)
+

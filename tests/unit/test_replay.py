@@ -1,0 +1,191 @@
+"""Decision log and what-if replay: recorded decisions are re-derived exactly, candidates differ."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cascade.decisionlog import DecisionLog, connect, read_rows, sampled
+from cascade.inputs import DECODERS
+from cascade.node import CallContext, Node, TaskRuntime
+from cascade.policy import load_policy, load_policy_bytes
+from cascade.policy.replay import (
+    Observation,
+    Request,
+    TaskTraffic,
+    changed_answers,
+    replay_task,
+    traffic_from_logs,
+)
+from cascade.schemas import InferRequest
+from cascade.settings import NodeSettings
+
+POLICY = """\
+version: 1
+name: replay-test
+decision_log: {{sample_rate: {rate}, path: "{path}", include_payloads: {payloads}}}
+tasks:
+  documents:
+    tiers:
+      endpoint: {{threshold: {t_end}, calibration: {{method: temperature, temperature: 1.5}}}}
+      cloud: {{threshold: 0.0}}
+"""
+
+
+def policy_text(tmp_path: Path, *, rate: float = 1.0, t_end: float = 0.6, payloads: bool = False) -> str:
+    return POLICY.format(rate=rate, path=tmp_path / "decisions-{tier}.db", t_end=t_end,
+                         payloads=str(payloads).lower())
+
+
+class TextRunner:
+    """A stand-in model whose output is chosen by the input text: 'p=0.9' -> [0.9, 0.1]."""
+
+    model_name = "documents/test-model"
+    classes = ("a", "b")
+
+    def predict_proba(self, x: Any) -> Any:
+        p = float(str(x[0] if isinstance(x, list) else x).split("p=")[1].split()[0])
+        return [[p, 1.0 - p]]
+
+    def warmup(self) -> None:
+        return None
+
+
+class FakeUpstream:
+    """The cloud: always answers 'b'."""
+
+    base_url = "http://cloud.invalid"
+
+    async def escalate(self, body: dict, **_: Any) -> dict:
+        return {"label": "b", "confidence": 0.99, "status": "final", "answered_by": "cloud",
+                "hops": [{"tier": "cloud", "decision": "answer"}]}
+
+    async def aclose(self) -> None:
+        return None
+
+
+def make_node(tmp_path: Path, text: str) -> Node:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    settings = NodeSettings(tier="endpoint", tasks={"documents": "endpoint"}, policy=path,
+                            upstream_url=FakeUpstream.base_url)
+    runtime = TaskRuntime("documents", TextRunner(), DECODERS["text"])
+    return Node(settings, tasks={"documents": runtime}, policy=load_policy(path),
+                upstream=FakeUpstream())
+
+
+def serve(node: Node, probs: list[float]) -> list[dict]:
+    async def run() -> list[dict]:
+        out = []
+        for i, p in enumerate(probs):
+            req = InferRequest.model_validate({"task": "documents", "input": {"text": f"p={p} doc"}})
+            out.append(await node.infer(req, CallContext(request_id=f"req-{i}")))
+        return out
+
+    return asyncio.run(run())
+
+
+def test_sampling_is_by_request_id_and_close_to_the_rate():
+    ids = [f"r{i}" for i in range(20_000)]
+    share = np.mean([sampled(i, 0.1) for i in ids])
+    assert 0.09 < share < 0.11
+    assert [sampled(i, 0.1) for i in ids[:50]] == [sampled(i, 0.1) for i in ids[:50]]
+    assert not any(sampled(i, 0.0) for i in ids[:100]) and all(sampled(i, 1.0) for i in ids[:100])
+
+
+def test_decision_log_round_trips_exact_probabilities(tmp_path):
+    log = DecisionLog(tmp_path / "d.db")
+    row = (1.0, "r1", None, "endpoint", "documents", 0, "m", "v1", 1, "[0.1234567890123, 0.8765432109877]",
+           "b", 0.87, 0.75, 0.3, "max_prob", 0.9, 0.87, "escalate", "b", "cloud", "final", None)
+    log.record(row)
+    log.flush()
+    log.close()
+    (got,) = list(read_rows([tmp_path / "d.db"]))
+    assert got["probs"] == "[0.1234567890123, 0.8765432109877]" and got["decision"] == "escalate"
+    assert log.stats["written"] == 1 and log.stats["lost"] == 0
+
+
+def test_replay_of_a_node_log_reproduces_every_live_decision(tmp_path):
+    node = make_node(tmp_path, policy_text(tmp_path))
+    probs = [0.95, 0.7, 0.55, 0.51, 0.99, 0.6, 0.58]
+    answers = serve(node, probs)
+    asyncio.run(node.aclose())
+    traffic = traffic_from_logs([tmp_path / "decisions-endpoint.db"], node.policy)["documents"]
+    assert len(traffic.requests) == len(probs)
+    result = replay_task(traffic, node.policy)
+    assert result.compared == len(probs) and result.mismatched == 0
+    for i, answer in enumerate(answers):
+        assert result.decisions[(f"req-{i}", "endpoint")] == answer["hops"][0]["decision"]
+    # What the calibrated gate did: T=1.5 softens 0.7 to ~0.64 (answered) and 0.6 to ~0.57.
+    assert [a["hops"][0]["decision"] for a in answers] == [
+        "answer", "answer", "escalate", "escalate", "answer", "escalate", "escalate"]
+    rows = list(read_rows([tmp_path / "decisions-endpoint.db"]))
+    assert rows[2]["final_label"] == "b" and rows[2]["answered_by"] == "cloud"
+    assert all(r["payload"] is None for r in rows)
+
+
+def test_candidate_that_escalates_beyond_the_log_leaves_requests_unresolved(tmp_path):
+    node = make_node(tmp_path, policy_text(tmp_path))
+    serve(node, [0.95, 0.7, 0.55])
+    asyncio.run(node.aclose())
+    traffic = traffic_from_logs([tmp_path / "decisions-endpoint.db"], node.policy)["documents"]
+    stricter = load_policy_bytes(policy_text(tmp_path, t_end=0.9).encode(), source="cand.yaml")
+    result = replay_task(traffic, stricter)
+    # Only the endpoint was logged: what the cloud would say is unknown for escalated requests
+    # (even 0.95 is below 0.9 once T=1.5 softens it to ~0.88).
+    assert result.escalated["endpoint"] == 3 and result.unresolved == 3
+    assert result.cloud_share == 0.0 and result.cloud_share_upper == 1.0
+    assert result.compared == 0  # a different policy version: nothing to compare
+
+
+def test_payloads_only_when_asked_and_sampling_follows_the_policy(tmp_path):
+    node = make_node(tmp_path, policy_text(tmp_path, payloads=True))
+    serve(node, [0.95])
+    node.set_policy(load_policy_bytes(policy_text(tmp_path, rate=0.0).encode(), source="p2.yaml"))
+    assert node.decisions.log is None  # logging switched off by the new policy
+    serve(node, [0.96])
+    asyncio.run(node.aclose())
+    rows = list(read_rows([tmp_path / "decisions-endpoint.db"]))
+    assert len(rows) == 1 and '"text": "p=0.95 doc"' in rows[0]["payload"]
+
+
+def _traffic() -> TaskTraffic:
+    def obs(p: float, label: str, up: bool) -> Observation:
+        return Observation([p, 1 - p] if label == "a" else [1 - p, p], label, up)
+
+    reqs = [
+        Request("1", {"edge": obs(0.9, "a", True), "top": obs(0.9, "a", False)}, "a"),
+        Request("2", {"edge": obs(0.6, "a", True), "top": obs(0.9, "b", False)}, "b"),
+        Request("3", {"edge": obs(0.7, "a", True), "top": obs(0.9, "b", False)}, "a"),
+        Request("4", {"edge": obs(0.95, "b", True), "top": obs(0.8, "b", False)}, "b"),
+    ]
+    return TaskTraffic("documents", ["edge", "top"], reqs)
+
+
+def _policy(threshold: float):
+    text = f"version: 1\ntasks:\n  documents:\n    tiers:\n      edge: {{threshold: {threshold}}}\n" \
+           "      top: {threshold: 0.0}\n"
+    return load_policy_bytes(text.encode(), source=f"t{threshold}.yaml")
+
+
+def test_replay_numbers_on_known_traffic():
+    live, cand = replay_task(_traffic(), _policy(0.8)), replay_task(_traffic(), _policy(0.65))
+    assert live.escalation_rate("edge") == 0.5 and live.cloud_share == 0.5
+    assert live.accuracy == 0.75 and live.top_accuracy == 0.75
+    assert live.agreement_with_top == 1.0
+    assert cand.escalation_rate("edge") == 0.25 and cand.answered["edge"] == 3
+    # Request 3: the edge now answers it ('a', right) instead of the top ('b', wrong).
+    assert cand.accuracy == 1.0 and cand.agreement_with_top == 0.75
+    assert changed_answers(live, cand) == (1, 4)
+    assert cand.escalations_per_request == 0.25
+
+
+def test_decision_log_schema_has_a_true_label_column_for_feedback(tmp_path):
+    conn = connect(tmp_path / "x.db")
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(decisions)")}
+    conn.close()
+    assert {"probs", "decision", "policy_version", "true_label", "payload"} <= cols
