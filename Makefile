@@ -12,7 +12,7 @@ help:  ## show the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[build,test]'
+	$(PY) -m pip install -q -e '.[build,test,bench]'
 	touch $(STAMP)
 
 models: $(STAMP)  ## build the model ladders into models/ (seconds when up to date)

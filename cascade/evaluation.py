@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from cascade.gate import SignalName, confidence, score
+from cascade.gate import GateRule, SignalName, assess, confidence, score
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,11 @@ class TierPredictions:
     def accuracy(self) -> float:
         return float(self.correct.mean()) if len(self.correct) else 0.0
 
-    def confidences(self, signal: SignalName) -> np.ndarray:
-        """The gate confidence of every sample under ``signal`` (same function as serving)."""
+    def confidences(self, signal: SignalName | GateRule) -> np.ndarray:
+        """The gate confidence of every sample (same function as serving): the raw confidence
+        under a signal name, or the calibrated one under a policy's :class:`GateRule`."""
+        if isinstance(signal, GateRule):
+            return np.asarray([assess(row, signal)[1] for row in self.probabilities])
         return np.asarray([confidence(score(row), signal) for row in self.probabilities])
 
 
@@ -43,9 +46,18 @@ def predict_split(
     different probabilities than the single requests the gate actually sees.
     """
     from cascade.models.manifest import load_split
-    from cascade.runners.onnx import OnnxRunner
 
     inputs, labels = load_split(models_dir, task, split)
+    return labels, predict_inputs(models_dir, task, tiers, inputs, labels, batch_size=batch_size)
+
+
+def predict_inputs(
+    models_dir: Path, task: str, tiers: Sequence[str], inputs: Any, labels: Sequence[str], *,
+    batch_size: int = 1,
+) -> dict[str, TierPredictions]:
+    """Each tier's predictions on given inputs (e.g. a corrupted copy of the test split)."""
+    from cascade.runners.onnx import OnnxRunner
+
     out: dict[str, TierPredictions] = {}
     for tier in tiers:
         runner = OnnxRunner.from_manifest(models_dir, task, tier)
@@ -57,4 +69,4 @@ def predict_split(
         predicted = [runner.classes[i] for i in probs.argmax(axis=1)]
         correct = np.asarray([p == y for p, y in zip(predicted, labels)], dtype=bool)
         out[tier] = TierPredictions(tier, runner.model_name, tuple(runner.classes), probs, predicted, correct)
-    return labels, out
+    return out

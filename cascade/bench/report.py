@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cascade.bench.plots import policy_report_lines, policy_targets
+
 
 def _f(x: float, digits: int = 2) -> str:
     return "-" if x != x else f"{x:.{digits}f}"
@@ -29,6 +31,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         for key in [k for k in o if k.startswith("c")]:
             rows.append((f"{task}: endpoint throughput >= 50% of echo ({key[1:]} clients)",
                          f"{o[key]['throughput_ratio']:.0%}", o[key]["throughput_ratio"] >= 0.5))
+    rows += policy_targets(results)
     for tier, f in results["tiers"].items():
         rows.append((f"{tier}: ready <= 2 s", f"{f['ready_s']:.2f} s", f["ready_s"] <= 2.0))
         rss = max(f["rss_mb"], f["rss_mb_after"])
@@ -67,6 +70,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Cascade accuracy **{a['cascade_accuracy']:.4f}**; answered below the top "
                       f"{a['answered_below_top']:.1%}; requests escalated at least once "
                       f"{a['escalation_rate']:.1%}; statuses {a['statuses']}."]
+    lines += policy_report_lines(results)
     lines += ["", "## Endpoint answering locally vs a bare FastAPI echo", "",
               "| task | clients | endpoint rps | echo rps | ratio | endpoint p50 / p99 ms | "
               "echo p50 / p99 ms | p50 ratio |", "|---|---|---|---|---|---|---|---|"]

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 
 from cascade.bench.load import LoadResult, have_wrk, run_load
+from cascade.bench.plots import policy_phase
+from cascade.bench.shift import shift_phase
 from cascade.supervisor import DEFAULT_CHAIN, Chain, wait_ready
 
 TASKS = ("vision", "documents")
@@ -116,6 +118,7 @@ def accuracy_phase(cfg: BenchConfig, chain: Chain) -> dict[str, Any]:
             "client_latency_ms_by_answering_tier": {
                 t: {"n": len(v), "p50": _pct(v, 50), "p99": _pct(v, 99)} for t, v in client_ms.items()
             },
+            "latency_samples_ms": client_ms,  # for the latency figure; not kept in bench.json
             "local_bodies": [_body(task, inputs[i]) for i, a in enumerate(answers)
                              if a.get("answered_by") == tiers[0]][:64],
             "local_indices": [i for i, a in enumerate(answers) if a.get("answered_by") == tiers[0]][:64],
@@ -223,10 +226,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         acc = accuracy_phase(cfg, chain)
         cfg.log("latency phase: endpoint (local answers) vs bare FastAPI echo")
         over = overhead_phase(cfg, chain, acc)
+        cfg.log("shift phase: corrupted test inputs through the chain")
+        shifted = shift_phase(cfg, chain, TASKS)
         facts_after = process_facts(chain)
+    cfg.log("policy phase: threshold sweeps, oracle, calibration, figures")
+    policy = policy_phase(cfg, acc, shifted, TASKS)
     for task in TASKS:
         acc[task].pop("local_bodies", None)
         acc[task].pop("local_indices", None)
+        acc[task].pop("latency_samples_ms", None)
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
@@ -236,4 +244,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "tiers": {k: {**v, "rss_mb_after": facts_after[k]["rss_mb"]} for k, v in facts.items()},
         "accuracy": acc,
         "overhead": over,
+        "shift": shifted,
+        "policy": policy,
     }

@@ -107,7 +107,9 @@ def calibrate(
         None, help="Policy whose other settings (deadlines, offline, queue, floor actions, "
         "decision log) to keep. Default: --out if it exists."),
     models_dir: Path = typer.Option(Path("models"), help="Models directory (manifest.json)."),
-    signal: str = typer.Option("max_prob", help="Confidence signal: max_prob, margin or entropy."),
+    signal: str = typer.Option(
+        "auto", help="Confidence signal: max_prob, margin, entropy, or auto (per task, the one "
+        "whose thresholds do best under 5-fold cross-validation on the calibration split)."),
     calibration: str = typer.Option(
         "auto", help="Confidence calibration per tier: temperature, isotonic, none, or auto "
         "(the lowest cross-validated calibration error)."),
@@ -145,8 +147,8 @@ def calibrate(
     from cascade.policy.calibration import METHODS
     from cascade.policy.fit import FitOptions, fit_task, header_lines, policy_document
 
-    if signal not in SIGNAL_NAMES:
-        fail(f"--signal {signal!r}: allowed: {', '.join(SIGNAL_NAMES)}")
+    if signal not in (*SIGNAL_NAMES, "auto"):
+        fail(f"--signal {signal!r}: allowed: auto, {', '.join(SIGNAL_NAMES)}")
     if calibration not in (*METHODS, "auto"):
         fail(f"--calibration {calibration!r}: allowed: auto, {', '.join(METHODS)}")
     manifest = _load_manifest(models_dir)
@@ -213,8 +215,8 @@ def _print_fit(f) -> None:  # type: ignore[no-untyped-def]
 
     o = f.outcome
     table = Table(title=f"{f.task}: goal {f.goals.describe()} → {f.resolved_goals.describe()} "
-                  f"({f.samples} calibration samples)", title_justify="left")
-    for col in ("tier", "model", "alone acc.", "calibration", "ECE before → after (CV)",
+                  f"({f.samples} calibration samples, signal {f.signal})", title_justify="left")
+    for col in ("tier", "model", "alone acc.", "calibration", "ECE before → after (5-fold CV)",
                 "threshold", "class thresholds", "answers here", "acc. of its answers",
                 "escalates"):
         table.add_column(col, justify="left" if col in ("tier", "model", "calibration",
@@ -226,7 +228,8 @@ def _print_fit(f) -> None:  # type: ignore[no-untyped-def]
             else f"isotonic ({len(cal.curve)} knots)"
         table.add_row(
             r.tier, r.model.split(":", 1)[-1], f"{r.accuracy_alone:.4f}", how,
-            f"{r.fit.ece_before:.3f} → {r.fit.ece_after:.3f} ({r.fit.ece_cv[r.fit.method]:.3f})",
+            f"{r.fit.ece_before:.3f} → {r.fit.ece_after:.3f} "
+            f"({r.fit.ece_cv['none']:.3f} → {r.fit.ece_cv[r.fit.method]:.3f})",
             f"{r.threshold:.4f}",
             ", ".join(f"{k}:{v:.3f}" for k, v in sorted(r.class_thresholds.items())) or "-",
             f"{o.answered_share[r.tier]:.1%}", "-" if acc != acc else f"{acc:.4f}",

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -46,7 +46,7 @@ class _Target:
 
 
 @contextmanager
-def _open(config: Optional[Path], db: Optional[str]) -> Iterator[_Target]:
+def _open(config: Path | None, db: str | None) -> Iterator[_Target]:
     """Open the outbox of ``--config`` or ``--db`` (never creating one); clean errors."""
     import sqlalchemy as sa
 
@@ -124,7 +124,7 @@ def _parse_duration(text: str) -> float:
 
 
 @queue_app.command("stats")
-def stats(config: Optional[Path] = CONFIG_OPT, db: Optional[str] = DB_OPT,
+def stats(config: Path | None = CONFIG_OPT, db: str | None = DB_OPT,
           as_json: bool = JSON_OPT) -> None:
     """Rows and bytes per state, oldest waiting escalation, callbacks, and the caps.
 
@@ -159,10 +159,10 @@ def stats(config: Optional[Path] = CONFIG_OPT, db: Optional[str] = DB_OPT,
 @queue_app.command("ls")
 def ls(
     state: list[State] = typer.Option([], "--state", "-s", help="Only these states (repeatable)."),
-    task: Optional[str] = typer.Option(None, help="Only this task."),
+    task: str | None = typer.Option(None, help="Only this task."),
     limit: int = typer.Option(20, min=1, max=10_000, help="Rows to show."),
     newest: bool = typer.Option(False, help="Newest first (default: oldest first)."),
-    config: Optional[Path] = CONFIG_OPT, db: Optional[str] = DB_OPT, as_json: bool = JSON_OPT,
+    config: Path | None = CONFIG_OPT, db: str | None = DB_OPT, as_json: bool = JSON_OPT,
 ) -> None:
     """List escalations, oldest first.
 
@@ -196,7 +196,7 @@ def ls(
 
 @queue_app.command("show")
 def show(request_id: str = typer.Argument(..., help="The request id."),
-         config: Optional[Path] = CONFIG_OPT, db: Optional[str] = DB_OPT) -> None:
+         config: Path | None = CONFIG_OPT, db: str | None = DB_OPT) -> None:
     """Everything about one request: escalation, latest answer, callback, body sent upstream.
 
     Example: cascade queue show 3f2a9c... -c edge_nodes/endpoint.yaml
@@ -223,10 +223,10 @@ def show(request_id: str = typer.Argument(..., help="The request id."),
 
 @queue_app.command("replay")
 def replay(
-    request_id: Optional[str] = typer.Argument(None, help="Replay this request's escalation."),
+    request_id: str | None = typer.Argument(None, help="Replay this request's escalation."),
     dead: bool = typer.Option(False, "--dead", help="Replay every dead escalation."),
     expired: bool = typer.Option(False, "--expired", help="Replay every expired escalation."),
-    config: Optional[Path] = CONFIG_OPT, db: Optional[str] = DB_OPT,
+    config: Path | None = CONFIG_OPT, db: str | None = DB_OPT,
 ) -> None:
     """Queue dead or expired escalations again (fresh TTL and attempts); re-arm a failed callback.
 
@@ -257,10 +257,10 @@ def purge(
     dead: bool = typer.Option(False, "--dead", help="Delete dead escalations (not replayable "
                               "afterwards)."),
     done: bool = typer.Option(False, "--done", help="Delete delivered escalations' records."),
-    older_than: Optional[str] = typer.Option(None, help="Only rows last changed before this "
+    older_than: str | None = typer.Option(None, help="Only rows last changed before this "
                                              "long ago, e.g. 1h, 7d."),
     dry_run: bool = typer.Option(False, help="Count, delete nothing."),
-    config: Optional[Path] = CONFIG_OPT, db: Optional[str] = DB_OPT,
+    config: Path | None = CONFIG_OPT, db: str | None = DB_OPT,
 ) -> None:
     """Delete finished escalations to free the outbox caps. Live rows are never purged.
 
@@ -276,7 +276,7 @@ def purge(
     age = _parse_duration(older_than) if older_than else None
     with _open(config, db) as target:
         if dry_run:
-            cond = [outbox.c.state.in_(states)]
+            cond: list[sa.ColumnElement[bool]] = [outbox.c.state.in_(states)]
             if age is not None:
                 cond.append(outbox.c.updated_at <= time.time() - age)
             with target.engine.connect() as conn:

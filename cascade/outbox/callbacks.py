@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from typing import TYPE_CHECKING
 
 import httpx
@@ -33,7 +32,7 @@ _CONCURRENCY = 8
 class CallbackSender:
     """One background task per tier that owes callbacks."""
 
-    def __init__(self, outbox: "Outbox", *, rng: random.Random | None = None) -> None:
+    def __init__(self, outbox: Outbox, *, rng: random.Random | None = None) -> None:
         self.outbox = outbox
         self.settings = outbox.settings
         self._rng = rng or random.Random()
@@ -69,7 +68,7 @@ class CallbackSender:
             except ServiceUnavailable as exc:
                 log.error("callbacks of %s: %s", self.outbox.tier, exc.message)
                 await asyncio.sleep(self.settings.idle_poll_s)
-            except Exception:  # noqa: BLE001 - the sender must outlive any one bug
+            except Exception:
                 log.exception("callbacks of %s: unexpected error", self.outbox.tier)
                 await asyncio.sleep(self.settings.idle_poll_s)
 

@@ -17,58 +17,58 @@ class OutboxSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_rows: int = Field(
-        100_000, ge=1,
+        default=100_000, ge=1,
         description="Most escalations held (queued, forwarding, dead, expired); beyond it new "
         "work that would need queueing is refused with 503 queue_full.",
     )
     max_bytes: int = Field(
-        256 * 1024 * 1024, ge=1024,
+        default=256 * 1024 * 1024, ge=1024,
         description="Most bytes of request bodies and provisional answers held in those rows.",
     )
     sqlite_synchronous: Literal["full", "normal"] = Field(
-        "full",
+        default="full",
         description="SQLite fsync policy: 'full' survives power loss; 'normal' (WAL) survives a "
         "process crash only but commits faster.",
     )
     commit_batch_max: int = Field(
-        512, ge=1, le=10_000, description="Most writes grouped into one commit (group commit)."
+        default=512, ge=1, le=10_000, description="Most writes grouped into one commit (group commit)."
     )
     forward_concurrency: int = Field(
-        16, ge=1, le=512, description="Most escalations the forwarder sends upstream at once."
+        default=16, ge=1, le=512, description="Most escalations the forwarder sends upstream at once."
     )
     send_timeout_ms: int = Field(
-        10_000, ge=50, le=600_000, description="Deadline of one forwarded send (all its retries)."
+        default=10_000, ge=50, le=600_000, description="Deadline of one forwarded send (all its retries)."
     )
-    retry_initial_s: float = Field(1.0, gt=0, description="First backoff after a failed send.")
-    retry_max_s: float = Field(300.0, gt=0, description="Longest backoff between failed sends.")
+    retry_initial_s: float = Field(default=1.0, gt=0, description="First backoff after a failed send.")
+    retry_max_s: float = Field(default=300.0, gt=0, description="Longest backoff between failed sends.")
     poll_initial_s: float = Field(
-        0.5, gt=0,
+        default=0.5, gt=0,
         description="First wait before asking the upstream again for the final answer of work it "
         "accepted provisionally.",
     )
-    poll_max_s: float = Field(30.0, gt=0, description="Longest wait between such polls.")
+    poll_max_s: float = Field(default=30.0, gt=0, description="Longest wait between such polls.")
     idle_poll_s: float = Field(
-        1.0, gt=0, le=60,
+        default=1.0, gt=0, le=60,
         description="How often an idle forwarder looks for due work (and for rows replayed by "
         "`cascade queue replay` from another process).",
     )
     sweep_interval_s: float = Field(
-        5.0, gt=0, description="How often TTL expiry and result retention are applied."
+        default=5.0, gt=0, description="How often TTL expiry and result retention are applied."
     )
     results_retention_s: float = Field(
-        7 * 86_400.0, gt=0,
+        default=7 * 86_400.0, gt=0,
         description="How long answers, finished escalations (done, dead, expired) and callback "
         "records are kept.",
     )
     callback_max_attempts: int = Field(
-        10, ge=1, le=1_000, description="POSTs of a final answer to a callback_url before 'failed'."
+        default=10, ge=1, le=1_000, description="POSTs of a final answer to a callback_url before 'failed'."
     )
-    callback_timeout_ms: int = Field(5_000, ge=50, description="Timeout of one callback POST.")
-    callback_retry_initial_s: float = Field(1.0, gt=0, description="First callback backoff.")
-    callback_retry_max_s: float = Field(300.0, gt=0, description="Longest callback backoff.")
+    callback_timeout_ms: int = Field(default=5_000, ge=50, description="Timeout of one callback POST.")
+    callback_retry_initial_s: float = Field(default=1.0, gt=0, description="First callback backoff.")
+    callback_retry_max_s: float = Field(default=300.0, gt=0, description="Longest callback backoff.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "OutboxSettings":
+    def _ordered(self) -> OutboxSettings:
         for low, high in (
             ("retry_initial_s", "retry_max_s"),
             ("poll_initial_s", "poll_max_s"),

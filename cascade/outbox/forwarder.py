@@ -25,7 +25,6 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-
 from cascade.deadline import Deadline
 from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
 from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json
@@ -44,7 +43,7 @@ _BUSY_RETRY_S = 0.2
 class Forwarder:
     """Drains one outbox into one upstream client (see the module docstring)."""
 
-    def __init__(self, outbox: "Outbox", upstream: Any, *, rng: random.Random | None = None) -> None:
+    def __init__(self, outbox: Outbox, upstream: Any, *, rng: random.Random | None = None) -> None:
         self.outbox = outbox
         self.upstream = upstream
         self.settings = outbox.settings
@@ -107,7 +106,7 @@ class Forwarder:
                 for row in rows:
                     task = asyncio.create_task(self._send(row), name=f"outbox-send-{row.id}")
                     self._sends[row.id] = task
-                    task.add_done_callback(lambda _t, id_=row.id: self._sends.pop(id_, None))
+                    task.add_done_callback(self._forget)
                 if state == "half_open":
                     await asyncio.gather(*self._sends.values(), return_exceptions=True)
             except asyncio.CancelledError:
@@ -115,9 +114,15 @@ class Forwarder:
             except ServiceUnavailable as exc:  # the database is unwell: say so, try again later
                 log.error("forwarder of %s: %s", self.outbox.tier, exc.message)
                 await self._idle(self.settings.idle_poll_s)
-            except Exception:  # noqa: BLE001 - the drain loop must outlive any one bug
+            except Exception:
                 log.exception("forwarder of %s: unexpected error", self.outbox.tier)
                 await self._idle(self.settings.idle_poll_s)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        """Done callback of a send: drop it from the in-flight map."""
+        for id_, running in list(self._sends.items()):
+            if running is task:
+                del self._sends[id_]
 
     async def _until_next_due(self) -> float:
         due = await self.outbox.next_due_at()
@@ -148,7 +153,7 @@ class Forwarder:
                 span.set_attribute("cascade.queue.outcome", outcome.kind)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - never lose the row to a bug: count an attempt
+        except Exception as exc:
             log.exception("forwarding %s failed unexpectedly", row.id)
             outcome = Outcome(row.id, "retry", error=f"{type(exc).__name__}: {exc}",
                               delay_s=self._retry_delay(row))

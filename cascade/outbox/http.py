@@ -25,20 +25,20 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 """Response header set to ``true`` when an answer was served from the store, not computed."""
 
 
-def outbox_of(node: "Node") -> Outbox | None:
+def outbox_of(node: Node) -> Outbox | None:
     """The node's durable outbox, if it has one."""
     queue = getattr(node, "escalations", None)
     return queue if isinstance(queue, Outbox) else None
 
 
-async def start_outbox(node: "Node") -> None:
+async def start_outbox(node: Node) -> None:
     """Lifespan start: the writer thread, the forwarder (if there is an upstream), callbacks."""
     outbox = outbox_of(node)
     if outbox is not None:
         await outbox.start(node.upstream)
 
 
-async def stop_outbox(node: "Node") -> None:
+async def stop_outbox(node: Node) -> None:
     """Lifespan end: stop sending, commit pending writes, close the database."""
     outbox = outbox_of(node)
     if outbox is not None:
@@ -46,7 +46,7 @@ async def stop_outbox(node: "Node") -> None:
 
 
 async def answer_infer(
-    node: "Node", request: "InferRequest", ctx: "CallContext"
+    node: Node, request: InferRequest, ctx: CallContext
 ) -> tuple[dict[str, Any], bool]:
     """``POST /v1/infer`` through the idempotency layer; returns ``(body, replayed)``."""
     outbox = outbox_of(node)
@@ -55,7 +55,7 @@ async def answer_infer(
     return await serve_infer(outbox, node, request, ctx)
 
 
-def register_outbox_routes(app: FastAPI, get_node: Callable[[], "Node | None"]) -> None:
+def register_outbox_routes(app: FastAPI, get_node: Callable[[], Node | None]) -> None:
     """Add ``GET /v1/results/{id}`` (latest answer, escalation and callback state) and
     ``GET /v1/outbox`` (queue depth, caps and counters such as refusals)."""
     from cascade.api import json_response
@@ -81,7 +81,7 @@ def register_outbox_routes(app: FastAPI, get_node: Callable[[], "Node | None"]) 
         return json_response({"tier": outbox.tier, **outbox.metrics()})
 
 
-def _outbox(get_node: Callable[[], "Node | None"]) -> Outbox:
+def _outbox(get_node: Callable[[], Node | None]) -> Outbox:
     node = get_node()
     outbox = outbox_of(node) if node is not None else None
     if outbox is None:

@@ -44,7 +44,7 @@ current_scope: ContextVar[CallScope | None] = ContextVar("cascade_outbox_scope",
 
 
 async def serve_infer(
-    outbox: "Outbox", node: "Node", request: "InferRequest", ctx: "CallContext"
+    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext
 ) -> tuple[dict[str, Any], bool]:
     """Answer one request idempotently; returns ``(body, replayed)``."""
     key = ctx.request_id or request.request_id
@@ -78,7 +78,7 @@ async def serve_infer(
 
 
 async def _compute(
-    outbox: "Outbox", node: "Node", request: "InferRequest", ctx: "CallContext", scope: CallScope
+    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext, scope: CallScope
 ) -> dict[str, Any]:
     token = current_scope.set(scope)
     try:
@@ -91,7 +91,7 @@ async def _compute(
 
 
 async def _track_handover(
-    outbox: "Outbox", node: "Node", request: "InferRequest", ctx: "CallContext",
+    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext,
     response: dict[str, Any],
 ) -> None:
     """The upstream answered provisionally (it queued the work): keep our own record of it.

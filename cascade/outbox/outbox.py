@@ -33,8 +33,8 @@ from cascade.outbox.store import (
     ClaimedCallback,
     EnqueueJob,
     HeldCounters,
-    Outcome,
     OutboxWrites,
+    Outcome,
     SaveResult,
 )
 from cascade.outbox.views import iso, next_callback_due_at, next_due_at, read_result
@@ -83,7 +83,7 @@ class Outbox:
         self._started = False
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Outbox":
+    def from_settings(cls, settings: Any) -> Outbox:
         """The outbox a node config asks for (``outbox_url`` and the ``outbox:`` block)."""
         return cls(settings.resolved_outbox_url, tier=settings.tier,
                    settings=getattr(settings, "outbox", None))

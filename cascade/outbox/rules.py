@@ -43,8 +43,8 @@ def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random |
     near-zero delays, which would let thousands of rows hammer a failing upstream in lockstep;
     equal jitter still spreads them while guaranteeing a floor.
     """
-    step = min(max_s, initial_s * (2 ** max(0, attempt - 1)))
-    return step / 2 + (rng or random).uniform(0, step / 2)
+    step = min(max_s, initial_s * (2.0 ** max(0, attempt - 1)))
+    return float(step / 2 + (rng or random).uniform(0, step / 2))
 
 
 def merge_upstream_answer(stored: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:

@@ -12,14 +12,17 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import orjson
 import sqlalchemy as sa
 
 from cascade.errors import ServiceUnavailable
+from cascade.outbox import maintenance
 from cascade.outbox.config import OutboxSettings
-from cascade.outbox.tables import HELD_STATES, LIVE_STATES, callbacks, outbox, results
+from cascade.outbox.maintenance import chunks
+from cascade.outbox.tables import callbacks, outbox, results
 from cascade.outbox.writer import Batch, Handler
 
 log = logging.getLogger("cascade.outbox")
@@ -130,16 +133,14 @@ class HeldCounters:
 
 
 def _insert(conn: sa.Connection, table: sa.Table) -> Any:
+    """INSERT with ``on_conflict_do_*`` (same API in both dialects)."""
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
+        from sqlalchemy.dialects import postgresql
 
+        return postgresql.insert(table)
+    from sqlalchemy.dialects import sqlite
 
-def _chunks(items: Sequence[Any], size: int = 400) -> list[Sequence[Any]]:
-    # Stay under SQLite's bound-parameter limit for IN (...) lists.
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return sqlite.insert(table)
 
 
 class OutboxWrites:
@@ -159,12 +160,12 @@ class OutboxWrites:
             "save_result": self.save_result,
             "claim": self.claim,
             "outcome": self.outcome,
-            "sweep": self.sweep,
-            "release_backoff": self.release_backoff,
-            "release_leases": self.release_leases,
-            "replay": self.replay,
-            "purge": self.purge,
-            "recount": self.recount,
+            "sweep": partial(maintenance.sweep, self),
+            "release_backoff": partial(maintenance.release_backoff, self),
+            "release_leases": partial(maintenance.release_leases, self),
+            "replay": partial(maintenance.replay, self),
+            "purge": partial(maintenance.purge, self),
+            "recount": partial(maintenance.recount, self),
             "claim_callbacks": self.claim_callbacks,
             "callback_outcome": self.callback_outcome,
         }
@@ -174,7 +175,7 @@ class OutboxWrites:
     def enqueue(self, batch: Batch, jobs: Sequence[EnqueueJob]) -> list[Any]:
         conn, now, s = batch.conn, batch.now, self.settings
         existing: dict[str, str] = {}
-        for chunk in _chunks([j.id for j in jobs]):
+        for chunk in chunks([j.id for j in jobs]):
             for row in conn.execute(sa.select(outbox.c.id, outbox.c.state)
                                     .where(outbox.c.id.in_(chunk))):
                 existing[row.id] = row.state
@@ -279,7 +280,8 @@ class OutboxWrites:
                 .limit(limit)
                 .with_for_update(skip_locked=True, of=outbox)
             ).all()
-            claimed, expired = [], []
+            claimed: list[Any] = []
+            expired: list[Any] = []
             for r in rows:
                 (expired if r.expires_at <= now else claimed).append(r)
             if claimed:
@@ -288,7 +290,7 @@ class OutboxWrites:
                     .values(state="forwarding", updated_at=now,
                             next_attempt_at=now + self.settings.lease_s))
             if expired:
-                self._expire(batch, [r.id for r in expired])
+                self.expire(batch, [r.id for r in expired])
             out.append([
                 Claimed(r.id, r.task, orjson.loads(r.body), r.hop_count, r.traceparent,
                         bool(r.handed_over), r.attempts, r.max_attempts, r.polls,
@@ -319,7 +321,7 @@ class OutboxWrites:
                     state="done", updated_at=now, next_attempt_at=None, last_error=None,
                     retain_until=now + s.results_retention_s))
                 if row.callback_url:
-                    self._arm_callback(conn, job.id, row.callback_url, now)
+                    self.arm_callback(conn, job.id, row.callback_url, now)
                 self._finish(batch, row.size_bytes, held=False)
                 self.stats["delivered"] += 1
                 states.append("done")
@@ -352,7 +354,7 @@ class OutboxWrites:
                 states.append("dead")
         return states
 
-    def _arm_callback(self, conn: sa.Connection, id_: str, url: str, now: float) -> None:
+    def arm_callback(self, conn: sa.Connection, id_: str, url: str, now: float) -> None:
         ins = _insert(conn, callbacks)
         conn.execute(ins.on_conflict_do_update(
             index_elements=["id"],
@@ -369,9 +371,9 @@ class OutboxWrites:
         else:
             batch.after_commit(lambda: self.counters.add(-1, -size, -1))
 
-    def _expire(self, batch: Batch, ids: Sequence[str]) -> None:
+    def expire(self, batch: Batch, ids: Sequence[str]) -> None:
         now = batch.now
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             batch.conn.execute(outbox.update().where(outbox.c.id.in_(chunk)).values(
                 state="expired", updated_at=now, next_attempt_at=None,
                 last_error=sa.func.coalesce(outbox.c.last_error, "") + " [expired: TTL reached]",
@@ -380,117 +382,12 @@ class OutboxWrites:
         batch.after_commit(lambda: self.counters.add(0, 0, -n))
         self.stats["expired"] += n
 
-    def sweep(self, batch: Batch, jobs: Sequence[None]) -> list[Any]:
-        """TTL expiry of live rows, then retention of finished rows, results and callbacks."""
-        conn, now = batch.conn, batch.now
-        expired = conn.execute(
-            sa.select(outbox.c.id)
-            .where(sa.text("next_attempt_at IS NOT NULL"), outbox.c.expires_at <= now)).all()
-        if expired:
-            self._expire(batch, [r.id for r in expired])
-        gone = conn.execute(sa.select(outbox.c.state, sa.func.count(), sa.func.sum(outbox.c.size_bytes))
-                            .where(outbox.c.retain_until <= now).group_by(outbox.c.state)).all()
-        conn.execute(outbox.delete().where(outbox.c.retain_until <= now))
-        live_ids = sa.select(outbox.c.id).where(outbox.c.next_attempt_at.is_not(None))
-        purged_results = conn.execute(results.delete().where(
-            results.c.retain_until <= now, results.c.id.not_in(live_ids))).rowcount
-        conn.execute(callbacks.delete().where(callbacks.c.retain_until <= now))
-        held_rows = sum(n for state, n, _ in gone if state in HELD_STATES)
-        held_bytes = sum(b or 0 for state, _, b in gone if state in HELD_STATES)
-        if held_rows:
-            batch.after_commit(lambda: self.counters.add(-held_rows, -held_bytes, 0))
-            log.info("retention: removed %d dead/expired escalations older than %.0f s",
-                     held_rows, self.settings.results_retention_s)
-        return [{"expired": len(expired), "retired": sum(n for _, n, _ in gone),
-                 "results_removed": purged_results}] * len(jobs)
-
-    def release_backoff(self, batch: Batch, jobs: Sequence[None]) -> list[Any]:
-        """The upstream is back: queued rows waiting out a backoff are due now, oldest first."""
-        n = batch.conn.execute(outbox.update().where(
-            outbox.c.next_attempt_at > batch.now, outbox.c.state == "queued"
-        ).values(next_attempt_at=outbox.c.created_at)).rowcount
-        return [n] * len(jobs)
-
-    def release_leases(self, batch: Batch, jobs: Sequence[None]) -> list[Any]:
-        """Void every lease (a restarted process owns a SQLite outbox alone): due now."""
-        n = batch.conn.execute(outbox.update().where(
-            outbox.c.state == "forwarding", outbox.c.next_attempt_at > batch.now
-        ).values(next_attempt_at=batch.now)).rowcount
-        return [n] * len(jobs)
-
-    # -- operators ------------------------------------------------------------------------------
-
-    def replay(self, batch: Batch, jobs: Sequence[tuple[str, ...]]) -> list[Any]:
-        """Each job is ``("id", ID)`` or ``("state", "dead"|"expired")``: make rows due again.
-
-        A fresh TTL and attempt budget are given; a done row with a failed callback gets its
-        callback re-armed instead. Returns how many rows were replayed.
-        """
-        conn, now = batch.conn, batch.now
-        out = []
-        for selector, value in jobs:
-            cond = outbox.c.id == value if selector == "id" else outbox.c.state == value
-            rows = conn.execute(sa.select(outbox.c.id, outbox.c.state, outbox.c.size_bytes,
-                                          outbox.c.callback_url).where(cond)).all()
-            n = 0
-            for r in rows:
-                if r.state in ("dead", "expired"):
-                    conn.execute(outbox.update().where(outbox.c.id == r.id).values(
-                        state="queued", handed_over=False, attempts=0, polls=0, updated_at=now,
-                        next_attempt_at=now, expires_at=now + outbox.c.ttl_s, retain_until=None,
-                        last_error="replayed by operator; was: " + sa.func.coalesce(
-                            outbox.c.last_error, "")))
-                    batch.after_commit(lambda: self.counters.add(0, 0, 1))
-                    n += 1
-                elif r.state == "done" and r.callback_url:
-                    failed = conn.execute(sa.select(callbacks.c.state).where(
-                        callbacks.c.id == r.id)).scalar()
-                    if failed == "failed":
-                        self._arm_callback(conn, r.id, r.callback_url, now)
-                        n += 1
-            out.append(n)
-        return out
-
-    def purge(self, batch: Batch, jobs: Sequence[tuple[tuple[str, ...], float | None]]) -> list[Any]:
-        """Each job is (states, older_than_s): delete finished rows in those states."""
-        conn, now = batch.conn, batch.now
-        out = []
-        for states, older_than_s in jobs:
-            bad = set(states) & set(LIVE_STATES)
-            if bad:
-                raise ValueError(f"live rows ({', '.join(sorted(bad))}) cannot be purged")
-            cond = [outbox.c.state.in_(states)]
-            if older_than_s is not None:
-                cond.append(outbox.c.updated_at <= now - older_than_s)
-            rows = conn.execute(sa.select(outbox.c.id, outbox.c.state, outbox.c.size_bytes)
-                                .where(*cond)).all()
-            ids = [r.id for r in rows]
-            for chunk in _chunks(ids):
-                conn.execute(outbox.delete().where(outbox.c.id.in_(chunk)))
-                conn.execute(callbacks.delete().where(callbacks.c.id.in_(chunk)))
-            held = [r for r in rows if r.state in HELD_STATES]
-            size = sum(r.size_bytes for r in held)
-            batch.after_commit(lambda n=len(held), b=size: self.counters.add(-n, -b, 0))
-            out.append(len(ids))
-        return out
-
-    def recount(self, batch: Batch, jobs: Sequence[None]) -> list[Any]:
-        """Re-read the held counters from the database (after another process changed it)."""
-        rows = batch.conn.execute(
-            sa.select(outbox.c.state, sa.func.count(), sa.func.sum(outbox.c.size_bytes))
-            .where(outbox.c.state.in_(HELD_STATES)).group_by(outbox.c.state)).all()
-        held = sum(n for _, n, _ in rows)
-        size = sum(b or 0 for _, _, b in rows)
-        live = sum(n for state, n, _ in rows if state in LIVE_STATES)
-        batch.after_commit(lambda: self.counters.set(held, size, live))
-        return [(held, size, live)] * len(jobs)
-
     # -- callbacks ------------------------------------------------------------------------------
 
     def claim_callbacks(self, batch: Batch, jobs: Sequence[int]) -> list[Any]:
         conn, now = batch.conn, batch.now
         lease = self.settings.callback_timeout_ms / 1000.0 * 2 + 5.0
-        out = []
+        out: list[Any] = []
         for limit in jobs:
             rows = conn.execute(
                 sa.select(callbacks.c.id, callbacks.c.url, callbacks.c.attempts,
@@ -509,7 +406,7 @@ class OutboxWrites:
     ) -> list[Any]:
         """Each job is (id, delivered, error, retry_delay_s)."""
         conn, now = batch.conn, batch.now
-        out = []
+        out: list[Any] = []
         for id_, delivered, error, delay in jobs:
             row = conn.execute(sa.select(callbacks.c.attempts, callbacks.c.max_attempts)
                                .where(callbacks.c.id == id_)).first()

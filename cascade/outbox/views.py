@@ -20,7 +20,7 @@ def iso(ts: float | None) -> str | None:
     """UNIX seconds as ISO-8601 UTC with milliseconds (``2025-01-31T12:00:00.000Z``)."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds") \
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds") \
         .replace("+00:00", "Z")
 
 

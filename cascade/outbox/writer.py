@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cascade.errors import CascadeError, ServiceUnavailable
+from cascade.errors import ServiceUnavailable
 from cascade.outbox.engine import storage_unavailable, writer_connection
 
 log = logging.getLogger("cascade.outbox")
@@ -157,11 +157,13 @@ class GroupCommitWriter:
                 outcomes = self._commit(conn, jobs)
             except sa.exc.SQLAlchemyError as exc:
                 self.stats["failed_batches"] += 1
-                conn = _discard(conn)
+                _discard(conn)
+                conn = None
                 outcomes = self._isolate(jobs, exc)
-            except Exception as exc:  # noqa: BLE001 - a bug must fail its callers, not the thread
+            except Exception as exc:
                 log.exception("outbox writer: unexpected error")
-                conn = _discard(conn)
+                _discard(conn)
+                conn = None
                 outcomes = [exc] * len(jobs)
             _deliver(jobs, outcomes)
         _discard(conn)
@@ -198,10 +200,12 @@ class GroupCommitWriter:
                     conn = writer_connection(self._engine)
                 outcomes.extend(self._commit(conn, [job]))
             except sa.exc.SQLAlchemyError as exc:
-                conn = _discard(conn)
+                _discard(conn)
+                conn = None
                 outcomes.append(storage_unavailable(exc, url=self._engine.url))
             except Exception as exc:  # noqa: BLE001
-                conn = _discard(conn)
+                _discard(conn)
+                conn = None
                 outcomes.append(exc)
         _discard(conn)
         failed = sum(isinstance(o, BaseException) for o in outcomes)
@@ -240,12 +244,12 @@ def _settle_all(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 def _discard(conn: sa.Connection | None) -> None:
+    """Close a connection that may be broken; always returns None (to clear the caller's)."""
     if conn is not None:
         try:
             conn.close()
-        except Exception:  # noqa: BLE001 - a broken connection may fail to close; drop it anyway
+        except Exception:  # noqa: BLE001, S110 - a broken connection may fail to close; drop it
             pass
-    return None
 
 
 __all__ = ["Batch", "GroupCommitWriter", "Handler"]

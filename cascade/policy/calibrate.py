@@ -128,7 +128,12 @@ def oracle_curve(correct: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
 
 def oracle_escalations_for(correct: Sequence[np.ndarray], accuracy: float) -> float | None:
     """Fewest escalations per request the oracle needs to reach ``accuracy`` (None: it cannot)."""
-    esc, acc = oracle_curve(correct)
+    return oracle_escalations_at(oracle_curve(correct), accuracy)
+
+
+def oracle_escalations_at(curve: tuple[np.ndarray, np.ndarray], accuracy: float) -> float | None:
+    """On an :func:`oracle_curve`, the fewest escalations per request reaching ``accuracy``."""
+    esc, acc = curve
     reach = np.flatnonzero(acc >= accuracy - 1e-12)
     return float(esc[reach[0]]) if len(reach) else None
 

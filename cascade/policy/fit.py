@@ -16,18 +16,19 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from cascade.gate import GateRule, SignalName
+from cascade.gate import SIGNAL_NAMES, GateRule, SignalName
 from cascade.policy.calibrate import CascadeOutcome, oracle_escalations_for
 from cascade.policy.calibration import CalibrationFit, Method, fit_calibration, gate_confidences
 from cascade.policy.goals import Goals
-from cascade.policy.search import SearchResult, search_thresholds
+from cascade.policy.search import SearchResult, cross_validate, search_thresholds
 
 
 @dataclass(frozen=True)
 class FitOptions:
     """Knobs of one calibration run."""
 
-    signal: SignalName = "max_prob"
+    signal: SignalName | Literal["auto"] = "max_prob"
+    """A signal, or ``auto``: per task the one whose thresholds do best under cross-validation."""
     calibration: Method | Literal["auto"] = "auto"
     per_class: bool = True
     class_min_support: int = 20
@@ -58,6 +59,9 @@ class TaskFit:
     tiers: list[TierReport]
     search: SearchResult
     oracle_escalations: float | None
+    signal: SignalName = "max_prob"
+    signal_cv: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """With ``--signal auto``: per signal, the cross-validated (violation, cost...) key."""
     section: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,16 +82,26 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
     from cascade.evaluation import predict_split
 
     labels, preds = predict_split(models_dir, task, list(tiers), options.split)
-    reports_fit: list[CalibrationFit] = []
-    conf, correct = [], []
-    for tier in tiers:
-        p = preds[tier]
-        fit = fit_calibration(p.probabilities, true_indices(p.classes, labels),
-                              signal=options.signal, method=options.calibration)
-        reports_fit.append(fit)
-        _, c = gate_confidences(p.probabilities, GateRule(options.signal, 0.0, calibration=fit.calibration))
-        conf.append(c)
-        correct.append(p.correct)
+    correct = [preds[t].correct for t in tiers]
+    signals: tuple[SignalName, ...] = SIGNAL_NAMES if options.signal == "auto" \
+        else (options.signal,)  # type: ignore[assignment]
+    fitted_by_signal = {}
+    for sig in signals:
+        fits, conf = [], []
+        for tier in tiers:
+            p = preds[tier]
+            fit = fit_calibration(p.probabilities, true_indices(p.classes, labels), signal=sig,
+                                  method=options.calibration)
+            fits.append(fit)
+            conf.append(gate_confidences(p.probabilities, GateRule(sig, 0.0, calibration=fit.calibration))[1])
+        fitted_by_signal[sig] = (fits, conf)
+    signal_cv: dict[str, tuple[float, ...]] = {}
+    if len(signals) > 1:
+        for sig, (_, conf) in fitted_by_signal.items():
+            key, _ = cross_validate(tiers, conf, correct, goals)
+            signal_cv[sig] = tuple(round(float(v), 9) for v in key)
+    chosen = min(signals, key=lambda s: (signal_cv.get(s, ()), signals.index(s)))
+    reports_fit, conf = fitted_by_signal[chosen]
     predicted = [preds[t].predicted for t in tiers] if options.per_class else None
     search = search_thresholds(tiers, conf, correct, goals, predicted=predicted, grid=options.grid,
                                class_min_support=options.class_min_support)
@@ -100,6 +114,7 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
         task=task, samples=len(labels), goals=goals,
         resolved_goals=goals.resolved(preds[tiers[-1]].accuracy), tiers=reports, search=search,
         oracle_escalations=oracle_escalations_for(correct, search.outcome.accuracy),
+        signal=chosen, signal_cv=signal_cv,
     )
     return TaskFit(**{**fitted.__dict__, "section": task_section(fitted, options, base_section)})
 
@@ -133,7 +148,7 @@ def task_section(fitted: TaskFit, options: FitOptions, base: dict[str, Any] | No
         section["goals"] = goals
     section["tiers"] = {}
     for i, report in enumerate(fitted.tiers):
-        tier: dict[str, Any] = {"signal": options.signal,
+        tier: dict[str, Any] = {"signal": fitted.signal,
                                 "threshold": _round_threshold(report.threshold)}
         if report.class_thresholds:
             tier["class_thresholds"] = {k: _round_threshold(v)
@@ -174,7 +189,7 @@ def header_lines(command: str, models_dir: Path, build_key: str, fits: Sequence[
         top = f.tiers[-1]
         oracle = "n/a" if not f.oracle_escalations else f"{o.escalations_per_request / f.oracle_escalations:.1f}x"
         lines.append(
-            f"  {f.task} ({f.samples} samples), goal {f.goals.describe()}: accuracy "
+            f"  {f.task} ({f.samples} samples, signal {f.signal}), goal {f.goals.describe()}: accuracy "
             f"{o.accuracy:.4f} (top alone {top.accuracy_alone:.4f}), cloud share {o.top_share:.1%}, "
             f"{o.escalations_per_request:.3f} escalations/request ({oracle} the oracle's)"
         )

@@ -38,6 +38,7 @@ class PolicyReloader:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sighup = False
+        self._refused_sha256: str | None = None  # report a bad file once, not on every event
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -70,11 +71,19 @@ class PolicyReloader:
         from watchfiles import awatch
 
         directory = self.path.parent.resolve()
+        name = self.path.name
+
+        def relevant(_change: object, changed: str) -> bool:
+            # The file itself, or a ConfigMap-style "..data" symlink swap; not the databases or
+            # logs that may share the directory.
+            base = Path(changed).name
+            return base == name or base.startswith("..")
+
         while not self._stop.is_set():
             try:
                 async for _changes in awatch(directory, stop_event=self._stop,
-                                             debounce=self.debounce_ms, step=25,
-                                             rust_timeout=500, yield_on_timeout=False):
+                                             watch_filter=relevant, debounce=self.debounce_ms,
+                                             step=25, rust_timeout=500, yield_on_timeout=False):
                     self.reload("file change")
             except Exception as exc:  # noqa: BLE001 - a broken watcher must not kill the tier
                 log.error("policy watcher on %s failed (%s); retrying in 1 s; SIGHUP still works",
@@ -99,13 +108,16 @@ class PolicyReloader:
             return self._reject(f"{source}: no such policy file (keeping the old policy)", reason)
         except OSError as exc:
             return self._reject(f"{source}: cannot read: {exc.strerror}", reason)
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == self.node.policy.sha256 or digest == self._refused_sha256:
+            return False  # touched, or the same bad file again: nothing new to apply or report
         try:
-            if hashlib.sha256(raw).hexdigest() == self.node.policy.sha256:
-                return False  # touched, or a change elsewhere in the directory
             new = load_policy_bytes(raw, source=source)
             self.node.set_policy(new)
         except CascadeError as exc:
+            self._refused_sha256 = digest
             return self._reject(exc.message, reason)
+        self._refused_sha256 = None
         stats["reloads"] += 1
         stats["last_error"] = None
         log.info("policy %s reloaded (%s): version %s", source, reason, new.version)

@@ -198,6 +198,40 @@ def search_thresholds(
     return _result(tiers, conf, correct, goals, thresholds, class_thr, predicted)
 
 
+def cross_validate(
+    tiers: Sequence[str],
+    conf: Sequence[np.ndarray],
+    correct: Sequence[np.ndarray],
+    goals: Goals,
+    *,
+    predicted: Sequence[Sequence[str]] | None = None,
+    folds: int = 5,
+    grid: int = 32,
+    class_min_support: int = 20,
+    class_min_gain: int | None = None,
+) -> tuple[np.ndarray, CascadeOutcome]:
+    """Out-of-sample quality of the search itself: thresholds searched on k-1 folds, applied to
+    the held-out fold, pooled. Returns (sort key, smaller is better; outcome)."""
+    n = len(correct[0])
+    goals = goals.resolved(float(np.mean(correct[-1])) if n else None)
+    fold_of = np.random.default_rng(0).permutation(n) % folds
+    held = [np.zeros(n) for _ in tiers]
+    for k in range(folds):
+        train, test = fold_of != k, fold_of == k
+        sub = lambda arrays: [np.asarray(a)[train] for a in arrays]  # noqa: E731
+        r = search_thresholds(
+            tiers, sub(conf), sub(correct), goals, grid=grid,
+            predicted=[list(p) for p in sub(predicted)] if predicted is not None else None,
+            class_min_support=max(1, round(class_min_support * (folds - 1) / folds)),
+            class_min_gain=class_min_gain, class_cv_folds=0,
+        )
+        for i, (t, ct) in enumerate(zip(r.thresholds, r.class_thresholds)):
+            held[i][test] = per_sample_thresholds(
+                t, ct, list(np.asarray(predicted[i])[test]) if predicted is not None else None)
+    key, out, _ = _evaluate(tiers, conf, correct, goals, held, [{} for _ in tiers], None)
+    return key, out
+
+
 def _per_class_generalises(tiers: Sequence[str], conf: Sequence[np.ndarray],
                            correct: Sequence[np.ndarray], predicted: Sequence[Sequence[str]],
                            goals: Goals, *, grid: int, folds: int, class_min_support: int,
@@ -207,31 +241,12 @@ def _per_class_generalises(tiers: Sequence[str], conf: Sequence[np.ndarray],
     A class threshold fitted on a few dozen samples easily memorises them (a class with no
     mistakes in the split gets "answer everything"); keep them only if held-out folds agree.
     """
-    n = len(correct[0])
-    fold_of = np.random.default_rng(0).permutation(n) % folds
-    held: dict[bool, list[tuple[list[float | np.ndarray], np.ndarray]]] = {False: [], True: []}
-    for k in range(folds):
-        train, test = fold_of != k, fold_of == k
-        sub = lambda arrays: [np.asarray(a)[train] for a in arrays]  # noqa: E731
-        for per_class in (False, True):
-            r = search_thresholds(
-                tiers, sub(conf), sub(correct), goals, grid=max(8, grid // 2),
-                predicted=[list(p) for p in sub(predicted)] if per_class else None,
-                class_min_support=max(1, round(class_min_support * (folds - 1) / folds)),
-                class_min_gain=gain, class_cv_folds=0,
-            )
-            thr = [per_sample_thresholds(t, ct, list(np.asarray(predicted[i])[test]))
-                   for i, (t, ct) in enumerate(zip(r.thresholds, r.class_thresholds))]
-            held[per_class].append((thr, test))
-    keys = {}
-    for per_class, parts in held.items():
-        full = [np.zeros(n) for _ in tiers]
-        for thr, test in parts:
-            for i, t in enumerate(thr):
-                full[i][test] = t
-        keys[per_class], _, _ = _evaluate(tiers, conf, correct, goals, full,
-                                          [{} for _ in tiers], None)
-    return _better(keys[True], keys[False]) and _gain(keys[False], keys[True]) >= gain
+    common = dict(folds=folds, grid=max(8, grid // 2), class_min_support=class_min_support,
+                  class_min_gain=gain)
+    plain, _ = cross_validate(tiers, conf, correct, goals, **common)  # type: ignore[arg-type]
+    per_class, _ = cross_validate(tiers, conf, correct, goals, predicted=predicted,
+                                  **common)  # type: ignore[arg-type]
+    return _better(per_class, plain) and _gain(plain, per_class) >= gain
 
 
 def per_sample_thresholds(

@@ -69,7 +69,7 @@ class FaultProxy:
 
     # -- control (any thread) -------------------------------------------------------------------
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._thread.start()
         self._call(self._start_server())
         return self
@@ -78,6 +78,7 @@ class FaultProxy:
         self._call(self._stop_server())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
     @property
     def url(self) -> str:
@@ -106,6 +107,10 @@ class FaultProxy:
             self._server.close()
         for conn in list(self._conns):
             self._kill(conn)
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _set(self, mode: Mode | None, delay_ms: float | None, bandwidth: Any) -> None:
         if delay_ms is not None:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.fault.conftest import post, wait_for
+from tests.fault.harness import post, wait_for, write_policy
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +94,39 @@ def test_lost_response_is_not_computed_twice_upstream(tiers, proxy_to, hard_imag
         again = post(client, upstream.url, {**body, "input": {"image": hard_images[1]}},
                      key="lost-queued")
         assert again.headers.get("Idempotent-Replayed") == "true"
+
+
+def test_outage_further_up_is_handed_over_and_polled_down(tiers, proxy_to, callbacks, tmp_path,
+                                                          hard_images):
+    """endpoint → edge-node ⇢ (cut) ⇢ edge-server: the edge-node queues, the endpoint answers
+    with the edge-node's provisional answer, tracks it, and fires the callback once."""
+    policy = write_policy(tmp_path / "two-escalate.yaml", escalating=("endpoint", "edge-node"))
+    server = tiers("edge-server", policy_path=policy)
+    proxy = proxy_to(server.url)
+    node = tiers("edge-node", upstream=proxy.url, policy_path=policy)
+    endpoint = tiers("endpoint", upstream=node.url, policy_path=policy)
+    proxy.set(mode="reset")
+    n = 5
+    with httpx.Client() as client:
+        answers = [post(client, endpoint.url, {"task": "vision", "input": {"image": hard_images[i]},
+                                               "callback_url": callbacks.url}, key=f"up-{i}").json()
+                   for i in range(n)]
+        assert {a["status"] for a in answers} == {"provisional"}
+        assert {a["answered_by"] for a in answers} == {"edge-node"}
+        assert {a["escalation"]["state"] for a in answers} == {"forwarding"}  # handed over
+        assert {a["escalation"]["upstream"]["held_by"] for a in answers} == {"edge-node"}
+        assert all(node.states()[f"up-{i}"] in ("queued", "forwarding") for i in range(n))
+        proxy.set(mode="pass")
+        wait_for(lambda: all(endpoint.states()[f"up-{i}"] == "done" for i in range(n)),
+                 timeout_s=60, what="the endpoint saw every final answer")
+        for i in range(n):
+            final = client.get(f"{endpoint.url}/v1/results/up-{i}").json()
+            assert (final["status"], final["answered_by"]) == ("final", "edge-server")
+            assert [h["tier"] for h in final["hops"]] == ["endpoint", "edge-node", "edge-server"]
+    wait_for(lambda: endpoint.query(
+        "SELECT count(*) FROM cascade_callbacks WHERE state = 'delivered'") == [(n,)],
+        timeout_s=30, what="every callback delivered")
+    assert Counter(k for k, _ in callbacks.received) == Counter({f"up-{i}": 1 for i in range(n)})
+    assert node.query("SELECT count(*) FROM cascade_callbacks") == [(0,)]  # only hop 0 fires
+    computed = dict(server.query("SELECT id, computations FROM cascade_results"))
+    assert computed == {f"up-{i}": 1 for i in range(n)}

@@ -35,7 +35,7 @@ def test_split_predictions(models_dir):
     for task in ("vision", "documents"):
         inputs, labels = load_split(models_dir, task, "test")
         _, preds = predict_split(models_dir, task, TIERS, "test")
-        conf = {t: preds[t].confidences(policy.rule(task, t).signal) for t in TIERS}
+        conf = {t: preds[t].confidences(policy.rule(task, t)) for t in TIERS}  # calibrated
         thresholds = {t: policy.rule(task, t).threshold for t in TIERS}
         out[task] = (inputs, labels, conf, thresholds)
     return out

@@ -1,0 +1,400 @@
+"""Offline store-and-forward, measured side by side in one run (issue 4).
+
+A. Durable enqueue rate, in process: ``Outbox.enqueue`` from 256 concurrent tasks on a SQLite
+   file (synchronous=FULL: every acknowledged escalation is fsynced), with group commit and with
+   group commit off (one commit per escalation), and on PostgreSQL when its server binaries
+   are installed. Each enqueue returns only after its batch committed.
+B. End to end, real processes (endpoint → fault proxy → edge-node), default settings, the uplink
+   blackholed: interleaved wrk rounds of (1) requests the endpoint answers locally and
+   (2) requests it must escalate, which it answers provisionally after committing the
+   escalation. Latency percentiles come from the same load generator in the same run; the
+   escalating rounds' request rate is the durable enqueue rate over HTTP.
+C. Drain: a fresh endpoint queues 10,000 escalations while the uplink is cut; the link comes
+   back; time until the outbox is empty, while a live client keeps sending (are live requests
+   starved by the backlog?).
+D. Crash: ``--crash-rounds`` SIGKILLs of the endpoint at random moments (the same loop as
+   tests/fault/test_crash.py), checking lost = 0 and duplicates = 0.
+
+Writes reports/outbox.json and reports/outbox.md.
+Run: python benchmarks/bench_outbox.py [--quick] [--crash-rounds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx
+
+from cascade.bench.load import run_load
+from tests.fault.harness import Tier, crash_rounds, wait_for, write_policy
+from tests.fault.proxy import FaultProxy
+
+POLICY = """\
+version: 1
+name: bench-outbox
+tasks:
+  vision:
+    deadline_ms: 2000
+    tiers:
+      endpoint: {threshold: %(threshold)s}
+      edge-node: {threshold: 0.0}
+"""
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` to ``cpus`` (Linux; a no-op elsewhere)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), cpus)
+    except (OSError, AttributeError):
+        pass
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# -- A. in-process enqueue rate ----------------------------------------------------------------
+
+def enqueue_rate(url: str, n: int, concurrency: int, **settings: Any) -> dict[str, Any]:
+    from cascade.escalation import PendingEscalation
+    from cascade.outbox import Outbox, OutboxSettings
+
+    image = [[float((r * 8 + c) % 17) for c in range(8)] for r in range(8)]
+
+    def item(i: int) -> PendingEscalation:
+        rid = f"bench-{i}"
+        return PendingEscalation(
+            id=rid, task="vision", body={"task": "vision", "input": {"image": image}},
+            provisional={"id": rid, "task": "vision", "label": "3", "confidence": 0.41,
+                         "status": "provisional", "answered_by": "endpoint",
+                         "hops": [{"tier": "endpoint", "model": "vision/endpoint",
+                                   "confidence": 0.41, "decision": "escalate", "ms": 0.4}],
+                         "trace_id": "0" * 32},
+            reason="upstream unavailable", hop_count=1, ttl_s=86400, max_attempts=20,
+            traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+
+    async def run() -> dict[str, Any]:
+        box = Outbox(url, tier="endpoint",
+                     settings=OutboxSettings(max_rows=10 * n, **settings))
+        await box.start(background=False)
+        sem = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+
+        async def one(i: int) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                await box.enqueue(item(i))
+                latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        elapsed = time.perf_counter() - started
+        stats = dict(box.writer.stats)
+        await box.aclose()
+        return {"n": n, "concurrency": concurrency, "seconds": round(elapsed, 3),
+                "per_s": round(n / elapsed), "commits": stats["batches"],
+                "mean_batch": round(stats["jobs"] / max(1, stats["batches"]), 1),
+                "p50_ms": round(pct(latencies, 0.5) * 1000, 2),
+                "p99_ms": round(pct(latencies, 0.99) * 1000, 2)}
+
+    return asyncio.run(run())
+
+
+def part_a(tmp: Path, n: int) -> dict[str, Any]:
+    out = {
+        "sqlite_group_commit": enqueue_rate(f"sqlite:///{tmp}/a1.db", n, 256),
+        "sqlite_one_commit_each": enqueue_rate(f"sqlite:///{tmp}/a2.db", max(2000, n // 5), 256,
+                                               commit_batch_max=1),
+    }
+    try:
+        from tests.contract.pgserver import PostgresServer, find_bindir
+
+        if find_bindir() is not None:
+            server = PostgresServer.start()
+            try:
+                out["postgresql_group_commit"] = enqueue_rate(server.url, n, 256)
+            finally:
+                server.stop()
+    except Exception as exc:
+        out["postgresql_group_commit"] = {"error": str(exc)[:200]}
+    return out
+
+
+# -- B/C. real processes -------------------------------------------------------------------------
+
+def images(models_dir: Path) -> tuple[list[Any], list[Any], float]:
+    """(easy, hard, threshold): the 64 test images the endpoint is surest of, the 64 it is least
+    sure of, and an endpoint threshold between them."""
+    import numpy as np
+
+    from cascade.evaluation import predict_split
+    from cascade.models.manifest import load_split
+
+    inputs, _ = load_split(models_dir, "vision", "test")
+    _, preds = predict_split(models_dir, "vision", ["endpoint"], "test")
+    order = np.argsort(preds["endpoint"].confidences("max_prob"))
+    grid = lambda i: [[float(v) for v in inputs[i][r * 8:(r + 1) * 8]] for r in range(8)]
+    hard = [{"task": "vision", "input": {"image": grid(i)}} for i in order[:64]]
+    easy = [{"task": "vision", "input": {"image": grid(i)}} for i in order[-64:]]
+    conf = preds["endpoint"].confidences("max_prob")
+    threshold = round(float((conf[order[63]] + conf[order[-64]]) / 2), 4)
+    return easy, hard, threshold
+
+
+def outbox_stats(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/v1/outbox", timeout=5).json()
+
+
+def part_b(args: argparse.Namespace, tmp: Path, easy: list, hard: list,
+           endpoint: Tier, proxy: FaultProxy) -> dict[str, Any]:
+    url = f"{endpoint.url}/v1/infer"
+    run_load(url, easy, connections=args.connections, duration_s=1)  # warm up
+    proxy.set(mode="blackhole")
+    run_load(url, hard, connections=args.connections, duration_s=2)  # the breaker opens
+    rounds: dict[str, list[dict[str, Any]]] = {"online_local": [], "offline_provisional": []}
+    for _ in range(args.rounds):
+        for name, bodies in (("online_local", easy), ("offline_provisional", hard)):
+            r = run_load(url, bodies, connections=args.connections, duration_s=args.seconds)
+            rounds[name].append(r.as_dict())
+    summary = {}
+    for name, runs in rounds.items():
+        summary[name] = {
+            "rps": round(statistics.median(r["rps"] for r in runs)),
+            "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 3),
+            "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 3),
+            "errors": sum(r["errors"] for r in runs), "rounds": runs,
+        }
+    summary["p99_ratio_offline_vs_online"] = round(
+        summary["offline_provisional"]["p99_ms"] / summary["online_local"]["p99_ms"], 2)
+    summary["p50_ratio_offline_vs_online"] = round(
+        summary["offline_provisional"]["p50_ms"] / summary["online_local"]["p50_ms"], 2)
+    summary["queued_during_part_b"] = outbox_stats(endpoint.url)["depth"]
+    summary["connections"] = args.connections
+    summary["generator"] = runs[0]["generator"]
+    return summary
+
+
+async def fill(url: str, bodies: list, n: int, concurrency: int = 64) -> tuple[int, float]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    ok = 0
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        async def one(i: int) -> None:
+            nonlocal ok
+            async with sem:
+                r = await client.post(f"{url}/v1/infer", json=bodies[i % len(bodies)])
+                ok += r.status_code == 200 and r.json()["status"] == "provisional"
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return ok, time.perf_counter() - started
+
+
+def part_c(args: argparse.Namespace, hard: list, endpoint: Tier, proxy: FaultProxy) -> dict[str, Any]:
+    proxy.set(mode="blackhole")
+    queued, fill_s = asyncio.run(fill(endpoint.url, hard, args.drain_n))
+    depth = outbox_stats(endpoint.url)["depth"]
+    live: list[tuple[float, str]] = []
+    done = threading.Event()
+
+    def live_client() -> None:  # one request every 50 ms, as field traffic keeps coming
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not done.is_set():
+                t0 = time.perf_counter()
+                r = client.post(f"{endpoint.url}/v1/infer", json=hard[i % len(hard)],
+                                headers={"Idempotency-Key": f"live-{i}"})
+                live.append((time.perf_counter() - t0, r.json().get("status", str(r.status_code))))
+                i += 1
+                time.sleep(0.05)
+
+    proxy.set(mode="pass")
+    started = time.perf_counter()
+    thread = threading.Thread(target=live_client)
+    thread.start()
+    wait_for(lambda: outbox_stats(endpoint.url)["depth"] == 0, timeout_s=600,
+             what="the backlog drained")
+    drain_s = time.perf_counter() - started
+    done.set()
+    thread.join()
+    final_live = [ms for ms, status in live if status == "final"]
+    return {
+        "queued": queued, "depth_before": depth, "fill_seconds": round(fill_s, 2),
+        "fill_per_s": round(queued / fill_s), "drain_seconds": round(drain_s, 2),
+        "drain_per_s": round(depth / drain_s), "delivered": outbox_stats(endpoint.url)["delivered"],
+        "live_requests_during_drain": len(live),
+        "live_final": len(final_live),
+        "live_p50_ms": round(pct(final_live, 0.5) * 1000, 2),
+        "live_p99_ms": round(pct(final_live, 0.99) * 1000, 2),
+        "includes_breaker_wait_s": 2.0,
+    }
+
+
+def real_processes(args: argparse.Namespace, tmp: Path, models_dir: Path) -> dict[str, Any]:
+    easy, hard, threshold = images(models_dir)
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY % {"threshold": threshold})
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    upstream = Tier(tmp, "edge-node", models_dir, policy, tasks={"vision": "edge-node"},
+                    fast=False, log_level="warning").start()
+    proxy = FaultProxy(int(upstream.url.rsplit(":", 1)[1])).start()
+    out: dict[str, Any] = {"endpoint_threshold": threshold}
+    try:
+        endpoint = _endpoint(tmp / "b", models_dir, policy, proxy)
+        if len(cpus) >= 2:  # the endpoint on one core, the load generator on the other
+            pin(endpoint.pid, {cpus[0]})
+            os.sched_setaffinity(0, set(cpus[1:]))
+        try:
+            out["latency"] = part_b(args, tmp, easy, hard, endpoint, proxy)
+        finally:
+            endpoint.stop()
+            if cpus:
+                os.sched_setaffinity(0, set(cpus))
+        endpoint = _endpoint(tmp / "c", models_dir, policy, proxy)
+        try:
+            out["drain"] = part_c(args, hard, endpoint, proxy)
+        finally:
+            endpoint.stop()
+    finally:
+        proxy.stop()
+        upstream.stop()
+    return out
+
+
+def _endpoint(tmp: Path, models_dir: Path, policy: Path, proxy: FaultProxy) -> Tier:
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Default outbox, breaker and retry settings: what a field endpoint runs with.
+    return Tier(tmp, "endpoint", models_dir, policy, upstream=proxy.url,
+                tasks={"vision": "endpoint"}, fast=False, log_level="warning").start()
+
+
+# -- D. crash loop -------------------------------------------------------------------------------
+
+def part_d(args: argparse.Namespace, tmp: Path, models_dir: Path, hard: list) -> dict[str, Any]:
+    policy = write_policy(tmp / "crash-policy.yaml")
+    upstream = Tier(tmp / "d", "edge-node", models_dir, policy).start()
+    proxy = FaultProxy(int(upstream.url.rsplit(":", 1)[1])).start()
+    endpoint = Tier(tmp / "d", "endpoint", models_dir, policy, upstream=proxy.url,
+                    outbox={"forward_concurrency": 8})
+    try:
+        return crash_rounds(endpoint, upstream, proxy, hard[0], rounds=args.crash_rounds,
+                            seed=args.seed)
+    finally:
+        endpoint.stop()
+        proxy.stop()
+        upstream.stop()
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def markdown(report: dict[str, Any]) -> str:
+    a, lines = report["enqueue_in_process"], []
+    lines += ["# Outbox benchmark (issue 4)", "",
+              f"Machine: {os.cpu_count()} cores; run {report['when']}; "
+              f"{report['seconds']:.0f} s total.", "",
+              "## A. Durable enqueue rate (in process, SQLite synchronous=FULL)", "",
+              "| variant | escalations | per second | commits | mean batch | p50 ms | p99 ms |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in a.items():
+        if "error" in r:
+            lines.append(f"| {name} | - | - | - | - | - | {r['error']} |")
+            continue
+        lines.append(f"| {name} | {r['n']} | **{r['per_s']}** | {r['commits']} | "
+                     f"{r['mean_batch']} | {r['p50_ms']} | {r['p99_ms']} |")
+    ratio = a["sqlite_group_commit"]["per_s"] / max(1, a["sqlite_one_commit_each"]["per_s"])
+    lines += ["", f"Group commit: {ratio:.1f}x the rate of one commit per escalation "
+              f"(target ≥ 2,000/s).", ""]
+    if "latency" in report:
+        b = report["latency"]
+        lines += ["## B. Provisional answer during an outage vs online local answer", "",
+                  f"Same endpoint process, uplink blackholed, {b['generator']} with "
+                  f"{b['connections']} connections, {len(b['online_local']['rounds'])} interleaved "
+                  "rounds each (medians).", "",
+                  "| requests | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
+        for name in ("online_local", "offline_provisional"):
+            r = b[name]
+            lines.append(f"| {name} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
+        lines += ["", f"Offline p99 / online p99 = **{b['p99_ratio_offline_vs_online']}** "
+                  f"(target ≤ 2); p50 ratio {b['p50_ratio_offline_vs_online']}. The offline "
+                  f"rounds' rate is the durable enqueue rate over HTTP ({b['queued_during_part_b']}"
+                  " escalations queued in this part).", ""]
+        c = report["drain"]
+        lines += ["## C. Drain of a backlog once the link returns", "",
+                  f"{c['depth_before']} escalations queued over HTTP in {c['fill_seconds']} s "
+                  f"({c['fill_per_s']}/s from one Python client); link restored: outbox empty after "
+                  f"**{c['drain_seconds']} s** ({c['drain_per_s']}/s, including up to "
+                  f"{c['includes_breaker_wait_s']:.0f} s until the breaker's first probe).", "",
+                  f"Live requests during the drain: {c['live_requests_during_drain']}, of which "
+                  f"{c['live_final']} answered final online (p50 {c['live_p50_ms']} ms, p99 "
+                  f"{c['live_p99_ms']} ms): new work is not queued behind the backlog.", ""]
+    if "crash" in report:
+        d = report["crash"]
+        lines += ["## D. SIGKILL at random moments", "",
+                  f"{d['kills']} kills (seed {d['seed']}), {d['acknowledged']} acknowledged "
+                  f"requests ({d['provisional']} provisional): lost {d['lost']}, duplicates "
+                  f"{d['duplicates']}, integrity_check ok after every restart.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Smaller runs (a smoke test).")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--enqueue-n", type=int, default=20_000)
+    parser.add_argument("--drain-n", type=int, default=10_000)
+    parser.add_argument("--crash-rounds", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=random.randrange(1 << 30))
+    parser.add_argument("--skip-processes", action="store_true", help="Only part A.")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.seconds, args.enqueue_n, args.drain_n, args.crash_rounds = 1, 2, 4000, 1000, 3
+    from cascade.models.build import build_models
+
+    build_models(args.models_dir, show_progress=False)
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-outbox-"))
+    report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {
+        k: str(v) for k, v in vars(args).items()}}
+    try:
+        print("A. in-process enqueue rate...", flush=True)
+        report["enqueue_in_process"] = part_a(tmp, args.enqueue_n)
+        if not args.skip_processes:
+            print("B/C. latency during an outage, drain of a backlog...", flush=True)
+            report.update(real_processes(args, tmp, args.models_dir))
+            if args.crash_rounds:
+                print(f"D. {args.crash_rounds} SIGKILLs...", flush=True)
+                _, hard, _ = images(args.models_dir)
+                report["crash"] = part_d(args, tmp, args.models_dir, hard)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["seconds"] = time.time() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "outbox.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (args.out / "outbox.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

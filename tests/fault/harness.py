@@ -1,0 +1,261 @@
+"""Building blocks for fault tests and benchmarks: real tier processes on 127.0.0.1 with node
+configs and policies written per run (fast timers), a callback receiver, polling helpers, and the
+SIGKILL loop shared by tests/fault/test_crash.py and benchmarks/bench_outbox.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from cascade.supervisor import Chain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+FAST_OUTBOX = {
+    "idle_poll_s": 0.05, "sweep_interval_s": 0.2, "retry_initial_s": 0.05, "retry_max_s": 0.2,
+    "poll_initial_s": 0.05, "poll_max_s": 0.2, "callback_retry_initial_s": 0.05,
+    "callback_retry_max_s": 0.2, "send_timeout_ms": 3000,
+}
+
+
+FAST_BREAKER = {"breaker_failure_threshold": 2, "breaker_reset_s": 0.3,
+                "upstream_max_attempts": 2, "upstream_connect_timeout_ms": 300}
+
+
+def write_policy(path: Path, *, ttl_s: float = 3600, max_attempts: int = 20,
+                 deadline_ms: int = 1000, escalating: tuple[str, ...] = ("endpoint",)) -> Path:
+    """The ``escalating`` tiers escalate everything (threshold 1.0); the others answer all."""
+    tiers = {t: {"signal": "max_prob", "threshold": 1.0 if t in escalating else 0.0}
+             for t in ("endpoint", "edge-node", "edge-server", "cloud")}
+    task = {"deadline_ms": deadline_ms, "offline": "provisional",
+            "queue": {"ttl_s": ttl_s, "max_attempts": max_attempts}, "tiers": tiers}
+    path.write_text(yaml.safe_dump({"version": 1, "name": "fault-tests",
+                                    "tasks": {"vision": task, "documents": task}}))
+    return path
+
+
+class Tier:
+    """One real tier process (a one-tier :class:`Chain`) with its own config and database."""
+
+    def __init__(self, tmp: Path, tier: str, models_dir: Path, policy: Path, *,
+                 upstream: str | None = None, tasks: dict[str, str] | None = None,
+                 outbox: dict[str, Any] | None = None, db_dir: Path | None = None,
+                 fast: bool = True, **knobs: Any) -> None:
+        """``fast``: test timers (short polls, backoffs, breaker); False keeps the defaults."""
+        self.tier = tier
+        self.dir = tmp / tier
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = (db_dir or self.dir) / f"{tier}.db"
+        self.config = self.dir / f"{tier}.yaml"
+        config = {
+            "tier": tier, "tasks": tasks or {"vision": tier, "documents": tier},
+            "models_dir": str(models_dir), "policy": str(policy),
+            "outbox_url": f"sqlite:///{self.db}",
+            "outbox": {**(FAST_OUTBOX if fast else {}), **(outbox or {})},
+            **(FAST_BREAKER if fast else {}), **knobs,
+        }
+        self.config.write_text(yaml.safe_dump(config))
+        self.upstream = upstream
+        self.chain: Chain | None = None
+
+    def start(self) -> Tier:
+        env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.chain = Chain([self.config], base_port=free_port(), env=env,
+                           log_dir=self.dir / "logs", top_upstream_url=self.upstream).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.chain is not None
+        return self.chain.entry_url
+
+    @property
+    def pid(self) -> int:
+        assert self.chain is not None
+        return self.chain.tiers[0].pid
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks, no flush."""
+        assert self.chain is not None
+        proc = self.chain.tiers[0].process
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self) -> None:
+        if self.chain is not None:
+            self.chain.stop()
+            self.chain = None
+
+    def log(self) -> str:
+        path = self.dir / "logs" / f"{self.tier}.log"
+        return path.read_text() if path.exists() else ""
+
+    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Read this tier's outbox database directly (a separate SQLite connection)."""
+        conn = sqlite3.connect(self.db, timeout=10)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()  # (a `with` block would only commit, not close)
+
+    def states(self) -> dict[str, str]:
+        return dict(self.query("SELECT id, state FROM cascade_outbox"))
+
+
+class CallbackReceiver:
+    """An HTTP server on 127.0.0.1 that records every callback POST."""
+
+    def __init__(self) -> None:
+        received: list[tuple[str, dict[str, Any]]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                received.append((self.headers.get("Idempotency-Key", ""),
+                                 json.loads(self.rfile.read(length))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callback"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_for(check: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+def post(client: httpx.Client, url: str, body: dict[str, Any], key: str | None = None,
+         timeout: float = 10.0) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    return client.post(f"{url}/v1/infer", json=body, headers=headers, timeout=timeout)
+
+
+def hardest_images(models_dir: Path, n: int = 200) -> list[list[list[float]]]:
+    """Vision test images on which the endpoint model is least sure (they always escalate)."""
+    import numpy as np
+
+    from cascade.evaluation import predict_split
+    from cascade.models.manifest import load_split
+
+    inputs, _ = load_split(models_dir, "vision", "test")
+    _, preds = predict_split(models_dir, "vision", ["endpoint"], "test")
+    order = np.argsort(preds["endpoint"].confidences("max_prob"))[:n]
+    return [[[float(v) for v in inputs[i][r * 8:(r + 1) * 8]] for r in range(8)] for i in order]
+
+
+def _burst(url: str, prefix: str, body: dict[str, Any], acked: dict[str, str],
+           stop: threading.Event, clients: int) -> None:
+    """Keyed requests from ``clients`` threads until ``stop``; records every 200 in ``acked``."""
+
+    def client(worker: int) -> None:
+        with httpx.Client() as c:
+            for j in range(1_000_000):
+                if stop.is_set():
+                    return
+                key = f"{prefix}{worker}-{j}"
+                try:
+                    r = post(c, url, body, key=key, timeout=5)
+                except httpx.HTTPError:
+                    return  # the server died under us: this request was never acknowledged
+                if r.status_code == 200:
+                    acked[key] = r.json()["status"]
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(clients)]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join(10)
+
+
+def crash_rounds(endpoint: Tier, upstream: Tier, proxy: Any, body: dict[str, Any], *,
+                 rounds: int, seed: int, clients: int = 6) -> dict[str, Any]:
+    """SIGKILL ``endpoint`` at a random moment of each of ``rounds`` bursts, then let it drain.
+
+    Even rounds cut the uplink (the endpoint queues); odd rounds restore it (the forwarder
+    drains earlier rounds while new work is escalated online). After every kill the database
+    must pass ``PRAGMA integrity_check`` and hold every acknowledged request; at the end every
+    provisional answer must be delivered and every key computed exactly once upstream.
+    Raises AssertionError naming the seed otherwise; returns the counts.
+    """
+    rng = random.Random(seed)
+    acked: dict[str, str] = {}
+    for round_no in range(rounds):
+        proxy.set(mode="reset" if round_no % 2 == 0 else "pass")
+        endpoint.start()
+        stop = threading.Event()
+        prefix = f"k{round_no}-"
+        burst = threading.Thread(target=_burst,
+                                 args=(endpoint.url, prefix, body, acked, stop, clients))
+        burst.start()
+        # Kill at a random moment once work flows (the round's first answer), so a slow machine
+        # still kills mid-burst rather than before it.
+        wait_for(lambda p=prefix: any(k.startswith(p) for k in list(acked)), timeout_s=30,
+                 what=f"round {round_no} (seed {seed}): a first answer")
+        time.sleep(rng.uniform(0.0, 0.4))
+        endpoint.kill()
+        stop.set()
+        burst.join(20)
+        (check,) = endpoint.query("PRAGMA integrity_check")
+        assert check == ("ok",), f"round {round_no} (seed {seed}): {check}"
+        stored = {row[0] for row in endpoint.query("SELECT id FROM cascade_results")}
+        lost = [k for k in acked if k not in stored]
+        assert lost == [], f"round {round_no} (seed {seed}): acknowledged, not stored: {lost[:5]}"
+        queued = {row[0] for row in endpoint.query("SELECT id FROM cascade_outbox")}
+        missing = [k for k, st in acked.items() if st == "provisional" and k not in queued]
+        assert missing == [], f"round {round_no} (seed {seed}): provisional, not queued: {missing[:5]}"
+    provisional = [k for k, st in acked.items() if st == "provisional"]
+    assert provisional, f"seed {seed}: no round queued anything"
+    proxy.set(mode="pass")
+    endpoint.start()
+    wait_for(lambda: endpoint.query(
+        "SELECT count(*) FROM cascade_outbox WHERE state IN ('queued','forwarding')") == [(0,)],
+        timeout_s=120, what=f"the backlog drained (seed {seed})")
+    states = endpoint.states()
+    undelivered = [k for k in provisional if states.get(k) != "done"]
+    assert undelivered == [], f"seed {seed}: not delivered: {undelivered[:5]}"
+    computed = dict(upstream.query("SELECT id, computations FROM cascade_results"))
+    never = [k for k in acked if k not in computed]
+    assert never == [], f"seed {seed}: never reached upstream: {never[:5]}"
+    duplicates = {k: n for k, n in computed.items() if n != 1}
+    assert duplicates == {}, f"seed {seed}: computed more than once upstream: {duplicates}"
+    assert endpoint.query("PRAGMA integrity_check") == [("ok",)]
+    return {"seed": seed, "kills": rounds, "acknowledged": len(acked),
+            "provisional": len(provisional), "lost": 0, "duplicates": 0}
