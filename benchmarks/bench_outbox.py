@@ -257,21 +257,23 @@ def real_processes(args: argparse.Namespace, tmp: Path, models_dir: Path) -> dic
     proxy = FaultProxy(int(upstream.url.rsplit(":", 1)[1])).start()
     out: dict[str, Any] = {"endpoint_threshold": threshold}
     try:
-        endpoint = _endpoint(tmp / "b", models_dir, policy, proxy)
-        if len(cpus) >= 2:  # the endpoint on one core, the load generator on the other
-            pin(endpoint.pid, {cpus[0]})
-            os.sched_setaffinity(0, set(cpus[1:]))
-        try:
-            out["latency"] = part_b(args, tmp, easy, hard, endpoint, proxy)
-        finally:
-            endpoint.stop()
-            if cpus:
-                os.sched_setaffinity(0, set(cpus))
-        endpoint = _endpoint(tmp / "c", models_dir, policy, proxy)
-        try:
-            out["drain"] = part_c(args, hard, endpoint, proxy)
-        finally:
-            endpoint.stop()
+        if "B" in args.parts:
+            endpoint = _endpoint(tmp / "b", models_dir, policy, proxy)
+            if len(cpus) >= 2:  # the endpoint on one core, the load generator on the other
+                pin(endpoint.pid, {cpus[0]})
+                os.sched_setaffinity(0, set(cpus[1:]))
+            try:
+                out["latency"] = part_b(args, tmp, easy, hard, endpoint, proxy)
+            finally:
+                endpoint.stop()
+                if cpus:
+                    os.sched_setaffinity(0, set(cpus))
+        if "C" in args.parts:
+            endpoint = _endpoint(tmp / "c", models_dir, policy, proxy)
+            try:
+                out["drain"] = part_c(args, hard, endpoint, proxy)
+            finally:
+                endpoint.stop()
     finally:
         proxy.stop()
         upstream.stop()
@@ -304,14 +306,10 @@ def part_d(args: argparse.Namespace, tmp: Path, models_dir: Path, hard: list) ->
 
 # -- report --------------------------------------------------------------------------------------
 
-def markdown(report: dict[str, Any]) -> str:
-    a, lines = report["enqueue_in_process"], []
-    lines += ["# Outbox benchmark (issue 4)", "",
-              f"Machine: {os.cpu_count()} cores; run {report['when']}; "
-              f"{report['seconds']:.0f} s total.", "",
-              "## A. Durable enqueue rate (in process, SQLite synchronous=FULL)", "",
-              "| variant | escalations | per second | commits | mean batch | p50 ms | p99 ms |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+def _markdown_a(a: dict[str, Any]) -> list[str]:
+    lines = ["## A. Durable enqueue rate (in process, SQLite synchronous=FULL)", "",
+             "| variant | escalations | per second | commits | mean batch | p50 ms | p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in a.items():
         if "error" in r:
             lines.append(f"| {name} | - | - | - | - | - | {r['error']} |")
@@ -319,37 +317,52 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['n']} | **{r['per_s']}** | {r['commits']} | "
                      f"{r['mean_batch']} | {r['p50_ms']} | {r['p99_ms']} |")
     ratio = a["sqlite_group_commit"]["per_s"] / max(1, a["sqlite_one_commit_each"]["per_s"])
-    lines += ["", f"Group commit: {ratio:.1f}x the rate of one commit per escalation "
-              f"(target ≥ 2,000/s).", ""]
-    if "latency" in report:
-        b = report["latency"]
-        lines += ["## B. Provisional answer during an outage vs online local answer", "",
-                  f"Same endpoint process, uplink blackholed, {b['generator']} with "
-                  f"{b['connections']} connections, {len(b['online_local']['rounds'])} interleaved "
-                  "rounds each (medians).", "",
-                  "| requests | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
-        for name in ("online_local", "offline_provisional"):
-            r = b[name]
-            lines.append(f"| {name} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
-        lines += ["", f"Offline p99 / online p99 = **{b['p99_ratio_offline_vs_online']}** "
-                  f"(target ≤ 2); p50 ratio {b['p50_ratio_offline_vs_online']}. The offline "
-                  f"rounds' rate is the durable enqueue rate over HTTP ({b['queued_during_part_b']}"
-                  " escalations queued in this part).", ""]
-        c = report["drain"]
-        lines += ["## C. Drain of a backlog once the link returns", "",
-                  f"{c['depth_before']} escalations queued over HTTP in {c['fill_seconds']} s "
-                  f"({c['fill_per_s']}/s from one Python client); link restored: outbox empty after "
-                  f"**{c['drain_seconds']} s** ({c['drain_per_s']}/s, including up to "
-                  f"{c['includes_breaker_wait_s']:.0f} s until the breaker's first probe).", "",
-                  f"Live requests during the drain: {c['live_requests_during_drain']}, of which "
-                  f"{c['live_final']} answered final online (p50 {c['live_p50_ms']} ms, p99 "
-                  f"{c['live_p99_ms']} ms): new work is not queued behind the backlog.", ""]
-    if "crash" in report:
-        d = report["crash"]
-        lines += ["## D. SIGKILL at random moments", "",
-                  f"{d['kills']} kills (seed {d['seed']}), {d['acknowledged']} acknowledged "
-                  f"requests ({d['provisional']} provisional): lost {d['lost']}, duplicates "
-                  f"{d['duplicates']}, integrity_check ok after every restart.", ""]
+    return [*lines, "", (f"Group commit: {ratio:.1f}x the rate of one commit per escalation "
+                         "(target ≥ 2,000/s)."), ""]
+
+
+def _markdown_b(b: dict[str, Any]) -> list[str]:
+    lines = ["## B. Provisional answer during an outage vs online local answer", "",
+             (f"Same endpoint process (default settings), uplink blackholed, {b['generator']} "
+              f"with {b['connections']} connections, {len(b['online_local']['rounds'])} "
+              "interleaved rounds each (medians)."), "",
+             "| requests | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|"]
+    for name in ("online_local", "offline_provisional"):
+        r = b[name]
+        lines.append(f"| {name} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
+    return [*lines, "", (f"Offline p99 / online p99 = **{b['p99_ratio_offline_vs_online']}** "
+                         f"(target ≤ 2); p50 ratio {b['p50_ratio_offline_vs_online']}. The "
+                         "offline rounds' rate is the durable enqueue rate over HTTP "
+                         f"({b['queued_during_part_b']} escalations queued in this part)."), ""]
+
+
+def _markdown_c(c: dict[str, Any]) -> list[str]:
+    return ["## C. Drain of a backlog once the link returns", "",
+            (f"{c['depth_before']} escalations queued over HTTP in {c['fill_seconds']} s "
+             f"({c['fill_per_s']}/s from one Python client); link restored: outbox empty after "
+             f"**{c['drain_seconds']} s** ({c['drain_per_s']}/s, including up to "
+             f"{c['includes_breaker_wait_s']:.0f} s until the breaker's first probe)."), "",
+            (f"Live requests during the drain: {c['live_requests_during_drain']}, of which "
+             f"{c['live_final']} answered final online (p50 {c['live_p50_ms']} ms, p99 "
+             f"{c['live_p99_ms']} ms): new work is not queued behind the backlog."), ""]
+
+
+def _markdown_d(d: dict[str, Any]) -> list[str]:
+    return ["## D. SIGKILL at random moments", "",
+            (f"{d['kills']} kills (seed {d['seed']}), {d['acknowledged']} acknowledged requests "
+             f"({d['provisional']} provisional): lost {d['lost']}, duplicates {d['duplicates']}, "
+             "integrity_check ok after every restart."), ""]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The human-readable report (reports/outbox.md)."""
+    lines = ["# Outbox benchmark (issue 4)", "",
+             (f"Machine: {os.cpu_count()} cores, load average at start {report['load']}; run "
+              f"{report['when']}; {report['seconds']:.0f} s total."), ""]
+    for key, part in (("enqueue_in_process", _markdown_a), ("latency", _markdown_b),
+                      ("drain", _markdown_c), ("crash", _markdown_d)):
+        if key in report:
+            lines += part(report[key])
     return "\n".join(lines)
 
 
@@ -364,28 +377,31 @@ def main() -> None:
     parser.add_argument("--drain-n", type=int, default=10_000)
     parser.add_argument("--crash-rounds", type=int, default=20)
     parser.add_argument("--seed", type=int, default=random.randrange(1 << 30))
-    parser.add_argument("--skip-processes", action="store_true", help="Only part A.")
+    parser.add_argument("--parts", default="ABCD", help="Which parts to run, e.g. AB.")
     parser.add_argument("--out", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.seconds, args.enqueue_n, args.drain_n, args.crash_rounds = 1, 2, 4000, 1000, 3
+        args.rounds, args.seconds, args.enqueue_n, args.drain_n = 1, 2, 4000, 1000
+        args.crash_rounds = min(args.crash_rounds, 3)
     from cascade.models.build import build_models
 
     build_models(args.models_dir, show_progress=False)
     started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="bench-outbox-"))
     report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {
-        k: str(v) for k, v in vars(args).items()}}
+        k: str(v) for k, v in vars(args).items()},
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     try:
-        print("A. in-process enqueue rate...", flush=True)
-        report["enqueue_in_process"] = part_a(tmp, args.enqueue_n)
-        if not args.skip_processes:
+        if "A" in args.parts:
+            print("A. in-process enqueue rate...", flush=True)
+            report["enqueue_in_process"] = part_a(tmp, args.enqueue_n)
+        if "B" in args.parts or "C" in args.parts:
             print("B/C. latency during an outage, drain of a backlog...", flush=True)
             report.update(real_processes(args, tmp, args.models_dir))
-            if args.crash_rounds:
-                print(f"D. {args.crash_rounds} SIGKILLs...", flush=True)
-                _, hard, _ = images(args.models_dir)
-                report["crash"] = part_d(args, tmp, args.models_dir, hard)
+        if "D" in args.parts and args.crash_rounds:
+            print(f"D. {args.crash_rounds} SIGKILLs...", flush=True)
+            _, hard, _ = images(args.models_dir)
+            report["crash"] = part_d(args, tmp, args.models_dir, hard)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["seconds"] = time.time() - started

@@ -4,7 +4,8 @@ Part A (end to end): one real endpoint tier process per configuration, all start
 driven in interleaved rounds by the same load generator (wrk when installed) with the same test
 bodies; medians over rounds. Configurations:
 
-  off            OTEL_SDK_DISABLED=true (trace ids still flow; no spans)
+  off            OTEL_SDK_DISABLED=true (trace ids still flow; no spans); the baseline
+  off, no access log   the same at CASCADE_LOG_LEVEL=warning: what the per-request log line costs
   otlp           OTLP/HTTP batch exporter to a local receiver process, every request sampled
   otlp-10%       the same with OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG=0.1
   file           JSON-lines trace file only (what `cascade up` does by default)
@@ -67,10 +68,17 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 CONFIGS: dict[str, dict[str, str]] = {
     "off": {"OTEL_SDK_DISABLED": "true"},
+    "off, no access log": {"OTEL_SDK_DISABLED": "true", "CASCADE_LOG_LEVEL": "warning"},
     "otlp": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
     "otlp-10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
     "file": {},
 }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -115,16 +123,16 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])
     chains: dict[str, Chain] = {}
     try:
-        base_env = {"CASCADE_MODELS_DIR": str(models_dir), "CASCADE_POLICY": str(policy),
-                    "CASCADE_LOG_LEVEL": "warning"}
+        base_env = {"CASCADE_MODELS_DIR": str(models_dir), "CASCADE_POLICY": str(policy)}
         for i, (name, extra) in enumerate(CONFIGS.items()):
             env = {**base_env, **extra}
             if name.startswith("otlp"):
                 env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
             if name == "file":
                 env["CASCADE_TRACE_DIR"] = str(tmp / "traces")
+            slug = name.replace(",", "").replace(" ", "-").replace("%", "pct")
             chain = Chain([ROOT / "edge_nodes/endpoint.yaml"], base_port=args.base_port + i,
-                          env=env, state_dir=tmp / name, log_dir=tmp / "logs" / name)
+                          env=env, state_dir=tmp / slug, log_dir=tmp / "logs" / slug)
             chains[name] = chain.start()
             pin(chain.tiers[0].pid, server_cpus)
         pin(sink.pid, client_cpus)
@@ -138,9 +146,12 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for rnd in range(args.rounds):
                 for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                     print(f"  {task} round {rnd + 1}/{args.rounds}: {name}", flush=True)
-                    runs[name].append(run_load(f"{chains[name].entry_url}/v1/infer", load_bodies,
-                                               connections=args.connections,
-                                               duration_s=args.duration))
+                    pid = chains[name].tiers[0].pid
+                    cpu_before = cpu_seconds(pid)
+                    result = run_load(f"{chains[name].entry_url}/v1/infer", load_bodies,
+                                      connections=args.connections, duration_s=args.duration)
+                    cpu_us = (cpu_seconds(pid) - cpu_before) / max(1, result.requests) * 1e6
+                    runs[name].append((result, cpu_us))
             results[task] = runs
         spans = {name: exported_spans(c.entry_url) for name, c in chains.items()}
     finally:
@@ -150,16 +161,25 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         sink.wait(5)
     out: dict[str, Any] = {"generator": "wrk" if have_wrk() else "httpx", "spans_exported": spans}
     for task, runs in results.items():
-        med = {name: {"rps": statistics.median(r.rps for r in rs),
-                      "p50_ms": statistics.median(r.p50_ms for r in rs),
-                      "p99_ms": statistics.median(r.p99_ms for r in rs),
-                      "errors": sum(r.errors for r in rs), "rounds": len(rs),
-                      "rps_each": [round(r.rps) for r in rs]} for name, rs in runs.items()}
-        off = med["off"]
-        for name, m in med.items():
-            m["throughput_overhead_pct"] = round((1 - m["rps"] / off["rps"]) * 100, 1)
-            m["p99_ratio"] = round(m["p99_ms"] / off["p99_ms"], 3)
-            m["p50_ratio"] = round(m["p50_ms"] / off["p50_ms"], 3)
+        off_runs = runs["off"]
+        med: dict[str, Any] = {}
+        for name, rs in runs.items():
+            # Paired with the "off" run of the same round: slow drift on a shared machine
+            # cancels out; medians over rounds discard the rounds a neighbour disturbed.
+            med[name] = {
+                "rps": statistics.median(r.rps for r, _ in rs),
+                "p50_ms": statistics.median(r.p50_ms for r, _ in rs),
+                "p99_ms": statistics.median(r.p99_ms for r, _ in rs),
+                "cpu_us_per_request": round(statistics.median(c for _, c in rs), 1),
+                "throughput_ratio": round(statistics.median(
+                    r.rps / o.rps for (r, _), (o, _) in zip(rs, off_runs, strict=True)), 3),
+                "p99_ratio": round(statistics.median(
+                    r.p99_ms / o.p99_ms for (r, _), (o, _) in zip(rs, off_runs, strict=True)), 3),
+                "cpu_ratio": round(statistics.median(
+                    c / oc for (_, c), (_, oc) in zip(rs, off_runs, strict=True)), 3),
+                "errors": sum(r.errors for r, _ in rs), "rounds": len(rs),
+                "rps_each": [round(r.rps) for r, _ in rs],
+            }
         out[task] = med
     return out
 
@@ -241,14 +261,19 @@ def server_span_mechanisms(args: argparse.Namespace) -> dict[str, Any]:
 def render(results: dict[str, Any]) -> str:
     summary = (f"Measured {results['when']} on {results['cpus']} CPU(s); load generator "
                f"{results['e2e']['generator']}, {results['connections']} connections, "
-               f"{results['rounds']} interleaved rounds of {results['duration_s']} s, medians.")
+               f"{results['rounds']} interleaved rounds of {results['duration_s']} s; medians, and "
+               "ratios paired with the `off` run of the same round. CPU µs/request is the tier "
+               "process's own CPU time (all threads, export included) per request: the figure "
+               "least disturbed by other load on a shared machine.")
     lines = ["# Tracing overhead on the endpoint's locally-answered path", "", summary, ""]
     for task in results["tasks"]:
-        lines += [f"## {task}", "", "| config | req/s | p50 ms | p99 ms | throughput overhead | p99 ratio |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        header = ("| config | req/s | p50 ms | p99 ms | CPU µs/request | throughput vs off | "
+                  "p99 vs off | CPU/request vs off |")
+        lines += [f"## {task}", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in results["e2e"][task].items():
             lines.append(f"| {name} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
-                         f"{m['throughput_overhead_pct']:+.1f}% | {m['p99_ratio']:.2f} |")
+                         f"{m['cpu_us_per_request']:.0f} | {m['throughput_ratio']:.3f} | "
+                         f"{m['p99_ratio']:.2f} | {m['cpu_ratio']:.3f} |")
         lines.append("")
     lines += ["## SERVER span mechanism alone (in process, minimal route, µs per request)", "",
               "| variant | µs/request | overhead µs | ratio |", "|---|---:|---:|---:|"]
@@ -286,9 +311,11 @@ def main() -> None:
     (args.out / "tracing.md").write_text(render(results))
     print(render(results))
     for task in args.tasks:
-        m = e2e[task]["otlp"]
-        print(f"{task}: tracing on (OTLP, all sampled) vs off: throughput "
-              f"{m['rps'] / e2e[task]['off']['rps']:.3f}x, p99 {m['p99_ratio']:.2f}x")
+        for name in ("otlp", "otlp-10%", "file"):
+            m = e2e[task][name]
+            print(f"{task}: tracing {name} vs off (paired medians): throughput "
+                  f"{m['throughput_ratio']:.3f}x, p99 {m['p99_ratio']:.2f}x, "
+                  f"CPU per request {m['cpu_ratio']:.3f}x")
 
 
 if __name__ == "__main__":

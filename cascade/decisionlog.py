@@ -22,8 +22,9 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 log = logging.getLogger("cascade.decisionlog")
 
@@ -219,11 +220,19 @@ class DecisionRecorder:
 
 def read_rows(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
     """Every row of the given decision log files, as dicts (oldest first per file)."""
+    from cascade.errors import ConfigError
+
     for path in paths:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{path}: cannot open the decision log: {exc}") from None
         conn.row_factory = sqlite3.Row
         try:
-            for row in conn.execute("SELECT * FROM decisions ORDER BY id"):
+            rows = conn.execute("SELECT * FROM decisions ORDER BY id")
+            for row in rows:
                 yield dict(row)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{path}: not a cascade decision log ({exc})") from None
         finally:
             conn.close()

@@ -108,10 +108,12 @@ class Calibration:
 
 def temper(probabilities: Sequence[float], temperature: float) -> list[float]:
     """Temperature-scale a probability vector: ``softmax(log p / T)``."""
+    if hasattr(probabilities, "tolist"):
+        probabilities = probabilities.tolist()  # Python floats: faster than numpy scalars here
     if temperature == 1.0:
-        return [float(p) for p in probabilities]
+        return list(probabilities)
     inv = 1.0 / temperature
-    scaled = [float(p) ** inv if p > 0.0 else 0.0 for p in probabilities]
+    scaled = [p**inv if p > 0.0 else 0.0 for p in probabilities]
     total = sum(scaled)
     return scaled if total <= 0.0 else [x / total for x in scaled]
 

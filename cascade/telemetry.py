@@ -20,6 +20,7 @@ and is re-exported here.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -143,9 +144,10 @@ def drain_span(tier: str, *, traceparent: str | None, request_id: str, task: str
 class RequestRecord:
     """What a request turned into, filled by the node and read when the response is done."""
 
-    __slots__ = ("answered_by", "decision", "request_id", "status", "task", "trace_id")
+    __slots__ = ("answered_by", "decision", "request_id", "status", "task", "trace_id", "tracer")
 
     def __init__(self) -> None:
+        self.tracer: trace.Tracer | None = None
         self.task: str | None = None
         self.decision: str | None = None
         self.status: str | None = None
@@ -155,6 +157,21 @@ class RequestRecord:
 
 
 _RECORD: ContextVar[RequestRecord | None] = ContextVar("cascade_request_record", default=None)
+_LOGGED_FIELDS: Final[tuple[str, ...]] = (
+    "task", "decision", "status", "answered_by", "trace_id", "request_id")
+_TRACE_HEADERS: Final[frozenset[bytes]] = frozenset({b"traceparent", b"tracestate", b"baggage"})
+
+
+def _extract(headers: list[tuple[bytes, bytes]]) -> otel_context.Context:
+    """The caller's trace context from the request headers (via the configured propagators)."""
+    if os.environ.get("OTEL_PROPAGATORS"):  # b3, jaeger...: let them see every header
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+    else:  # the default W3C propagators read only these; skip decoding the rest
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
+                   if k in _TRACE_HEADERS}
+        if not carrier:
+            return otel_context.Context()
+    return propagate.extract(carrier)
 
 
 class TierTelemetry:
@@ -180,7 +197,7 @@ class TierTelemetry:
         if record is not None:
             record.task, record.decision = task, decision
         span = trace.get_current_span()
-        tracer = sdk_tracer()
+        tracer = record.tracer if record is not None else sdk_tracer()
         if tracer is None or not span.is_recording():
             return
         attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
@@ -270,8 +287,7 @@ class RequestTelemetryMiddleware:
         span: trace.Span | None = None
         token = None
         if tracer is not None:
-            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            parent = propagate.extract(carrier)
+            parent = _extract(scope["headers"])
             span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes={
                 "http.request.method": method, "url.path": scope["path"],
                 "url.scheme": scope.get("scheme", "http"),
@@ -279,6 +295,7 @@ class RequestTelemetryMiddleware:
             })
             token = otel_context.attach(trace.set_span_in_context(span, parent))
         record = RequestRecord()
+        record.tracer = tracer
         record_token = _RECORD.set(record)
         status_code = 500  # if the app raises before responding, the server answers 500
 
@@ -326,8 +343,11 @@ class RequestTelemetryMiddleware:
                 "method": method, "route": route, "code": code,
                 "duration_ms": round(seconds * 1000, 3),
             }
-            for name in RequestRecord.__slots__:
+            for name in _LOGGED_FIELDS:
                 value = getattr(record, name)
                 if value is not None and (name != "trace_id" or span is None):
                     fields[name] = value
-            access_log.info("%s %s %d", method, route, code, extra={"fields": fields})
+            # makeRecord + handle: Logger.info() would also walk the stack to find the caller.
+            access_log.handle(access_log.makeRecord(
+                access_log.name, logging.INFO, __file__, 0, f"{method} {route} {code}", None, None,
+                extra={"fields": fields}))

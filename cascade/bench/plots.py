@@ -17,9 +17,10 @@ matplotlib the numbers are still reported and the report says how to get the fig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,12 @@ class TaskAnalysis:
 def analyse_task(models_dir: Path, policy: Any, task: str, split: str = "test") -> TaskAnalysis:
     """Simulate ``policy`` on ``split``, sweep each tier's threshold, and compare to the oracle."""
     from cascade.evaluation import predict_split
-    from cascade.policy.calibrate import oracle_curve, oracle_escalations_for, simulate_cascade, sweep_tier
+    from cascade.policy.calibrate import (
+        oracle_curve,
+        oracle_escalations_for,
+        simulate_cascade,
+        sweep_tier,
+    )
     from cascade.policy.calibration import expected_calibration_error, reliability_bins
     from cascade.policy.search import per_sample_thresholds
 
@@ -147,10 +153,14 @@ def plot_calibration(a: TaskAnalysis, path: Path) -> Path:
     for ax, tier in zip(np.atleast_1d(axes), a.tiers):
         r = a.reliability[tier]
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
-        for key, style, name in (("bins_before", "o-", "raw"), ("bins_after", "s-", r["method"])):
+        for key, marker, name in (("bins_before", "o", "raw"), ("bins_after", "s", r["method"])):
             b = r[key]
-            ax.plot(b.confidence, b.accuracy, style, ms=4, lw=1,
-                    label=f"{name} ECE {r['ece_before' if key == 'bins_before' else 'ece_after']:.3f}")
+            ece = r["ece_before" if key == "bins_before" else "ece_after"]
+            line, = ax.plot(b.confidence, b.accuracy, lw=0.8, alpha=0.6)
+            # Marker area ~ samples in the bin: most samples sit in the top bin.
+            ax.scatter(b.confidence, b.accuracy, s=8 + 150 * b.count / max(1, b.count.max()),
+                       marker=marker, color=line.get_color(), alpha=0.8,
+                       label=f"{name} ECE {ece:.3f}")
         ax.set_title(tier, fontsize=10)
         ax.set_xlabel(f"confidence ({r['signal']})")
         ax.legend(fontsize=7, loc="upper left")
@@ -234,6 +244,7 @@ def policy_phase(cfg: Any, accuracy: dict[str, Any], shifted: dict[str, Any] | N
         }
     if shifted:
         out["shift"] = shift_summary(accuracy, shifted)
+    out["decision_log"] = replay_check(cfg.out_dir / "bench-state", policy)
     try:
         _pyplot()
     except ImportError:
@@ -250,6 +261,21 @@ def policy_phase(cfg: Any, accuracy: dict[str, Any], shifted: dict[str, Any] | N
     if shifted:
         out["figures"].append(plot_shift(accuracy, shifted, figures / "shift.png").name)
     return out
+
+
+def replay_check(state_dir: Path, policy: Any) -> dict[str, Any]:
+    """Replay the run's sampled decision logs under the live policy: every decision must match."""
+    from cascade.policy.replay import replay_task, traffic_from_logs
+
+    logs = sorted(state_dir.glob("decisions-*.db"))
+    if not logs:
+        return {"logs": 0}
+    traffic = traffic_from_logs(logs, policy)
+    results = [replay_task(t, policy) for t in traffic.values()]
+    return {"logs": len(logs), "sample_rate": policy.policy.decision_log.sample_rate,
+            "requests": sum(r.requests for r in results),
+            "decisions": sum(r.compared for r in results),
+            "mismatched": sum(r.mismatched for r in results)}
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -301,6 +327,11 @@ def policy_report_lines(results: dict[str, Any]) -> list[str]:
             f"{p['simulated_escalations_per_request']:.3f} / {live['escalations_per_request']:.3f} | "
             f"{oracle if oracle is not None else float('nan'):.3f} | {ratio} | "
             f"{p['simulated_cloud_share']:.1%} / {live['cloud_share']:.1%} |")
+    dl = policy.get("decision_log") or {}
+    if dl.get("logs"):
+        lines += ["", f"Decision log: {dl['requests']} requests sampled at "
+                  f"{dl['sample_rate']:.0%} across {dl['logs']} tiers; replayed under the policy, "
+                  f"{dl['decisions'] - dl['mismatched']} of {dl['decisions']} decisions reproduced."]
     lines += ["", "Calibration error (ECE, 15 bins) of each tier's gate confidence on the test "
               "split, raw vs as the policy calibrates it:", "",
               "| task | tier | signal | calibration | ECE raw | ECE calibrated |", "|---|---|---|---|---|---|"]

@@ -216,9 +216,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     started = time.time()
     cfg.log(f"starting the chain on 127.0.0.1:{cfg.base_port}..")
-    env = {"CASCADE_MODELS_DIR": str(cfg.models_dir.resolve()),
-           "CASCADE_POLICY": str(cfg.policy.resolve())}
     state = cfg.out_dir / "bench-state"
+    for old_log in state.glob("decisions-*.db*"):
+        old_log.unlink()  # the policy phase replays this run's decision logs only
+    env = {"CASCADE_MODELS_DIR": str(cfg.models_dir.resolve()),
+           "CASCADE_POLICY": str(cfg.policy.resolve()),
+           "CASCADE_DECISION_LOG_PATH": str((state / "decisions-{tier}.db").resolve())}
     with Chain(list(cfg.configs), base_port=cfg.base_port, env=env, log_dir=state / "logs",
                state_dir=state) as chain:
         facts = process_facts(chain)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -103,7 +103,7 @@ def calibrate(
     goal: list[str] = typer.Option(
         [], "--goal", "-g", help=GOAL_HELP + " Default: 'accuracy>=top' and 'cloud<=10%'."),
     out: Path = typer.Option(Path("policies/default.yaml"), help="Policy file to write."),
-    base: Optional[Path] = typer.Option(
+    base: Path | None = typer.Option(
         None, help="Policy whose other settings (deadlines, offline, queue, floor actions, "
         "decision log) to keep. Default: --out if it exists."),
     models_dir: Path = typer.Option(Path("models"), help="Models directory (manifest.json)."),
@@ -120,24 +120,27 @@ def calibrate(
                                    "manifest). Other tasks are kept from the base policy."),
     dry_run: bool = typer.Option(False, help="Print the result, write nothing."),
 ) -> None:
-    """Fit calibration and thresholds to an operator goal on the held-out calibration split.
+    """Fit calibration and thresholds to an operator goal (calibration split).
 
-    Per task: runs every tier's model over the calibration split (never the test split), fits
-    each tier's confidence calibration (so a confidence of 0.9 means about 90% correct; the
-    expected calibration error before and after is printed), then searches the per-tier
-    thresholds, and per-class thresholds where a class needs them, that meet the goal with the
-    fewest escalations. Prints the expected accuracy, the share answered per tier and the
-    cloud share, and writes a policy YAML whose header says how and from what it was made.
-    With budget goals only (cloud, escalation) it maximises accuracy within the budget.
+    Per task: runs every tier's model over the calibration split (never the
+    test split), fits each tier's confidence calibration (so a confidence of
+    0.9 means about 90% correct; the expected calibration error before and
+    after is printed), then searches the per-tier thresholds, and per-class
+    thresholds where a class needs them, that meet the goal with the fewest
+    escalations. Prints the expected accuracy, the share answered per tier
+    and the cloud share, and writes a policy YAML whose header says how and
+    from what it was made. With budget goals only (cloud, escalation) it
+    maximises accuracy within the budget.
 
-    Exit code 0 when every task's goal is met on the split, 1 when one is not (nothing is
-    written then), 2 on bad arguments.
+    Exit code 0 when every task's goal is met on the split, 1 when one is
+    not (nothing is written then), 2 on bad arguments.
 
     Examples:
 
       cascade policy calibrate                       # accuracy>=top, cloud<=10%
 
-      cascade policy calibrate -g 'accuracy>=0.99' -g 'vision:cloud<=5%' --out policies/strict.yaml
+      cascade policy calibrate -g 'accuracy>=0.99' -g 'vision:cloud<=5%' \\
+          --out policies/strict.yaml
 
       cascade policy calibrate -g 'escalation<=0.2' --signal margin --dry-run
     """
@@ -177,7 +180,7 @@ def calibrate(
     header = header_lines(command, models_dir, manifest.build_key, fits, options)
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(doc, sort_keys=False, width=100,
                                                                 default_flow_style=None)
-    _verify(text, out, fits, models_dir)
+    _validate_written(text, out)
     missed = [f for f in fits if not f.search.feasible]
     for f in missed:
         console.print(f"[red]✗ {f.task}: goal {f.resolved_goals.describe()} cannot be met on the "
@@ -198,7 +201,7 @@ def calibrate(
         raise typer.Exit(1)
 
 
-def _read_base(path: Optional[Path]) -> dict:  # type: ignore[type-arg]
+def _read_base(path: Path | None) -> dict:  # type: ignore[type-arg]
     if path is None:
         return {}
     from cascade.policy import load_policy
@@ -232,7 +235,7 @@ def _print_fit(f) -> None:  # type: ignore[no-untyped-def]
             f"({r.fit.ece_cv['none']:.3f} → {r.fit.ece_cv[r.fit.method]:.3f})",
             f"{r.threshold:.4f}",
             ", ".join(f"{k}:{v:.3f}" for k, v in sorted(r.class_thresholds.items())) or "-",
-            f"{o.answered_share[r.tier]:.1%}", "-" if acc != acc else f"{acc:.4f}",
+            f"{o.answered_share[r.tier]:.1%}", "-" if math.isnan(acc) else f"{acc:.4f}",
             f"{o.escalation_rate[r.tier]:.1%}" if r is not f.tiers[-1] else "-",
         )
     console.print(table)
@@ -246,14 +249,13 @@ def _print_fit(f) -> None:  # type: ignore[no-untyped-def]
         f"{o.escalations_per_request:.3f} escalations per request{ratio}", highlight=False)
 
 
-def _verify(text: str, out: Path, fits: list, models_dir: Path) -> None:  # type: ignore[type-arg]
-    """Re-load the policy as written and replay the split: what the file does, not the search."""
+def _validate_written(text: str, out: Path) -> None:
+    """The file about to be written must load as a policy (a bug otherwise: say so plainly)."""
     from cascade.policy import load_policy_bytes
-    from cascade.policy.replay import traffic_from_split  # noqa: F401  (same engine as replay)
 
     try:
         load_policy_bytes(text.encode(), source=str(out))
-    except CascadeError as exc:  # a bug, but say so plainly rather than write a bad file
+    except CascadeError as exc:
         fail(f"the calibrated policy does not validate: {exc.message}")
 
 
@@ -273,25 +275,28 @@ def replay(
         [], "--goal", "-g", help=GOAL_HELP + " Default: the candidate's own `goals:`."),
     task: list[str] = typer.Option([], help="Only these tasks."),
 ) -> None:
-    """Re-decide recorded or held-out traffic under a candidate policy, without running a model.
+    """What-if: re-decide traffic under a candidate policy, no model run.
 
-    Prints, side by side with the live policy: escalation rate per tier, share answered per
-    tier, cloud share, escalations per request, accuracy where labels are known (the split,
-    or a log's true_label column), agreement with the top tier where its answer is known, and
-    how many answers change. With decision logs, decisions the live policy made are re-derived
-    and must match (printed as "reproduced"); requests the candidate escalates beyond what was
-    recorded are "unresolved" and count as reaching the cloud for the budget check.
+    Prints, side by side with the live policy: escalation rate per tier,
+    share answered per tier, cloud share, escalations per request, accuracy
+    where labels are known (the split, or a log's true_label column),
+    agreement with the top tier where its answer is known, and how many
+    answers change. With decision logs, decisions the live policy made are
+    re-derived and must match (printed as "reproduced"); requests the
+    candidate escalates beyond what was recorded are "unresolved" and count
+    as reaching the cloud for the budget check.
 
-    Exit code 0 when the candidate meets every goal, 1 when it breaks one (use it to gate a
-    policy change in CI), 2 on bad input. A goal that cannot be measured (accuracy without
-    labels) is reported, not failed.
+    Exit code 0 when the candidate meets every goal, 1 when it breaks one
+    (use it to gate a policy change in CI), 2 on bad input. A goal that
+    cannot be measured (accuracy without labels) is reported, not failed.
 
     Examples:
 
       cascade policy replay policies/new.yaml                      # test split, its own goals
 
-      cascade policy replay policies/new.yaml -g 'cloud<=5%' --log var/decisions-endpoint.db \\
-          --log var/decisions-edge-node.db --log var/decisions-edge-server.db --log var/decisions-cloud.db
+      cascade policy replay policies/new.yaml -g 'cloud<=5%' \\
+          --log var/decisions-endpoint.db --log var/decisions-edge-node.db \\
+          --log var/decisions-edge-server.db --log var/decisions-cloud.db
     """
     from cascade.policy import load_policy
     from cascade.policy.replay import traffic_from_logs, traffic_from_split

@@ -14,7 +14,8 @@ is answered from the upstream's stored result, never computed or escalated twice
 final answer → ``done`` (+ callback armed); provisional answer → handed over, polled later with
 the same key; 4xx → ``dead`` at once (poison); 409 (the upstream is still computing it) and
 breaker refusals → due again without spending an attempt; other failures → one attempt spent,
-backoff with jitter, ``dead`` at ``max_attempts``. TTL expiry is swept periodically.
+backoff with jitter, ``dead`` at ``max_attempts``. (TTL sweeps run in the outbox's maintenance
+task, which every tier has, forwarder or not.)
 """
 
 from __future__ import annotations
@@ -75,14 +76,10 @@ class Forwarder:
     # -- the loop -------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        last_sweep = 0.0
         breaker = self.upstream.breaker
         was_closed = breaker.state == "closed"
         while True:
             try:
-                if time.monotonic() - last_sweep >= self.settings.sweep_interval_s:
-                    last_sweep = time.monotonic()
-                    await self.outbox.sweep()
                 state = breaker.state
                 if state == "open" or time.monotonic() < self._pause_until:
                     was_closed = False
@@ -91,9 +88,10 @@ class Forwarder:
                 if state == "closed" and not was_closed:
                     was_closed = True
                     await self.outbox.release_backoff()  # the link is back: no row waits it out
-                if len(self._sends) >= self.settings.forward_concurrency or (
-                    state == "half_open" and self._sends
-                ):
+                # Refill when at least half the slots are free: one claim (one commit) then
+                # reserves several rows instead of one row per finished send.
+                busy = len(self._sends) > self.settings.forward_concurrency // 2
+                if busy or (state == "half_open" and self._sends):
                     await asyncio.wait(list(self._sends.values()),
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue

@@ -21,6 +21,7 @@ from cascade.errors import NotFound, ServiceUnavailable
 from cascade.escalation import PendingEscalation
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
+    checkpoint,
     create_outbox_engine,
     ensure_schema,
     parse_outbox_url,
@@ -42,6 +43,13 @@ from cascade.outbox.writer import GroupCommitWriter
 
 log = logging.getLogger("cascade.outbox")
 T = TypeVar("T")
+
+RELAXED_KINDS = frozenset({
+    "claim", "outcome", "claim_callbacks", "callback_outcome", "sweep", "recount",
+    "release_backoff", "release_leases",
+})
+"""Writes a power cut may undo harmlessly (see :mod:`cascade.outbox.writer`): the forwarder's
+bookkeeping. Enqueues, stored answers and operator actions are always flushed to disk."""
 
 _STAT_KEYS = (
     "enqueued", "refused_queue_full", "storage_errors", "delivered", "dead", "expired",
@@ -70,7 +78,9 @@ class Outbox:
         self.writes = OutboxWrites(tier, self.settings, self.counters, self.stats)
         self.writer = GroupCommitWriter(self.engine, self.writes.handlers(),
                                         max_batch=self.settings.commit_batch_max,
-                                        name=f"outbox-writer-{tier}", clock=clock)
+                                        name=f"outbox-writer-{tier}", clock=clock,
+                                        relaxed_kinds=RELAXED_KINDS,
+                                        synchronous=self.settings.sqlite_synchronous)
         self.clock = clock
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"outbox-read-{tier}")
         self.last_storage_error: str | None = None
@@ -117,7 +127,7 @@ class Outbox:
         from cascade.outbox.callbacks import CallbackSender
         from cascade.outbox.forwarder import Forwarder
 
-        self._workers = [CallbackSender(self)]
+        self._workers = [CallbackSender(self), _Maintenance(self)]
         if upstream is not None:
             self._workers.insert(0, Forwarder(self, upstream))
         for worker in self._workers:
@@ -269,3 +279,43 @@ class Outbox:
             error = storage_unavailable(exc, reading=True, url=self.url)
             self.last_storage_error = error.message
             raise error from None
+
+
+class _Maintenance:
+    """TTL expiry, retention and (SQLite) WAL checkpoints, off the request path.
+
+    SQLite's automatic checkpoint runs inside whichever commit crosses its threshold, adding its
+    fsyncs to that batch's latency; here a PASSIVE checkpoint runs every second from a reader
+    thread instead, concurrently with the writer (see ``engine.WAL_AUTOCHECKPOINT_PAGES``).
+    """
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"outbox-maintenance-{self.outbox.tier}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        box = self.outbox
+        interval = min(1.0, box.settings.sweep_interval_s)
+        last_sweep = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if box.is_sqlite:
+                    await box._read(checkpoint)
+                if time.monotonic() - last_sweep >= box.settings.sweep_interval_s:
+                    last_sweep = time.monotonic()
+                    await box.sweep()
+            except ServiceUnavailable as exc:
+                log.error("outbox maintenance of %s: %s", box.tier, exc.message)
+            except Exception:  # noqa: BLE001 - maintenance must outlive any one bug
+                log.exception("outbox maintenance of %s: unexpected error", box.tier)
+

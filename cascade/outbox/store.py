@@ -132,6 +132,41 @@ class HeldCounters:
             self.rows, self.bytes, self.live = rows, size, live
 
 
+class _HotStatements:
+    """Statements of the hot paths, built once per dialect.
+
+    Building a SQLAlchemy statement costs more than running a cached one on SQLite; the enqueue
+    and idempotency paths run these for every escalation.
+    """
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self.existing_one = sa.select(outbox.c.id, outbox.c.state).where(
+            outbox.c.id == sa.bindparam("id"))
+        ins = _insert(conn, results)
+        self.results_for_enqueue = ins.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"response": ins.excluded.response, "updated_at": ins.excluded.updated_at,
+                  "request_hash": sa.func.coalesce(ins.excluded.request_hash,
+                                                   results.c.request_hash)})
+        ins = _insert(conn, results)
+        # A second computation for one id only happens if idempotency failed; count it.
+        self.results_for_save = ins.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"response": ins.excluded.response, "updated_at": ins.excluded.updated_at,
+                  "computations": results.c.computations + 1})
+        self.outbox_insert = outbox.insert()
+
+
+_HOT: dict[str, _HotStatements] = {}
+
+
+def _hot(conn: sa.Connection) -> _HotStatements:
+    name = conn.dialect.name
+    if name not in _HOT:
+        _HOT[name] = _HotStatements(conn)
+    return _HOT[name]
+
+
 def _insert(conn: sa.Connection, table: sa.Table) -> Any:
     """INSERT with ``on_conflict_do_*`` (same API in both dialects)."""
     if conn.dialect.name == "postgresql":
@@ -174,11 +209,16 @@ class OutboxWrites:
 
     def enqueue(self, batch: Batch, jobs: Sequence[EnqueueJob]) -> list[Any]:
         conn, now, s = batch.conn, batch.now, self.settings
+        hot = _hot(conn)
         existing: dict[str, str] = {}
-        for chunk in chunks([j.id for j in jobs]):
-            for row in conn.execute(sa.select(outbox.c.id, outbox.c.state)
-                                    .where(outbox.c.id.in_(chunk))):
+        if len(jobs) == 1:  # the common case at low load: a cached point lookup
+            for row in conn.execute(hot.existing_one, {"id": jobs[0].id}):
                 existing[row.id] = row.state
+        else:
+            for chunk in chunks([j.id for j in jobs]):
+                for row in conn.execute(sa.select(outbox.c.id, outbox.c.state)
+                                        .where(outbox.c.id.in_(chunk))):
+                    existing[row.id] = row.state
         pending_rows = batch.scratch.get("rows", 0)
         pending_bytes = batch.scratch.get("bytes", 0)
         outcomes: list[Any] = []
@@ -200,19 +240,13 @@ class OutboxWrites:
         batch.scratch["rows"], batch.scratch["bytes"] = pending_rows, pending_bytes
         if not accepted:
             return outcomes
-        ins = _insert(conn, results)
         conn.execute(
-            ins.on_conflict_do_update(
-                index_elements=["id"],
-                set_={"response": ins.excluded.response, "updated_at": ins.excluded.updated_at,
-                      "request_hash": sa.func.coalesce(ins.excluded.request_hash,
-                                                       results.c.request_hash)},
-            ),
+            hot.results_for_enqueue,
             [{"id": j.id, "task": j.task, "request_hash": j.request_hash,
               "response": j.response_json, "computations": 1, "created_at": now,
               "updated_at": now, "retain_until": now + s.results_retention_s} for j in accepted],
         )
-        conn.execute(outbox.insert(), [
+        conn.execute(hot.outbox_insert, [
             {"id": j.id, "task": j.task, "body": j.body_json, "hop_count": j.hop_count,
              "traceparent": j.traceparent, "reason": j.reason[:2000],
              "state": "forwarding" if j.handed_over else "queued", "handed_over": j.handed_over,
@@ -247,14 +281,8 @@ class OutboxWrites:
 
     def save_result(self, batch: Batch, jobs: Sequence[SaveResult]) -> list[Any]:
         conn, now = batch.conn, batch.now
-        ins = _insert(conn, results)
-        # A second computation for one id only happens if idempotency failed; count it.
         conn.execute(
-            ins.on_conflict_do_update(
-                index_elements=["id"],
-                set_={"response": ins.excluded.response, "updated_at": ins.excluded.updated_at,
-                      "computations": results.c.computations + 1},
-            ),
+            _hot(conn).results_for_save,
             [{"id": j.id, "task": j.task, "request_hash": j.request_hash,
               "response": j.response_json, "computations": 1, "created_at": now,
               "updated_at": now, "retain_until": now + self.settings.results_retention_s}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -53,23 +54,40 @@ def callback_view(row: Any) -> dict[str, Any]:
     }
 
 
+_ESCALATION_COLS = ("state", "attempts", "max_attempts", "handed_over", "last_error", "reason",
+                    "created_at", "updated_at", "expires_at", "next_attempt_at")
+_CALLBACK_COLS = ("url", "state", "attempts", "max_attempts", "last_error", "delivered_at")
+
+# One prebuilt query (the idempotency check runs it for every keyed request).
+_RESULT_QUERY = (
+    sa.select(results.c.response, results.c.request_hash, results.c.computations,
+              outbox.c.id.label("o_id"), callbacks.c.id.label("c_id"),
+              *[outbox.c[name].label(f"o_{name}") for name in _ESCALATION_COLS],
+              *[callbacks.c[name].label(f"c_{name}") for name in _CALLBACK_COLS])
+    .select_from(results.outerjoin(outbox, outbox.c.id == results.c.id)
+                 .outerjoin(callbacks, callbacks.c.id == results.c.id))
+    .where(results.c.id == sa.bindparam("id"))
+)
+
+
 def read_result(conn: sa.Connection, id_: str, tier: str) -> dict[str, Any] | None:
     """Latest answer for ``id_`` with its escalation and callback state, or None if unknown.
 
     Adds ``request_hash`` and ``computations`` under private keys (``_request_hash``,
     ``_computations``) for the idempotency check; the API strips them.
     """
-    row = conn.execute(sa.select(results).where(results.c.id == id_)).first()
+    row = conn.execute(_RESULT_QUERY, {"id": id_}).first()
     if row is None:
         return None
+    m = row._mapping
     body: dict[str, Any] = orjson.loads(row.response)
     body["escalation"] = None
-    box = conn.execute(sa.select(outbox).where(outbox.c.id == id_)).first()
-    if box is not None:
-        body["escalation"] = escalation_view(box, tier)
-    cb = conn.execute(sa.select(callbacks).where(callbacks.c.id == id_)).first()
-    if cb is not None:
-        body["callback"] = callback_view(cb)
+    if m["o_id"] is not None:
+        body["escalation"] = escalation_view(
+            SimpleNamespace(**{name: m[f"o_{name}"] for name in _ESCALATION_COLS}), tier)
+    if m["c_id"] is not None:
+        body["callback"] = callback_view(
+            SimpleNamespace(**{name: m[f"c_{name}"] for name in _CALLBACK_COLS}))
     body["_request_hash"] = row.request_hash
     body["_computations"] = row.computations
     return body

@@ -8,8 +8,8 @@ cascade will do (accuracy, share answered per tier). The same simulation backs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

@@ -19,8 +19,9 @@ Everything here is numpy on plain arrays; nothing is fitted at import or at serv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def _tempered(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     logp = np.where(probabilities > 0, logp, -np.inf)
     logp -= logp.max(axis=1, keepdims=True)
     e = np.exp(logp)
-    return e / e.sum(axis=1, keepdims=True)
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class CalibrationFit:
     calibration: Calibration | None
     ece_before: float
     ece_after: float
-    ece_cv: dict[str, float]
+    ece_cv: dict[Method, float]
     """Cross-validated ECE of every method (``none`` is the raw confidence): honest numbers."""
 
 

@@ -10,9 +10,10 @@ are kept from a base policy.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -129,8 +130,8 @@ def _calibration_block(fit: CalibrationFit) -> dict[str, Any]:
 
 
 def _round_threshold(t: float) -> float:
-    # Rounding to 6 places may not move a cut point past a sample: round towards the midpoint's
-    # neighbourhood only when that keeps the value inside the (rarely that narrow) gap.
+    # Six decimals keep the file readable. A searched threshold sits midway between two
+    # samples' confidences, so rounding moves it past one only if they differ by < 1e-6.
     return float(f"{t:.6f}") if t not in (0.0, 1.0) else t
 
 

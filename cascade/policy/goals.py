@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -80,12 +80,12 @@ class Goals(BaseModel):
             floors.append(top_accuracy - self.max_accuracy_drop_vs_top)
         return max(floors) if floors else None
 
-    def resolved(self, top_accuracy: float | None) -> "Goals":
+    def resolved(self, top_accuracy: float | None) -> Goals:
         """These goals with the relative accuracy bound turned into ``min_accuracy``."""
         return self.model_copy(update={"min_accuracy": self.accuracy_floor(top_accuracy),
                                        "max_accuracy_drop_vs_top": None})
 
-    def merged(self, other: "Goals") -> "Goals":
+    def merged(self, other: Goals) -> Goals:
         """These goals with every bound ``other`` sets overriding (escalation maps merge)."""
         esc = self.max_escalation_rate
         if isinstance(esc, dict) and isinstance(other.max_escalation_rate, dict):
@@ -210,7 +210,8 @@ def check_goals(
     ``top_accuracy``: the top tier's accuracy alone on the same traffic, if known)."""
     checks: list[GoalCheck] = []
     if goals.max_accuracy_drop_vs_top is not None:
-        name = f"accuracy>=top-{goals.max_accuracy_drop_vs_top:g}"
+        drop = goals.max_accuracy_drop_vs_top
+        name = "accuracy>=top" + (f"-{drop:g}" if drop else "")
         if accuracy is None or top_accuracy is None or math.isnan(accuracy):
             checks.append(GoalCheck(name, "unknown", None))
         else:

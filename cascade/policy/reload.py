@@ -19,8 +19,9 @@ import contextlib
 import hashlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cascade.errors import CascadeError
 from cascade.policy.loader import load_policy_bytes
@@ -63,7 +64,7 @@ class PolicyReloader:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=5.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
             self._task = None
 

@@ -20,11 +20,10 @@ Two sources:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any
 
 from cascade.errors import PolicyError
 from cascade.gate import Decision, assess, decide
@@ -142,7 +141,7 @@ def replay_task(traffic: TaskTraffic, policy: LoadedPolicy) -> ReplayResult:
             if obs is None:
                 break  # escalated beyond what was recorded
             rule = rules[tier]
-            signals, conf = assess(obs.probabilities, rule)
+            _, conf = assess(obs.probabilities, rule)
             decision = decide(conf, obs.label, rule, has_upstream=obs.has_upstream)
             r.reaching[tier] += 1
             r.decisions[(req.request_id, tier)] = decision.value
@@ -248,9 +247,3 @@ def summary(result: ReplayResult) -> dict[str, Any]:
         "top_accuracy": result.top_accuracy,
         "agreement_with_top": result.agreement_with_top,
     }
-
-
-def as_arrays(result: ReplayResult) -> dict[str, np.ndarray]:
-    """Per-tier reaching/escalated/answered counts as arrays in chain order (for plots)."""
-    return {k: np.asarray([getattr(result, k)[t] for t in result.tiers])
-            for k in ("reaching", "escalated", "answered")}

@@ -20,8 +20,9 @@ that noise on a small split does not become policy.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def _candidates(conf: np.ndarray, grid: int) -> np.ndarray:
     if len(cuts) <= grid:
         return cuts
     keep = np.unique(np.linspace(0, len(cuts) - 1, grid).round().astype(int))
-    return cuts[keep]
+    return np.asarray(cuts[keep])
 
 
 def _solve_last_edge_tier(
@@ -218,7 +219,9 @@ def cross_validate(
     held = [np.zeros(n) for _ in tiers]
     for k in range(folds):
         train, test = fold_of != k, fold_of == k
-        sub = lambda arrays: [np.asarray(a)[train] for a in arrays]  # noqa: E731
+        def sub(arrays: Sequence[Any], train: np.ndarray = train) -> list[np.ndarray]:
+            return [np.asarray(a)[train] for a in arrays]
+
         r = search_thresholds(
             tiers, sub(conf), sub(correct), goals, grid=grid,
             predicted=[list(p) for p in sub(predicted)] if predicted is not None else None,
@@ -228,7 +231,8 @@ def cross_validate(
         for i, (t, ct) in enumerate(zip(r.thresholds, r.class_thresholds)):
             held[i][test] = per_sample_thresholds(
                 t, ct, list(np.asarray(predicted[i])[test]) if predicted is not None else None)
-    key, out, _ = _evaluate(tiers, conf, correct, goals, held, [{} for _ in tiers], None)
+    key, out, _ = _evaluate(tiers, conf, correct, goals, held,  # type: ignore[arg-type]
+                            [{} for _ in tiers], None)
     return key, out
 
 
@@ -241,11 +245,10 @@ def _per_class_generalises(tiers: Sequence[str], conf: Sequence[np.ndarray],
     A class threshold fitted on a few dozen samples easily memorises them (a class with no
     mistakes in the split gets "answer everything"); keep them only if held-out folds agree.
     """
-    common = dict(folds=folds, grid=max(8, grid // 2), class_min_support=class_min_support,
-                  class_min_gain=gain)
-    plain, _ = cross_validate(tiers, conf, correct, goals, **common)  # type: ignore[arg-type]
-    per_class, _ = cross_validate(tiers, conf, correct, goals, predicted=predicted,
-                                  **common)  # type: ignore[arg-type]
+    common: dict[str, Any] = {"folds": folds, "grid": max(8, grid // 2),
+                              "class_min_support": class_min_support, "class_min_gain": gain}
+    plain, _ = cross_validate(tiers, conf, correct, goals, **common)
+    per_class, _ = cross_validate(tiers, conf, correct, goals, predicted=predicted, **common)
     return _better(per_class, plain) and _gain(plain, per_class) >= gain
 
 

@@ -118,3 +118,27 @@ def test_submit_sync_from_a_plain_thread(engine):
     finally:
         writer.stop()
     assert committed_ids(engine) == {"t1"}
+
+
+async def test_only_relaxed_batches_skip_the_fsync(engine):
+    seen: list[tuple[str, int]] = []
+
+    def probe(kind: str):
+        def handler(batch: Batch, payloads: list[Any]) -> list[Any]:
+            level = batch.conn.exec_driver_sql("PRAGMA synchronous").scalar()
+            seen.append((kind, level))
+            return [None] * len(payloads)
+        return handler
+
+    writer = GroupCommitWriter(engine, {"claim": probe("claim"), "enqueue": probe("enqueue")},
+                               relaxed_kinds=frozenset({"claim"}), synchronous="full")
+    writer.start()
+    try:
+        await writer.submit("claim", None)
+        await writer.submit("enqueue", None)
+        await writer.submit("claim", None)
+    finally:
+        writer.stop()
+    # SQLite: 2 = FULL (fsync at commit), 1 = NORMAL (WAL synced later)
+    assert seen == [("claim", 1), ("enqueue", 2), ("claim", 1)]
+    assert writer.stats["relaxed_batches"] == 2

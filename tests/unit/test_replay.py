@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from cascade.decisionlog import DecisionLog, connect, read_rows, sampled
 from cascade.inputs import DECODERS

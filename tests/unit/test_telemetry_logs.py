@@ -24,15 +24,18 @@ def log_stream() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    configure_logging("endpoint", "info", fmt="json", stream=stream)
+    handler = configure_logging("endpoint", "info", fmt="json", stream=stream)
     try:
         yield stream
     finally:
+        handler.close()
         root.handlers[:] = handlers
         root.setLevel(level)
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    for handler in logging.getLogger().handlers:
+        handler.flush()  # lines are written in batches
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
@@ -72,8 +75,27 @@ def test_any_log_inside_a_span_carries_its_ids(spans: Any, log_stream: io.String
 
 def test_text_format_for_humans(log_stream: io.StringIO) -> None:
     stream = io.StringIO()
-    configure_logging("cloud", "debug", fmt="text", stream=stream)
+    handler = configure_logging("cloud", "debug", fmt="text", stream=stream)
     logging.getLogger("cascade.access").info("POST /v1/infer 200", extra={"fields": {"code": 200}})
+    handler.flush()
     text = stream.getvalue()
     assert "INFO cascade.access [cloud] POST /v1/infer 200 code=200" in text
     assert log_stream.getvalue() == ""  # the earlier handler was replaced, not duplicated
+
+
+def test_info_lines_are_batched_warnings_written_at_once() -> None:
+    stream = io.StringIO()
+    handler = configure_logging("edge-node", "info", stream=stream, flush_interval_s=0)
+    try:
+        log = logging.getLogger("cascade.test")
+        log.info("one")
+        log.info("two")
+        assert stream.getvalue() == ""  # pending: no write per request
+        log.warning("three")  # a warning flushes everything before it, in order
+        assert [json.loads(x)["msg"] for x in stream.getvalue().splitlines()] == ["one", "two", "three"]
+        for i in range(handler.max_pending):
+            log.info("n%d", i)
+        assert len(stream.getvalue().splitlines()) == 3 + handler.max_pending
+    finally:
+        handler.close()
+        logging.getLogger().removeHandler(handler)
