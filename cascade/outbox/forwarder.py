@@ -30,6 +30,7 @@ from cascade.deadline import Deadline
 from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
 from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json
 from cascade.outbox.store import Claimed, Outcome
+from cascade.telemetry import current_traceparent, drain_span
 from cascade.telemetry import drain_span
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,16 +163,23 @@ class Forwarder:
             # idempotency turns that resend into a lookup.
             log.error("cannot record the outcome of %s: %s", row.id, exc.message)
 
-    async def _attempt(self, row: Claimed) -> Outcome:
-        headers = {"traceparent": row.traceparent} if row.traceparent else {}
-        try:
-            answer = await self.upstream.escalate(
+    async def _escalate(self, row: Claimed) -> dict[str, Any]:
+        """One send, in a drain span (a new trace linked to the request that queued the row)."""
+        with drain_span(self.outbox.tier, traceparent=row.traceparent, request_id=row.id,
+                        task=row.task, attempt=row.attempts):
+            traceparent = current_traceparent() or row.traceparent
+            answer: dict[str, Any] = await self.upstream.escalate(
                 row.body,
                 deadline=Deadline.from_ms(self.settings.send_timeout_ms),
                 hop_count=row.hop_count,
                 idempotency_key=row.id,
-                headers=headers,
+                headers={"traceparent": traceparent} if traceparent else {},
             )
+        return answer
+
+    async def _attempt(self, row: Claimed) -> Outcome:
+        try:
+            answer = await self._escalate(row)
         except UpstreamRejected as exc:
             if exc.upstream_status == 409:  # the upstream is still computing this very key
                 return Outcome(row.id, "release", error=exc.message,

@@ -74,7 +74,7 @@ def test_analysis_of_the_default_policy_is_consistent(models_dir):
     esc, acc = a.oracle
     assert np.all(np.diff(esc) >= 0) and np.all(np.diff(acc) >= 0)
     assert acc[0] == pytest.approx(s["always_endpoint_accuracy"])
-    for tier, (e, _) in a.sweeps.items():
+    for e, _ in a.sweeps.values():
         assert e.min() >= 0 and e.max() <= len(a.tiers) - 1
     assert set(s["ece"]) == set(a.tiers)
 
