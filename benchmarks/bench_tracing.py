@@ -7,7 +7,7 @@ bodies; medians over rounds. Configurations:
   off            OTEL_SDK_DISABLED=true (trace ids still flow; no spans); the baseline
   off, no access log   the same at CASCADE_LOG_LEVEL=warning: what the per-request log line costs
   otlp           OTLP/HTTP batch exporter to a local receiver process, every request sampled
-  otlp-10%       the same with OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG=0.1
+  otlp-10%, 1%   the same with OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG=0.1 / 0.01
   file           JSON-lines trace file only (what `cascade up` does by default)
 
 Part B (in process, no network): the per-request cost of the SERVER span mechanism alone on a
@@ -71,6 +71,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "off, no access log": {"OTEL_SDK_DISABLED": "true", "CASCADE_LOG_LEVEL": "warning"},
     "otlp": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
     "otlp-10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    "otlp-1%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
     "file": {},
 }
 
@@ -311,7 +312,7 @@ def main() -> None:
     (args.out / "tracing.md").write_text(render(results))
     print(render(results))
     for task in args.tasks:
-        for name in ("otlp", "otlp-10%", "file"):
+        for name in ("otlp", "otlp-10%", "otlp-1%", "file"):
             m = e2e[task][name]
             print(f"{task}: tracing {name} vs off (paired medians): throughput "
                   f"{m['throughput_ratio']:.3f}x, p99 {m['p99_ratio']:.2f}x, "

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from datetime import UTC, datetime
+import time
 from typing import IO, Any, Final, Literal
 
 import orjson
@@ -59,12 +59,20 @@ class JsonLogFormatter(logging.Formatter):
     def __init__(self, tier: str | None = None) -> None:
         super().__init__()
         self.tier = tier
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        # One strftime per second, not per line: this runs once per request.
+        second = int(created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds"
-            ).replace("+00:00", "Z"),
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "tier": self.tier,
@@ -161,6 +169,10 @@ def configure_logging(
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     root.addHandler(handler)
+    # Lines never show thread or process names: don't pay for looking them up per record.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root.setLevel(level.upper())
     # uvicorn's own loggers propagate to ours (`uvicorn.run(log_config=None)` leaves them bare).
     for name in ("uvicorn", "uvicorn.error"):

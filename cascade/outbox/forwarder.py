@@ -31,7 +31,6 @@ from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavail
 from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json
 from cascade.outbox.store import Claimed, Outcome
 from cascade.telemetry import current_traceparent, drain_span
-from cascade.telemetry import drain_span
 
 if TYPE_CHECKING:  # pragma: no cover
     from cascade.outbox.outbox import Outbox
@@ -163,11 +162,11 @@ class Forwarder:
             # idempotency turns that resend into a lookup.
             log.error("cannot record the outcome of %s: %s", row.id, exc.message)
 
-    async def _escalate(self, row: Claimed) -> dict[str, Any]:
-        """One send, in a drain span (a new trace linked to the request that queued the row)."""
-        with drain_span(self.outbox.tier, traceparent=row.traceparent, request_id=row.id,
-                        task=row.task, attempt=row.attempts):
-            traceparent = current_traceparent() or row.traceparent
+    async def _attempt(self, row: Claimed) -> Outcome:
+        """Send one row (inside its drain span) and classify what happened."""
+        # The upstream's work joins the drain span's trace when tracing is on.
+        traceparent = current_traceparent() or row.traceparent
+        try:
             answer: dict[str, Any] = await self.upstream.escalate(
                 row.body,
                 deadline=Deadline.from_ms(self.settings.send_timeout_ms),
@@ -175,11 +174,6 @@ class Forwarder:
                 idempotency_key=row.id,
                 headers={"traceparent": traceparent} if traceparent else {},
             )
-        return answer
-
-    async def _attempt(self, row: Claimed) -> Outcome:
-        try:
-            answer = await self._escalate(row)
         except UpstreamRejected as exc:
             if exc.upstream_status == 409:  # the upstream is still computing this very key
                 return Outcome(row.id, "release", error=exc.message,

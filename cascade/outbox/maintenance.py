@@ -61,11 +61,18 @@ def release_backoff(writes: OutboxWrites, batch: Batch, jobs: Sequence[None]) ->
     return [n] * len(jobs)
 
 def release_leases(writes: OutboxWrites, batch: Batch, jobs: Sequence[None]) -> list[Any]:
-    """Void every lease (a restarted process owns a SQLite outbox alone): due now."""
+    """Void every lease (a restarted process owns a SQLite outbox alone): due now.
+
+    Rows and callbacks a killed process had reserved would otherwise wait out their lease.
+    """
     n = batch.conn.execute(outbox.update().where(
         outbox.c.state == "forwarding", outbox.c.next_attempt_at > batch.now
     ).values(next_attempt_at=batch.now)).rowcount
+    batch.conn.execute(callbacks.update().where(
+        callbacks.c.state == "pending", callbacks.c.next_attempt_at > batch.now
+    ).values(next_attempt_at=batch.now))
     return [n] * len(jobs)
+
 
 def replay(writes: OutboxWrites, batch: Batch, jobs: Sequence[tuple[str, ...]]) -> list[Any]:
     """Each job is ``("id", ID)`` or ``("state", "dead"|"expired")``: make rows due again.
@@ -98,7 +105,9 @@ def replay(writes: OutboxWrites, batch: Batch, jobs: Sequence[tuple[str, ...]]) 
         out.append(n)
     return out
 
-def purge(writes: OutboxWrites, batch: Batch, jobs: Sequence[tuple[tuple[str, ...], float | None]]) -> list[Any]:
+def purge(
+    writes: OutboxWrites, batch: Batch, jobs: Sequence[tuple[tuple[str, ...], float | None]]
+) -> list[Any]:
     """Each job is (states, older_than_s): delete finished rows in those states."""
     conn, now = batch.conn, batch.now
     out: list[Any] = []

@@ -316,6 +316,6 @@ class _Maintenance:
                     await box.sweep()
             except ServiceUnavailable as exc:
                 log.error("outbox maintenance of %s: %s", box.tier, exc.message)
-            except Exception:  # noqa: BLE001 - maintenance must outlive any one bug
+            except Exception:
                 log.exception("outbox maintenance of %s: unexpected error", box.tier)
 

@@ -130,3 +130,27 @@ def test_outage_further_up_is_handed_over_and_polled_down(tiers, proxy_to, callb
     assert node.query("SELECT count(*) FROM cascade_callbacks") == [(0,)]  # only hop 0 fires
     computed = dict(server.query("SELECT id, computations FROM cascade_results"))
     assert computed == {f"up-{i}": 1 for i in range(n)}
+
+
+def test_live_requests_are_not_queued_behind_a_draining_backlog(tiers, proxy_to, hard_images):
+    upstream = tiers("edge-node")
+    proxy = proxy_to(upstream.url)
+    endpoint = tiers("endpoint", upstream=proxy.url, outbox={"forward_concurrency": 2})
+    n = 60
+    with httpx.Client() as client:
+        proxy.set(mode="reset")
+        for i in range(n):
+            r = post(client, endpoint.url, {"task": "vision", "input": {"image": hard_images[i]}},
+                     key=f"backlog-{i}")
+            assert r.json()["status"] == "provisional"
+        proxy.set(mode="pass", delay_ms=40)  # a slow uplink: the backlog takes seconds to drain
+        wait_for(lambda: client.get(f"{endpoint.url}/v1/outbox").json()["delivered"] >= 1,
+                 timeout_s=20, what="the drain started")
+        for i in range(3):
+            r = post(client, endpoint.url, {"task": "vision",
+                                            "input": {"image": hard_images[n + i]}}, key=f"live-{i}")
+            assert r.status_code == 200 and r.json()["status"] == "final"  # answered online...
+            assert client.get(f"{endpoint.url}/v1/outbox").json()["depth"] > 0  # ...meanwhile
+        proxy.set(delay_ms=0)
+        wait_for(lambda: client.get(f"{endpoint.url}/v1/outbox").json()["depth"] == 0,
+                 timeout_s=30, what="the backlog drained")

@@ -41,26 +41,30 @@ _SWITCH = _Switch()
 
 
 def _install_provider() -> None:
-    from cascade.telemetry import instrument_httpx
-
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         provider = TracerProvider(resource=Resource.create({"service.name": "cascade-test",
                                                             "cascade.tier": "test"}))
         provider.add_span_processor(_SWITCH)
         trace.set_tracer_provider(provider)
-    instrument_httpx()
 
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    """Real SDK spans of this test, in memory."""
+    """Real SDK spans of this test, in memory (httpx instrumented for the test's duration)."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    from cascade.telemetry import instrument_httpx
+
     _install_provider()
+    instrument_httpx()
     exporter = InMemorySpanExporter()
     _SWITCH.target = SimpleSpanProcessor(exporter)
     try:
         yield exporter
     finally:
         _SWITCH.target = None
+        # Later tests (integration ones too) must not find their own httpx calls traced.
+        HTTPXClientInstrumentor().uninstrument()
 
 
 def by_name(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
