@@ -199,8 +199,13 @@ async def fill(url: str, bodies: list, n: int, concurrency: int = 64) -> tuple[i
         async def one(i: int) -> None:
             nonlocal ok
             async with sem:
-                r = await client.post(f"{url}/v1/infer", json=bodies[i % len(bodies)])
-                ok += r.status_code == 200 and r.json()["status"] == "provisional"
+                for _ in range(3):  # a connection error is the client's problem: resend
+                    try:
+                        r = await client.post(f"{url}/v1/infer", json=bodies[i % len(bodies)])
+                    except httpx.TransportError:
+                        continue
+                    ok += r.status_code == 200 and r.json()["status"] == "provisional"
+                    return
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -402,7 +407,10 @@ def main() -> None:
             print(f"D. {args.crash_rounds} SIGKILLs...", flush=True)
             _, hard, _ = images(args.models_dir)
             report["crash"] = part_d(args, tmp, args.models_dir, hard)
-    finally:
+    except BaseException:
+        print(f"failed; tier logs kept in {tmp}", file=sys.stderr)
+        raise
+    else:
         shutil.rmtree(tmp, ignore_errors=True)
     report["seconds"] = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)

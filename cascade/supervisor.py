@@ -162,7 +162,7 @@ class Chain:
             log_path = self.log_dir / f"{tier}.log"
             out = open(log_path, "ab")
         proc = subprocess.Popen(
-            [self.python, "-m", "cascade", "serve", "--config", str(cfg)],
+            [self.python, "-m", "cascade.serve", "--config", str(cfg)],
             env=child_env,
             stdout=out,
             stderr=subprocess.STDOUT,

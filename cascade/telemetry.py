@@ -11,11 +11,11 @@ What one request leaves behind at each tier it touches::
     later, from the forwarder: CONSUMER cascade.queue.drain, a new trace ──link──▶ the enqueue span
 
 The SERVER span comes from :class:`RequestTelemetryMiddleware`, a thin pure-ASGI middleware that
-also records the request metrics and writes the access line in the same pass. Measured per
-request (``benchmarks/bench_tracing.py``), FastAPI's native telemetry costs 1.4x its overhead
-with only the SERVER span and 2.5x by default; opentelemetry-instrumentation-fastapi 2.2x without
-its send/receive spans and 4.5x by default; and neither covers metrics or the access line. Process setup (``OTEL_*`` variables, exporters) lives in :mod:`cascade.tracing`
-and is re-exported here.
+also records the request metrics and writes the access line in the same pass. Measured in
+``benchmarks/bench_tracing.py``, the alternatives add more per request than its ~100 µs: FastAPI's
+native telemetry 1.3x (SERVER span only) to 2.4x (default), opentelemetry-instrumentation-fastapi
+2.2x (no send/receive spans) to 4.4x (default), and neither records our metrics or access line.
+Process setup (``OTEL_*`` variables, exporters) lives in :mod:`cascade.tracing`, re-exported here.
 """
 
 from __future__ import annotations
@@ -246,8 +246,6 @@ class TierTelemetry:
         ):
             yield current_traceparent()
 
-    upstream_attempt = staticmethod(upstream_attempt)
-
 
 UNMATCHED: Final[str] = "unmatched"
 """``route`` label of requests that match no route (404s): bounded cardinality."""
@@ -350,5 +348,5 @@ class RequestTelemetryMiddleware:
                     fields[name] = value
             # makeRecord + handle: Logger.info() would also walk the stack to find the caller.
             access_log.handle(access_log.makeRecord(
-                access_log.name, logging.INFO, __file__, 0, f"{method} {route} {code}", None, None,
+                access_log.name, logging.INFO, __file__, 0, f"{method} {route} {code}", (), None,
                 extra={"fields": fields}))

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from cascade.cli.common import console, fail, fail_on
+from cascade.cli.common import console, fail
 from cascade.errors import CascadeError
 
 CONFIG_HELP = "Node config YAML (e.g. edge_nodes/endpoint.yaml); CASCADE_* env vars override it."
@@ -21,8 +19,8 @@ CONFIG_HELP = "Node config YAML (e.g. edge_nodes/endpoint.yaml); CASCADE_* env v
 
 def serve(
     config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-    port: Optional[int] = typer.Option(None, help="Override the config's port."),
-    host: Optional[str] = typer.Option(None, help="Override the config's host."),
+    port: int | None = typer.Option(None, help="Override the config's port."),
+    host: str | None = typer.Option(None, help="Override the config's host."),
 ) -> None:
     """Serve one tier over HTTP (FastAPI on uvicorn).
 
@@ -31,56 +29,18 @@ def serve(
 
     Example: cascade serve --config edge_nodes/endpoint.yaml
     """
-    import uvicorn
+    from cascade.serve import run_tier
 
-    from cascade.api import create_app
-    from cascade.logs import configure_logging
-    from cascade.node import Node
-    from cascade.settings import load_node_settings
-    from cascade.telemetry import setup_tracing
-
-    overrides: dict[str, Any] = {}
-    if port is not None:
-        overrides["port"] = port
-    if host is not None:
-        overrides["host"] = host
-    try:
-        settings = load_node_settings(config, **overrides)
-        configure_logging(settings.tier, settings.log_level, fmt=settings.log_format)
-        tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir)  # OTEL_* env
-        node = Node.from_settings(settings)  # fail fast, before binding the port
-    except CascadeError as exc:
-        fail_on(exc)
-    app = create_app(node, max_body_bytes=settings.max_body_bytes)
-    # Everything loaded so far lives as long as the process: exempt it from the cyclic GC, whose
-    # full collections would otherwise rescan it and stall requests (p99) under per-request
-    # allocations such as spans.
-    gc.freeze()
-    # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; with handlers of ours
-    # in place that re-raise returns here instead of killing the process before spans are flushed.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    try:
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level="warning" if settings.log_level == "info" else settings.log_level,
-            log_config=None,  # uvicorn's records go through our JSON handler
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-            timeout_graceful_shutdown=5,
-        )
-    finally:
-        tracing.shutdown()  # bounded: a dead collector does not delay the stop
+    code = run_tier(config, port=port, host=host)
+    if code:
+        raise typer.Exit(code)
 
 
 def up(
     configs: list[Path] = typer.Option(
         None, "--config", "-c", help="Node configs bottom to top (default: the four-tier chain)."
     ),
-    base_port: Optional[int] = typer.Option(
+    base_port: int | None = typer.Option(
         None, help="Put the tiers on consecutive ports from here and rewire their upstreams."
     ),
     log_dir: Path = typer.Option(Path("var/logs"), help="Where each tier's log goes."),
@@ -154,14 +114,14 @@ def up(
 
 def infer(
     task: str = typer.Argument(..., help="vision or documents."),
-    text: Optional[str] = typer.Argument(None, help="documents: the text to classify."),
-    image: Optional[str] = typer.Option(None, help="vision: 8x8 JSON grid of 0..16."),
-    png: Optional[Path] = typer.Option(None, help="vision: a PNG file (scaled to 8x8)."),
-    sample: Optional[int] = typer.Option(
+    text: str | None = typer.Argument(None, help="documents: the text to classify."),
+    image: str | None = typer.Option(None, help="vision: 8x8 JSON grid of 0..16."),
+    png: Path | None = typer.Option(None, help="vision: a PNG file (scaled to 8x8)."),
+    sample: int | None = typer.Option(
         None, help="Send test-split sample N from the models dir instead (and show its true label)."
     ),
     url: str = typer.Option("http://127.0.0.1:8101", help="Tier to ask (tier 1 by default)."),
-    deadline_ms: Optional[int] = typer.Option(None, help="End-to-end deadline."),
+    deadline_ms: int | None = typer.Option(None, help="End-to-end deadline."),
     models_dir: Path = typer.Option(Path("models"), help="For --sample."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON answer."),
 ) -> None:

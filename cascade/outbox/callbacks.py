@@ -18,7 +18,7 @@ import httpx
 import orjson
 
 from cascade.errors import CascadeError, ServiceUnavailable
-from cascade.outbox.rules import backoff_s
+from cascade.outbox.rules import backoff_s, wait_event
 from cascade.outbox.store import ClaimedCallback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,8 +38,10 @@ class CallbackSender:
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        """Run the delivery loop as a background task of the current event loop."""
         self._client = httpx.AsyncClient(
             timeout=self.settings.callback_timeout_ms / 1000.0, follow_redirects=False,
             headers={"User-Agent": f"cascade-callbacks/{self.outbox.tier}"},
@@ -47,6 +49,8 @@ class CallbackSender:
         self._task = asyncio.create_task(self._run(), name=f"outbox-callbacks-{self.outbox.tier}")
 
     async def stop(self) -> None:
+        """Stop delivering; an interrupted POST is retried after its lease (or at restart)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -56,7 +60,7 @@ class CallbackSender:
             self._client = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 due = await self.outbox.claim_callbacks(_CONCURRENCY)
                 if due:
@@ -81,11 +85,7 @@ class CallbackSender:
         if event is None:
             await asyncio.sleep(timeout)
             return
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
-        event.clear()
+        await wait_event(event, timeout)
 
     async def _deliver(self, cb: ClaimedCallback) -> None:
         assert self._client is not None

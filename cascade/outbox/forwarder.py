@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascade.deadline import Deadline
 from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
-from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json
+from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json, wait_event
 from cascade.outbox.store import Claimed, Outcome
 from cascade.telemetry import current_traceparent, drain_span
 
@@ -52,6 +52,7 @@ class Forwarder:
         self._task: asyncio.Task[None] | None = None
         self._sends: dict[str, asyncio.Task[None]] = {}
         self._pause_until = 0.0
+        self._stopping = False
 
     def start(self) -> None:
         """Run the drain loop as a background task of the current event loop."""
@@ -59,6 +60,7 @@ class Forwarder:
 
     async def stop(self) -> None:
         """Stop sending; rows whose send was interrupted become due again at once."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -78,7 +80,7 @@ class Forwarder:
     async def _run(self) -> None:
         breaker = self.upstream.breaker
         was_closed = breaker.state == "closed"
-        while True:
+        while not self._stopping:
             try:
                 state = breaker.state
                 if state == "open" or time.monotonic() < self._pause_until:
@@ -134,11 +136,7 @@ class Forwarder:
         if event is None:
             await asyncio.sleep(timeout_s)
             return
-        try:
-            await asyncio.wait_for(event.wait(), timeout_s)
-        except TimeoutError:
-            pass
-        event.clear()
+        await wait_event(event, timeout_s)
 
     # -- one send -------------------------------------------------------------------------------
 

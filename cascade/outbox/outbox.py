@@ -292,11 +292,13 @@ class _Maintenance:
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"outbox-maintenance-{self.outbox.tier}")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -306,7 +308,7 @@ class _Maintenance:
         box = self.outbox
         interval = min(1.0, box.settings.sweep_interval_s)
         last_sweep = 0.0
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
             try:
                 if box.is_sqlite:

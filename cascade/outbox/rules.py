@@ -5,6 +5,7 @@ No I/O here, so each rule is tested with plain data (tests/unit/test_outbox_rule
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 from typing import Any
@@ -28,6 +29,21 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalar types orjson does not know natively
         return value.item()
     raise TypeError(f"cannot store a {type(value).__name__} in an answer")
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``event`` is set or ``timeout_s`` passes, then clear it.
+
+    ``asyncio.timeout`` rather than ``asyncio.wait_for``: on Python 3.11, ``wait_for`` can
+    swallow a cancellation that races with the event, and a background loop would then never
+    stop.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        pass
+    event.clear()
 
 
 def request_hash(task: str, input_: Any) -> str:

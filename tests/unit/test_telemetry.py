@@ -363,7 +363,7 @@ def test_otlp_export_reaches_a_real_receiver_over_both_protocols(
 
     if protocol == "grpc":
         class Service(pb_grpc.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's naming
+            def Export(self, request: Any, context: Any) -> Any:
                 keep(request)
                 return pb.ExportTraceServiceResponse()
 
@@ -375,7 +375,7 @@ def test_otlp_export_reaches_a_real_receiver_over_both_protocols(
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
     else:
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 keep(pb.ExportTraceServiceRequest.FromString(
                     self.rfile.read(int(self.headers["Content-Length"]))))
                 self.send_response(200)
@@ -388,7 +388,7 @@ def test_otlp_export_reaches_a_real_receiver_over_both_protocols(
         http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=http.serve_forever, daemon=True).start()
         endpoint = f"http://127.0.0.1:{http.server_address[1]}"
-        stop = lambda: (http.shutdown(), http.server_close())  # noqa: E731
+        stop = lambda: (http.shutdown(), http.server_close())
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
