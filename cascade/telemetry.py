@@ -163,9 +163,12 @@ _LOGGED_FIELDS: Final[tuple[str, ...]] = (
 _TRACE_HEADERS: Final[frozenset[bytes]] = frozenset({b"traceparent", b"tracestate", b"baggage"})
 
 
+_CUSTOM_PROPAGATORS: Final[bool] = bool(os.environ.get("OTEL_PROPAGATORS"))  # read once
+
+
 def _extract(headers: list[tuple[bytes, bytes]]) -> otel_context.Context:
     """The caller's trace context from the request headers (via the configured propagators)."""
-    if os.environ.get("OTEL_PROPAGATORS"):  # b3, jaeger...: let them see every header
+    if _CUSTOM_PROPAGATORS:  # b3, jaeger...: let them see every header
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
     else:  # the default W3C propagators read only these; skip decoding the rest
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers

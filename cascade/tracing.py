@@ -199,6 +199,11 @@ def setup_tracing(
     if not config.active:
         log.info("tracing off (%s)", "OTEL_SDK_DISABLED" if not config.enabled else
                  "no exporter: set OTEL_EXPORTER_OTLP_ENDPOINT or CASCADE_TRACE_DIR")
+        # Install the API's no-op provider explicitly: with none installed, every
+        # get_tracer_provider() call (several per request) looks up an env var.
+        from opentelemetry.trace import NoOpTracerProvider
+
+        trace.set_tracer_provider(NoOpTracerProvider())
         return Tracing(config)
     quiet_sdk_loggers()
     provider = build_tracer_provider(config, environ)

@@ -100,6 +100,7 @@ class Outbox:
 
     @property
     def is_sqlite(self) -> bool:
+        """True for a SQLite file (single process: leases can be voided at start)."""
         return self.url.get_backend_name() == "sqlite"
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Outbox:
         )
         if self.counters.rows >= self.settings.max_rows:  # fast refusal, no writer round trip
             self.stats["refused_queue_full"] += 1
-            raise self.writes._queue_full(job)
+            raise self.writes.queue_full_error(job)
         state = await self._write("enqueue", job)
         if scope is not None:
             scope.persisted = True

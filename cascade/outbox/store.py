@@ -231,7 +231,7 @@ class OutboxWrites:
             bytes_after = self.counters.bytes + pending_bytes + job.size_bytes
             if rows_after > s.max_rows or bytes_after > s.max_bytes:
                 self.stats["refused_queue_full"] += 1
-                outcomes.append(self._queue_full(job))
+                outcomes.append(self.queue_full_error(job))
                 continue
             pending_rows += 1
             pending_bytes += job.size_bytes
@@ -269,7 +269,8 @@ class OutboxWrites:
         self.stats["enqueued"] += len(accepted)
         return outcomes
 
-    def _queue_full(self, job: EnqueueJob) -> ServiceUnavailable:
+    def queue_full_error(self, job: EnqueueJob) -> ServiceUnavailable:
+        """The 503 for work that would overflow the caps (nothing is stored)."""
         c, s = self.counters, self.settings
         return ServiceUnavailable(
             f"tier {self.tier} cannot queue this escalation: its outbox holds {c.rows} rows / "

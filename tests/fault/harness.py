@@ -77,9 +77,10 @@ class Tier:
         self.upstream = upstream
         self.chain: Chain | None = None
 
-    def start(self) -> Tier:
+    def start(self, port: int | None = None) -> Tier:
+        """Start the process (on ``port``, else a free one) and wait until it is ready."""
         env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.chain = Chain([self.config], base_port=free_port(), env=env,
+        self.chain = Chain([self.config], base_port=port or free_port(), env=env,
                            log_dir=self.dir / "logs", top_upstream_url=self.upstream).start()
         return self
 
