@@ -42,7 +42,7 @@ FAST_BREAKER = {"breaker_failure_threshold": 2, "breaker_reset_s": 0.3,
 
 
 def write_policy(path: Path, *, ttl_s: float = 3600, max_attempts: int = 20,
-                 deadline_ms: int = 1000, escalating: tuple[str, ...] = ("endpoint",)) -> Path:
+                 deadline_ms: int = 2000, escalating: tuple[str, ...] = ("endpoint",)) -> Path:
     """The ``escalating`` tiers escalate everything (threshold 1.0); the others answer all."""
     tiers = {t: {"signal": "max_prob", "threshold": 1.0 if t in escalating else 0.0}
              for t in ("endpoint", "edge-node", "edge-server", "cloud")}
