@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from cascade.errors import CascadeError, ServiceUnavailable
+from cascade.outbox.background import BackgroundLoop
 from cascade.outbox.rules import backoff_s, wait_event
 from cascade.outbox.store import ClaimedCallback
 
@@ -29,16 +30,15 @@ log = logging.getLogger("cascade.outbox.callbacks")
 _CONCURRENCY = 8
 
 
-class CallbackSender:
+class CallbackSender(BackgroundLoop):
     """One background task per tier that owes callbacks."""
 
     def __init__(self, outbox: Outbox, *, rng: random.Random | None = None) -> None:
         self.outbox = outbox
         self.settings = outbox.settings
         self._rng = rng or random.Random()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
         self._client: httpx.AsyncClient | None = None
-        self._stopping = False
 
     def start(self) -> None:
         """Run the delivery loop as a background task of the current event loop."""
@@ -46,15 +46,11 @@ class CallbackSender:
             timeout=self.settings.callback_timeout_ms / 1000.0, follow_redirects=False,
             headers={"User-Agent": f"cascade-callbacks/{self.outbox.tier}"},
         )
-        self._task = asyncio.create_task(self._run(), name=f"outbox-callbacks-{self.outbox.tier}")
+        self._start_loop(self._run(), f"outbox-callbacks-{self.outbox.tier}")
 
     async def stop(self) -> None:
         """Stop delivering; an interrupted POST is retried after its lease (or at restart)."""
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._stop_loop()
         if self._client is not None:
             await self._client.aclose()
             self._client = None

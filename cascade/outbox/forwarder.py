@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascade.deadline import Deadline
 from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
+from cascade.outbox.background import BackgroundLoop
 from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json, wait_event
 from cascade.outbox.store import Claimed, Outcome
 from cascade.telemetry import current_traceparent, drain_span
@@ -41,7 +42,7 @@ _BUSY_RETRY_S = 0.2
 """Pause after the breaker refused a send (another request holds the half-open probe)."""
 
 
-class Forwarder:
+class Forwarder(BackgroundLoop):
     """Drains one outbox into one upstream client (see the module docstring)."""
 
     def __init__(self, outbox: Outbox, upstream: Any, *, rng: random.Random | None = None) -> None:
@@ -49,22 +50,17 @@ class Forwarder:
         self.upstream = upstream
         self.settings = outbox.settings
         self._rng = rng or random.Random()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
         self._sends: dict[str, asyncio.Task[None]] = {}
         self._pause_until = 0.0
-        self._stopping = False
 
     def start(self) -> None:
         """Run the drain loop as a background task of the current event loop."""
-        self._task = asyncio.create_task(self._run(), name=f"outbox-forwarder-{self.outbox.tier}")
+        self._start_loop(self._run(), f"outbox-forwarder-{self.outbox.tier}")
 
     async def stop(self) -> None:
         """Stop sending; rows whose send was interrupted become due again at once."""
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._stop_loop()
         interrupted = list(self._sends)
         for task in self._sends.values():
             task.cancel()

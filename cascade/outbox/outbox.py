@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from cascade.errors import NotFound, ServiceUnavailable
 from cascade.escalation import PendingEscalation
+from cascade.outbox.background import BackgroundLoop
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
     checkpoint,
@@ -282,7 +283,7 @@ class Outbox:
             raise error from None
 
 
-class _Maintenance:
+class _Maintenance(BackgroundLoop):
     """TTL expiry, retention and (SQLite) WAL checkpoints, off the request path.
 
     SQLite's automatic checkpoint runs inside whichever commit crosses its threshold, adding its
@@ -291,19 +292,16 @@ class _Maintenance:
     """
 
     def __init__(self, outbox: Outbox) -> None:
+        super().__init__()
         self.outbox = outbox
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"outbox-maintenance-{self.outbox.tier}")
+        """Run the sweep loop as a background task of the current event loop."""
+        self._start_loop(self._run(), f"outbox-maintenance-{self.outbox.tier}")
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop sweeping."""
+        await self._stop_loop()
 
     async def _run(self) -> None:
         box = self.outbox
