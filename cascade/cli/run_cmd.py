@@ -81,7 +81,7 @@ def up(
         fail(f"{exc}; see the logs in {log_dir}/", 1)
     table = Table(title="cascade: local chain is up", title_justify="left")
     for col in ("tier", "url", "pid", "ready in", "log"):
-        table.add_column(col, no_wrap=True)  # URLs and paths are copied whole
+        table.add_column(col, overflow="fold")  # URLs and paths shown whole, never cut with …
     for t in chain.tiers:
         table.add_row(t.tier, t.url, str(t.pid), f"{chain.ready_s[t.tier]:.2f} s", str(t.log_path))
     console.print(table)
