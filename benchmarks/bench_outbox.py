@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import httpx
 
 from cascade.bench.load import run_load
+from cascade.inputs import request_body
 from tests.fault.harness import Tier, crash_rounds, free_port, wait_for, write_policy
 from tests.fault.proxy import FaultProxy
 
@@ -150,9 +151,8 @@ def images(models_dir: Path) -> tuple[list[Any], list[Any], float]:
     inputs, _ = load_split(models_dir, "vision", "test")
     _, preds = predict_split(models_dir, "vision", ["endpoint"], "test")
     order = np.argsort(preds["endpoint"].confidences("max_prob"))
-    grid = lambda i: [[float(v) for v in inputs[i][r * 8:(r + 1) * 8]] for r in range(8)]
-    hard = [{"task": "vision", "input": {"image": grid(i)}} for i in order[:64]]
-    easy = [{"task": "vision", "input": {"image": grid(i)}} for i in order[-64:]]
+    hard = [request_body("vision", inputs[i]) for i in order[:64]]
+    easy = [request_body("vision", inputs[i]) for i in order[-64:]]
     conf = preds["endpoint"].confidences("max_prob")
     threshold = round(float((conf[order[63]] + conf[order[-64]]) / 2), 4)
     return easy, hard, threshold

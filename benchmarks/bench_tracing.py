@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cascade.bench.load import have_wrk, run_load
+from cascade.inputs import request_body
 from cascade.supervisor import Chain
 
 POLICY = """\
@@ -97,11 +98,8 @@ def bodies(models_dir: Path, task: str, n: int = 64) -> list[dict[str, Any]]:
     inputs, _ = load_split(models_dir, task, "test")
     out = []
     for i in range(min(n, len(inputs))):
-        if task == "vision":
-            grid = [[float(v) for v in inputs[i][r * 8:(r + 1) * 8]] for r in range(8)]
-            out.append({"task": "vision", "input": {"image": grid}})
-        else:
-            out.append({"task": "documents", "input": {"text": inputs[i][:2000]}})
+        sample = inputs[i] if task == "vision" else inputs[i][:2000]
+        out.append(request_body(task, sample))
     return out
 
 

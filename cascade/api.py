@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 from fastapi import FastAPI, Request
@@ -23,8 +23,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.errors import CascadeError, MalformedBody, PayloadTooLarge, UnsupportedMediaType
+from cascade.metrics import metrics_response
 from cascade.node import CallContext, Node
-from cascade.policy.reload import PolicyReloader
 from cascade.outbox.http import (
     REPLAYED_HEADER,
     answer_infer,
@@ -32,8 +32,8 @@ from cascade.outbox.http import (
     start_outbox,
     stop_outbox,
 )
+from cascade.policy.reload import PolicyReloader
 from cascade.schemas import REQUEST_ID_PATTERN, ErrorBody, InferRequest, InferResponse
-from cascade.metrics import metrics_response
 from cascade.telemetry import RequestTelemetryMiddleware, fastapi_options
 
 log = logging.getLogger("cascade.api")

@@ -134,6 +134,19 @@ def documents_input(value: dict[str, Any], *, max_text_chars: int = 100_000, **_
     return [text]
 
 
+def image_grid(pixels: Any) -> list[list[float]]:
+    """A flat 64-pixel image (a split's row) as the API's 8x8 nested-list ``image``."""
+    flat = [float(v) for v in pixels]
+    return [flat[r * IMAGE_SIDE : (r + 1) * IMAGE_SIDE] for r in range(IMAGE_SIDE)]
+
+
+def request_body(task: str, sample: Any) -> dict[str, Any]:
+    """The ``POST /v1/infer`` body for one stored split sample (an image row or a text)."""
+    if task == "vision":
+        return {"task": task, "input": {"image": image_grid(sample)}}
+    return {"task": task, "input": {"text": sample}}
+
+
 InputDecoder = Callable[..., Any]
 
 DECODERS: dict[str, InputDecoder] = {"image8x8": vision_input, "text": documents_input}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.deadline import Deadline
+from cascade.decisionlog import DecisionRecorder
 from cascade.errors import (
     HopLimitExceeded,
     ServiceUnavailable,
@@ -25,7 +26,6 @@ from cascade.errors import (
     UpstreamRejected,
 )
 from cascade.escalation import EscalationQueue, PendingEscalation, UnqueuedEscalations
-from cascade.decisionlog import DecisionRecorder
 from cascade.gate import Decision, assess, decide
 from cascade.inputs import DECODERS, InputDecoder
 from cascade.policy import LoadedPolicy, load_policy
@@ -221,11 +221,9 @@ class Node:
             "hops": [hop],
             "trace_id": trace_id,
         }
+        hop["ms"] = round((time.perf_counter() - started) * 1000, 3)  # this tier's own time
         if decision is Decision.ESCALATE:
-            hop["ms"] = round((time.perf_counter() - started) * 1000, 3)
             await self._escalate(request, ctx, response, deadline, upstream_traceparent, task_policy)
-        else:
-            hop["ms"] = round((time.perf_counter() - started) * 1000, 3)
         self.decisions.observe(
             policy, task=request.task, request_id=request_id, trace_id=trace_id,
             hop=ctx.hop_count, model=runner.model_name, has_upstream=self.upstream is not None,

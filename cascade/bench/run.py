@@ -24,6 +24,7 @@ import numpy as np
 from cascade.bench.load import LoadResult, have_wrk, run_load
 from cascade.bench.plots import policy_phase
 from cascade.bench.shift import shift_phase
+from cascade.inputs import request_body
 from cascade.supervisor import DEFAULT_CHAIN, Chain, wait_ready
 
 TASKS = ("vision", "documents")
@@ -43,13 +44,6 @@ class BenchConfig:
     policy: Path = Path("policies/default.yaml")
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _body(task: str, sample: Any) -> dict[str, Any]:
-    if task == "vision":
-        return {"task": task, "input": {"image": [[float(v) for v in sample[r * 8:(r + 1) * 8]]
-                                                  for r in range(8)]}}
-    return {"task": task, "input": {"text": sample}}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -87,7 +81,7 @@ def accuracy_phase(cfg: BenchConfig, chain: Chain) -> dict[str, Any]:
         inputs, labels = load_split(cfg.models_dir, task, "test")
         _, alone = predict_split(cfg.models_dir, task, tiers, "test")
         cfg.log(f"  {task}: {len(labels)} test samples through the chain")
-        answers = asyncio.run(_send_all(chain.entry_url, [_body(task, x) for x in inputs]))
+        answers = asyncio.run(_send_all(chain.entry_url, [request_body(task, x) for x in inputs]))
         bad = [a for a in answers if a["_status_code"] != 200]
         correct = [a.get("label") == y for a, y in zip(answers, labels)]
         answered = {t: sum(a.get("answered_by") == t for a in answers) / len(answers) for t in tiers}
@@ -119,7 +113,7 @@ def accuracy_phase(cfg: BenchConfig, chain: Chain) -> dict[str, Any]:
                 t: {"n": len(v), "p50": _pct(v, 50), "p99": _pct(v, 99)} for t, v in client_ms.items()
             },
             "latency_samples_ms": client_ms,  # for the latency figure; not kept in bench.json
-            "local_bodies": [_body(task, inputs[i]) for i, a in enumerate(answers)
+            "local_bodies": [request_body(task, inputs[i]) for i, a in enumerate(answers)
                              if a.get("answered_by") == tiers[0]][:64],
             "local_indices": [i for i, a in enumerate(answers) if a.get("answered_by") == tiers[0]][:64],
         }
@@ -136,7 +130,7 @@ def raw_model_latency(cfg: BenchConfig, task: str, tier: str, indices: list[int]
     runner = OnnxRunner.from_manifest(cfg.models_dir, task, tier)
     inputs, _ = load_split(cfg.models_dir, task, "test")
     kind = load_manifest(cfg.models_dir).tasks[task].input_kind
-    decoded = [DECODERS[kind](_body(task, inputs[i])["input"]) for i in indices]
+    decoded = [DECODERS[kind](request_body(task, inputs[i])["input"]) for i in indices]
     for x in decoded[:50]:
         runner.predict_proba(x)
     times = []

@@ -107,8 +107,9 @@ def corrupt(task: str, inputs: Any, spec: ShiftSpec) -> Any:
 
 def shift_phase(cfg: Any, chain: Any, tasks: Sequence[str], spec: ShiftSpec | None = None) -> dict[str, Any]:
     """Every corrupted test sample through each tier's model alone and through the chain."""
-    from cascade.bench.run import _body, _send_all
+    from cascade.bench.run import _send_all
     from cascade.evaluation import predict_inputs
+    from cascade.inputs import request_body
     from cascade.models.manifest import load_split
 
     spec = spec or ShiftSpec()
@@ -119,7 +120,7 @@ def shift_phase(cfg: Any, chain: Any, tasks: Sequence[str], spec: ShiftSpec | No
         shifted = corrupt(task, inputs, spec)
         alone = predict_inputs(cfg.models_dir, task, tiers, shifted, labels)
         cfg.log(f"  {task}: {len(labels)} shifted test samples through the chain")
-        answers = asyncio.run(_send_all(chain.entry_url, [_body(task, x) for x in shifted]))
+        answers = asyncio.run(_send_all(chain.entry_url, [request_body(task, x) for x in shifted]))
         n = len(answers)
         answered = {t: sum(a.get("answered_by") == t for a in answers) / n for t in tiers}
         out[task] = {

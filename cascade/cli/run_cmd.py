@@ -149,10 +149,9 @@ def infer(
         if not 0 <= sample < len(labels):
             fail(f"--sample must be between 0 and {len(labels) - 1}")
         truth = labels[sample]
-        if task == "vision":
-            payload = {"image": [[float(v) for v in inputs[sample][r * 8:(r + 1) * 8]] for r in range(8)]}
-        else:
-            payload = {"text": inputs[sample]}
+        from cascade.inputs import request_body
+
+        payload = request_body(task, inputs[sample])["input"]
     elif text is not None:
         payload = {"text": text}
     elif image is not None:

@@ -14,7 +14,6 @@ class BackgroundLoop:
         self._stopping = False
 
     def _start_loop(self, loop: Coroutine[Any, Any, None], name: str) -> None:
-        self._stopping = False
         self._task = asyncio.create_task(loop, name=name)
 
     async def _stop_loop(self) -> None:

@@ -173,12 +173,13 @@ def hardest_images(models_dir: Path, n: int = 200) -> list[list[list[float]]]:
     import numpy as np
 
     from cascade.evaluation import predict_split
+    from cascade.inputs import image_grid
     from cascade.models.manifest import load_split
 
     inputs, _ = load_split(models_dir, "vision", "test")
     _, preds = predict_split(models_dir, "vision", ["endpoint"], "test")
     order = np.argsort(preds["endpoint"].confidences("max_prob"))[:n]
-    return [[[float(v) for v in inputs[i][r * 8:(r + 1) * 8]] for r in range(8)] for i in order]
+    return [image_grid(inputs[i]) for i in order]
 
 
 def _burst(url: str, prefix: str, body: dict[str, Any], acked: dict[str, str],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cascade.evaluation import predict_split
+from cascade.inputs import request_body
 from cascade.policy import load_policy
 
 pytestmark = pytest.mark.integration
@@ -17,12 +18,10 @@ TIERS = ["endpoint", "edge-node", "edge-server", "cloud"]
 
 
 def vision_body(pixels: np.ndarray) -> dict:
-    grid = [[float(v) for v in pixels[r * 8 : (r + 1) * 8]] for r in range(8)]
-    return {"task": "vision", "input": {"image": grid}}
+    return request_body("vision", pixels)
 
 
-def body_for(task: str, sample) -> dict:
-    return vision_body(sample) if task == "vision" else {"task": task, "input": {"text": sample}}
+body_for = request_body
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from cascade.inputs import request_body
 from cascade.policy import load_policy
 from cascade.policy.replay import replay_task, traffic_from_logs
 
@@ -21,11 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TIERS = ["endpoint", "edge-node", "edge-server", "cloud"]
 
 
-def body(task: str, sample) -> dict:
-    if task == "vision":
-        return {"task": task, "input": {"image": [[float(v) for v in sample[r * 8:(r + 1) * 8]]
-                                                  for r in range(8)]}}
-    return {"task": task, "input": {"text": sample}}
+body = request_body
 
 
 async def send(url: str, bodies: list[dict]) -> list[dict]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cascade.evaluation import predict_split
+from cascade.inputs import request_body
 from cascade.supervisor import Chain
 from tests.conftest import free_port_block
 
@@ -54,8 +55,7 @@ def hard_vision_body(models_dir):
     inputs, _ = load_split(models_dir, "vision", "test")
     _, preds = predict_split(models_dir, "vision", ["endpoint"], "test")
     i = int(np.argmin(preds["endpoint"].confidences("max_prob")))
-    grid = [[float(v) for v in inputs[i][r * 8 : (r + 1) * 8]] for r in range(8)]
-    return {"task": "vision", "input": {"image": grid}}
+    return request_body("vision", inputs[i])
 
 
 def _endpoint(models_dir: Path, tmp: Path, upstream: str, policy: Path | None = None) -> Chain:

@@ -20,7 +20,7 @@ import pytest
 
 from cascade.breaker import CircuitBreaker
 from cascade.deadline import Deadline
-from cascade.errors import UpstreamError, ConfigError, UpstreamRejected, UpstreamUnavailable
+from cascade.errors import ConfigError, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from cascade.upstream import UpstreamClient
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
