@@ -6,15 +6,25 @@ bodies; medians over rounds. Configurations:
 
   off            OTEL_SDK_DISABLED=true (trace ids still flow; no spans); the baseline
   off, no access log   the same at CASCADE_LOG_LEVEL=warning: what the per-request log line costs
-  otlp           OTLP/HTTP batch exporter to a local receiver process, every request sampled
-  otlp-10%, 1%   the same with OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG=0.1 / 0.01
-  file           JSON-lines trace file only (what `cascade up` does by default)
+  otlp           tracing on as shipped: OTLP/HTTP batch exporter to a local receiver process,
+                 default sampler (every escalation, unknown answer and server error, plus 1% of
+                 the routine local answers: all this load is routine local answers)
+  otlp-10%       the same sampler keeping 10% of the routine answers (OTEL_TRACES_SAMPLER_ARG=0.1)
+  otlp-all       every request traced (OTEL_TRACES_SAMPLER_ARG=1)
+  file           JSON-lines trace file only, default sampler (what `cascade up` does)
 
 Part B (in process, no network): the per-request cost of the SERVER span mechanism alone on a
-minimal FastAPI route, one subprocess per variant: bare, our pure-ASGI middleware (tracing off,
-then on), FastAPI's native telemetry (lean: SERVER span only; default: plus operation spans) and
+minimal FastAPI route, one subprocess per variant: bare, our pure-ASGI middleware (tracing off;
+on but the request sampled out; on and recorded), FastAPI's native telemetry (lean: SERVER span only; default: plus operation spans) and
 opentelemetry-instrumentation-fastapi (lean: no send/receive spans; default). This is why the
 tiers make their SERVER span in their own middleware.
+
+Part C (in process, the real endpoint app): the tier's own ASGI app (node, ONNX model, gate,
+metrics, access log) called directly, one subprocess per configuration, with the real OTLP/HTTP
+batch exporter sending to the local receiver. CPU per request is the process's CPU time (all
+threads, so the exporter's encoding counts) over rounds of requests; the minimum over interleaved
+rounds. No network stack and no load generator: the overhead ratio is the least noisy figure on
+a shared machine, where Part A's throughput moves by +-20% between rounds.
 
 Writes reports/tracing.json and reports/tracing.md. Run: python benchmarks/bench_tracing.py
 """
@@ -71,8 +81,8 @@ CONFIGS: dict[str, dict[str, str]] = {
     "off": {"OTEL_SDK_DISABLED": "true"},
     "off, no access log": {"OTEL_SDK_DISABLED": "true", "CASCADE_LOG_LEVEL": "warning"},
     "otlp": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
-    "otlp-10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
-    "otlp-1%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+    "otlp-10%": {"OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    "otlp-all": {"OTEL_TRACES_SAMPLER_ARG": "1"},
     "file": {},
 }
 
@@ -195,9 +205,12 @@ if variant not in ("bare", "cascade-middleware-off"):
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from cascade.tracing import cascade_sampler
     class Null(SpanExporter):
         def export(self, spans): return SpanExportResult.SUCCESS
-    provider = TracerProvider(); provider.add_span_processor(BatchSpanProcessor(Null()))
+    # sampled-out: the default sampler declining a routine request that has no caller trace
+    sampler = cascade_sampler(0.0) if variant == "cascade-middleware-sampled-out" else None
+    provider = TracerProvider(sampler=sampler); provider.add_span_processor(BatchSpanProcessor(Null()))
     trace.set_tracer_provider(provider)
 native = {"fastapi-native": None,
           "fastapi-native-lean": {"operation_spans": False, "metrics": False, "logs": False}}
@@ -217,11 +230,12 @@ elif variant.startswith("contrib"):
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"] if variant == "contrib-lean" else None)
 body = b'{"task": "vision", "input": {}}'
+caller = ([] if variant == "cascade-middleware-sampled-out" else
+          [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
 scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
          "scheme": "http", "path": "/v1/infer", "raw_path": b"/v1/infer", "query_string": b"",
          "root_path": "", "headers": [(b"content-type", b"application/json"),
-         (b"content-length", str(len(body)).encode()), (b"host", b"t"),
-         (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+         (b"content-length", str(len(body)).encode()), (b"host", b"t")] + caller,
          "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
 async def receive(): return {"type": "http.request", "body": body, "more_body": False}
 async def send(m): pass
@@ -236,7 +250,8 @@ async def main():
 asyncio.run(main())
 """
 
-VARIANTS = ("bare", "cascade-middleware-off", "cascade-middleware", "fastapi-native-lean",
+VARIANTS = ("bare", "cascade-middleware-off", "cascade-middleware-sampled-out",
+            "cascade-middleware", "fastapi-native-lean",
             "fastapi-native", "contrib-lean", "contrib")
 
 
@@ -257,15 +272,107 @@ def server_span_mechanisms(args: argparse.Namespace) -> dict[str, Any]:
                 "ratio": round(us[v] / us["bare"], 2)} for v in variants}
 
 
+APP_PROBE = r"""
+import asyncio, json, logging, os, sys, time
+config, task, n_rounds, per_round = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+bodies = [json.dumps(b).encode() for b in json.loads(sys.stdin.read())]
+from cascade.api import create_app
+from cascade.logs import configure_logging
+from cascade.node import Node
+from cascade.settings import load_node_settings
+from cascade.telemetry import setup_tracing
+settings = load_node_settings(config)
+configure_logging(settings.tier, settings.log_level, fmt=settings.log_format,
+                  stream=open(os.devnull, "w"))
+tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir)
+app = create_app(Node.from_settings(settings), max_body_bytes=settings.max_body_bytes)
+def scope(body):
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/infer", "raw_path": b"/v1/infer", "query_string": b"",
+            "root_path": "", "headers": [(b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()), (b"host", b"t")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": app}
+codes = []
+async def call(body):
+    async def receive(): return {"type": "http.request", "body": body, "more_body": False}
+    async def send(m):
+        if m["type"] == "http.response.start": codes.append(m["status"])
+    await app(scope(body), receive, send)
+async def main():
+    async def lifespan_receive():
+        await asyncio.sleep(3600)
+    startup = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    msgs = asyncio.Queue(); await msgs.put({"type": "lifespan.startup"})
+    done = asyncio.Event()
+    async def send(m):
+        if m["type"] == "lifespan.startup.complete": done.set()
+    life = asyncio.create_task(app(startup, msgs.get, send))
+    await done.wait()
+    for i in range(500): await call(bodies[i % len(bodies)])
+    rounds = []
+    for _ in range(n_rounds):
+        c = time.process_time()
+        for i in range(per_round): await call(bodies[i % len(bodies)])
+        tracing.provider and tracing.provider.force_flush()  # the export of this round counts
+        rounds.append((time.process_time() - c) / per_round * 1e6)
+    await msgs.put({"type": "lifespan.shutdown"})
+    print(json.dumps({"cpu_us": rounds, "errors": sum(c != 200 for c in codes)}))
+    os._exit(0)
+asyncio.run(main())
+"""
+
+
+def real_app(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Part C: the endpoint's real app in process, CPU µs per request per configuration."""
+    models_dir = ROOT / "models"
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY)
+    sink_port = args.base_port + 91
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])
+    configs = {name: extra for name, extra in CONFIGS.items() if name != "off, no access log"}
+    cpu: dict[str, dict[str, list[float]]] = {t: {n: [] for n in configs} for t in args.tasks}
+    try:
+        for task in args.tasks:
+            payload = json.dumps(bodies(models_dir, task))
+            for rep in range(args.probe_repeats):  # interleaved: drift hits every config alike
+                for name, extra in configs.items():
+                    env = {**os.environ, "PYTHONPATH": str(ROOT), "CASCADE_MODELS_DIR": str(models_dir),
+                           "CASCADE_POLICY": str(policy), **extra}
+                    env.pop("CASCADE_TRACE_DIR", None)
+                    if name.startswith("otlp"):
+                        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
+                    if name == "file":
+                        env["CASCADE_TRACE_DIR"] = str(tmp / f"traces-{rep}")
+                    print(f"  part C {task} {rep + 1}/{args.probe_repeats}: {name}", flush=True)
+                    out = subprocess.run(
+                        [sys.executable, "-c", APP_PROBE, str(ROOT / "edge_nodes/endpoint.yaml"),
+                         task, "4", str(args.app_requests)],
+                        input=payload, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    if result["errors"]:
+                        raise SystemExit(f"part C {name}: {result['errors']} requests failed")
+                    cpu[task][name].extend(result["cpu_us"])
+    finally:
+        sink.terminate()
+        sink.wait(5)
+    out_: dict[str, Any] = {}
+    for task, by_name in cpu.items():
+        best = {n: min(v) for n, v in by_name.items()}
+        out_[task] = {n: {"cpu_us_per_request": round(b, 1), "overhead_us": round(b - best["off"], 1),
+                          "ratio": round(b / best["off"], 3)} for n, b in best.items()}
+    return out_
+
+
 def render(results: dict[str, Any]) -> str:
+    e2e = results["e2e"]
     summary = (f"Measured {results['when']} on {results['cpus']} CPU(s); load generator "
-               f"{results['e2e']['generator']}, {results['connections']} connections, "
+               f"{e2e.get('generator', '-')}, {results['connections']} connections, "
                f"{results['rounds']} interleaved rounds of {results['duration_s']} s; medians, and "
                "ratios paired with the `off` run of the same round. CPU µs/request is the tier "
                "process's own CPU time (all threads, export included) per request: the figure "
                "least disturbed by other load on a shared machine.")
     lines = ["# Tracing overhead on the endpoint's locally-answered path", "", summary, ""]
-    for task in results["tasks"]:
+    for task in results["tasks"] if e2e else ():
         header = ("| config | req/s | p50 ms | p99 ms | CPU µs/request | throughput vs off | "
                   "p99 vs off | CPU/request vs off |")
         lines += [f"## {task}", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -278,8 +385,18 @@ def render(results: dict[str, Any]) -> str:
               "| variant | µs/request | overhead µs | ratio |", "|---|---:|---:|---:|"]
     for v, m in results["server_span"].items():
         lines.append(f"| {v} | {m['us_per_request']} | {m['overhead_us']} | {m['ratio']} |")
-    lines += ["", "Spans exported per configuration: " + ", ".join(
-        f"{k} {v:.0f}" for k, v in results["e2e"]["spans_exported"].items()), ""]
+    if "app" in results:
+        lines += ["", "## The endpoint's real app in process (CPU µs per request, min over "
+                  f"interleaved rounds of {results['app_requests']} requests)", "",
+                  "| task | config | CPU µs/request | overhead µs | vs off |", "|---|---|---:|---:|---:|"]
+        for task, rows in results["app"].items():
+            for name, m in rows.items():
+                lines.append(f"| {task} | {name} | {m['cpu_us_per_request']} | {m['overhead_us']} | "
+                             f"{m['ratio']:.3f} |")
+    if e2e:
+        lines += ["", "Spans exported per configuration: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in e2e["spans_exported"].items())]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -291,6 +408,9 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["vision", "documents"])
     p.add_argument("--base-port", type=int, default=18700)
     p.add_argument("--probe-repeats", type=int, default=3)
+    p.add_argument("--app-requests", type=int, default=3000,
+                   help="Requests per round in part C (4 rounds per run).")
+    p.add_argument("--skip-e2e", action="store_true", help="Only the in-process parts B and C.")
     p.add_argument("--out", type=Path, default=ROOT / "reports")
     args = p.parse_args()
     if not (ROOT / "models" / "manifest.json").is_file():
@@ -298,19 +418,24 @@ def main() -> None:
     started = time.time()
     print("part B: SERVER span mechanisms (in process)", flush=True)
     server_span = server_span_mechanisms(args)
-    print("part A: endpoint end to end", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        e2e = end_to_end(args, Path(tmp))
+        print("part C: the endpoint's real app (in process)", flush=True)
+        app = real_app(args, Path(tmp))
+        if args.skip_e2e:
+            e2e = {}
+        else:
+            print("part A: endpoint end to end", flush=True)
+            e2e = end_to_end(args, Path(tmp))
     results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                "duration_s": args.duration, "rounds": args.rounds, "connections": args.connections,
-               "tasks": args.tasks, "e2e": e2e, "server_span": server_span,
-               "wall_s": round(time.time() - started, 1)}
+               "tasks": args.tasks, "e2e": e2e, "server_span": server_span, "app": app,
+               "app_requests": args.app_requests, "wall_s": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tracing.json").write_text(json.dumps(results, indent=2))
     (args.out / "tracing.md").write_text(render(results))
     print(render(results))
-    for task in args.tasks:
-        for name in ("otlp", "otlp-10%", "otlp-1%", "file"):
+    for task in args.tasks if e2e else ():
+        for name in ("otlp", "otlp-10%", "otlp-all", "file"):
             m = e2e[task][name]
             print(f"{task}: tracing {name} vs off (paired medians): throughput "
                   f"{m['throughput_ratio']:.3f}x, p99 {m['p99_ratio']:.2f}x, "

@@ -32,7 +32,7 @@ from cascade.policy import LoadedPolicy, load_policy
 from cascade.runners.base import Runner
 from cascade.schemas import InferRequest
 from cascade.settings import NodeSettings
-from cascade.telemetry import TierTelemetry, outgoing_trace_context, upstream_attempt
+from cascade.telemetry import TierTelemetry, upstream_attempt
 
 log = logging.getLogger("cascade.node")
 
@@ -188,7 +188,6 @@ class Node:
         deadline_ms = ctx.deadline_ms or request.deadline_ms or task_policy.deadline_ms
         deadline = Deadline.from_ms(deadline_ms)
         request_id = ctx.request_id or request.request_id or new_request_id()
-        trace_id, upstream_traceparent = outgoing_trace_context(ctx.traceparent)
 
         runner = runtime.runner
         started_ns = time.time_ns()
@@ -198,11 +197,12 @@ class Node:
         signals, conf = assess(probs, rule)  # calibrated confidence, as replay computes it
         label = runner.classes[signals.top_index]
         decision = decide(conf, label, rule, has_upstream=self.upstream is not None)
-        self.telemetry.record_local(
+        request_trace = self.telemetry.record_local(  # starts the SERVER span, decision known
             task=request.task, model=runner.model_name, started_ns=started_ns,
             inferred_ns=inferred_ns, gated_ns=time.time_ns(), confidence=conf,
-            decision=decision.value, signal=rule.signal,
+            decision=decision.value, signal=rule.signal, incoming=ctx.traceparent,
         )
+        trace_id = request_trace.trace_id
         hop = {
             "tier": self.tier,
             "model": runner.model_name,
@@ -223,7 +223,9 @@ class Node:
         }
         hop["ms"] = round((time.perf_counter() - started) * 1000, 3)  # this tier's own time
         if decision is Decision.ESCALATE:
-            await self._escalate(request, ctx, response, deadline, upstream_traceparent, task_policy)
+            with request_trace.current():  # CLIENT and PRODUCER spans are its children
+                await self._escalate(request, ctx, response, deadline, request_trace.traceparent,
+                                     task_policy)
         self.decisions.observe(
             policy, task=request.task, request_id=request_id, trace_id=trace_id,
             hop=ctx.hop_count, model=runner.model_name, has_upstream=self.upstream is not None,

@@ -10,11 +10,16 @@ What one request leaves behind at each tier it touches::
     └── PRODUCER cascade.queue.enqueue   when the escalation is kept in the outbox
     later, from the forwarder: CONSUMER cascade.queue.drain, a new trace ──link──▶ the enqueue span
 
-The SERVER span comes from :class:`RequestTelemetryMiddleware`, a thin pure-ASGI middleware that
-also records the request metrics and writes the access line in the same pass. Measured in
-``benchmarks/bench_tracing.py``, the alternatives add more per request than its ~100 µs: FastAPI's
-native telemetry 1.3x (SERVER span only) to 2.4x (default), opentelemetry-instrumentation-fastapi
-2.2x (no send/receive spans) to 4.4x (default), and neither records our metrics or access line.
+The SERVER span is made by :class:`RequestTelemetryMiddleware`, a thin pure-ASGI middleware that
+also records the request metrics and writes the access line in the same pass. It starts the span
+late: the node starts it once the gate has decided (:meth:`TierTelemetry.record_local`, backdated
+to the request's arrival), so the sampler can keep every escalation while sampling the routine
+local answers (:class:`~cascade.tracing.CascadeRootSampler`); requests that never reach the gate
+get theirs when the response is done. The inference and gate spans are made after the fact from
+timestamps, so a request that is not sampled pays for no span at all. Measured in
+``benchmarks/bench_tracing.py``, the alternatives add more per request: FastAPI's native
+telemetry 1.3x (SERVER span only) to 2.4x (default), opentelemetry-instrumentation-fastapi 2.2x
+(no send/receive spans) to 4.4x (default), and neither records our metrics or access line.
 Process setup (``OTEL_*`` variables, exporters) lives in :mod:`cascade.tracing`, re-exported here.
 """
 
@@ -58,7 +63,7 @@ _W3C = TraceContextTextMapPropagator()
 
 __all__ = [
     "HONOURED_ENV", "RequestTelemetryMiddleware", "TierTelemetry", "Tracing", "TracingConfig",
-    "build_tracer_provider", "current_traceparent", "drain_span", "fastapi_options",
+    "RequestTrace", "build_tracer_provider", "current_traceparent", "drain_span", "fastapi_options",
     "instrument_httpx", "outgoing_trace_context", "sdk_tracer", "setup_tracing",
     "span_link_from_traceparent", "upstream_attempt",
 ]
@@ -145,10 +150,17 @@ def drain_span(tier: str, *, traceparent: str | None, request_id: str, task: str
 class RequestRecord:
     """What a request turned into, filled by the node and read when the response is done."""
 
-    __slots__ = ("answered_by", "decision", "request_id", "status", "task", "trace_id", "tracer")
+    __slots__ = ("answered_by", "decision", "parent", "request_id", "scope", "span", "started_ns",
+                 "status", "task", "trace_id", "tracer")
 
-    def __init__(self) -> None:
-        self.tracer: trace.Tracer | None = None
+    def __init__(self, scope: Any, tracer: trace.Tracer | None) -> None:
+        self.scope = scope
+        self.tracer = tracer
+        self.parent: otel_context.Context | None = None
+        """The caller's trace context (from the request headers)."""
+        self.started_ns = 0
+        self.span: trace.Span | None = None
+        """The SERVER span, once started (see :meth:`TierTelemetry.record_local`)."""
         self.task: str | None = None
         self.decision: str | None = None
         self.status: str | None = None
@@ -159,7 +171,7 @@ class RequestRecord:
 
 _RECORD: ContextVar[RequestRecord | None] = ContextVar("cascade_request_record", default=None)
 _LOGGED_FIELDS: Final[tuple[str, ...]] = (
-    "task", "decision", "status", "answered_by", "trace_id", "request_id")
+    "task", "decision", "status", "answered_by", "request_id")
 _TRACE_HEADERS: Final[frozenset[bytes]] = frozenset({b"traceparent", b"tracestate", b"baggage"})
 
 
@@ -178,6 +190,37 @@ def _extract(headers: list[tuple[bytes, bytes]]) -> otel_context.Context:
     return propagate.extract(carrier)
 
 
+class RequestTrace:
+    """A request's trace ids as the node needs them: what to report and what to send upstream."""
+
+    __slots__ = ("span", "trace_id", "traceparent")
+
+    def __init__(self, trace_id: str, traceparent: str, span: trace.Span | None = None) -> None:
+        self.trace_id = trace_id
+        self.traceparent = traceparent
+        """``traceparent`` for the upstream (httpx instrumentation replaces it per attempt)."""
+        self.span = span
+        """The SERVER span to make current around the escalation (None: nothing to switch)."""
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Make the SERVER span current, so CLIENT and PRODUCER spans become its children."""
+        if self.span is None:
+            yield
+            return
+        token = otel_context.attach(trace.set_span_in_context(self.span))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+
+def _http_attributes(scope: Any) -> dict[str, Any]:
+    return {"http.request.method": scope["method"], "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1")}
+
+
 class TierTelemetry:
     """The spans and metrics a :class:`~cascade.node.Node` records; one per node."""
 
@@ -188,11 +231,15 @@ class TierTelemetry:
             self.metrics.bind_node(node)
 
     def record_local(self, *, task: str, model: str, started_ns: int, inferred_ns: int,
-                     gated_ns: int, confidence: float, decision: str, signal: str) -> None:
+                     gated_ns: int, confidence: float, decision: str, signal: str,
+                     incoming: str | None = None) -> RequestTrace:
         """The local model ran (``started_ns``..``inferred_ns``) and the gate decided (..``gated_ns``).
 
-        Timestamps are ``time.time_ns()``; the child spans are made after the fact, with those
-        times, so the hot path pays no context switching for them.
+        Starts the request's SERVER span now that the decision is known (the sampler keeps every
+        escalation, see :class:`~cascade.tracing.CascadeRootSampler`) and returns the trace ids
+        for the answer and the upstream. Timestamps are ``time.time_ns()``; the inference and gate
+        spans are made after the fact with those times, and only when the request is sampled.
+        ``incoming`` is the caller's ``traceparent``, kept when tracing is off.
         """
         confidence = float(confidence)  # numpy scalars are not valid span attribute values
         self.metrics.observe_inference(task, model, (inferred_ns - started_ns) / 1e9)
@@ -200,17 +247,36 @@ class TierTelemetry:
         record = _RECORD.get()
         if record is not None:
             record.task, record.decision = task, decision
-        span = trace.get_current_span()
-        tracer = record.tracer if record is not None else sdk_tracer()
-        if tracer is None or not span.is_recording():
-            return
+            tracer = record.tracer
+        else:
+            tracer = sdk_tracer()
+        if tracer is None:
+            return RequestTrace(*outgoing_trace_context(incoming))
         attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
-        span.set_attributes({**attrs, "cascade.confidence": confidence, "cascade.decision": decision})
-        tracer.start_span("cascade.inference", start_time=started_ns, attributes=attrs).end(inferred_ns)
-        tracer.start_span("cascade.gate", start_time=inferred_ns, attributes={
-            "cascade.tier": self.tier, "cascade.task": task, "cascade.signal": signal,
-            "cascade.confidence": confidence, "cascade.decision": decision,
-        }).end(gated_ns)
+        if record is not None and record.span is None:
+            span = record.span = tracer.start_span(
+                record.scope["method"], context=record.parent, kind=SpanKind.SERVER,
+                start_time=record.started_ns, attributes={
+                    **_http_attributes(record.scope), **attrs,
+                    "cascade.confidence": confidence, "cascade.decision": decision})
+        else:  # called outside the middleware: the current span, if any, is the request's
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attributes({**attrs, "cascade.confidence": confidence,
+                                     "cascade.decision": decision})
+        ctx = span.get_span_context()
+        if not ctx.is_valid:
+            return RequestTrace(*outgoing_trace_context(incoming))
+        if span.is_recording():
+            parent = trace.set_span_in_context(span)
+            tracer.start_span("cascade.inference", parent, start_time=started_ns,
+                              attributes=attrs).end(inferred_ns)
+            tracer.start_span("cascade.gate", parent, start_time=inferred_ns, attributes={
+                **attrs, "cascade.signal": signal, "cascade.confidence": confidence,
+                "cascade.decision": decision,
+            }).end(gated_ns)
+        return RequestTrace(f"{ctx.trace_id:032x}", _traceparent_of(ctx),
+                            span if record is not None else None)
 
     def record_answer(self, response: Mapping[str, Any]) -> None:
         """The node's answer is ready (``response`` is the contract's 200 body)."""
@@ -229,7 +295,9 @@ class TierTelemetry:
         if record is not None:
             record.status, record.answered_by = status, answered_by
             record.trace_id, record.request_id = response.get("trace_id"), response.get("id")
-        span = trace.get_current_span()
+            span = record.span or trace.INVALID_SPAN
+        else:
+            span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes({"cascade.status": status, "cascade.answered_by": answered_by,
                                  "cascade.request_id": str(response.get("id"))})
@@ -285,21 +353,13 @@ class RequestTelemetryMiddleware:
             return
         started = time.perf_counter()
         tracer = sdk_tracer()
-        method = scope["method"]
-        span: trace.Span | None = None
-        token = None
-        if tracer is not None:
-            parent = _extract(scope["headers"])
-            span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes={
-                "http.request.method": method, "url.path": scope["path"],
-                "url.scheme": scope.get("scheme", "http"),
-                "network.protocol.version": scope.get("http_version", "1.1"),
-            })
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-        record = RequestRecord()
-        record.tracer = tracer
+        record = RequestRecord(scope, tracer)
+        if tracer is not None:  # the span itself starts later (see the module docstring)
+            record.started_ns = time.time_ns()
+            record.parent = _extract(scope["headers"])
         record_token = _RECORD.set(record)
         status_code = 500  # if the app raises before responding, the server answers 500
+        error: BaseException | None = None
 
         async def send_observed(message: Any) -> None:
             nonlocal status_code
@@ -310,27 +370,35 @@ class RequestTelemetryMiddleware:
         try:
             await self.app(scope, receive, send_observed)
         except BaseException as exc:
-            status_code = 500
-            if span is not None:
-                span.record_exception(exc)
+            status_code, error = 500, exc
             raise
         finally:
-            self._finish(scope, span, record, status_code, time.perf_counter() - started)
+            self._finish(scope, record, status_code, time.perf_counter() - started, error)
             _RECORD.reset(record_token)
-            if token is not None:
-                otel_context.detach(token)
 
-    def _finish(self, scope: Any, span: trace.Span | None, record: RequestRecord, code: int,
-                seconds: float) -> None:
+    def _finish(self, scope: Any, record: RequestRecord, code: int, seconds: float,
+                error: BaseException | None) -> None:
         route = _route_of(scope)
         method = scope["method"]
-        if span is not None:
+        span = record.span
+        if span is None and record.tracer is not None:  # the request never reached the gate
+            attributes = {**_http_attributes(scope), "http.response.status_code": code}
+            if route != UNMATCHED:
+                attributes["http.route"] = route
+            span = record.tracer.start_span(
+                f"{method} {route}" if route != UNMATCHED else method, context=record.parent,
+                kind=SpanKind.SERVER, start_time=record.started_ns, attributes=attributes)
+        elif span is not None and span.is_recording():
             if route != UNMATCHED:
                 span.update_name(f"{method} {route}")
                 span.set_attribute("http.route", route)
             span.set_attribute("http.response.status_code", code)
-            if code >= 500:
-                span.set_status(Status(StatusCode.ERROR))
+        if span is not None:
+            if span.is_recording():
+                if error is not None:
+                    span.record_exception(error)
+                if code >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
             span.end()
         telemetry = self._get_telemetry()
         if telemetry is not None:
@@ -347,8 +415,13 @@ class RequestTelemetryMiddleware:
             }
             for name in _LOGGED_FIELDS:
                 value = getattr(record, name)
-                if value is not None and (name != "trace_id" or span is None):
+                if value is not None:
                     fields[name] = value
+            ctx = span.get_span_context() if span is not None else None
+            if ctx is not None and ctx.is_valid:
+                fields["trace_id"], fields["span_id"] = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+            elif record.trace_id is not None:
+                fields["trace_id"] = record.trace_id
             # makeRecord + handle: Logger.info() would also walk the stack to find the caller.
             access_log.handle(access_log.makeRecord(
                 access_log.name, logging.INFO, __file__, 0, f"{method} {route} {code}", (), None,

@@ -9,7 +9,11 @@ Environment (read once at start by :func:`setup_tracing`):
 * ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_HEADERS``, ``_TIMEOUT``, ``_COMPRESSION``,
   ``_CERTIFICATE``, ``OTEL_EXPORTER_OTLP_INSECURE`` (gRPC): read by the OTLP exporters.
 * ``OTEL_SERVICE_NAME`` (default ``cascade-<tier>``), ``OTEL_RESOURCE_ATTRIBUTES``.
-* ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``).
+* ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``: default ``cascade`` (see
+  :class:`CascadeRootSampler`: every escalation, "unknown" answer, server error and queue drain,
+  plus ``OTEL_TRACES_SAMPLER_ARG`` (default 0.01) of the requests a tier answers on its own,
+  parent-based below a caller's decision); any standard SDK sampler name works too
+  (``parentbased_always_on`` traces everything).
 * ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
 * ``OTEL_PROPAGATORS`` (default ``tracecontext,baggage``).
 
@@ -34,6 +38,14 @@ from typing import Any, Final
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind
 
 from cascade.errors import ConfigError
 from cascade.trace_export import TRACE_FILE_SUFFIX
@@ -41,8 +53,9 @@ from cascade.trace_export import TRACE_FILE_SUFFIX
 log = logging.getLogger("cascade.telemetry")
 
 __all__ = [
-    "HONOURED_ENV", "Tracing", "TracingConfig", "build_tracer_provider", "fastapi_options",
-    "instrument_httpx", "setup_tracing", "upstream_attempt",
+    "DEFAULT_SAMPLE_RATIO", "HONOURED_ENV", "CascadeRootSampler", "Tracing", "TracingConfig",
+    "build_tracer_provider", "cascade_sampler", "fastapi_options", "instrument_httpx",
+    "setup_tracing", "upstream_attempt",
 ]
 
 HONOURED_ENV: Final[tuple[str, ...]] = (
@@ -62,6 +75,9 @@ HONOURED_ENV: Final[tuple[str, ...]] = (
 DEFAULT_EXPORT_BATCH_SIZE: Final[int] = 64
 """Spans per export batch unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE says otherwise."""
 
+DEFAULT_SAMPLE_RATIO: Final[float] = 0.01
+"""Share of locally answered requests the ``cascade`` sampler keeps when no ratio is given."""
+
 _EXPORTERS: Final[frozenset[str]] = frozenset({"otlp", "console", "none"})
 _PROTOCOLS: Final[frozenset[str]] = frozenset({"http/protobuf", "grpc"})
 
@@ -77,6 +93,10 @@ class TracingConfig:
     otlp_protocol: str = "http/protobuf"
     otlp_endpoint: str | None = None
     trace_file: Path | None = None
+    sampler: str = "cascade"
+    """``cascade`` (ours) or a name the SDK knows (``OTEL_TRACES_SAMPLER``)."""
+    sample_ratio: float = DEFAULT_SAMPLE_RATIO
+    """Ratio of the ``cascade`` sampler (``OTEL_TRACES_SAMPLER_ARG``)."""
 
     @property
     def active(self) -> bool:
@@ -113,7 +133,21 @@ class TracingConfig:
                 field=var,
             )
         trace_file = Path(trace_dir) / f"{tier}{TRACE_FILE_SUFFIX}" if trace_dir else None
-        return cls(tier, True, exporters, protocol, endpoint, trace_file)
+        sampler = (env.get("OTEL_TRACES_SAMPLER") or "cascade").strip().lower()
+        ratio = DEFAULT_SAMPLE_RATIO
+        if sampler == "cascade":
+            raw_ratio = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+            try:
+                ratio = float(raw_ratio) if raw_ratio else DEFAULT_SAMPLE_RATIO
+            except ValueError:
+                ratio = -1.0
+            if not 0.0 <= ratio <= 1.0:
+                raise ConfigError(
+                    f"OTEL_TRACES_SAMPLER_ARG: {raw_ratio!r} is not a ratio between 0 and 1 "
+                    "(the share of locally answered requests to trace)",
+                    field="OTEL_TRACES_SAMPLER_ARG",
+                )
+        return cls(tier, True, exporters, protocol, endpoint, trace_file, sampler, ratio)
 
 
 def _resource_attributes(tier: str, env: Mapping[str, str]) -> dict[str, str]:
@@ -140,6 +174,41 @@ def _otlp_exporter(config: TracingConfig) -> Any:
         raise ConfigError(f"cannot set up the OTLP trace exporter: {exc}") from None
 
 
+class CascadeRootSampler(Sampler):
+    """Which new traces to keep: what an SRE chases, plus a sample of the routine.
+
+    Always kept: a request the gate escalates or answers ``unknown`` (decided on the SERVER
+    span's ``cascade.decision``, which the tier knows before it starts the span), a server error
+    (``http.response.status_code`` >= 500) and a queue drain (CONSUMER span). The rest, mostly
+    confident local answers, by trace-id ratio. Tracing every request costs the endpoint about
+    half its throughput (``benchmarks/bench_tracing.py``); the routine answers are also counted
+    in full by ``/metrics``.
+    """
+
+    ALWAYS_DECISIONS: Final[frozenset[str]] = frozenset({"escalate", "unknown"})
+
+    def __init__(self, ratio: float = DEFAULT_SAMPLE_RATIO) -> None:
+        self.ratio = ratio
+        self._routine = TraceIdRatioBased(ratio)
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Any = None, links: Any = None,
+                      trace_state: Any = None) -> SamplingResult:
+        if kind is SpanKind.CONSUMER or (attributes is not None and (
+                attributes.get("cascade.decision") in self.ALWAYS_DECISIONS
+                or attributes.get("http.response.status_code", 0) >= 500)):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self._routine.should_sample(parent_context, trace_id, name, kind, attributes, links)
+
+    def get_description(self) -> str:
+        return f"CascadeRootSampler{{ratio={self.ratio:g}}}"
+
+
+def cascade_sampler(ratio: float = DEFAULT_SAMPLE_RATIO) -> Sampler:
+    """The default sampler: a caller's decision wins; new traces by :class:`CascadeRootSampler`."""
+    return ParentBased(CascadeRootSampler(ratio))
+
+
 def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | None = None) -> TracerProvider:
     """An SDK provider with one batch processor per destination of ``config``."""
     from opentelemetry.sdk.resources import Resource
@@ -149,7 +218,9 @@ def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | No
 
     env = os.environ if environ is None else environ
     provider = TracerProvider(
-        resource=Resource.create(_resource_attributes(config.tier, env)), shutdown_on_exit=False
+        resource=Resource.create(_resource_attributes(config.tier, env)), shutdown_on_exit=False,
+        # None: the SDK builds the standard sampler OTEL_TRACES_SAMPLER names.
+        sampler=cascade_sampler(config.sample_ratio) if config.sampler == "cascade" else None,
     )
     destinations: list[tuple[Any, str, str]] = []
     if "otlp" in config.exporters:
@@ -211,9 +282,9 @@ def setup_tracing(
     instrument_httpx(provider)
     handle = Tracing(config, provider)
     atexit.register(handle.shutdown)
-    log.info("tracing on: exporters=%s protocol=%s endpoint=%s file=%s",
+    log.info("tracing on: exporters=%s protocol=%s endpoint=%s file=%s sampler=%s",
              ",".join(config.exporters) or "-", config.otlp_protocol, config.otlp_endpoint or "-",
-             config.trace_file or "-")
+             config.trace_file or "-", provider.sampler.get_description())
     return handle
 
 

@@ -115,12 +115,16 @@ def test_provider_names_the_service_after_the_tier_and_honours_otel_env(
     provider = build_tracer_provider(config, environ={})
     assert provider.resource.attributes["service.name"] == "cascade-edge-server"
     assert provider.resource.attributes["cascade.tier"] == "edge-server"
+    assert provider.sampler.get_description() == (
+        "ParentBased{root:CascadeRootSampler{ratio=0.01},remoteParentSampled:AlwaysOnSampler,"
+        "remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
+        "localParentNotSampled:AlwaysOffSampler}")
     provider.shutdown()
 
     monkeypatch.setenv("OTEL_SERVICE_NAME", "field-site-7")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
-    provider = build_tracer_provider(config)
+    provider = build_tracer_provider(TracingConfig.from_env("edge-server", trace_dir=tmp_path))
     assert provider.resource.attributes["service.name"] == "field-site-7"
     assert provider.sampler.get_description() == "TraceIdRatioBased{0.25}"
     provider.shutdown()
@@ -154,6 +158,110 @@ async def test_locally_answered_request_makes_server_inference_and_gate_spans(
     data = response.json()
     assert data["trace_id"] == format(server.context.trace_id, "032x")
     assert a["cascade.request_id"] == data["id"]
+
+
+async def test_server_span_is_backdated_to_the_arrival_of_the_request(
+    tmp_path: Path, spans: Any
+) -> None:
+    """The SERVER span starts once the gate has decided, but covers the whole request."""
+    import time
+
+    before = time.time_ns()
+    await call(create_app(make_node(tmp_path)), DOC)
+    (server,) = by_name(spans, "POST /v1/infer")
+    (inference,) = by_name(spans, "cascade.inference")
+    assert before <= server.start_time <= inference.start_time
+
+
+# -- sampling: every escalation, a share of the routine ---------------------------------------
+
+
+@pytest.fixture
+def sampled_at(spans: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Put the tiers' tracer behind the default ``cascade`` sampler with a given ratio."""
+    from cascade.telemetry import sdk_tracer
+    from cascade.tracing import cascade_sampler
+
+    def configure(ratio: float) -> Any:
+        monkeypatch.setattr(sdk_tracer(), "sampler", cascade_sampler(ratio))
+        return spans
+
+    return configure
+
+
+@pytest.mark.parametrize(("decision", "kind", "code", "kept"), [
+    ("answer", SpanKind.SERVER, None, False), ("escalate", SpanKind.SERVER, None, True),
+    ("unknown", SpanKind.SERVER, None, True), (None, SpanKind.SERVER, 404, False),
+    (None, SpanKind.SERVER, 503, True), (None, SpanKind.CONSUMER, None, True),
+    (None, SpanKind.CLIENT, None, False),
+])
+def test_cascade_sampler_keeps_what_sres_chase_at_ratio_zero(
+    decision: str | None, kind: SpanKind, code: int | None, kept: bool
+) -> None:
+    from cascade.tracing import cascade_sampler
+
+    attributes: dict[str, Any] = {}
+    if decision:
+        attributes["cascade.decision"] = decision
+    if code:
+        attributes["http.response.status_code"] = code
+    result = cascade_sampler(0.0).should_sample(None, 0x1234, "span", kind, attributes)
+    assert result.decision.is_sampled() is kept
+
+
+def test_cascade_sampler_follows_the_callers_decision_and_its_ratio() -> None:
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from cascade.tracing import cascade_sampler
+
+    def parent(flags: int) -> Any:
+        ctx = SpanContext(int(TRACE_ID, 16), int(PARENT_SPAN, 16), True, TraceFlags(flags))
+        return trace.set_span_in_context(NonRecordingSpan(ctx))
+
+    escalate = {"cascade.decision": "escalate"}
+    assert cascade_sampler(0.0).should_sample(parent(1), 1, "s", SpanKind.SERVER).decision.is_sampled()
+    # A caller that chose not to trace is obeyed, even for an escalation.
+    assert not cascade_sampler(1.0).should_sample(
+        parent(0), 1, "s", SpanKind.SERVER, escalate).decision.is_sampled()
+    # Routine answers: trace-id ratio (the low 64 bits against the bound), so about that share.
+    kept = sum(cascade_sampler(0.25).should_sample(None, tid * 0x9E3779B97F4A7C15 % 2**128, "s",
+                                                   SpanKind.SERVER).decision.is_sampled()
+               for tid in range(1, 4001))
+    assert 800 < kept < 1200
+
+
+async def test_unsampled_local_answer_makes_no_span_but_keeps_a_trace_id(
+    tmp_path: Path, sampled_at: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    spans = sampled_at(0.0)
+    with caplog.at_level(logging.INFO, logger="cascade.access"):
+        response = await call(create_app(make_node(tmp_path)), DOC)
+    assert response.status_code == 200 and response.json()["status"] == "final"
+    assert spans.get_finished_spans() == ()
+    trace_id = response.json()["trace_id"]
+    assert len(trace_id) == 32 and int(trace_id, 16) != 0
+    # The access line still names the trace, so logs and answers can be matched up.
+    (line,) = [r for r in caplog.records if r.name == "cascade.access"]
+    assert line.fields["trace_id"] == trace_id
+
+
+async def test_escalation_is_traced_even_at_ratio_zero_with_the_answers_trace_id(
+    tmp_path: Path, sampled_at: Any
+) -> None:
+    spans = sampled_at(0.0)
+    upstream = UpstreamClient(f"http://127.0.0.1:{closed_port()}", max_attempts=2,
+                              backoff_initial_ms=1, backoff_max_ms=2,
+                              breaker=CircuitBreaker(failure_threshold=10),
+                              on_attempt=upstream_attempt)
+    node = make_node(tmp_path, confident=False, upstream=upstream, escalations=RecordingQueue())
+    response = await call(create_app(node), DOC)
+    assert response.json()["status"] == "provisional"
+    (server,) = by_name(spans, "POST /v1/infer")
+    assert format(server.context.trace_id, "032x") == response.json()["trace_id"]
+    assert server.attributes["cascade.decision"] == "escalate"
+    names = sorted(s.name for s in spans.get_finished_spans() if s.parent is not None)
+    assert names == ["POST", "POST", "cascade.gate", "cascade.inference", "cascade.queue.enqueue"]
+    assert all(s.context.trace_id == server.context.trace_id for s in spans.get_finished_spans())
 
 
 async def test_incoming_traceparent_continues_the_callers_trace(tmp_path: Path, spans: Any) -> None:
@@ -321,7 +429,7 @@ def test_unreachable_collector_costs_the_request_path_nothing_and_is_logged_once
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")
     port = closed_port()
     config = TracingConfig.from_env("endpoint", environ={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_TRACES_SAMPLER_ARG": "1"})
     quiet_sdk_loggers()
     provider = build_tracer_provider(config, environ={})
     tracer = provider.get_tracer("test")
@@ -389,7 +497,8 @@ def test_otlp_export_reaches_a_real_receiver_over_both_protocols(
         threading.Thread(target=http.serve_forever, daemon=True).start()
         endpoint = f"http://127.0.0.1:{http.server_address[1]}"
         stop = lambda: (http.shutdown(), http.server_close())
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+           "OTEL_TRACES_SAMPLER_ARG": "1"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     try:
