@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,6 +44,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from cascade.metrics import NO_TASK, TierMetrics
 from cascade.tracing import (
     HONOURED_ENV,
+    SAMPLING_REASON,
+    CascadeRootSampler,
+    CascadeSampler,
     Tracing,
     TracingConfig,
     build_tracer_provider,
@@ -254,11 +258,21 @@ class TierTelemetry:
             return RequestTrace(*outgoing_trace_context(incoming))
         attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
         if record is not None and record.span is None:
+            server_attrs = {**_http_attributes(record.scope), **attrs,
+                            "cascade.confidence": confidence, "cascade.decision": decision}
+            sampler = getattr(tracer, "sampler", None)
+            if (not record.parent and isinstance(sampler, CascadeSampler)
+                    and decision not in CascadeRootSampler.ALWAYS_DECISIONS):
+                # A new trace of a routine answer: draw the sample before touching the SDK, so
+                # the ~99% not kept cost no span at all (not even a non-recording one).
+                if not sampler.root.keep_routine():
+                    record.span = trace.INVALID_SPAN
+                    trace_id = f"{random.getrandbits(128) or 1:032x}"
+                    return RequestTrace(trace_id, f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-00")
+                server_attrs[SAMPLING_REASON] = "routine"
             span = record.span = tracer.start_span(
                 record.scope["method"], context=record.parent, kind=SpanKind.SERVER,
-                start_time=record.started_ns, attributes={
-                    **_http_attributes(record.scope), **attrs,
-                    "cascade.confidence": confidence, "cascade.decision": decision})
+                start_time=record.started_ns, attributes=server_attrs)
         else:  # called outside the middleware: the current span, if any, is the request's
             span = trace.get_current_span()
             if span.is_recording():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -53,7 +54,8 @@ from cascade.trace_export import TRACE_FILE_SUFFIX
 log = logging.getLogger("cascade.telemetry")
 
 __all__ = [
-    "DEFAULT_SAMPLE_RATIO", "HONOURED_ENV", "CascadeRootSampler", "Tracing", "TracingConfig",
+    "DEFAULT_SAMPLE_RATIO", "HONOURED_ENV", "SAMPLING_REASON", "CascadeRootSampler",
+    "CascadeSampler", "Tracing", "TracingConfig",
     "build_tracer_provider", "cascade_sampler", "fastapi_options", "instrument_httpx",
     "setup_tracing", "upstream_attempt",
 ]
@@ -174,6 +176,11 @@ def _otlp_exporter(config: TracingConfig) -> Any:
         raise ConfigError(f"cannot set up the OTLP trace exporter: {exc}") from None
 
 
+SAMPLING_REASON: Final[str] = "cascade.sampling.reason"
+"""Attribute the ``cascade`` sampler puts on every trace root it keeps, saying why:
+``escalate``, ``unknown``, ``error``, ``drain`` or ``routine`` (the ratio sample)."""
+
+
 class CascadeRootSampler(Sampler):
     """Which new traces to keep: what an SRE chases, plus a sample of the routine.
 
@@ -183,6 +190,10 @@ class CascadeRootSampler(Sampler):
     confident local answers, by trace-id ratio. Tracing every request costs the endpoint about
     half its throughput (``benchmarks/bench_tracing.py``); the routine answers are also counted
     in full by ``/metrics``.
+
+    A tier may draw the routine sample itself before making any span (:meth:`keep_routine`:
+    a request it drops then costs no SDK call at all) and mark the root it keeps with
+    ``cascade.sampling.reason=routine``, which this sampler honours.
     """
 
     ALWAYS_DECISIONS: Final[frozenset[str]] = frozenset({"escalate", "unknown"})
@@ -191,22 +202,46 @@ class CascadeRootSampler(Sampler):
         self.ratio = ratio
         self._routine = TraceIdRatioBased(ratio)
 
+    def keep_routine(self) -> bool:
+        """One draw of the routine sample (for a tier deciding before it makes a span)."""
+        return random.random() < self.ratio
+
     def should_sample(self, parent_context: Any, trace_id: int, name: str,
                       kind: SpanKind | None = None, attributes: Any = None, links: Any = None,
                       trace_state: Any = None) -> SamplingResult:
-        if kind is SpanKind.CONSUMER or (attributes is not None and (
-                attributes.get("cascade.decision") in self.ALWAYS_DECISIONS
-                or attributes.get("http.response.status_code", 0) >= 500)):
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return self._routine.should_sample(parent_context, trace_id, name, kind, attributes, links)
+        reason: str | None = None
+        if kind is SpanKind.CONSUMER:
+            reason = "drain"
+        elif attributes is not None:
+            decision = attributes.get("cascade.decision")
+            if decision in self.ALWAYS_DECISIONS:
+                reason = decision
+            elif attributes.get("http.response.status_code", 0) >= 500:
+                reason = "error"
+            elif attributes.get(SAMPLING_REASON) == "routine":  # drawn by the tier already
+                reason = "routine"
+        if reason is None:
+            result = self._routine.should_sample(parent_context, trace_id, name, kind, attributes, links)
+            if not result.decision.is_sampled():
+                return result
+            reason = "routine"
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, {**(attributes or {}), SAMPLING_REASON: reason})
 
     def get_description(self) -> str:
         return f"CascadeRootSampler{{ratio={self.ratio:g}}}"
 
 
-def cascade_sampler(ratio: float = DEFAULT_SAMPLE_RATIO) -> Sampler:
+class CascadeSampler(ParentBased):
     """The default sampler: a caller's decision wins; new traces by :class:`CascadeRootSampler`."""
-    return ParentBased(CascadeRootSampler(ratio))
+
+    def __init__(self, ratio: float = DEFAULT_SAMPLE_RATIO) -> None:
+        self.root = CascadeRootSampler(ratio)
+        super().__init__(self.root)
+
+
+def cascade_sampler(ratio: float = DEFAULT_SAMPLE_RATIO) -> CascadeSampler:
+    """The default sampler (see :class:`CascadeRootSampler`)."""
+    return CascadeSampler(ratio)
 
 
 def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | None = None) -> TracerProvider:

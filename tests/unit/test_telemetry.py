@@ -245,6 +245,20 @@ async def test_unsampled_local_answer_makes_no_span_but_keeps_a_trace_id(
     assert line.fields["trace_id"] == trace_id
 
 
+async def test_at_ratio_one_every_routine_answer_is_kept_and_says_why(
+    tmp_path: Path, sampled_at: Any
+) -> None:
+    spans = sampled_at(1.0)
+    app = create_app(make_node(tmp_path))
+    async with serving(app) as client:
+        answers = [(await client.post("/v1/infer", json=DOC)).json() for _ in range(5)]
+    servers = by_name(spans, "POST /v1/infer")
+    assert len(servers) == 5 and len(by_name(spans, "cascade.gate")) == 5
+    assert {s.attributes["cascade.sampling.reason"] for s in servers} == {"routine"}
+    assert sorted(a["trace_id"] for a in answers) == sorted(
+        format(s.context.trace_id, "032x") for s in servers)
+
+
 async def test_escalation_is_traced_even_at_ratio_zero_with_the_answers_trace_id(
     tmp_path: Path, sampled_at: Any
 ) -> None:
@@ -259,6 +273,7 @@ async def test_escalation_is_traced_even_at_ratio_zero_with_the_answers_trace_id
     (server,) = by_name(spans, "POST /v1/infer")
     assert format(server.context.trace_id, "032x") == response.json()["trace_id"]
     assert server.attributes["cascade.decision"] == "escalate"
+    assert server.attributes["cascade.sampling.reason"] == "escalate"
     names = sorted(s.name for s in spans.get_finished_spans() if s.parent is not None)
     assert names == ["POST", "POST", "cascade.gate", "cascade.inference", "cascade.queue.enqueue"]
     assert all(s.context.trace_id == server.context.trace_id for s in spans.get_finished_spans())
