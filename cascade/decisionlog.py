@@ -2,8 +2,9 @@
 
 What ``cascade policy replay`` re-decides offline. Each sampled request at a tier becomes one
 row: the model's raw probabilities (the only thing a candidate policy needs to decide again),
-the gate's signals, confidence, threshold and decision under the live policy, and what the
-request finally got. Inputs are stored only when the policy says ``include_payloads: true``.
+the gate's signals, confidence, threshold and decision under the live policy (and whether the
+drift alarm's stricter rule applied), and what the request finally got. Inputs are stored
+only when the policy says ``include_payloads: true``.
 
 Sampling is a hash of the request id, so every tier samples the same requests (the id is the
 idempotency key sent upstream) and replay can follow a request up the chain. Writing never
@@ -33,7 +34,7 @@ PATH_ENV = "CASCADE_DECISION_LOG_PATH"
 COLUMNS: tuple[str, ...] = (
     "ts", "request_id", "trace_id", "tier", "task", "hop", "model", "policy_version",
     "has_upstream", "probs", "label", "max_prob", "margin", "entropy", "signal", "threshold",
-    "confidence", "decision", "final_label", "answered_by", "status", "payload",
+    "confidence", "decision", "final_label", "answered_by", "status", "payload", "drift_tightened",
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -56,10 +57,13 @@ CREATE TABLE IF NOT EXISTS decisions (
     answered_by TEXT,
     status TEXT,
     payload TEXT,                  -- the input, only with include_payloads
-    true_label TEXT                -- optional ground truth, e.g. from user feedback; replay uses it
+    true_label TEXT,               -- optional ground truth, e.g. from user feedback; replay uses it
+    drift_tightened INTEGER        -- 1: decided under the drift alarm's stricter rule (threshold is it)
 );
 CREATE INDEX IF NOT EXISTS decisions_request ON decisions (request_id);
 """
+# Columns added after the first release: (name, type), added to older files on open.
+_ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("drift_tightened", "INTEGER"),)
 _INSERT = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -84,6 +88,10 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(decisions)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE decisions ADD COLUMN {name} {kind}")
     return conn
 
 
@@ -104,10 +112,13 @@ class DecisionLog:
         self._thread.start()
 
     def record(self, row: tuple[Any, ...]) -> None:
-        """Queue one row (a tuple in :data:`COLUMNS` order). Never blocks, never raises."""
+        """Queue one row (a tuple in :data:`COLUMNS` order; the nullable columns added later,
+        :data:`_ADDED_COLUMNS`, may be left off the end). Never blocks, never raises."""
         if len(self._pending) >= self.max_pending:
             self.stats["dropped_full"] += 1
             return
+        if len(row) < len(COLUMNS):
+            row = (*row, *(None,) * (len(COLUMNS) - len(row)))
         self._pending.append(row)
         self.stats["recorded"] += 1
 
@@ -202,6 +213,9 @@ class DecisionRecorder:
         settings = policy.policy.decision_log
         if self.log is None or not sampled(request_id, settings.sample_rate):
             return
+        # The node passes the rule the gate applied: not the policy's own means the drift
+        # alarm's stricter twin (cascade.drift.effective_rule), which replay must apply too.
+        tightened = rule != policy.rule(task, self.tier)
         self.log.record((
             time.time(), request_id, trace_id, self.tier, task, hop, model, policy.version,
             int(has_upstream), json.dumps([float(p) for p in probabilities]), label,
@@ -209,6 +223,7 @@ class DecisionRecorder:
             rule.threshold_for(label), conf, decision, response.get("label"),
             response.get("answered_by"), response.get("status"),
             json.dumps(payload) if settings.include_payloads and payload is not None else None,
+            int(tightened),
         ))
 
     def close(self) -> None:

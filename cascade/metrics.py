@@ -8,7 +8,8 @@ name clashes. Two kinds of metrics:
   request latency, answers per status, HTTP responses per code, gate decisions, escalation
   outcomes, model inference time;
 * read at scrape time from the objects that already keep the numbers (the upstream client's
-  ``stats`` and breaker, the outbox, the span exporters), so they cost nothing per request.
+  ``stats`` and breaker, the outbox, the drift detectors, the span exporters), so they cost
+  nothing per request.
 
 Every metric name is listed in ``infra/README.md``.
 """
@@ -198,6 +199,7 @@ class _ScrapeTimeCollector(Collector):
         node = self._m._node
         yield from _upstream_families(tier, getattr(node, "upstream", None))
         yield from _queue_families(tier, getattr(node, "escalations", None), self._m._queue)
+        yield from _drift_families(tier, getattr(node, "drift", None))
         yield from _telemetry_families(tier)
 
 
@@ -289,6 +291,39 @@ def _queue_families(tier: str, queue: Any, snapshot: dict[str, Any]) -> Iterator
         )
         lost.add_metric([tier], dropped)
         yield lost
+
+
+def _drift_families(tier: str, monitor: Any) -> Iterator[Any]:
+    """The drift alarm of each task (tasks whose tier has no reference are left out)."""
+    if monitor is None:
+        return
+    from cascade.drift import DriftDetector
+
+    detectors = {task: det for task, det in sorted(monitor.detectors().items())
+                 if isinstance(det, DriftDetector)}
+    if not detectors:
+        return
+    score = GaugeMetricFamily(
+        "cascade_drift_score", "Drift of the gate's calibrated confidence over the recent window "
+        "vs the calibration split: PSI (absent until min_samples requests).", labels=["tier", "task"])
+    level = GaugeMetricFamily(
+        "cascade_drift_alarm_level", "PSI at which the alarm turns on, for the current window and "
+        "reference sizes (max of alarm_psi and the sampling-noise level).", labels=["tier", "task"])
+    alarm = GaugeMetricFamily(
+        "cascade_drift_alarm", "1 while the drift alarm is on (hysteresis: off below clear_psi).",
+        labels=["tier", "task"])
+    alarms = CounterMetricFamily(
+        "cascade_drift_alarms", "Times the drift alarm turned on since start.", labels=["tier", "task"])
+    window = GaugeMetricFamily(
+        "cascade_drift_window_requests", "Requests in the drift window.", labels=["tier", "task"])
+    for task, det in detectors.items():
+        if det.score is not None:
+            score.add_metric([tier, task], det.score)
+            level.add_metric([tier, task], det.level_on)
+        alarm.add_metric([tier, task], 1.0 if det.alarm else 0.0)
+        alarms.add_metric([tier, task], det.alarms)
+        window.add_metric([tier, task], float(det.samples))
+    yield from (score, level, alarm, alarms, window)
 
 
 def _telemetry_families(tier: str) -> Iterator[Any]:

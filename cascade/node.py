@@ -18,6 +18,7 @@ from typing import Any
 
 from cascade.deadline import Deadline
 from cascade.decisionlog import DecisionRecorder
+from cascade.drift import DriftMonitor
 from cascade.errors import (
     HopLimitExceeded,
     ServiceUnavailable,
@@ -97,6 +98,8 @@ class Node:
         self.decisions.configure(policy)
         # Hot reload outcomes (cascade.policy.reload), shown on /readyz.
         self.policy_reloads: dict[str, Any] = {"reloads": 0, "errors": 0, "last_error": None}
+        self.drift = DriftMonitor(self.tier)  # drift alarm per task (cascade.drift)
+        self.drift.prime(policy, list(tasks))
 
     # -- construction -------------------------------------------------------------------------
 
@@ -196,6 +199,9 @@ class Node:
         rule = policy.rule(request.task, self.tier)
         signals, conf = assess(probs, rule)  # calibrated confidence, as replay computes it
         label = runner.classes[signals.top_index]
+        # Feeds the drift window; while a `tighten` alarm is on, the stricter rule (also what
+        # the decision log records, so replay re-decides with it).
+        rule = self.drift.observe(policy, request.task, conf, label, rule)
         decision = decide(conf, label, rule, has_upstream=self.upstream is not None)
         request_trace = self.telemetry.record_local(  # starts the SERVER span, decision known
             task=request.task, model=runner.model_name, started_ns=started_ns,
@@ -309,6 +315,7 @@ class Node:
             if self.upstream is None
             else {"url": self.settings.upstream_url, "breaker": self.upstream.breaker.state},
             "queue_depth": self.escalations.depth(),
+            "drift": self.drift.readiness(policy, list(self.tasks)),
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 

@@ -9,7 +9,9 @@ Offline, on the test split and under the live policy file (same gate code as ser
   always-cloud;
 - calibration error of every tier before and after the policy's calibration (reliability);
 - latency distribution per tier, from the live accuracy phase;
-- the distribution-shift scenario (from :mod:`cascade.bench.shift`).
+- the distribution-shift scenario (from :mod:`cascade.bench.shift`) and the drift alarm in it
+  (:mod:`cascade.bench.drift`);
+- whether any confidence threshold could meet the oracle target (:mod:`cascade.bench.oracle`).
 
 Figures are PNGs beside ``reports/bench.md`` (matplotlib, the ``bench`` extra); without
 matplotlib the numbers are still reported and the report says how to get the figures.
@@ -227,13 +229,20 @@ def plot_shift(clean: dict[str, Any], shifted: dict[str, Any], path: Path) -> Pa
 def policy_phase(cfg: Any, accuracy: dict[str, Any], shifted: dict[str, Any] | None,
                  tasks: Sequence[str]) -> dict[str, Any]:
     """Analyse the live policy on the test split and draw every figure into ``cfg.out_dir``."""
+    from cascade.bench.drift import drift_phase
+    from cascade.bench.oracle import oracle_analysis
     from cascade.bench.shift import shift_summary
     from cascade.policy import load_policy
 
-    policy = load_policy(cfg.policy)
+    extra = getattr(cfg, "extra", {}) or {}
+    policy = load_policy(extra.get("served_policy", cfg.policy))  # what the chain served
     analyses = {t: analyse_task(cfg.models_dir, policy, t) for t in tasks}
     out: dict[str, Any] = {"policy": str(cfg.policy), "version": policy.version,
                            "tasks": {t: a.summary for t, a in analyses.items()}, "figures": []}
+    if extra.get("drift_references_fitted"):
+        out["drift_references_fitted"] = list(extra["drift_references_fitted"])
+    out["oracle_analysis"] = {t: oracle_analysis(cfg.models_dir, policy, t) for t in tasks}
+    out["drift"] = drift_phase(cfg, policy, tasks)
     for task, a in analyses.items():
         live = accuracy[task]
         out["tasks"][task]["live"] = {
@@ -307,11 +316,17 @@ def policy_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def policy_report_lines(results: dict[str, Any]) -> list[str]:
-    """The report's policy section: operating point vs oracle, calibration, shift, figures."""
+    """The report's policy section: operating point vs oracle (and whether any threshold could
+    meet it), calibration, shift and the drift alarm, figures."""
+    from cascade.bench.drift import drift_report_lines
+    from cascade.bench.oracle import oracle_report_lines
+
     policy = results.get("policy")
     if not policy:
         return []
-    lines = ["", f"## Policy trade-off ({policy['policy']}, version {policy['version']})", "",
+    fitted = policy.get("drift_references_fitted")
+    served = f", plus drift references fitted by the bench for {', '.join(fitted)}" if fitted else ""
+    lines = ["", f"## Policy trade-off ({policy['policy']}{served}, version {policy['version']})", "",
              "Offline numbers replay the test split under the policy file with the serving gate "
              "code; live numbers are the chain's answers above. Escalations are tier-to-tier "
              "hops per request; the oracle router escalates exactly what the lower tier gets "
@@ -332,6 +347,7 @@ def policy_report_lines(results: dict[str, Any]) -> list[str]:
         lines += ["", f"Decision log: {dl['requests']} requests sampled at "
                   f"{dl['sample_rate']:.0%} across {dl['logs']} tiers; replayed under the policy, "
                   f"{dl['decisions'] - dl['mismatched']} of {dl['decisions']} decisions reproduced."]
+    lines += oracle_report_lines(results)
     lines += ["", "Calibration error (ECE, 15 bins) of each tier's gate confidence on the test "
               "split, raw vs as the policy calibrates it:", "",
               "| task | tier | signal | calibration | ECE raw | ECE calibrated |", "|---|---|---|---|---|---|"]
@@ -356,6 +372,7 @@ def policy_report_lines(results: dict[str, Any]) -> list[str]:
                 f"{summ['escalations_per_request_shifted']:.3f} | {summ['cloud_share_clean']:.1%} -> "
                 f"{summ['cloud_share_shifted']:.1%} | {summ['cascade_drop'] * 100:.2f} / "
                 f"{summ['endpoint_drop'] * 100:.2f} pt |")
+    lines += drift_report_lines(results)
     if policy.get("figures"):
         lines += ["", "## Figures", ""]
         lines += [f"![{name}]({name})" for name in policy["figures"]]

@@ -5,7 +5,8 @@ Everything is measured in one run, side by side, so ratios hold on a noisy machi
 - share answered at each tier and escalation rates;
 - the endpoint answering locally vs a bare FastAPI echo (same client, same bodies, interleaved
   rounds) and vs a raw onnxruntime call of the same model (the service overhead);
-- requests/second at 1 and 16 concurrent clients; tier ready time and RSS.
+- requests/second at 1 and 16 concurrent clients; tier ready time and RSS;
+- the drift alarm of every tier after the clean and after the shifted test split.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cascade.bench.drift import live_drift
 from cascade.bench.load import LoadResult, have_wrk, run_load
 from cascade.bench.plots import policy_phase
 from cascade.bench.shift import shift_phase
@@ -209,24 +211,29 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     import os
 
     started = time.time()
-    cfg.log(f"starting the chain on 127.0.0.1:{cfg.base_port}..")
     state = cfg.out_dir / "bench-state"
+    state.mkdir(parents=True, exist_ok=True)
     for old_log in state.glob("decisions-*.db*"):
         old_log.unlink()  # the policy phase replays this run's decision logs only
+    served = served_policy(cfg, state)
+    cfg.log(f"starting the chain on 127.0.0.1:{cfg.base_port}..")
     env = {"CASCADE_MODELS_DIR": str(cfg.models_dir.resolve()),
-           "CASCADE_POLICY": str(cfg.policy.resolve()),
+           "CASCADE_POLICY": str(served.resolve()),
            "CASCADE_DECISION_LOG_PATH": str((state / "decisions-{tier}.db").resolve())}
     with Chain(list(cfg.configs), base_port=cfg.base_port, env=env, log_dir=state / "logs",
                state_dir=state) as chain:
         facts = process_facts(chain)
         cfg.log("accuracy phase: every test sample through the chain")
         acc = accuracy_phase(cfg, chain)
-        cfg.log("latency phase: endpoint (local answers) vs bare FastAPI echo")
-        over = overhead_phase(cfg, chain, acc)
+        drift_live = {"after_clean": live_drift(chain)}
+        # Before the latency phase: its thousands of repeated easy requests are a shift too.
         cfg.log("shift phase: corrupted test inputs through the chain")
         shifted = shift_phase(cfg, chain, TASKS)
+        drift_live["after_shift"] = live_drift(chain)
+        cfg.log("latency phase: endpoint (local answers) vs bare FastAPI echo")
+        over = overhead_phase(cfg, chain, acc)
         facts_after = process_facts(chain)
-    cfg.log("policy phase: threshold sweeps, oracle, calibration, figures")
+    cfg.log("policy phase: threshold sweeps, oracle, calibration, drift alarm, figures")
     policy = policy_phase(cfg, acc, shifted, TASKS)
     for task in TASKS:
         acc[task].pop("local_bodies", None)
@@ -242,5 +249,25 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "accuracy": acc,
         "overhead": over,
         "shift": shifted,
+        "drift_live": drift_live,
         "policy": policy,
     }
+
+
+def served_policy(cfg: BenchConfig, state: Path) -> Path:
+    """The policy file the chain serves: ``cfg.policy``, or (when it predates the drift alarm and
+    has no drift references) a copy with references fitted on the calibration split, so the
+    alarm can be measured; the policy phase then analyses that same file."""
+    from cascade.bench.drift import policy_with_references
+    from cascade.policy import load_policy
+
+    _, fitted, text = policy_with_references(load_policy(cfg.policy), cfg.models_dir, TASKS)
+    if not fitted:
+        return cfg.policy
+    path = state / "policy-with-drift-references.yaml"
+    path.write_text(text)
+    cfg.extra["served_policy"] = path
+    cfg.extra["drift_references_fitted"] = fitted
+    cfg.log(f"{cfg.policy} has no drift references for {', '.join(fitted)}: serving {path} "
+            "(references fitted on the calibration split)")
+    return path

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cascade.drift import DriftReference, fit_reference
+
 
 def threshold_for_accuracy(
     conf: np.ndarray, correct: np.ndarray, target: float, *, min_answered: int = 1
@@ -102,6 +104,43 @@ def simulate_cascade(
         answered_accuracy=acc,
         escalation_rate=esc,
     )
+
+
+def reaching(conf: Sequence[np.ndarray], thresholds: Sequence[float | np.ndarray]) -> list[np.ndarray]:
+    """Per tier, which samples reach it: those every lower tier escalated (the top tier's own
+    threshold does not matter)."""
+    n = len(conf[0])
+    reach = np.ones(n, dtype=bool)
+    out = []
+    for c, t in zip(conf, thresholds):
+        out.append(reach.copy())
+        reach &= ~(np.asarray(c) >= t)
+    return out
+
+
+def drift_references(
+    tiers: Sequence[str],
+    conf: Sequence[np.ndarray],
+    thresholds: Sequence[float | np.ndarray],
+    tier_thresholds: Sequence[float],
+) -> dict[str, DriftReference]:
+    """Each tier's drift reference: the histogram of the calibrated confidences of the samples
+    reaching it under these thresholds (per-sample ones for per-class rules), with a bin edge
+    at the tier's threshold, and the share of them it escalates (0 at the top tier). A tier no
+    sample reaches gets none."""
+    out: dict[str, DriftReference] = {}
+    masks = reaching(conf, thresholds)
+    for i, tier in enumerate(tiers):
+        c = np.asarray(conf[i])[masks[i]]
+        if len(c) == 0:
+            continue
+        t = thresholds[i]
+        per_sample = np.asarray(t)[masks[i]] if np.ndim(t) else t
+        top = i == len(tiers) - 1
+        escalated = np.zeros(len(c), dtype=bool) if top else c < per_sample
+        out[tier] = fit_reference(c.tolist(), threshold=None if top else tier_thresholds[i],
+                                  escalated=escalated.tolist())
+    return out
 
 
 def oracle_curve(correct: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

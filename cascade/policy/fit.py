@@ -2,9 +2,10 @@
 
 Per task: run every tier's model over the calibration split (never the test split), fit each
 tier's confidence calibration, search thresholds (and per-class thresholds where a class needs
-them) that meet the goal with the fewest escalations, and predict the outcome. Settings the
-search does not touch (deadlines, offline behaviour, queue bounds, floor actions, decision log)
-are kept from a base policy.
+them) that meet the goal with the fewest escalations, predict the outcome, and record each
+tier's drift reference (its confidence histogram on the samples that reach it). Settings the
+search does not touch (deadlines, offline behaviour, queue bounds, floor actions, drift alarm
+settings, decision log) are kept from a base policy.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cascade.drift import DriftReference
 from cascade.gate import SIGNAL_NAMES, GateRule, SignalName
-from cascade.policy.calibrate import CascadeOutcome, oracle_escalations_for
+from cascade.policy.calibrate import CascadeOutcome, drift_references, oracle_escalations_for
 from cascade.policy.calibration import CalibrationFit, Method, fit_calibration, gate_confidences
 from cascade.policy.goals import Goals
-from cascade.policy.search import SearchResult, cross_validate, search_thresholds
+from cascade.policy.search import (
+    SearchResult,
+    cross_validate,
+    per_sample_thresholds,
+    search_thresholds,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class TierReport:
     fit: CalibrationFit
     threshold: float
     class_thresholds: dict[str, float]
+    drift_reference: DriftReference | None = None
+    """Histogram of the calibrated confidence of the split's samples reaching this tier."""
 
 
 @dataclass(frozen=True)
@@ -106,9 +115,13 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
     predicted = [preds[t].predicted for t in tiers] if options.per_class else None
     search = search_thresholds(tiers, conf, correct, goals, predicted=predicted, grid=options.grid,
                                class_min_support=options.class_min_support)
+    per_sample = [per_sample_thresholds(search.thresholds[i], search.class_thresholds[i],
+                                        preds[t].predicted) for i, t in enumerate(tiers)]
+    references = drift_references(tiers, conf, per_sample, search.thresholds)
     reports = [
         TierReport(tier=t, model=preds[t].model_name, accuracy_alone=preds[t].accuracy, fit=f,
-                   threshold=search.thresholds[i], class_thresholds=search.class_thresholds[i])
+                   threshold=search.thresholds[i], class_thresholds=search.class_thresholds[i],
+                   drift_reference=references.get(t))
         for i, (t, f) in enumerate(zip(tiers, reports_fit))
     ]
     fitted = TaskFit(
@@ -129,6 +142,15 @@ def _calibration_block(fit: CalibrationFit) -> dict[str, Any]:
     return {"method": "temperature", "temperature": float(cal.temperature)}
 
 
+def drift_reference_block(ref: DriftReference, split: str) -> dict[str, Any]:
+    """The ``drift_reference`` mapping of a tier in the policy file."""
+    block: dict[str, Any] = {"split": split, "edges": [float(e) for e in ref.edges],
+                             "counts": [int(c) for c in ref.counts]}
+    if ref.escalation_rate is not None:
+        block["escalation_rate"] = float(ref.escalation_rate)
+    return block
+
+
 def _round_threshold(t: float) -> float:
     # Six decimals keep the file readable. A searched threshold sits midway between two
     # samples' confidences, so rounding moves it past one only if they differ by < 1e-6.
@@ -147,6 +169,8 @@ def task_section(fitted: TaskFit, options: FitOptions, base: dict[str, Any] | No
     goals = fitted.goals.model_dump(exclude_none=True)
     if goals:
         section["goals"] = goals
+    if base.get("drift"):
+        section["drift"] = base["drift"]  # operator settings of the drift alarm
     section["tiers"] = {}
     for i, report in enumerate(fitted.tiers):
         tier: dict[str, Any] = {"signal": fitted.signal,
@@ -158,6 +182,8 @@ def task_section(fitted: TaskFit, options: FitOptions, base: dict[str, Any] | No
         if floor:
             tier["floor_action"] = floor
         tier["calibration"] = _calibration_block(report.fit)
+        if report.drift_reference is not None:
+            tier["drift_reference"] = drift_reference_block(report.drift_reference, options.split)
         section["tiers"][report.tier] = tier
     return section
 

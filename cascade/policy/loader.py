@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cascade.drift import DriftReference, DriftSettings
 from cascade.errors import PolicyError
 from cascade.gate import GateRule
 from cascade.policy.schema import Policy, TaskPolicy
@@ -51,6 +53,24 @@ class LoadedPolicy:
             for tier, rule in task_policy.tiers.items()
         }
 
+    @functools.cached_property
+    def _drift(self) -> dict[tuple[str, str], tuple[DriftSettings, DriftReference | None]]:
+        out = {}
+        for task, task_policy in self.policy.tasks.items():
+            settings = task_policy.drift.to_settings()
+            for tier, rule in task_policy.tiers.items():
+                ref = rule.drift_reference
+                out[(task, tier)] = (settings, None if ref is None else ref.to_reference())
+        return out
+
+    def drift(self, task: str, tier: str) -> tuple[DriftSettings, DriftReference | None]:
+        """The drift settings of ``task`` and the reference of ``tier`` (None: no reference)."""
+        cached = self._drift.get((task, tier))
+        if cached is not None:
+            return cached
+        self.rule(task, tier)  # raises PolicyError naming the missing task or tier
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def rule(self, task: str, tier: str) -> GateRule:
         """The gate rule of ``tier`` for ``task`` (built once per loaded policy)."""
         cached = self._rules.get((task, tier))
@@ -81,7 +101,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
             return []
-        annotation = fields[part].annotation
+        annotation = _unwrap_optional(fields[part].annotation)
         if typing.get_origin(annotation) is dict:
             model = typing.get_args(annotation)[1]
             if parts:
@@ -91,6 +111,15 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         else:
             model = annotation
     return sorted(getattr(model, "model_fields", {}))
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X`` (the model whose keys an error under that key should list)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if hasattr(a, "model_fields")]
+        if len(models) == 1:
+            return models[0]
+    return annotation
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -14,7 +14,9 @@ Two sources:
   known. A candidate that escalates a request further than live traffic went cannot be
   followed; such requests are counted as *unresolved* and bound the cloud share from above.
   Accuracy is measured against true labels where the log has them, and agreement with the
-  top tier's answer where the request reached it.
+  top tier's answer where the request reached it. A decision logged while the drift alarm
+  tightened the rule is replayed under the policy's drift action with the alarm on (a
+  candidate with ``action: alert`` re-decides it with its plain thresholds).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade.drift import effective_rule
 from cascade.errors import PolicyError
 from cascade.gate import Decision, assess, decide
 from cascade.policy.loader import LoadedPolicy
@@ -39,6 +42,8 @@ class Observation:
     has_upstream: bool
     recorded_decision: str | None = None
     recorded_policy: str | None = None
+    drift_tightened: bool = False
+    """Decided live under the drift alarm's stricter rule: replay applies the policy's too."""
 
 
 @dataclass
@@ -141,6 +146,8 @@ def replay_task(traffic: TaskTraffic, policy: LoadedPolicy) -> ReplayResult:
             if obs is None:
                 break  # escalated beyond what was recorded
             rule = rules[tier]
+            if obs.drift_tightened:
+                rule = effective_rule(rule, policy.drift(traffic.task, tier)[0], alarm=True)
             _, conf = assess(obs.probabilities, rule)
             decision = decide(conf, obs.label, rule, has_upstream=obs.has_upstream)
             r.reaching[tier] += 1
@@ -223,7 +230,7 @@ def traffic_from_logs(paths: Sequence[Path], policy: LoadedPolicy,
         req.seen.setdefault(row["tier"], Observation(
             probabilities=json.loads(row["probs"]), label=row["label"],
             has_upstream=bool(row["has_upstream"]), recorded_decision=row["decision"],
-            recorded_policy=row["policy_version"],
+            recorded_policy=row["policy_version"], drift_tightened=bool(row.get("drift_tightened")),
         ))
         if row.get("true_label"):
             req.true_label = row["true_label"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from cascade.drift import DriftReference, DriftSettings
 from cascade.gate import Calibration, GateRule
 from cascade.policy.goals import Goals
 
@@ -60,6 +61,94 @@ class CalibrationPolicy(_Strict):
         return None
 
 
+class DriftReferencePolicy(_Strict):
+    """The calibration split's histogram of a tier's calibrated confidence (written by
+    ``cascade policy calibrate``; the drift alarm compares live traffic with it)."""
+
+    split: str = Field("calibration", description="Where the reference came from (never test data).")
+    edges: tuple[float, ...] = Field(
+        (), description="Bin edges, strictly increasing, in 0.0 to 1.0 (a bin holds "
+        "edges[i-1] <= confidence < edges[i])."
+    )
+    counts: tuple[int, ...] = Field(
+        ..., min_length=1, description="Reference samples per bin: one more than edges."
+    )
+    escalation_rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of the reference samples the tier escalated."
+    )
+
+    @field_validator("edges")
+    @classmethod
+    def _edges_increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= e <= 1.0 for e in value):
+            raise ValueError("edges must lie in 0.0 to 1.0")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("edges must be strictly increasing")
+        return value
+
+    @field_validator("counts")
+    @classmethod
+    def _counts_match_edges(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        edges = info.data.get("edges")
+        if edges is not None and len(value) != len(edges) + 1:
+            raise ValueError(f"counts must have one entry more than edges: {len(edges)} edges "
+                             f"need {len(edges) + 1} counts, got {len(value)}")
+        if any(c < 0 for c in value) or sum(value) == 0:
+            raise ValueError("counts must be non-negative and not all zero")
+        return value
+
+    def to_reference(self) -> DriftReference:
+        """The detector's plain-data reference."""
+        return DriftReference(tuple(self.edges), tuple(self.counts), self.escalation_rate)
+
+
+class DriftPolicy(_Strict):
+    """How every tier of a task judges drift of its confidence distribution (the drift alarm)."""
+
+    enabled: bool = Field(True, description="Watch for drift at tiers that have a reference.")
+    window: int = Field(300, ge=20, le=100_000, description="Recent requests compared with the reference.")
+    min_samples: int = Field(200, ge=10, description="Requests before any verdict.")
+    alarm_psi: float = Field(0.1, gt=0.0, le=10.0, description="PSI that turns the alarm on.")
+    clear_psi: float = Field(0.05, ge=0.0, le=10.0, description="PSI below which it turns off.")
+    significance: float = Field(
+        0.001, gt=0.0, lt=0.5,
+        description="Chance per check that sampling noise alone reaches the alarm level."
+    )
+    action: Literal["alert", "tighten"] = Field(
+        "alert", description="alert: metrics, /readyz and a log line only; tighten: also raise "
+        "every threshold by tighten_by while the alarm is on."
+    )
+    tighten_by: float = Field(0.05, ge=0.0, le=1.0, description="Threshold increase under tighten.")
+
+    @field_validator("min_samples")
+    @classmethod
+    def _min_within_window(cls, value: int, info: ValidationInfo) -> int:
+        window = info.data.get("window")
+        if window is not None and value > window:
+            raise ValueError(f"min_samples must not exceed window ({window})")
+        return value
+
+    @field_validator("clear_psi")
+    @classmethod
+    def _clear_below_alarm(cls, value: float, info: ValidationInfo) -> float:
+        alarm = info.data.get("alarm_psi")
+        if alarm is not None and value >= alarm:
+            raise ValueError(f"clear_psi must be below alarm_psi ({alarm}): the gap is the "
+                             "hysteresis")
+        return value
+
+    @field_validator("tighten_by")
+    @classmethod
+    def _tighten_needs_a_step(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("action") == "tighten" and value <= 0.0:
+            raise ValueError("action tighten needs tighten_by > 0 (allowed: above 0.0 up to 1.0)")
+        return value
+
+    def to_settings(self) -> DriftSettings:
+        """The detector's plain-data settings."""
+        return DriftSettings(**self.model_dump())
+
+
 class TierPolicy(_Strict):
     """How one tier gates one task."""
 
@@ -80,6 +169,10 @@ class TierPolicy(_Strict):
     calibration: CalibrationPolicy = Field(
         default_factory=CalibrationPolicy,
         description="Calibration applied to the model's output before the threshold.",
+    )
+    drift_reference: DriftReferencePolicy | None = Field(
+        None, description="Calibration-split confidence histogram for the drift alarm (fitted "
+        "by calibrate; without it this tier has no drift alarm)."
     )
 
     @field_validator("class_thresholds")
@@ -123,6 +216,8 @@ class TaskPolicy(_Strict):
         default_factory=Goals,
         description="What the cascade must achieve for this task; `cascade policy replay` checks it.",
     )
+    drift: DriftPolicy = Field(default_factory=DriftPolicy,
+                               description="The drift alarm of every tier of this task.")
     tiers: dict[str, TierPolicy] = Field(..., min_length=1)
 
     @field_validator("tiers")

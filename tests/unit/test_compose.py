@@ -179,9 +179,16 @@ def exposed_metric_names() -> set[str]:
         def metrics(self) -> dict[str, Any]:
             return {"enqueued": 0}
 
+    class Drift:  # one task whose tier has a drift reference
+        def detectors(self) -> dict[str, Any]:
+            from cascade.drift import DriftDetector, DriftReference, DriftSettings
+
+            return {"vision": DriftDetector(DriftReference((0.5,), (10, 10)), DriftSettings())}
+
     class Node:
         upstream = UpstreamClient("http://up:1")
         escalations = Queue()
+        drift = Drift()
 
     metrics = TierMetrics("endpoint", process_metrics=False)
     metrics.bind_node(Node())
