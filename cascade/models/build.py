@@ -198,6 +198,7 @@ class _Builder:
         test_inputs: Any,
         test_labels: list[str],
     ) -> TierEntry:
+        from cascade.models.augment import describe
         from cascade.models.export import export_onnx, save_onnx
         from cascade.models.quantize import METHOD, WEIGHT_TYPE, quantize_int8
         from cascade.models.train import train_tier
@@ -277,6 +278,8 @@ class _Builder:
             latency_ms_p95=p95,
             fp32_latency_ms_p50=fp32_p50,
             quantization_warning=warning,
+            train_samples=trained.train_samples,
+            augmentation=None if spec.augmentation is None else describe(spec.augmentation),
         )
         self._report(name, entry)
         self.progress.advance(self.step)

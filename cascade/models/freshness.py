@@ -30,6 +30,7 @@ KEY_PACKAGES = (
 )
 _KEY_SOURCES = (
     "specs.py",
+    "augment.py",
     "datasets.py",
     "train.py",
     "export.py",

@@ -79,6 +79,12 @@ class TierEntry(_Strict):
     latency_ms_p95: float
     fp32_latency_ms_p50: float
     quantization_warning: str | None = None
+    train_samples: int | None = Field(
+        None, description="rows the estimator was fit on: the training split plus augmented copies"
+    )
+    augmentation: str | None = Field(
+        None, description="how the training split was augmented (None: it was not)"
+    )
 
     @field_validator("sha256", "fp32_sha256")
     @classmethod

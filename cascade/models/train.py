@@ -16,6 +16,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from sklearn.base import ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -25,6 +26,7 @@ from sklearn.preprocessing import MinMaxScaler, normalize
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
+from cascade.models.augment import augment_training_split
 from cascade.models.specs import VISION_PIXEL_MAX, TaskName, TierSpec
 
 
@@ -52,6 +54,8 @@ class TrainedModel:
     pipeline: Pipeline
     classes: tuple[str, ...]
     reference_proba: Callable[[npt.NDArray[Any]], npt.NDArray[np.float64]]
+    train_samples: int
+    """Rows the estimator was fit on: the training split plus its augmented copies."""
 
 
 def train_tier(
@@ -60,11 +64,13 @@ def train_tier(
     inputs: npt.NDArray[Any],
     labels: npt.NDArray[np.str_],
 ) -> TrainedModel:
-    """Fit ``spec``'s estimator on the training split of ``task``."""
+    """Fit ``spec``'s estimator on the training split of ``task`` (plus the corrupted copies
+    of it that ``spec.augmentation`` asks for)."""
     classifier = _ESTIMATORS[spec.estimator](**spec.params)
+    augmented = augment_training_split(spec.augmentation, inputs, labels)
     if task == "vision":
-        return _train_vision(spec, classifier, inputs, labels)
-    return _train_documents(spec, classifier, inputs, labels)
+        return _train_vision(spec, classifier, *augmented)
+    return _train_documents(spec, classifier, inputs, *augmented)
 
 
 def _train_vision(
@@ -74,25 +80,40 @@ def _train_vision(
     # documented pixel range, whatever the training split happened to contain.
     width = images.shape[1]
     scaler = MinMaxScaler().fit(np.array([[0.0] * width, [VISION_PIXEL_MAX] * width]))
-    _fit_quietly(classifier, scaler.transform(images), labels)
-    pipeline = Pipeline([("scale", scaler), ("classify", classifier)])
+    steps: list[tuple[str, Any]] = [("scale", scaler)]
+    features = scaler.transform(images)
+    if spec.components is not None:
+        # The main principal components keep the digits' shapes; pixel noise spreads evenly
+        # over all 64 directions, so the part of it outside them is dropped before the SVC.
+        projection = PCA(n_components=spec.components, random_state=0).fit(features)
+        steps.append(("project", projection))
+        features = projection.transform(features)
+    _fit_quietly(classifier, features, labels)
+    pipeline = Pipeline([*steps, ("classify", classifier)])
     return TrainedModel(
         task="vision",
         spec=spec,
         pipeline=pipeline,
         classes=tuple(str(c) for c in classifier.classes_),
         reference_proba=pipeline.predict_proba,
+        train_samples=len(labels),
     )
 
 
 def _train_documents(
-    spec: TierSpec, classifier: Any, texts: npt.NDArray[Any], labels: npt.NDArray[np.str_]
+    spec: TierSpec,
+    classifier: Any,
+    clean_texts: npt.NDArray[Any],
+    texts: npt.NDArray[Any],
+    labels: npt.NDArray[np.str_],
 ) -> TrainedModel:
     # No stop words: the ONNX converter silently drops them with scikit-learn >= 1.9.
     vectorizer = TfidfVectorizer(
         sublinear_tf=True, max_features=spec.vocabulary_size, token_pattern=TOKEN_PATTERN
     )
-    vectorizer.fit(texts)
+    # Vocabulary and IDF from the original texts only: a typo in an augmented copy stays an
+    # unknown word, as it is in the field, instead of bloating the vocabulary.
+    vectorizer.fit(clean_texts)
 
     def features(batch: npt.NDArray[Any]) -> sp.csr_matrix:
         return log1p_tfidf(vectorizer, batch)
@@ -105,6 +126,7 @@ def _train_documents(
         pipeline=pipeline,
         classes=tuple(str(c) for c in classifier.classes_),
         reference_proba=lambda batch: classifier.predict_proba(features(batch)),
+        train_samples=len(labels),
     )
 
 

@@ -24,10 +24,12 @@ from cascade import TIERS
 from cascade.cli_models import models_app
 from cascade.errors import ModelError
 from cascade.models import Manifest, build_models, load_manifest, load_split
+from cascade.models.augment import describe
 from cascade.models.build import _Builder
+from cascade.models.datasets import load_dataset, split_dataset
 from cascade.models.freshness import compute_build_key, up_to_date_manifest
 from cascade.models.manifest import MANIFEST_FILE, sha256_file
-from cascade.models.specs import INT8_MAX_ACCURACY_LOSS
+from cascade.models.specs import INT8_MAX_ACCURACY_LOSS, LADDERS
 from cascade.models.validate import quantization_warning
 from cascade.models.workspace import LOCK_FILE, exclusive_build_lock, publish, staging_dir
 from cascade.runners.onnx import OnnxRunner
@@ -124,6 +126,50 @@ def test_onnx_reproduces_scikit_learn(built: Manifest, task: str) -> None:
         assert model.sklearn_agreement == 1.0
         assert model.sklearn_max_abs_diff < 1e-4
         assert 0 < model.latency_ms_p50 <= model.latency_ms_p95 < 50
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_manifest_says_which_tiers_trained_on_augmented_copies(built: Manifest, task: str) -> None:
+    entry = built.task(task)
+    for spec in LADDERS[task]:
+        model = entry.tiers[spec.tier]
+        copies = 0 if spec.augmentation is None else spec.augmentation.copies
+        assert model.train_samples == entry.splits.train * (copies + 1)
+        assert model.augmentation == (
+            None if spec.augmentation is None else describe(spec.augmentation)
+        )
+    augmented = {t for t, m in entry.tiers.items() if m.augmentation}
+    assert augmented == {"vision": set(), "documents": {"edge-server", "cloud"}}[task]
+
+
+class _Trained(Exception):
+    """Stops a build right after it called ``train_tier``."""
+
+
+def test_a_tier_is_trained_and_augmented_on_the_training_split_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cascade.models import train
+
+    dataset = load_dataset("documents")
+    splits = split_dataset(dataset)
+    spec = next(s for s in LADDERS["documents"] if s.augmentation is not None)
+    seen: dict[str, np.ndarray] = {}
+
+    def record(task: str, spec: object, inputs: np.ndarray, labels: np.ndarray) -> None:
+        seen["inputs"], seen["labels"] = inputs, labels
+        raise _Trained
+
+    monkeypatch.setattr(train, "train_tier", record)
+    progress = Progress(disable=True)
+    step = progress.add_task("build", total=1)
+    builder = _Builder(tmp_path, progress, step, Console(quiet=True), False)
+    with pytest.raises(_Trained):
+        builder.build_tier(dataset, splits, spec, [], [])
+    assert seen["inputs"].tolist() == dataset.inputs[splits.train].tolist()
+    assert seen["labels"].tolist() == dataset.labels[splits.train].tolist()
+    held_out = set(dataset.inputs[np.concatenate([splits.calibration, splits.test])])
+    assert not held_out & set(seen["inputs"])
 
 
 def test_splits_are_disjoint_and_readable_without_sklearn(

@@ -151,6 +151,21 @@ def test_round_trip_preserves_every_field(tmp_path: Path) -> None:
     assert loaded.model_dump() == written.model_dump()
 
 
+def test_training_rows_and_augmentation_are_optional_and_round_trip(tmp_path: Path) -> None:
+    written = write_models_dir(tmp_path, {("documents", "cloud"): b"abc"})
+    path = tmp_path / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    tier = data["tasks"]["documents"]["tiers"]["cloud"]
+    assert tier["train_samples"] is None and tier["augmentation"] is None
+    del tier["train_samples"], tier["augmentation"]  # a manifest written before they existed
+    path.write_text(json.dumps(data))
+    assert load_manifest(tmp_path) == written
+    tier.update(train_samples=30, augmentation="4 copies (seed 1): typos")
+    path.write_text(json.dumps(data))
+    loaded = load_manifest(tmp_path).tier("documents", "cloud")
+    assert (loaded.train_samples, loaded.augmentation) == (30, "4 copies (seed 1): typos")
+
+
 def test_helpers_resolve_paths_and_names(models_dir: Path) -> None:
     manifest = load_manifest(models_dir)
     assert (
