@@ -463,7 +463,9 @@ class DriftMonitor:
         assert isinstance(det, DriftDetector)
         if not det.observe(conf, conf < rule.threshold_for(label)):
             return rule
-        if det.settings.action != "tighten":
+        # Tighten only against harmful drift: the tier escalating more than calibrated. Inputs
+        # that became easier (a steady stream of clear cases) raise the alarm, not the thresholds.
+        if det.settings.action != "tighten" or not (det.escalation_z or 0.0) > 0.0:
             return rule
         cached = self._tight.get(id(rule))
         if cached is None or cached[0] is not rule:

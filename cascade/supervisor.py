@@ -143,7 +143,8 @@ class Chain:
         self.ready_s: dict[str, float] = {}
 
     def start(self) -> "Chain":
-        """Start every tier, top first, each waited for until ready."""
+        """Start every tier, top first, each waited for until ready (again after :meth:`stop`)."""
+        self.tiers = []
         try:
             for tier, cfg, port, env in reversed(self.plan):
                 self.tiers.insert(0, self._spawn(tier, cfg, port, env))

@@ -195,6 +195,17 @@ def test_monitor_tightens_while_the_alarm_is_on_and_follows_reloads():
     assert monitor.detectors()["documents"] is not det
 
 
+def test_drift_toward_easier_inputs_alarms_but_never_tightens():
+    policy = load_policy_bytes(policy_text(action="tighten").encode(), source="p.yaml")
+    rule = policy.rule("documents", "endpoint")
+    monitor = DriftMonitor("endpoint")
+    for _ in range(80):  # everything clearly confident: far from the reference, nothing escalated
+        used = monitor.observe(policy, "documents", 0.99, "a", rule)
+        assert used is rule
+    det = monitor.detectors()["documents"]
+    assert isinstance(det, DriftDetector) and det.alarm and det.escalation_z < 0
+
+
 def test_monitor_reports_tiers_without_a_usable_reference():
     policy = load_policy_bytes(policy_text().encode(), source="p.yaml")
     monitor = DriftMonitor("cloud")
