@@ -89,6 +89,20 @@ class FixedRunner:
         return None
 
 
+class TextRunner:
+    """A stand-in model whose output is chosen by the input text: 'p=0.9' -> [0.9, 0.1]."""
+
+    model_name = "documents/test-model"
+    classes = ("a", "b")
+
+    def predict_proba(self, x: Any) -> Any:
+        p = float(str(x[0] if isinstance(x, list) else x).split("p=")[1].split()[0])
+        return [[p, 1.0 - p]]
+
+    def warmup(self) -> None:
+        return None
+
+
 POLICY = """\
 version: 1
 name: test

@@ -20,7 +20,7 @@ from cascade.policy import load_policy
 from cascade.policy.replay import replay_task, traffic_from_logs
 from cascade.schemas import InferRequest
 from cascade.settings import NodeSettings
-from tests.unit.otel_fixtures import serving
+from tests.unit.otel_fixtures import TextRunner, serving
 from tests.unit.test_metrics import samples, value
 
 # Calibrated on traffic that is mostly confident (10% below the 0.6 threshold).
@@ -37,20 +37,6 @@ tasks:
         drift_reference: {{edges: [0.6, 0.9], counts: [10, 30, 60], escalation_rate: 0.1}}
       cloud: {{threshold: 0.0}}
 """
-
-
-class TextRunner:
-    """A stand-in model whose output is chosen by the input text: 'p=0.9' -> [0.9, 0.1]."""
-
-    model_name = "documents/test-model"
-    classes = ("a", "b")
-
-    def predict_proba(self, x: Any) -> Any:
-        p = float(str(x[0] if isinstance(x, list) else x).split("p=")[1].split()[0])
-        return [[p, 1.0 - p]]
-
-    def warmup(self) -> None:
-        return None
 
 
 class FakeUpstream:

@@ -22,6 +22,7 @@ from cascade.policy.replay import (
 )
 from cascade.schemas import InferRequest
 from cascade.settings import NodeSettings
+from tests.unit.otel_fixtures import TextRunner
 
 POLICY = """\
 version: 1
@@ -38,20 +39,6 @@ tasks:
 def policy_text(tmp_path: Path, *, rate: float = 1.0, t_end: float = 0.6, payloads: bool = False) -> str:
     return POLICY.format(rate=rate, path=tmp_path / "decisions-{tier}.db", t_end=t_end,
                          payloads=str(payloads).lower())
-
-
-class TextRunner:
-    """A stand-in model whose output is chosen by the input text: 'p=0.9' -> [0.9, 0.1]."""
-
-    model_name = "documents/test-model"
-    classes = ("a", "b")
-
-    def predict_proba(self, x: Any) -> Any:
-        p = float(str(x[0] if isinstance(x, list) else x).split("p=")[1].split()[0])
-        return [[p, 1.0 - p]]
-
-    def warmup(self) -> None:
-        return None
 
 
 class FakeUpstream:
