@@ -66,10 +66,22 @@ QUIET_PATHS: Final[frozenset[str]] = frozenset({"/metrics", "/healthz", "/readyz
 _W3C = TraceContextTextMapPropagator()
 
 __all__ = [
-    "HONOURED_ENV", "RequestTelemetryMiddleware", "TierTelemetry", "Tracing", "TracingConfig",
-    "RequestTrace", "build_tracer_provider", "current_traceparent", "drain_span", "fastapi_options",
-    "instrument_httpx", "outgoing_trace_context", "sdk_tracer", "setup_tracing",
-    "span_link_from_traceparent", "upstream_attempt",
+    "HONOURED_ENV",
+    "RequestTelemetryMiddleware",
+    "RequestTrace",
+    "TierTelemetry",
+    "Tracing",
+    "TracingConfig",
+    "build_tracer_provider",
+    "current_traceparent",
+    "drain_span",
+    "fastapi_options",
+    "instrument_httpx",
+    "outgoing_trace_context",
+    "sdk_tracer",
+    "setup_tracing",
+    "span_link_from_traceparent",
+    "upstream_attempt",
 ]
 
 
@@ -256,10 +268,8 @@ class TierTelemetry:
             tracer = sdk_tracer()
         if tracer is None:
             return RequestTrace(*outgoing_trace_context(incoming))
-        attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
+        routine_root = False
         if record is not None and record.span is None:
-            server_attrs = {**_http_attributes(record.scope), **attrs,
-                            "cascade.confidence": confidence, "cascade.decision": decision}
             sampler = getattr(tracer, "sampler", None)
             if (not record.parent and isinstance(sampler, CascadeSampler)
                     and decision not in CascadeRootSampler.ALWAYS_DECISIONS):
@@ -269,6 +279,12 @@ class TierTelemetry:
                     record.span = trace.INVALID_SPAN
                     trace_id = f"{random.getrandbits(128) or 1:032x}"
                     return RequestTrace(trace_id, f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-00")
+                routine_root = True
+        attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
+        gate_attrs = {**attrs, "cascade.confidence": confidence, "cascade.decision": decision}
+        if record is not None and record.span is None:
+            server_attrs = {**_http_attributes(record.scope), **gate_attrs}
+            if routine_root:
                 server_attrs[SAMPLING_REASON] = "routine"
             span = record.span = tracer.start_span(
                 record.scope["method"], context=record.parent, kind=SpanKind.SERVER,
@@ -276,8 +292,7 @@ class TierTelemetry:
         else:  # called outside the middleware: the current span, if any, is the request's
             span = trace.get_current_span()
             if span.is_recording():
-                span.set_attributes({**attrs, "cascade.confidence": confidence,
-                                     "cascade.decision": decision})
+                span.set_attributes(gate_attrs)
         ctx = span.get_span_context()
         if not ctx.is_valid:
             return RequestTrace(*outgoing_trace_context(incoming))
@@ -285,10 +300,8 @@ class TierTelemetry:
             parent = trace.set_span_in_context(span)
             tracer.start_span("cascade.inference", parent, start_time=started_ns,
                               attributes=attrs).end(inferred_ns)
-            tracer.start_span("cascade.gate", parent, start_time=inferred_ns, attributes={
-                **attrs, "cascade.signal": signal, "cascade.confidence": confidence,
-                "cascade.decision": decision,
-            }).end(gated_ns)
+            tracer.start_span("cascade.gate", parent, start_time=inferred_ns,
+                              attributes={**gate_attrs, "cascade.signal": signal}).end(gated_ns)
         return RequestTrace(f"{ctx.trace_id:032x}", _traceparent_of(ctx),
                             span if record is not None else None)
 
