@@ -29,6 +29,13 @@ TEXTS = np.array(
 TEXT_LABELS = np.array(["business", "sport", "tech"])
 
 
+EACH_FAMILY = pytest.mark.parametrize(
+    ("augmentation", "inputs", "labels"),
+    [(FIELD_IMAGES, IMAGES, IMAGE_LABELS), (FIELD_TEXTS, TEXTS, TEXT_LABELS)],
+    ids=["images", "texts"],
+)
+"""Each test below runs once per augmentation family, on its sample split."""
+
 def test_no_augmentation_returns_the_split_itself() -> None:
     inputs, labels = augment_training_split(None, IMAGES, IMAGE_LABELS)
     assert inputs is IMAGES and labels is IMAGE_LABELS
@@ -36,11 +43,7 @@ def test_no_augmentation_returns_the_split_itself() -> None:
     assert augment_training_split(no_copies, IMAGES, IMAGE_LABELS)[0] is IMAGES
 
 
-@pytest.mark.parametrize(
-    ("augmentation", "inputs", "labels"),
-    [(FIELD_IMAGES, IMAGES, IMAGE_LABELS), (FIELD_TEXTS, TEXTS, TEXT_LABELS)],
-    ids=["images", "texts"],
-)
+@EACH_FAMILY
 def test_originals_come_first_then_labelled_copies(
     augmentation: ImageAugmentation | TextAugmentation, inputs: np.ndarray, labels: np.ndarray
 ) -> None:
@@ -52,11 +55,7 @@ def test_originals_come_first_then_labelled_copies(
     assert out[n:].tolist() != inputs.tolist() * copies
 
 
-@pytest.mark.parametrize(
-    ("augmentation", "inputs", "labels"),
-    [(FIELD_IMAGES, IMAGES, IMAGE_LABELS), (FIELD_TEXTS, TEXTS, TEXT_LABELS)],
-    ids=["images", "texts"],
-)
+@EACH_FAMILY
 def test_seeded_same_seed_same_copies_other_seed_other_copies(
     augmentation: ImageAugmentation | TextAugmentation, inputs: np.ndarray, labels: np.ndarray
 ) -> None:
