@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -53,7 +53,7 @@ def free_port_block(n: int) -> int:
 
 
 @pytest.fixture
-def free_ports() -> "type[free_port_block]":
+def free_ports() -> type[free_port_block]:
     return free_port_block  # type: ignore[return-value]
 
 
@@ -70,7 +70,7 @@ def chain_env(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 @pytest.fixture(scope="module")
-def running_chain(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
+def running_chain(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The four-tier chain as real processes on free 127.0.0.1 ports (shared by a module)."""
     from cascade.supervisor import Chain
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cascade(*args: str, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cascade", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, **kw)
+                          cwd=ROOT, timeout=120, check=False, **kw)
 
 
 def children_of(pid: int) -> list[int]:

@@ -1,5 +1,7 @@
 """Calibration fitting and calibration error on synthetic scores with known answers."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -69,8 +71,8 @@ def test_isotonic_curve_is_monotone_and_ties_share_a_value():
     correct = rng.uniform(size=400) < conf
     knots = fit_isotonic(conf, correct)
     xs, ys = zip(*knots)
-    assert all(b > a for a, b in zip(xs, xs[1:]))
-    assert all(b >= a for a, b in zip(ys, ys[1:]))
+    assert all(b > a for a, b in itertools.pairwise(xs))
+    assert all(b >= a for a, b in itertools.pairwise(ys))
 
 
 def test_temper_keeps_the_predicted_class_and_sharpens_or_softens():
@@ -85,7 +87,7 @@ def test_temper_keeps_the_predicted_class_and_sharpens_or_softens():
 def test_assess_applies_temperature_then_curve():
     p = [0.5, 0.3, 0.2]
     rule = GateRule("max_prob", 0.5, calibration=Calibration(temperature=2.0))
-    signals, conf = assess(p, rule)
+    _, conf = assess(p, rule)
     assert conf == pytest.approx(max(temper(p, 2.0)))
     curve_rule = GateRule("max_prob", 0.5, calibration=Calibration(curve=((0.4, 0.2), (0.6, 0.4))))
     assert assess(p, curve_rule)[1] == pytest.approx(0.3)

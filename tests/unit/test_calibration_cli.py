@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cascade(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cascade", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
+                          text=True, timeout=300, check=False, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
                                                        "PYTHONPATH": str(ROOT)})
 
 
