@@ -15,16 +15,21 @@ bodies; medians over rounds. Configurations:
 
 Part B (in process, no network): the per-request cost of the SERVER span mechanism alone on a
 minimal FastAPI route, one subprocess per variant: bare, our pure-ASGI middleware (tracing off;
-on but the request sampled out; on and recorded), FastAPI's native telemetry (lean: SERVER span only; default: plus operation spans) and
-opentelemetry-instrumentation-fastapi (lean: no send/receive spans; default). This is why the
-tiers make their SERVER span in their own middleware.
+on, recorded under a sampled caller), FastAPI's native telemetry (lean: SERVER span only;
+default: plus operation spans) and opentelemetry-instrumentation-fastapi (lean: no send/receive
+spans; default). This is why the tiers make their SERVER span in their own middleware. Then the
+routine path of a tier: the middleware with the route reporting a confident answer to
+TierTelemetry as a tier's gate does (metrics included), with tracing off, with the default
+sampler declining it (what 99% of routine answers cost) and keeping it (SERVER, inference and
+gate spans: what the other 1% cost).
 
 Part C (in process, the real endpoint app): the tier's own ASGI app (node, ONNX model, gate,
 metrics, access log) called directly, one subprocess per configuration, with the real OTLP/HTTP
 batch exporter sending to the local receiver. CPU per request is the process's CPU time (all
-threads, so the exporter's encoding counts) over rounds of requests; the minimum over interleaved
-rounds. No network stack and no load generator: the overhead ratio is the least noisy figure on
-a shared machine, where Part A's throughput moves by +-20% between rounds.
+threads, so the exporter's encoding counts) over rounds of requests. Each repeat runs every
+configuration back to back; reported are the best round overall and the median of the ratios
+paired within a repeat. No network stack and no load generator: the least noisy figure on a
+shared machine, where Part A's throughput moves by +-20% between rounds.
 
 Writes reports/tracing.json and reports/tracing.md. Run: python benchmarks/bench_tracing.py
 """
@@ -133,7 +138,8 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     chains: dict[str, Chain] = {}
     try:
         base_env = {"CASCADE_MODELS_DIR": str(models_dir), "CASCADE_POLICY": str(policy)}
-        for i, (name, extra) in enumerate(CONFIGS.items()):
+        configs = {n: e for n, e in CONFIGS.items() if n == "off" or n in args.configs}
+        for i, (name, extra) in enumerate(configs.items()):
             env = {**base_env, **extra}
             if name.startswith("otlp"):
                 env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
@@ -201,15 +207,16 @@ variant = sys.argv[1]
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 logging.getLogger("cascade.access").setLevel(logging.WARNING)
-if variant not in ("bare", "cascade-middleware-off"):
+if variant not in ("bare", "cascade-middleware-off", "routine-off"):
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
     from cascade.tracing import cascade_sampler
     class Null(SpanExporter):
         def export(self, spans): return SpanExportResult.SUCCESS
-    # sampled-out: the default sampler declining a routine request that has no caller trace
-    sampler = cascade_sampler(0.0) if variant == "cascade-middleware-sampled-out" else None
+    # routine-*: the default sampler declining (ratio 0) or keeping (ratio 1) a routine answer
+    sampler = {"routine-sampled-out": cascade_sampler(0.0),
+               "routine-sampled": cascade_sampler(1.0)}.get(variant)
     provider = TracerProvider(sampler=sampler); provider.add_span_processor(BatchSpanProcessor(Null()))
     trace.set_tracer_provider(provider)
 native = {"fastapi-native": None,
@@ -219,18 +226,26 @@ if variant not in native:
     from cascade.telemetry import fastapi_options
     kw = fastapi_options()
 app = FastAPI(**kw)
+tel = None  # routine-*: the route reports a confident answer to TierTelemetry as a tier's gate does
+if variant.startswith(("cascade-middleware", "routine")):
+    from cascade.telemetry import RequestTelemetryMiddleware, TierTelemetry
+    tel = TierTelemetry("endpoint") if variant.startswith("routine") else None
+    app.add_middleware(RequestTelemetryMiddleware, telemetry=lambda: tel)
 @app.post("/v1/infer")
 async def infer(request: Request):
     await request.body()
+    if tel is not None:
+        t = time.time_ns()
+        ids = tel.record_local(task="vision", model="m", started_ns=t, inferred_ns=t, gated_ns=t,
+                                 confidence=0.99, decision="answer", signal="max_prob")
+        tel.record_answer({"task": "vision", "status": "final", "answered_by": "endpoint",
+                           "id": "r", "trace_id": ids.trace_id})
     return Response(b'{"ok": true}', media_type="application/json")
-if variant.startswith("cascade-middleware"):
-    from cascade.telemetry import RequestTelemetryMiddleware
-    app.add_middleware(RequestTelemetryMiddleware, telemetry=lambda: None)
-elif variant.startswith("contrib"):
+if variant.startswith("contrib"):
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"] if variant == "contrib-lean" else None)
 body = b'{"task": "vision", "input": {}}'
-caller = ([] if variant == "cascade-middleware-sampled-out" else
+caller = ([] if variant.startswith("routine") else  # a sampled caller: the span is recorded
           [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
 scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
          "scheme": "http", "path": "/v1/infer", "raw_path": b"/v1/infer", "query_string": b"",
@@ -250,9 +265,9 @@ async def main():
 asyncio.run(main())
 """
 
-VARIANTS = ("bare", "cascade-middleware-off", "cascade-middleware-sampled-out",
-            "cascade-middleware", "fastapi-native-lean",
-            "fastapi-native", "contrib-lean", "contrib")
+VARIANTS = ("bare", "cascade-middleware-off", "cascade-middleware", "fastapi-native-lean",
+            "fastapi-native", "contrib-lean", "contrib",
+            "routine-off", "routine-sampled-out", "routine-sampled")
 
 
 def server_span_mechanisms(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,8 +283,10 @@ def server_span_mechanisms(args: argparse.Namespace) -> dict[str, Any]:
                                  text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
             best[variant].append(float(out.stdout.strip()))
     us = {v: round(min(xs), 1) for v, xs in best.items()}
-    return {v: {"us_per_request": us[v], "overhead_us": round(us[v] - us["bare"], 1),
-                "ratio": round(us[v] / us["bare"], 2)} for v in variants}
+    # the routine rows compare with the routine path with tracing off; the others with bare
+    base = {v: "routine-off" if v.startswith("routine") else "bare" for v in variants}
+    return {v: {"us_per_request": us[v], "vs": base[v], "overhead_us": round(us[v] - us[base[v]], 1),
+                "ratio": round(us[v] / us[base[v]], 2)} for v in variants}
 
 
 APP_PROBE = r"""
@@ -351,15 +368,21 @@ def real_app(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     result = json.loads(out.stdout.strip().splitlines()[-1])
                     if result["errors"]:
                         raise SystemExit(f"part C {name}: {result['errors']} requests failed")
-                    cpu[task][name].extend(result["cpu_us"])
+                    cpu[task][name].append(min(result["cpu_us"]))
     finally:
         sink.terminate()
         sink.wait(5)
     out_: dict[str, Any] = {}
     for task, by_name in cpu.items():
         best = {n: min(v) for n, v in by_name.items()}
+        # each repeat ran every config back to back: its ratios to that repeat's `off` are paired
+        paired = {n: sorted(v / o for v, o in zip(by_name[n], by_name["off"], strict=True))
+                  for n in by_name}
         out_[task] = {n: {"cpu_us_per_request": round(b, 1), "overhead_us": round(b - best["off"], 1),
-                          "ratio": round(b / best["off"], 3)} for n, b in best.items()}
+                          "ratio": round(b / best["off"], 3),
+                          "paired_ratio_median": round(statistics.median(paired[n]), 3),
+                          "paired_ratio_range": [round(paired[n][0], 3), round(paired[n][-1], 3)]}
+                      for n, b in best.items()}
     return out_
 
 
@@ -381,18 +404,27 @@ def render(results: dict[str, Any]) -> str:
                          f"{m['cpu_us_per_request']:.0f} | {m['throughput_ratio']:.3f} | "
                          f"{m['p99_ratio']:.2f} | {m['cpu_ratio']:.3f} |")
         lines.append("")
-    lines += ["## SERVER span mechanism alone (in process, minimal route, µs per request)", "",
-              "| variant | µs/request | overhead µs | ratio |", "|---|---:|---:|---:|"]
+    lines += [("## SERVER span mechanism alone, and a tier's routine path (in process, minimal "
+              "route, µs per request)"), "",
+              ("The `routine-*` rows add what a tier's gate reports per confident answer (metrics, "
+              "and with tracing on the sample draw or the three spans); they compare with "
+              "`routine-off`, the others with `bare`."), "",
+              "| variant | µs/request | compared with | overhead µs | ratio |", "|---|---:|---|---:|---:|"]
     for v, m in results["server_span"].items():
-        lines.append(f"| {v} | {m['us_per_request']} | {m['overhead_us']} | {m['ratio']} |")
+        lines.append(f"| {v} | {m['us_per_request']} | {m.get('vs', 'bare')} | {m['overhead_us']} | "
+                     f"{m['ratio']} |")
     if "app" in results:
-        lines += ["", "## The endpoint's real app in process (CPU µs per request, min over "
-                  f"interleaved rounds of {results['app_requests']} requests)", "",
-                  "| task | config | CPU µs/request | overhead µs | vs off |", "|---|---|---:|---:|---:|"]
+        lines += ["", ("## The endpoint's real app in process (CPU µs per request, min over "
+                  f"interleaved rounds of {results['app_requests']} requests)"), "",
+                  (f"Each of the {results['probe_repeats']} repeats runs every config back to back "
+                  "(4 rounds each, the best counts); *paired* divides by the `off` of the same repeat."),
+                  "", ("| task | config | CPU µs/request (best) | overhead µs | best vs best off | "
+                  "paired vs off, median | paired, range |"), "|---|---|---:|---:|---:|---:|---|"]
         for task, rows in results["app"].items():
             for name, m in rows.items():
+                lo, hi = m["paired_ratio_range"]
                 lines.append(f"| {task} | {name} | {m['cpu_us_per_request']} | {m['overhead_us']} | "
-                             f"{m['ratio']:.3f} |")
+                             f"{m['ratio']:.3f} | {m['paired_ratio_median']:.3f} | {lo:.3f}–{hi:.3f} |")
     if e2e:
         lines += ["", "Spans exported per configuration: " + ", ".join(
             f"{k} {v:.0f}" for k, v in e2e["spans_exported"].items())]
@@ -411,6 +443,8 @@ def main() -> None:
     p.add_argument("--app-requests", type=int, default=3000,
                    help="Requests per round in part C (4 rounds per run).")
     p.add_argument("--skip-e2e", action="store_true", help="Only the in-process parts B and C.")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="Part A configurations to run (`off` always runs: it is the baseline).")
     p.add_argument("--out", type=Path, default=ROOT / "reports")
     args = p.parse_args()
     if not (ROOT / "models" / "manifest.json").is_file():
@@ -429,13 +463,13 @@ def main() -> None:
     results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                "duration_s": args.duration, "rounds": args.rounds, "connections": args.connections,
                "tasks": args.tasks, "e2e": e2e, "server_span": server_span, "app": app,
-               "app_requests": args.app_requests, "wall_s": round(time.time() - started, 1)}
+               "app_requests": args.app_requests, "probe_repeats": args.probe_repeats, "wall_s": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tracing.json").write_text(json.dumps(results, indent=2))
     (args.out / "tracing.md").write_text(render(results))
     print(render(results))
     for task in args.tasks if e2e else ():
-        for name in ("otlp", "otlp-10%", "otlp-all", "file"):
+        for name in [n for n in e2e[task] if n.startswith(("otlp", "file"))]:
             m = e2e[task][name]
             print(f"{task}: tracing {name} vs off (paired medians): throughput "
                   f"{m['throughput_ratio']:.3f}x, p99 {m['p99_ratio']:.2f}x, "

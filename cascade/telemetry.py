@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -137,9 +136,19 @@ def outgoing_trace_context(incoming: str | None) -> tuple[str, str]:
     if incoming:
         parts = incoming.split("-")
         if len(parts) == 4 and len(parts[1]) == 32:
-            return parts[1], f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
-    trace_id = secrets.token_hex(16)
-    return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
+            return parts[1], f"00-{parts[1]}-{random.getrandbits(64) or 1:016x}-{parts[3]}"
+    return fresh_trace_context(sampled=True)
+
+
+def fresh_trace_context(*, sampled: bool) -> tuple[str, str]:
+    """(trace id, ``traceparent``) of a new trace that has no span here.
+
+    Random ids as the SDK's own ``RandomIdGenerator`` makes them (ids are unique, not secret).
+    ``sampled`` is the ``traceparent`` flag the upstream sees: with tracing off it is set, so an
+    upstream that traces keeps the climb; a tier whose sampler declined sends it clear.
+    """
+    trace_id = f"{random.getrandbits(128) or 1:032x}"
+    return trace_id, f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-{'01' if sampled else '00'}"
 
 
 @contextmanager
@@ -277,8 +286,7 @@ class TierTelemetry:
                 # the ~99% not kept cost no span at all (not even a non-recording one).
                 if not sampler.root.keep_routine():
                     record.span = trace.INVALID_SPAN
-                    trace_id = f"{random.getrandbits(128) or 1:032x}"
-                    return RequestTrace(trace_id, f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-00")
+                    return RequestTrace(*fresh_trace_context(sampled=False))
                 routine_root = True
         attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
         gate_attrs = {**attrs, "cascade.confidence": confidence, "cascade.decision": decision}
