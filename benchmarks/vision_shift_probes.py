@@ -37,14 +37,14 @@ from sklearn.decomposition import PCA
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cascade.bench.shift import ShiftSpec, corrupt_images, describe  # noqa: E402
-from cascade.evaluation import TierPredictions, predict_inputs  # noqa: E402
-from cascade.models.datasets import load_dataset, split_dataset  # noqa: E402
-from cascade.models.manifest import load_split  # noqa: E402
-from cascade.models.specs import FIELD_IMAGES, LADDERS, VISION_PIXEL_MAX  # noqa: E402
-from cascade.models.train import train_tier  # noqa: E402
-from cascade.policy.loader import load_policy  # noqa: E402
-from cascade.policy.replay import Observation, Request, TaskTraffic, replay_task  # noqa: E402
+from cascade.bench.shift import ShiftSpec, corrupt_images, describe
+from cascade.evaluation import TierPredictions, predict_inputs
+from cascade.models.datasets import load_dataset, split_dataset
+from cascade.models.manifest import load_split
+from cascade.models.specs import FIELD_IMAGES, LADDERS, VISION_PIXEL_MAX
+from cascade.models.train import train_tier
+from cascade.policy.loader import load_policy
+from cascade.policy.replay import Observation, Request, TaskTraffic, replay_task
 
 TASK = "vision"
 TIERS = ["endpoint", "edge-node", "edge-server", "cloud"]
@@ -160,13 +160,13 @@ def main() -> None:
 
 def render(r: dict[str, Any]) -> str:
     lines = ["# Vision under shift: what would meet the 0.5x target?", "",
-             f"Measured {r['when']}, offline on the test split ({r['samples']} samples), policy "
-             f"`{r['policy']}`. Shift: {r['shift']}. The endpoint alone loses "
-             f"{r['endpoint_loss_pt']} pt; the target is a cascade loss ratio <= 0.5.", "",
+             (f"Measured {r['when']}, offline on the test split ({r['samples']} samples), policy "
+              f"`{r['policy']}`. Shift: {r['shift']}. The endpoint alone loses "
+              f"{r['endpoint_loss_pt']} pt; the target is a cascade loss ratio <= 0.5."), "",
              "| tier | clean | shifted |", "|---|---:|---:|"]
     lines += [f"| {t} | {c:.4f} | {s:.4f} |" for t, (c, s) in r["tier_accuracy"].items()]
-    lines += ["", "| probe | flagged clean / shifted | accuracy clean | accuracy shifted | "
-              "cloud share clean / shifted | loss pt | loss ratio |", "|---|---|---:|---:|---|---:|---:|"]
+    lines += ["", ("| probe | flagged clean / shifted | accuracy clean | accuracy shifted | "
+               "cloud share clean / shifted | loss pt | loss ratio |"), "|---|---|---:|---:|---|---:|---:|"]
     for p in r["probes"]:
         flagged = (f"{p['flagged_clean']:.1%} / {p['flagged_shifted']:.1%}"
                    if "flagged_clean" in p else "-")

@@ -3,9 +3,10 @@ replay and the benchmark. Uses only onnxruntime + numpy (no scikit-learn)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

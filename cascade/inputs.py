@@ -11,7 +11,8 @@ import binascii
 import io
 import itertools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -104,7 +104,7 @@ class Node:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_settings(cls, settings: NodeSettings) -> "Node":
+    def from_settings(cls, settings: NodeSettings) -> Node:
         """Load models (verifying checksums), the policy, and the upstream client."""
         from cascade.models.manifest import load_manifest
         from cascade.runners.onnx import OnnxRunner

@@ -150,6 +150,6 @@ def load_node_settings(config_path: Path | str | None, **overrides: Any) -> Node
                 msg = f"unknown key; allowed keys: {', '.join(sorted(NodeSettings.model_fields))}"
             lines.append(f"{key}: {msg} (from {_where(top, path)})")
         raise ConfigError("invalid node config:\n  " + "\n  ".join(lines)) from None
-    except Exception as exc:  # YAML syntax errors surface from the source
+    except Exception as exc:  # noqa: BLE001 - YAML syntax and read errors surface from the source
         raise ConfigError(f"{path}: cannot read node config: {exc}") from None
     return NodeSettings.model_validate(settings.model_dump())

@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import Self
 
 import httpx
 import yaml
@@ -142,7 +144,7 @@ class Chain:
         self.tiers: list[TierProcess] = []
         self.ready_s: dict[str, float] = {}
 
-    def start(self) -> "Chain":
+    def start(self) -> Chain:
         """Start every tier, top first, each waited for until ready (again after :meth:`stop`)."""
         self.tiers = []
         try:
@@ -156,21 +158,19 @@ class Chain:
 
     def _spawn(self, tier: str, cfg: Path, port: int, env: dict[str, str]) -> TierProcess:
         child_env = {**os.environ, **self.extra_env, **env}
-        out: IO[bytes] | int = subprocess.DEVNULL
         log_path = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{tier}.log"
-            out = open(log_path, "ab")
-        proc = subprocess.Popen(
-            [self.python, "-m", "cascade.serve", "--config", str(cfg)],
-            env=child_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-        if not isinstance(out, int):
-            out.close()
+        # the child gets its own copy of the log's descriptor; ours closes once it is started
+        with open(log_path, "ab") if log_path else nullcontext(subprocess.DEVNULL) as out:
+            proc = subprocess.Popen(
+                [self.python, "-m", "cascade.serve", "--config", str(cfg)],
+                env=child_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl and setpgrp, no locks
+            )
         return TierProcess(tier, cfg, port, f"http://{self.host}:{port}", proc, log_path, env)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -186,7 +186,7 @@ class Chain:
                 t.process.kill()
                 t.process.wait()
 
-    def __enter__(self) -> "Chain":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import httpx
 import orjson
@@ -333,7 +333,7 @@ class UpstreamClient:
         if client is not None:
             await client.aclose()
 
-    async def __aenter__(self) -> UpstreamClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

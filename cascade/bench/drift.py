@@ -393,8 +393,8 @@ def drift_report_lines(results: dict[str, Any]) -> list[str]:
                 f"References: the policy file has none for {', '.join(fitted)}, so the bench "
                 "fitted them on the calibration split as `cascade policy calibrate` does.")]
     if live:
-        lines += ["", "Live, each tier's `/readyz` after the clean test split went through the "
-                  "chain, and after the shifted split (onsets counted in that phase):", "",
+        lines += ["", ("Live, each tier's `/readyz` after the clean test split went through the "
+                   "chain, and after the shifted split (onsets counted in that phase):"), "",
                   "| task | tier | after clean | after shifted |", "|---|---|---|---|"]
         clean_live, shift_live = live.get("after_clean", {}), live.get("after_shift", {})
         for task in drift:
@@ -408,17 +408,17 @@ def drift_report_lines(results: dict[str, Any]) -> list[str]:
                                   if clean_hits else "no tier alarmed on the clean split")
                   + "; during the shifted split: "
                   + (f"alarm at {', '.join(shift_hits)}." if shift_hits else "no alarm.")]
-    lines += ["", f"Offline, same detector code, each tier fed what reaches it: the whole clean and "
-              f"shifted splits' PSI and escalation z against the reference; the clean test split "
-              f"in {first['clean_orders']} random orders; {first['null_streams']} in-distribution "
-              f"streams of {first['null_length']:,} requests (Bayesian bootstrap of the "
-              f"calibration split: populations the reference could have been drawn from); and "
-              f"{first['shift_orders']} streams of the clean split followed by shifted traffic "
-              "(the bench's shifted split plus two more draws of the same corruption).", "",
-              "| task | tier | reference (bins, escalation) | clean split PSI / z | shifted split "
-              "PSI / z | clean orders alarmed | in-distribution streams alarmed (onsets / "
-              "requests reaching) | shifted: alarmed within 1 split / 3 splits | median delay "
-              "(requests reaching) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", (f"Offline, same detector code, each tier fed what reaches it: the whole clean and "
+               f"shifted splits' PSI and escalation z against the reference; the clean test split "
+               f"in {first['clean_orders']} random orders; {first['null_streams']} in-distribution "
+               f"streams of {first['null_length']:,} requests (Bayesian bootstrap of the "
+               f"calibration split: populations the reference could have been drawn from); and "
+               f"{first['shift_orders']} streams of the clean split followed by shifted traffic "
+               "(the bench's shifted split plus two more draws of the same corruption)."), "",
+              ("| task | tier | reference (bins, escalation) | clean split PSI / z | shifted split "
+               "PSI / z | clean orders alarmed | in-distribution streams alarmed (onsets / "
+               "requests reaching) | shifted: alarmed within 1 split / 3 splits | median delay "
+               "(requests reaching) |"), "|---|---|---|---|---|---|---|---|---|"]
     for task, d in drift.items():
         for tier, t in d["tiers"].items():
             if not t["detector"]:
@@ -436,11 +436,11 @@ def drift_report_lines(results: dict[str, Any]) -> list[str]:
                 f"{t['null_requests_reaching']:,}) | "
                 f"{t['shift_alarmed_first_split']}/{d['shift_orders']} / "
                 f"{t['shift_alarmed']}/{d['shift_orders']} | {delay} |")
-    lines += ["", f"What `action: tighten` would do (offline, first {first['tighten_orders']} of "
-              "those clean-then-shifted streams; accuracy and escalations per request of the "
-              "clean and the shifted part):", "",
-              "| task | action | clean accuracy | clean escalations/request | shifted accuracy | "
-              "shifted escalations/request |", "|---|---|---|---|---|---|"]
+    lines += ["", (f"What `action: tighten` would do (offline, first {first['tighten_orders']} of "
+               "those clean-then-shifted streams; accuracy and escalations per request of the "
+               "clean and the shifted part):"), "",
+              ("| task | action | clean accuracy | clean escalations/request | shifted accuracy | "
+               "shifted escalations/request |"), "|---|---|---|---|---|---|"]
     for task, d in drift.items():
         for name, a in d["actions"].items():
             lines.append(f"| {task} | {name} | {a['clean_accuracy']:.4f} | "

@@ -163,15 +163,15 @@ def oracle_report_lines(results: dict[str, Any]) -> list[str]:
     if not analysis:
         return []
     lines = ["", "## Can any confidence threshold meet the oracle target?", "",
-             "Target: escalations <= 1.3x the oracle router's at the same accuracy. Offline on "
-             "the test split, at the live policy's simulated accuracy: the fewest escalations "
-             "per request that *any* tier thresholds on each gate signal reach, found exactly "
-             "on the test split itself (in hindsight: on this split no threshold policy, however "
-             "it was fitted, does better); what per-class thresholds reach, by calibrate's search "
-             "in hindsight (no cross-validation, a few dozen samples per class: flattering); and "
-             "each tier's error-detection AUROC of the signal (the chance that a correct answer "
-             "is more confident than a wrong one). The last row thresholds a perfect error "
-             "detector (AUROC 1 at every tier).", ""]
+             ("Target: escalations <= 1.3x the oracle router's at the same accuracy. Offline on "
+              "the test split, at the live policy's simulated accuracy: the fewest escalations "
+              "per request that *any* tier thresholds on each gate signal reach, found exactly "
+              "on the test split itself (in hindsight: on this split no threshold policy, however "
+              "it was fitted, does better); what per-class thresholds reach, by calibrate's search "
+              "in hindsight (no cross-validation, a few dozen samples per class: flattering); and "
+              "each tier's error-detection AUROC of the signal (the chance that a correct answer "
+              "is more confident than a wrong one). The last row thresholds a perfect error "
+              "detector (AUROC 1 at every tier)."), ""]
     verdicts = []
     for task, a in analysis.items():
         tiers = list(a["tier_errors"])

@@ -306,12 +306,12 @@ def policy_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         oracle = live["oracle_escalations_per_request"]
         ratio = live["escalations_per_request"] / oracle if oracle else float("inf")
         rows.append((f"{task}: escalations <= 1.3x the oracle router's at the same accuracy",
-                     f"{live['escalations_per_request']:.3f} vs {oracle if oracle is not None else float('nan'):.3f}"
-                     f" = {ratio:.1f}x", ratio <= 1.3))
+                     (f"{live['escalations_per_request']:.3f} vs {oracle if oracle is not None else float('nan'):.3f}"
+                      f" = {ratio:.1f}x"), ratio <= 1.3))
     for task, s in (policy.get("shift") or {}).items():
         rows.append((f"{task} under shift: cascade loses <= half of what the endpoint loses",
-                     f"{s['cascade_drop'] * 100:.1f} vs {s['endpoint_drop'] * 100:.1f} pt "
-                     f"({s['drop_ratio']:.2f})", s["drop_ratio"] <= 0.5))
+                     (f"{s['cascade_drop'] * 100:.1f} vs {s['endpoint_drop'] * 100:.1f} pt "
+                      f"({s['drop_ratio']:.2f})"), s["drop_ratio"] <= 0.5))
     return rows
 
 
@@ -327,12 +327,12 @@ def policy_report_lines(results: dict[str, Any]) -> list[str]:
     fitted = policy.get("drift_references_fitted")
     served = f", plus drift references fitted by the bench for {', '.join(fitted)}" if fitted else ""
     lines = ["", f"## Policy trade-off ({policy['policy']}{served}, version {policy['version']})", "",
-             "Offline numbers replay the test split under the policy file with the serving gate "
-             "code; live numbers are the chain's answers above. Escalations are tier-to-tier "
-             "hops per request; the oracle router escalates exactly what the lower tier gets "
-             "wrong, cheapest fixes first, to reach the same accuracy.", "",
-             "| task | accuracy sim / live | escalations/request sim / live | oracle at live acc. "
-             "| ratio | cloud share sim / live |", "|---|---|---|---|---|---|"]
+             ("Offline numbers replay the test split under the policy file with the serving gate "
+              "code; live numbers are the chain's answers above. Escalations are tier-to-tier "
+              "hops per request; the oracle router escalates exactly what the lower tier gets "
+              "wrong, cheapest fixes first, to reach the same accuracy."), "",
+             ("| task | accuracy sim / live | escalations/request sim / live | oracle at live acc. "
+              "| ratio | cloud share sim / live |"), "|---|---|---|---|---|---|"]
     for task, p in policy["tasks"].items():
         live = p["live"]
         oracle = live["oracle_escalations_per_request"]
@@ -344,12 +344,12 @@ def policy_report_lines(results: dict[str, Any]) -> list[str]:
             f"{p['simulated_cloud_share']:.1%} / {live['cloud_share']:.1%} |")
     dl = policy.get("decision_log") or {}
     if dl.get("logs"):
-        lines += ["", f"Decision log: {dl['requests']} requests sampled at "
-                  f"{dl['sample_rate']:.0%} across {dl['logs']} tiers; replayed under the policy, "
-                  f"{dl['decisions'] - dl['mismatched']} of {dl['decisions']} decisions reproduced."]
+        lines += ["", (f"Decision log: {dl['requests']} requests sampled at "
+                   f"{dl['sample_rate']:.0%} across {dl['logs']} tiers; replayed under the policy, "
+                   f"{dl['decisions'] - dl['mismatched']} of {dl['decisions']} decisions reproduced.")]
     lines += oracle_report_lines(results)
-    lines += ["", "Calibration error (ECE, 15 bins) of each tier's gate confidence on the test "
-              "split, raw vs as the policy calibrates it:", "",
+    lines += ["", ("Calibration error (ECE, 15 bins) of each tier's gate confidence on the test "
+               "split, raw vs as the policy calibrates it:"), "",
               "| task | tier | signal | calibration | ECE raw | ECE calibrated |", "|---|---|---|---|---|---|"]
     for task, p in policy["tasks"].items():
         for tier, e in p["ece"].items():
@@ -358,8 +358,8 @@ def policy_report_lines(results: dict[str, Any]) -> list[str]:
     shifted = results.get("shift") or {}
     if shifted:
         lines += ["", "## Distribution shift", "",
-                  "| task | corruption | accuracy alone clean -> shifted | cascade clean -> shifted "
-                  "| escalations/request | cloud share | cascade drop / endpoint drop |",
+                  ("| task | corruption | accuracy alone clean -> shifted | cascade clean -> shifted "
+                   "| escalations/request | cloud share | cascade drop / endpoint drop |"),
                   "|---|---|---|---|---|---|---|"]
         for task, s in shifted.items():
             c = results["accuracy"][task]

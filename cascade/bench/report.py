@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from cascade.bench.plots import policy_report_lines, policy_targets
 
 
 def _f(x: float, digits: int = 2) -> str:
-    return "-" if x != x else f"{x:.{digits}f}"
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -43,10 +44,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# cascade bench",
         "",
-        f"Run {results['started_at']}, {results['duration_s']} s, {results['machine']['cpus']} CPUs, "
-        f"Python {results['machine']['python']}. Load generator: {results['overhead'].get('generator')}; "
-        f"each load figure is the median of {results['config']['rounds']} interleaved rounds of "
-        f"{results['config']['duration_s']} s.",
+        (f"Run {results['started_at']}, {results['duration_s']} s, {results['machine']['cpus']} CPUs, "
+         f"Python {results['machine']['python']}. Load generator: {results['overhead'].get('generator')}; "
+         f"each load figure is the median of {results['config']['rounds']} interleaved rounds of "
+         f"{results['config']['duration_s']} s."),
         "",
         "## Targets",
         "",
@@ -56,10 +57,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
     for task, a in results["accuracy"].items():
         tiers = list(a["tier_alone_accuracy"])
-        lines += ["", f"## {task}: accuracy and routing ({a['samples']} test samples, "
-                      f"{a['errors']} errors)", "",
-                  "| tier | accuracy alone | answered here | escalated (of those reaching) | "
-                  "model+gate ms p50 | client ms p50 / p99 when answered here |",
+        lines += ["", (f"## {task}: accuracy and routing ({a['samples']} test samples, "
+                       f"{a['errors']} errors)"), "",
+                  ("| tier | accuracy alone | answered here | escalated (of those reaching) | "
+                   "model+gate ms p50 | client ms p50 / p99 when answered here |"),
                   "|---|---|---|---|---|---|"]
         for t in tiers:
             c = a["client_latency_ms_by_answering_tier"][t]
@@ -67,13 +68,13 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"| {t} | {a['tier_alone_accuracy'][t]:.4f} | {a['answered_share'][t]:.1%} | "
                 f"{a['escalation_rate_per_tier'][t]:.1%} | {_f(a['tier_model_ms_p50'][t], 3)} | "
                 f"{_f(c['p50'])} / {_f(c['p99'])} |")
-        lines += ["", f"Cascade accuracy **{a['cascade_accuracy']:.4f}**; answered below the top "
-                      f"{a['answered_below_top']:.1%}; requests escalated at least once "
-                      f"{a['escalation_rate']:.1%}; statuses {a['statuses']}."]
+        lines += ["", (f"Cascade accuracy **{a['cascade_accuracy']:.4f}**; answered below the top "
+                       f"{a['answered_below_top']:.1%}; requests escalated at least once "
+                       f"{a['escalation_rate']:.1%}; statuses {a['statuses']}.")]
     lines += policy_report_lines(results)
     lines += ["", "## Endpoint answering locally vs a bare FastAPI echo", "",
-              "| task | clients | endpoint rps | echo rps | ratio | endpoint p50 / p99 ms | "
-              "echo p50 / p99 ms | p50 ratio |", "|---|---|---|---|---|---|---|---|"]
+              ("| task | clients | endpoint rps | echo rps | ratio | endpoint p50 / p99 ms | "
+               "echo p50 / p99 ms | p50 ratio |"), "|---|---|---|---|---|---|---|---|"]
     for task, o in results["overhead"].items():
         if not isinstance(o, dict):
             continue

@@ -205,11 +205,11 @@ def header_lines(command: str, models_dir: Path, build_key: str, fits: Sequence[
     """The comment header: how and from what the policy was made, and what to expect."""
     lines = [
         f"Made by `{command}`",
-        f"on {datetime.date.today().isoformat()} from the {options.split} split of "
-        f"{models_dir}/manifest.json (build {build_key[:12]}); do not edit thresholds by hand,",
+        (f"on {datetime.date.today().isoformat()} from the {options.split} split of "
+         f"{models_dir}/manifest.json (build {build_key[:12]}); do not edit thresholds by hand,"),
         "re-run the command (settings it does not fit are kept from the previous file).",
-        f"Signal {options.signal}, calibration {options.calibration}, per-class thresholds "
-        f"{'on' if options.per_class else 'off'}. Expected on the {options.split} split:",
+        (f"Signal {options.signal}, calibration {options.calibration}, per-class thresholds "
+         f"{'on' if options.per_class else 'off'}. Expected on the {options.split} split:"),
     ]
     for f in fits:
         o = f.outcome

@@ -6,6 +6,7 @@ than a silently ignored setting.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Literal
 
@@ -36,7 +37,7 @@ class CalibrationPolicy(_Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CalibrationPolicy":
+    def _consistent(self) -> CalibrationPolicy:
         if self.method != "temperature" and self.temperature != 1.0:
             raise ValueError(f"temperature is only used with method temperature (method is {self.method})")
         if self.method != "isotonic" and self.curve:
@@ -82,7 +83,7 @@ class DriftReferencePolicy(_Strict):
     def _edges_increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0.0 <= e <= 1.0 for e in value):
             raise ValueError("edges must lie in 0.0 to 1.0")
-        if any(b <= a for a, b in zip(value, value[1:])):
+        if any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError("edges must be strictly increasing")
         return value
 
@@ -253,7 +254,7 @@ class Policy(_Strict):
     tasks: dict[str, TaskPolicy] = Field(..., min_length=1)
 
     @model_validator(mode="after")
-    def _task_names(self) -> "Policy":
+    def _task_names(self) -> Policy:
         for name in self.tasks:
             if not TIER_NAME.match(name):
                 raise ValueError(f"task name {name!r} is not allowed; use lowercase letters, digits and '-'")

@@ -268,7 +268,7 @@ def _evaluate(tiers: Sequence[str], conf: Sequence[np.ndarray], correct: Sequenc
     per_sample = [per_sample_thresholds(t, ct, predicted[i] if predicted else None)
                   for i, (t, ct) in enumerate(zip(thresholds, class_thr))]
     out = simulate_cascade(tiers, conf, correct, per_sample)
-    escalations = int(round(out.escalations_per_request * n))
+    escalations = round(out.escalations_per_request * n)
     accuracy = np.asarray(out.accuracy)
     violation = _violation(goals, tiers, accuracy, np.asarray(out.top_share),
                            [out.escalation_rate[t] for t in tiers[:-1]])
