@@ -144,7 +144,7 @@ class Chain:
         self.tiers: list[TierProcess] = []
         self.ready_s: dict[str, float] = {}
 
-    def start(self) -> Chain:
+    def start(self) -> Self:
         """Start every tier, top first, each waited for until ready (again after :meth:`stop`)."""
         self.tiers = []
         try:
