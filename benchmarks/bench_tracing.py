@@ -8,9 +8,11 @@ bodies; medians over rounds. Configurations:
   off, no access log   the same at CASCADE_LOG_LEVEL=warning: what the per-request log line costs
   otlp           tracing on as shipped: OTLP/HTTP batch exporter to a local receiver process,
                  default sampler (every escalation, unknown answer and server error, plus 1% of
-                 the routine local answers: all this load is routine local answers)
-  otlp-10%       the same sampler keeping 10% of the routine answers (OTEL_TRACES_SAMPLER_ARG=0.1)
-  otlp-all       every request traced (OTEL_TRACES_SAMPLER_ARG=1)
+                 the routine local answers, at most 10 per second: all this load is routine
+                 local answers)
+  otlp-1%-uncapped   the same without the per-second cap (CASCADE_TRACE_ROUTINE_PER_S=none)
+  otlp-10%       10% of the routine answers, no cap (OTEL_TRACES_SAMPLER_ARG=0.1)
+  otlp-all       every request traced (OTEL_TRACES_SAMPLER_ARG=1, no cap)
   file           JSON-lines trace file only, default sampler (what `cascade up` does)
 
 Part B (in process, no network): the per-request cost of the SERVER span mechanism alone on a
@@ -86,8 +88,9 @@ CONFIGS: dict[str, dict[str, str]] = {
     "off": {"OTEL_SDK_DISABLED": "true"},
     "off, no access log": {"OTEL_SDK_DISABLED": "true", "CASCADE_LOG_LEVEL": "warning"},
     "otlp": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
-    "otlp-10%": {"OTEL_TRACES_SAMPLER_ARG": "0.1"},
-    "otlp-all": {"OTEL_TRACES_SAMPLER_ARG": "1"},
+    "otlp-1%-uncapped": {"CASCADE_TRACE_ROUTINE_PER_S": "none"},
+    "otlp-10%": {"OTEL_TRACES_SAMPLER_ARG": "0.1", "CASCADE_TRACE_ROUTINE_PER_S": "none"},
+    "otlp-all": {"OTEL_TRACES_SAMPLER_ARG": "1", "CASCADE_TRACE_ROUTINE_PER_S": "none"},
     "file": {},
 }
 
@@ -216,7 +219,7 @@ if variant not in ("bare", "cascade-middleware-off", "routine-off"):
         def export(self, spans): return SpanExportResult.SUCCESS
     # routine-*: the default sampler declining (ratio 0) or keeping (ratio 1) a routine answer
     sampler = {"routine-sampled-out": cascade_sampler(0.0),
-               "routine-sampled": cascade_sampler(1.0)}.get(variant)
+               "routine-sampled": cascade_sampler(1.0, per_second=None)}.get(variant)
     provider = TracerProvider(sampler=sampler); provider.add_span_processor(BatchSpanProcessor(Null()))
     trace.set_tracer_provider(provider)
 native = {"fastapi-native": None,
@@ -404,16 +407,18 @@ def render(results: dict[str, Any]) -> str:
                          f"{m['cpu_us_per_request']:.0f} | {m['throughput_ratio']:.3f} | "
                          f"{m['p99_ratio']:.2f} | {m['cpu_ratio']:.3f} |")
         lines.append("")
-    lines += [("## SERVER span mechanism alone, and a tier's routine path (in process, minimal "
-              "route, µs per request)"), "",
-              ("The `routine-*` rows add what a tier's gate reports per confident answer (metrics, "
-              "and with tracing on the sample draw or the three spans); they compare with "
-              "`routine-off`, the others with `bare`."), "",
-              "| variant | µs/request | compared with | overhead µs | ratio |", "|---|---:|---|---:|---:|"]
+    if results["server_span"]:
+        lines += [("## SERVER span mechanism alone, and a tier's routine path (in process, "
+                   "minimal route, µs per request)"), "",
+                  ("The `routine-*` rows add what a tier's gate reports per confident answer "
+                   "(metrics, and with tracing on the sample draw or the three spans); they "
+                   "compare with `routine-off`, the others with `bare`."), "",
+                  "| variant | µs/request | compared with | overhead µs | ratio |",
+                  "|---|---:|---|---:|---:|"]
     for v, m in results["server_span"].items():
         lines.append(f"| {v} | {m['us_per_request']} | {m.get('vs', 'bare')} | {m['overhead_us']} | "
                      f"{m['ratio']} |")
-    if "app" in results:
+    if results.get("app"):
         lines += ["", ("## The endpoint's real app in process (CPU µs per request, min over "
                   f"interleaved rounds of {results['app_requests']} requests)"), "",
                   (f"Each of the {results['probe_repeats']} repeats runs every config back to back "
@@ -443,6 +448,7 @@ def main() -> None:
     p.add_argument("--app-requests", type=int, default=3000,
                    help="Requests per round in part C (4 rounds per run).")
     p.add_argument("--skip-e2e", action="store_true", help="Only the in-process parts B and C.")
+    p.add_argument("--skip-in-process", action="store_true", help="Only part A (end to end).")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                    help="Part A configurations to run (`off` always runs: it is the baseline).")
     p.add_argument("--out", type=Path, default=ROOT / "reports")
@@ -450,11 +456,15 @@ def main() -> None:
     if not (ROOT / "models" / "manifest.json").is_file():
         sys.exit("no models/manifest.json: run `cascade models build` first")
     started = time.time()
-    print("part B: SERVER span mechanisms (in process)", flush=True)
-    server_span = server_span_mechanisms(args)
+    server_span: dict[str, Any] = {}
+    app: dict[str, Any] = {}
+    if not args.skip_in_process:
+        print("part B: SERVER span mechanisms (in process)", flush=True)
+        server_span = server_span_mechanisms(args)
     with tempfile.TemporaryDirectory() as tmp:
-        print("part C: the endpoint's real app (in process)", flush=True)
-        app = real_app(args, Path(tmp))
+        if not args.skip_in_process:
+            print("part C: the endpoint's real app (in process)", flush=True)
+            app = real_app(args, Path(tmp))
         if args.skip_e2e:
             e2e = {}
         else:
@@ -463,7 +473,8 @@ def main() -> None:
     results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                "duration_s": args.duration, "rounds": args.rounds, "connections": args.connections,
                "tasks": args.tasks, "e2e": e2e, "server_span": server_span, "app": app,
-               "app_requests": args.app_requests, "probe_repeats": args.probe_repeats, "wall_s": round(time.time() - started, 1)}
+               "app_requests": args.app_requests, "probe_repeats": args.probe_repeats,
+               "wall_s": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tracing.json").write_text(json.dumps(results, indent=2))
     (args.out / "tracing.md").write_text(render(results))

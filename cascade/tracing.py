@@ -14,6 +14,9 @@ Environment (read once at start by :func:`setup_tracing`):
   plus ``OTEL_TRACES_SAMPLER_ARG`` (default 0.01) of the requests a tier answers on its own,
   parent-based below a caller's decision); any standard SDK sampler name works too
   (``parentbased_always_on`` traces everything).
+* ``CASCADE_TRACE_ROUTINE_PER_S``: with the ``cascade`` sampler, at most this many of those
+  routine traces per second (default 10; ``none``: no cap), so their cost stays bounded however
+  busy the tier is.
 * ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
 * ``OTEL_PROPAGATORS`` (default ``tracecontext,baggage``).
 
@@ -30,6 +33,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -54,8 +58,8 @@ from cascade.trace_export import TRACE_FILE_SUFFIX
 log = logging.getLogger("cascade.telemetry")
 
 __all__ = [
-    "DEFAULT_SAMPLE_RATIO", "HONOURED_ENV", "SAMPLING_REASON", "CascadeRootSampler",
-    "CascadeSampler", "Tracing", "TracingConfig",
+    "DEFAULT_ROUTINE_PER_S", "DEFAULT_SAMPLE_RATIO", "HONOURED_ENV", "ROUTINE_CAP_VAR",
+    "SAMPLING_REASON", "CascadeRootSampler", "CascadeSampler", "RateCap", "Tracing", "TracingConfig",
     "build_tracer_provider", "cascade_sampler", "fastapi_options", "instrument_httpx",
     "setup_tracing", "upstream_attempt",
 ]
@@ -80,6 +84,15 @@ DEFAULT_EXPORT_BATCH_SIZE: Final[int] = 64
 DEFAULT_SAMPLE_RATIO: Final[float] = 0.01
 """Share of locally answered requests the ``cascade`` sampler keeps when no ratio is given."""
 
+DEFAULT_ROUTINE_PER_S: Final[float] = 10.0
+"""At most this many routine traces per second per tier (``CASCADE_TRACE_ROUTINE_PER_S``).
+
+A sampled routine answer costs the tier about 0.4 ms of CPU (three spans and their export,
+``benchmarks/bench_tracing.py``): 10 per second is at most ~0.5% of a core at any load, while a
+quiet tier (under 1,000 requests/s) still gets its full ratio. Without a cap, 1% of a busy
+endpoint's answers are also its slowest 1%, which is its p99."""
+ROUTINE_CAP_VAR: Final[str] = "CASCADE_TRACE_ROUTINE_PER_S"
+
 _EXPORTERS: Final[frozenset[str]] = frozenset({"otlp", "console", "none"})
 _PROTOCOLS: Final[frozenset[str]] = frozenset({"http/protobuf", "grpc"})
 
@@ -99,6 +112,8 @@ class TracingConfig:
     """``cascade`` (ours) or a name the SDK knows (``OTEL_TRACES_SAMPLER``)."""
     sample_ratio: float = DEFAULT_SAMPLE_RATIO
     """Ratio of the ``cascade`` sampler (``OTEL_TRACES_SAMPLER_ARG``)."""
+    routine_per_s: float | None = DEFAULT_ROUTINE_PER_S
+    """Cap of the ``cascade`` sampler's routine traces per second (None: no cap)."""
 
     @property
     def active(self) -> bool:
@@ -149,7 +164,25 @@ class TracingConfig:
                     "(the share of locally answered requests to trace)",
                     field="OTEL_TRACES_SAMPLER_ARG",
                 )
-        return cls(tier, True, exporters, protocol, endpoint, trace_file, sampler, ratio)
+        return cls(tier, True, exporters, protocol, endpoint, trace_file, sampler, ratio,
+                   _routine_cap(env))
+
+
+def _routine_cap(env: Mapping[str, str]) -> float | None:
+    raw = env.get(ROUTINE_CAP_VAR, "").strip().lower()
+    if not raw:
+        return DEFAULT_ROUTINE_PER_S
+    if raw == "none":
+        return None
+    try:
+        cap = float(raw)
+    except ValueError:
+        cap = -1.0
+    if not 0.0 <= cap < float("inf"):
+        raise ConfigError(
+            f"{ROUTINE_CAP_VAR}: {raw!r} is not a number of traces per second >= 0, or 'none' "
+            "(the cap on routine traces per second)", field=ROUTINE_CAP_VAR)
+    return cap
 
 
 def _resource_attributes(tier: str, env: Mapping[str, str]) -> dict[str, str]:
@@ -191,6 +224,9 @@ class CascadeRootSampler(Sampler):
     half its throughput (``benchmarks/bench_tracing.py``); the routine answers are also counted
     in full by ``/metrics``.
 
+    The routine sample is also capped at ``per_second`` traces per second (None: no cap), so
+    its cost stays bounded on a busy tier; what it keeps first is what the ratio picked.
+
     A tier may draw the routine sample itself before making any span (:meth:`keep_routine`:
     a request it drops then costs no SDK call at all) and mark the root it keeps with
     ``cascade.sampling.reason=routine``, which this sampler honours.
@@ -198,13 +234,16 @@ class CascadeRootSampler(Sampler):
 
     ALWAYS_DECISIONS: Final[frozenset[str]] = frozenset({"escalate", "unknown"})
 
-    def __init__(self, ratio: float = DEFAULT_SAMPLE_RATIO) -> None:
+    def __init__(self, ratio: float = DEFAULT_SAMPLE_RATIO,
+                 per_second: float | None = DEFAULT_ROUTINE_PER_S) -> None:
         self.ratio = ratio
+        self.per_second = per_second
         self._routine = TraceIdRatioBased(ratio)
+        self._cap = None if per_second is None else RateCap(per_second)
 
     def keep_routine(self) -> bool:
         """One draw of the routine sample (for a tier deciding before it makes a span)."""
-        return random.random() < self.ratio
+        return random.random() < self.ratio and (self._cap is None or self._cap.take())
 
     def should_sample(self, parent_context: Any, trace_id: int, name: str,
                       kind: SpanKind | None = None, attributes: Any = None, links: Any = None,
@@ -224,24 +263,54 @@ class CascadeRootSampler(Sampler):
             result = self._routine.should_sample(parent_context, trace_id, name, kind, attributes, links)
             if not result.decision.is_sampled():
                 return result
+            if self._cap is not None and not self._cap.take():
+                return SamplingResult(Decision.DROP)
             reason = "routine"
         return SamplingResult(Decision.RECORD_AND_SAMPLE, {**(attributes or {}), SAMPLING_REASON: reason})
 
     def get_description(self) -> str:
-        return f"CascadeRootSampler{{ratio={self.ratio:g}}}"
+        cap = "none" if self.per_second is None else f"{self.per_second:g}"
+        return f"CascadeRootSampler{{ratio={self.ratio:g},routine_per_s={cap}}}"
+
+
+class RateCap:
+    """A token bucket: on average at most ``per_second`` takes per second, in bursts of at
+    most one second's worth (and at least one)."""
+
+    __slots__ = ("_last", "_lock", "_tokens", "capacity", "per_second")
+
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self.capacity = max(1.0, per_second)
+        self._tokens = self.capacity if per_second > 0 else 0.0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Spend one token if there is one."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.per_second)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
 
 
 class CascadeSampler(ParentBased):
     """The default sampler: a caller's decision wins; new traces by :class:`CascadeRootSampler`."""
 
-    def __init__(self, ratio: float = DEFAULT_SAMPLE_RATIO) -> None:
-        self.root = CascadeRootSampler(ratio)
+    def __init__(self, ratio: float = DEFAULT_SAMPLE_RATIO,
+                 per_second: float | None = DEFAULT_ROUTINE_PER_S) -> None:
+        self.root = CascadeRootSampler(ratio, per_second)
         super().__init__(self.root)
 
 
-def cascade_sampler(ratio: float = DEFAULT_SAMPLE_RATIO) -> CascadeSampler:
+def cascade_sampler(ratio: float = DEFAULT_SAMPLE_RATIO,
+                    per_second: float | None = DEFAULT_ROUTINE_PER_S) -> CascadeSampler:
     """The default sampler (see :class:`CascadeRootSampler`)."""
-    return CascadeSampler(ratio)
+    return CascadeSampler(ratio, per_second)
 
 
 def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | None = None) -> TracerProvider:
@@ -255,7 +324,8 @@ def build_tracer_provider(config: TracingConfig, environ: Mapping[str, str] | No
     provider = TracerProvider(
         resource=Resource.create(_resource_attributes(config.tier, env)), shutdown_on_exit=False,
         # None: the SDK builds the standard sampler OTEL_TRACES_SAMPLER names.
-        sampler=cascade_sampler(config.sample_ratio) if config.sampler == "cascade" else None,
+        sampler=(cascade_sampler(config.sample_ratio, config.routine_per_s)
+                 if config.sampler == "cascade" else None),
     )
     destinations: list[tuple[Any, str, str]] = []
     if "otlp" in config.exporters:

@@ -142,8 +142,9 @@ def chain_env(models_dir: Path, tmp: Path, otlp_url: str) -> dict[str, str]:
         "CASCADE_MODELS_DIR": str(models_dir), "CASCADE_POLICY": str(policy),
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_url, "OTEL_BSP_SCHEDULE_DELAY": "50",
         "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
-        # Every routine local answer too (the default keeps 1% of them; escalations always).
-        "OTEL_TRACES_SAMPLER_ARG": "1",
+        # Every routine local answer too (the default keeps 1% of them, at most 10 per second;
+        # escalations always).
+        "OTEL_TRACES_SAMPLER_ARG": "1", "CASCADE_TRACE_ROUTINE_PER_S": "none",
         "CASCADE_OUTBOX__RETRY_INITIAL_S": "0.2", "CASCADE_OUTBOX__RETRY_MAX_S": "0.5",
         "CASCADE_OUTBOX__IDLE_POLL_S": "0.2",
     }

@@ -90,6 +90,13 @@ def test_trace_dir_gives_one_file_per_tier(tmp_path: Path) -> None:
     assert config.active and config.trace_file == tmp_path / "edge-node.jsonl"
 
 
+@pytest.mark.parametrize(("raw", "cap"), [(None, 10.0), ("none", None), (" None ", None),
+                                          ("2.5", 2.5), ("0", 0.0)])
+def test_routine_trace_cap_from_env(raw: str | None, cap: float | None) -> None:
+    env = {} if raw is None else {"CASCADE_TRACE_ROUTINE_PER_S": raw}
+    assert TracingConfig.from_env("endpoint", environ=env).routine_per_s == cap
+
+
 def test_sdk_disabled_wins(tmp_path: Path) -> None:
     config = TracingConfig.from_env("endpoint", trace_dir=tmp_path, environ={
         "OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
@@ -101,6 +108,9 @@ def test_sdk_disabled_wins(tmp_path: Path) -> None:
      "OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'; allowed: console, none, otlp"),
     ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
      "OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is not supported; allowed: grpc, http/protobuf"),
+    *[({"CASCADE_TRACE_ROUTINE_PER_S": bad},
+       (f"CASCADE_TRACE_ROUTINE_PER_S: {bad!r} is not a number of traces per second >= 0, "
+        "or 'none' (the cap on routine traces per second)")) for bad in ("-1", "lots", "inf")],
 ])
 def test_bad_otel_values_are_config_errors_naming_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -116,7 +126,7 @@ def test_provider_names_the_service_after_the_tier_and_honours_otel_env(
     assert provider.resource.attributes["service.name"] == "cascade-edge-server"
     assert provider.resource.attributes["cascade.tier"] == "edge-server"
     assert provider.sampler.get_description() == (
-        "ParentBased{root:CascadeRootSampler{ratio=0.01},remoteParentSampled:AlwaysOnSampler,"
+        "ParentBased{root:CascadeRootSampler{ratio=0.01,routine_per_s=10},remoteParentSampled:AlwaysOnSampler,"
         "remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
         "localParentNotSampled:AlwaysOffSampler}")
     provider.shutdown()
@@ -183,7 +193,7 @@ def sampled_at(spans: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     from cascade.tracing import cascade_sampler
 
     def configure(ratio: float) -> Any:
-        monkeypatch.setattr(sdk_tracer(), "sampler", cascade_sampler(ratio))
+        monkeypatch.setattr(sdk_tracer(), "sampler", cascade_sampler(ratio, per_second=None))
         return spans
 
     return configure
@@ -224,10 +234,49 @@ def test_cascade_sampler_follows_the_callers_decision_and_its_ratio() -> None:
     assert not cascade_sampler(1.0).should_sample(
         parent(0), 1, "s", SpanKind.SERVER, escalate).decision.is_sampled()
     # Routine answers: trace-id ratio (the low 64 bits against the bound), so about that share.
-    kept = sum(cascade_sampler(0.25).should_sample(None, tid * 0x9E3779B97F4A7C15 % 2**128, "s",
-                                                   SpanKind.SERVER).decision.is_sampled()
+    sampler = cascade_sampler(0.25, per_second=None)
+    kept = sum(sampler.should_sample(None, tid * 0x9E3779B97F4A7C15 % 2**128, "s",
+                                     SpanKind.SERVER).decision.is_sampled()
                for tid in range(1, 4001))
     assert 800 < kept < 1200
+
+
+def test_routine_traces_are_capped_per_second_and_the_cap_refills(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cascade import tracing
+
+    clock = FakeClock()
+    monkeypatch.setattr(tracing.time, "monotonic", clock)
+    root = tracing.cascade_sampler(1.0, per_second=5).root
+    # A burst of at most one second's worth, whichever path draws the sample.
+    assert sum(root.keep_routine() for _ in range(50)) == 5
+    assert not root.should_sample(None, 7, "s", SpanKind.SERVER).decision.is_sampled()
+    clock.now += 0.4  # two tokens back
+    assert sum(root.should_sample(None, t, "s", SpanKind.SERVER).decision.is_sampled()
+               for t in range(1, 50)) == 2
+    clock.now += 100.0  # refills up to the burst, not beyond
+    assert sum(root.keep_routine() for _ in range(50)) == 5
+    # What an SRE chases is never capped.
+    for _ in range(20):
+        assert root.should_sample(None, 9, "s", SpanKind.SERVER,
+                                  {"cascade.decision": "escalate"}).decision.is_sampled()
+        assert root.should_sample(None, 9, "s", SpanKind.CONSUMER).decision.is_sampled()
+
+
+def test_a_zero_cap_keeps_no_routine_trace_and_a_slow_cap_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cascade import tracing
+
+    clock = FakeClock()
+    monkeypatch.setattr(tracing.time, "monotonic", clock)
+    assert not any(tracing.cascade_sampler(1.0, per_second=0).root.keep_routine()
+                   for _ in range(100))
+    slow = tracing.cascade_sampler(1.0, per_second=0.5).root
+    assert [slow.keep_routine() for _ in range(3)] == [True, False, False]
+    clock.now += 2.0
+    assert [slow.keep_routine() for _ in range(3)] == [True, False, False]
 
 
 async def test_unsampled_local_answer_makes_no_span_but_keeps_a_trace_id(
@@ -402,6 +451,8 @@ class FlakyExporter(SpanExporter):
 
 
 class FakeClock:
+    """A clock under the test's control (``time.monotonic`` or an injected ``clock``)."""
+
     def __init__(self) -> None:
         self.now = 100.0
 
@@ -444,7 +495,8 @@ def test_unreachable_collector_costs_the_request_path_nothing_and_is_logged_once
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")
     port = closed_port()
     config = TracingConfig.from_env("endpoint", environ={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_TRACES_SAMPLER_ARG": "1"})
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_TRACES_SAMPLER_ARG": "1",
+        "CASCADE_TRACE_ROUTINE_PER_S": "none"})
     quiet_sdk_loggers()
     provider = build_tracer_provider(config, environ={})
     tracer = provider.get_tracer("test")
