@@ -130,6 +130,15 @@ def exported_spans(url: str) -> float:
                if f.name == "cascade_telemetry_spans_exported" for s in f.samples)
 
 
+def quartiles(values: Any) -> list[float]:
+    """First and third quartile of the paired ratios: how far the rounds spread."""
+    xs = list(values)
+    if len(xs) < 2:
+        return [round(xs[0], 3)] * 2 if xs else []
+    q = statistics.quantiles(xs, n=4)
+    return [round(q[0], 3), round(q[2], 3)]
+
+
 def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     models_dir = ROOT / "models"
     policy = tmp / "policy.yaml"
@@ -191,8 +200,12 @@ def end_to_end(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "cpu_us_per_request": round(statistics.median(c for _, c in rs), 1),
                 "throughput_ratio": round(statistics.median(
                     r.rps / o.rps for (r, _), (o, _) in zip(rs, off_runs, strict=True)), 3),
+                "throughput_ratio_iqr": quartiles(
+                    r.rps / o.rps for (r, _), (o, _) in zip(rs, off_runs, strict=True)),
                 "p99_ratio": round(statistics.median(
                     r.p99_ms / o.p99_ms for (r, _), (o, _) in zip(rs, off_runs, strict=True)), 3),
+                "p99_ratio_iqr": quartiles(
+                    r.p99_ms / o.p99_ms for (r, _), (o, _) in zip(rs, off_runs, strict=True)),
                 "cpu_ratio": round(statistics.median(
                     c / oc for (_, c), (_, oc) in zip(rs, off_runs, strict=True)), 3),
                 "errors": sum(r.errors for r, _ in rs), "rounds": len(rs),
@@ -399,13 +412,16 @@ def render(results: dict[str, Any]) -> str:
                "least disturbed by other load on a shared machine.")
     lines = ["# Tracing overhead on the endpoint's locally-answered path", "", summary, ""]
     for task in results["tasks"] if e2e else ():
-        header = ("| config | req/s | p50 ms | p99 ms | CPU µs/request | throughput vs off | "
-                  "p99 vs off | CPU/request vs off |")
+        header = ("| config | req/s | p50 ms | p99 ms | CPU µs/request | throughput vs off "
+                  "(quartiles) | p99 vs off (quartiles) | CPU/request vs off |")
         lines += [f"## {task}", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in results["e2e"][task].items():
+            t_lo, t_hi = m.get("throughput_ratio_iqr") or [m["throughput_ratio"]] * 2
+            p_lo, p_hi = m.get("p99_ratio_iqr") or [m["p99_ratio"]] * 2
             lines.append(f"| {name} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
-                         f"{m['cpu_us_per_request']:.0f} | {m['throughput_ratio']:.3f} | "
-                         f"{m['p99_ratio']:.2f} | {m['cpu_ratio']:.3f} |")
+                         f"{m['cpu_us_per_request']:.0f} | {m['throughput_ratio']:.3f} "
+                         f"({t_lo:.2f}–{t_hi:.2f}) | {m['p99_ratio']:.2f} ({p_lo:.2f}–{p_hi:.2f}) | "
+                         f"{m['cpu_ratio']:.3f} |")
         lines.append("")
     if results["server_span"]:
         lines += [("## SERVER span mechanism alone, and a tier's routine path (in process, "
