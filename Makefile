@@ -28,9 +28,10 @@ bench: models  ## run the benchmark (writes reports/bench.json and reports/bench
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
 	$(PY) -m cascade bench
 
-lint: $(STAMP)  ## ruff over the package, tests and benchmarks (installs ruff; fails on findings)
+lint: $(STAMP)  ## ruff over the package, tests and benchmarks, mypy --strict over the package (installs both; fails on findings)
 	$(PY) -m pip install -q -e '.[lint]'
 	$(PY) -m ruff check cascade tests benchmarks
+	$(PY) -m mypy cascade
 
 clean:  ## remove build output and local state (keeps the venv)
 	rm -rf models var reports/*.json

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,6 +31,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
 
 log = logging.getLogger("cascade.metrics")
 
@@ -355,7 +358,7 @@ def _telemetry_families(tier: str) -> Iterator[Any]:
     yield exported
 
 
-async def metrics_response(node: Any) -> Any:
+async def metrics_response(node: Any) -> Response:
     """The ``GET /metrics`` response for ``node`` (503 before the node is up)."""
     from starlette.responses import Response
 

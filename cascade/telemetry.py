@@ -39,6 +39,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 
 from cascade.metrics import NO_TASK, TierMetrics
 from cascade.tracing import (
@@ -288,8 +289,9 @@ class TierTelemetry:
                     record.span = trace.INVALID_SPAN
                     return RequestTrace(*fresh_trace_context(sampled=False))
                 routine_root = True
-        attrs = {"cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
-        gate_attrs = {**attrs, "cascade.confidence": confidence, "cascade.decision": decision}
+        attrs: dict[str, AttributeValue] = {
+            "cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
+        gate_attrs: dict[str, AttributeValue] = {**attrs, "cascade.confidence": confidence, "cascade.decision": decision}
         if record is not None and record.span is None:
             server_attrs = {**_http_attributes(record.scope), **gate_attrs}
             if routine_root:

@@ -261,7 +261,7 @@ class CascadeRootSampler(Sampler):
                 reason = "routine"
         if reason is None:
             result = self._routine.should_sample(parent_context, trace_id, name, kind, attributes, links)
-            if not result.decision.is_sampled():
+            if result.decision is not Decision.RECORD_AND_SAMPLE:  # DROP (ratio: no RECORD_ONLY)
                 return result
             if self._cap is not None and not self._cap.take():
                 return SamplingResult(Decision.DROP)

@@ -176,7 +176,7 @@ class _Builder:
         }
         return TaskEntry(
             classes=dataset.classes,
-            input_kind=_INPUT_KIND[task],  # type: ignore[arg-type]
+            input_kind=_INPUT_KIND[task],
             splits=SplitInfo(
                 seed=SPLIT_SEED,
                 train=len(splits.train),
