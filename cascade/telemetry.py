@@ -291,7 +291,8 @@ class TierTelemetry:
                 routine_root = True
         attrs: dict[str, AttributeValue] = {
             "cascade.tier": self.tier, "cascade.task": task, "cascade.model": model}
-        gate_attrs: dict[str, AttributeValue] = {**attrs, "cascade.confidence": confidence, "cascade.decision": decision}
+        gate_attrs: dict[str, AttributeValue] = {
+            **attrs, "cascade.confidence": confidence, "cascade.decision": decision}
         if record is not None and record.span is None:
             server_attrs = {**_http_attributes(record.scope), **gate_attrs}
             if routine_root:
