@@ -263,11 +263,8 @@ if variant.startswith("contrib"):
 body = b'{"task": "vision", "input": {}}'
 caller = ([] if variant.startswith("routine") else  # a sampled caller: the span is recorded
           [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
-scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-         "scheme": "http", "path": "/v1/infer", "raw_path": b"/v1/infer", "query_string": b"",
-         "root_path": "", "headers": [(b"content-type", b"application/json"),
-         (b"content-length", str(len(body)).encode()), (b"host", b"t")] + caller,
-         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+from benchmarks.asgi_request import infer_scope
+scope = infer_scope(body, caller)
 async def receive(): return {"type": "http.request", "body": body, "more_body": False}
 async def send(m): pass
 async def main():
@@ -319,12 +316,9 @@ configure_logging(settings.tier, settings.log_level, fmt=settings.log_format,
                   stream=open(os.devnull, "w"))
 tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir)
 app = create_app(Node.from_settings(settings), max_body_bytes=settings.max_body_bytes)
+from benchmarks.asgi_request import infer_scope
 def scope(body):
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/infer", "raw_path": b"/v1/infer", "query_string": b"",
-            "root_path": "", "headers": [(b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()), (b"host", b"t")],
-            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": app}
+    return infer_scope(body, app=app)
 codes = []
 async def call(body):
     async def receive(): return {"type": "http.request", "body": body, "more_body": False}
