@@ -356,6 +356,25 @@ def _telemetry_families(tier: str) -> Iterator[Any]:
     yield failures
     yield dropped
     yield exported
+    yield from _routine_trace_families(tier)
+
+
+def _routine_trace_families(tier: str) -> Iterator[Any]:
+    from cascade.telemetry import sdk_tracer
+    from cascade.tracing import CascadeSampler
+
+    sampler = getattr(sdk_tracer(), "sampler", None)
+    if not isinstance(sampler, CascadeSampler):
+        return  # tracing off, or an SDK sampler: nothing of ours to count
+    routine = CounterMetricFamily(
+        "cascade_telemetry_routine_traces",
+        "Locally answered requests the default sampler's ratio picked for a trace: kept, or "
+        "capped (this second's CASCADE_TRACE_ROUTINE_PER_S was spent; the answer is unaffected).",
+        labels=["tier", "outcome"],
+    )
+    routine.add_metric([tier, "kept"], sampler.root.routine_kept)
+    routine.add_metric([tier, "capped"], sampler.root.routine_capped)
+    yield routine
 
 
 async def metrics_response(node: Any) -> Response:

@@ -240,10 +240,22 @@ class CascadeRootSampler(Sampler):
         self.per_second = per_second
         self._routine = TraceIdRatioBased(ratio)
         self._cap = None if per_second is None else RateCap(per_second)
+        self.routine_kept = 0
+        """Routine traces kept (``cascade_telemetry_routine_traces{outcome="kept"}``)."""
+        self.routine_capped = 0
+        """Routine traces the ratio picked and the spent cap declined (``outcome="capped"``)."""
 
     def keep_routine(self) -> bool:
         """One draw of the routine sample (for a tier deciding before it makes a span)."""
-        return random.random() < self.ratio and (self._cap is None or self._cap.take())
+        return random.random() < self.ratio and self._admit()
+
+    def _admit(self) -> bool:
+        """A routine trace the ratio picked: kept unless this second's cap is spent."""
+        if self._cap is None or self._cap.take():
+            self.routine_kept += 1
+            return True
+        self.routine_capped += 1
+        return False
 
     def should_sample(self, parent_context: Any, trace_id: int, name: str,
                       kind: SpanKind | None = None, attributes: Any = None, links: Any = None,
@@ -263,7 +275,7 @@ class CascadeRootSampler(Sampler):
             result = self._routine.should_sample(parent_context, trace_id, name, kind, attributes, links)
             if result.decision is not Decision.RECORD_AND_SAMPLE:  # DROP (ratio: no RECORD_ONLY)
                 return result
-            if self._cap is not None and not self._cap.take():
+            if not self._admit():
                 return SamplingResult(Decision.DROP)
             reason = "routine"
         return SamplingResult(Decision.RECORD_AND_SAMPLE, {**(attributes or {}), SAMPLING_REASON: reason})

@@ -308,6 +308,28 @@ async def test_at_ratio_one_every_routine_answer_is_kept_and_says_why(
         format(s.context.trace_id, "032x") for s in servers)
 
 
+async def test_the_cap_keeps_the_first_routine_traces_of_a_second_and_counts_the_rest(
+    tmp_path: Path, spans: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cascade import tracing
+    from cascade.telemetry import sdk_tracer
+
+    monkeypatch.setattr(tracing.time, "monotonic", FakeClock())  # all within one second
+    monkeypatch.setattr(sdk_tracer(), "sampler", tracing.cascade_sampler(1.0, per_second=2))
+    app = create_app(make_node(tmp_path))
+    async with serving(app) as client:
+        answers = [await client.post("/v1/infer", json=DOC) for _ in range(5)]
+        scrape = (await client.get("/metrics")).text
+    assert [a.status_code for a in answers] == [200] * 5  # capped answers are answered alike
+    assert len(by_name(spans, "POST /v1/infer")) == 2
+    counted = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(scrape)
+               if f.name == "cascade_telemetry_routine_traces" for s in f.samples
+               if s.name.endswith("_total")}
+    assert counted == {"kept": 2.0, "capped": 3.0}
+
+
 async def test_escalation_is_traced_even_at_ratio_zero_with_the_answers_trace_id(
     tmp_path: Path, sampled_at: Any
 ) -> None:
