@@ -21,8 +21,9 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cascade.breaker import CircuitBreaker
 from cascade.inputs import DECODERS
-from cascade.node import Node, TaskRuntime
+from cascade.node import CallContext, Node, TaskRuntime
 from cascade.policy import load_policy
 from cascade.settings import NodeSettings
 
@@ -101,6 +102,47 @@ class TextRunner:
 
     def warmup(self) -> None:
         return None
+
+
+class AnsweringCloud:
+    """A stand-in upstream: the cloud, always answering 'b' (with the breaker and stats that
+    /metrics reads)."""
+
+    base_url = "http://cloud.invalid"
+
+    def __init__(self) -> None:
+        self.breaker = CircuitBreaker()
+        self.stats: dict[str, int] = {}
+
+    async def escalate(self, body: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {"label": "b", "confidence": 0.99, "status": "final", "answered_by": "cloud",
+                "hops": [{"tier": "cloud", "decision": "answer"}]}
+
+    async def aclose(self) -> None:
+        return None
+
+
+def text_node(tmp_path: Path, policy: str) -> Node:
+    """An endpoint for ``documents`` under the ``policy`` YAML text, its model a
+    :class:`TextRunner` and its upstream an :class:`AnsweringCloud`."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy)
+    settings = NodeSettings(tier="endpoint", tasks={"documents": "endpoint"}, policy=path,
+                            upstream_url=AnsweringCloud.base_url)
+    runtime = TaskRuntime("documents", TextRunner(), DECODERS["text"])
+    return Node(settings, tasks={"documents": runtime}, policy=load_policy(path),
+                upstream=AnsweringCloud())
+
+
+async def send_texts(node: Node, probs: list[float], start: int = 0) -> list[dict[str, Any]]:
+    """One request per confidence in ``probs`` (ids ``req-<start>``...), in order."""
+    from cascade.schemas import InferRequest
+
+    out = []
+    for i, p in enumerate(probs, start):
+        req = InferRequest.model_validate({"task": "documents", "input": {"text": f"p={p} doc"}})
+        out.append(await node.infer(req, CallContext(request_id=f"req-{i}")))
+    return out
 
 
 POLICY = """\

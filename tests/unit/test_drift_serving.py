@@ -12,15 +12,10 @@ from typing import Any
 import pytest
 
 from cascade.api import create_app
-from cascade.breaker import CircuitBreaker
 from cascade.decisionlog import connect, read_rows
-from cascade.inputs import DECODERS
-from cascade.node import CallContext, Node, TaskRuntime
-from cascade.policy import load_policy
+from cascade.node import Node
 from cascade.policy.replay import replay_task, traffic_from_logs
-from cascade.schemas import InferRequest
-from cascade.settings import NodeSettings
-from tests.unit.otel_fixtures import TextRunner, serving
+from tests.unit.otel_fixtures import send_texts, serving, text_node
 from tests.unit.test_metrics import samples, value
 
 # Calibrated on traffic that is mostly confident (10% below the 0.6 threshold).
@@ -39,39 +34,8 @@ tasks:
 """
 
 
-class FakeUpstream:
-    """The cloud: always answers 'b'."""
-
-    base_url = "http://cloud.invalid"
-
-    def __init__(self) -> None:
-        self.breaker = CircuitBreaker()
-        self.stats: dict[str, int] = {}
-
-    async def escalate(self, body: dict, **_: Any) -> dict:
-        return {"label": "b", "confidence": 0.99, "status": "final", "answered_by": "cloud",
-                "hops": [{"tier": "cloud", "decision": "answer"}]}
-
-    async def aclose(self) -> None:
-        return None
-
-
 def make_node(tmp_path: Path, action: str) -> Node:
-    path = tmp_path / "policy.yaml"
-    path.write_text(POLICY.format(path=tmp_path / "decisions-{tier}.db", action=action))
-    settings = NodeSettings(tier="endpoint", tasks={"documents": "endpoint"}, policy=path,
-                            upstream_url=FakeUpstream.base_url)
-    runtime = TaskRuntime("documents", TextRunner(), DECODERS["text"])
-    return Node(settings, tasks={"documents": runtime}, policy=load_policy(path),
-                upstream=FakeUpstream())
-
-
-async def send(node: Node, probs: list[float], start: int = 0) -> list[dict[str, Any]]:
-    out = []
-    for i, p in enumerate(probs, start):
-        req = InferRequest.model_validate({"task": "documents", "input": {"text": f"p={p} doc"}})
-        out.append(await node.infer(req, CallContext(request_id=f"req-{i}")))
-    return out
+    return text_node(tmp_path, POLICY.format(path=tmp_path / "decisions-{tier}.db", action=action))
 
 
 async def test_metrics_and_readyz_expose_the_drift_state(tmp_path: Path,
@@ -82,13 +46,13 @@ async def test_metrics_and_readyz_expose_the_drift_state(tmp_path: Path,
     async with serving(app) as c:
         ready = (await c.get("/readyz")).json()["drift"]["documents"]
         assert ready["state"] == "warming_up" and ready["reference_samples"] == 100
-        await send(node, [0.95] * 10 + [0.75] * 15 + [0.45] * 5)  # like the reference
+        await send_texts(node, [0.95] * 10 + [0.75] * 15 + [0.45] * 5)  # like the reference
         scrape = samples((await c.get("/metrics")).text)
         assert value(scrape, "cascade_drift_alarm", **t) == 0
         assert value(scrape, "cascade_drift_window_requests", **t) == 30
         assert (await c.get("/readyz")).json()["drift"]["documents"]["state"] == "ok"
         with caplog.at_level(logging.WARNING, logger="cascade.drift"):
-            answers = await send(node, [0.55] * 80, start=30)  # harder traffic: escalates
+            answers = await send_texts(node, [0.55] * 80, start=30)  # harder traffic: escalates
         scrape = samples((await c.get("/metrics")).text)
         ready = (await c.get("/readyz")).json()["drift"]["documents"]
     assert value(scrape, "cascade_drift_alarm", **t) == 1
@@ -112,8 +76,8 @@ def test_tightened_decisions_are_logged_and_replayed_exactly(tmp_path: Path,
     node = make_node(tmp_path, "tighten")
 
     async def run() -> list[dict[str, Any]]:
-        out = await send(node, [0.55] * 80)  # drives the alarm on
-        return out + await send(node, [0.7] * 20, start=80)
+        out = await send_texts(node, [0.55] * 80)  # drives the alarm on
+        return out + await send_texts(node, [0.7] * 20, start=80)
 
     answers = asyncio.run(run())
     asyncio.run(node.aclose())

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cascade.decisionlog import DecisionLog, connect, read_rows, sampled
-from cascade.inputs import DECODERS
-from cascade.node import CallContext, Node, TaskRuntime
-from cascade.policy import load_policy, load_policy_bytes
+from cascade.node import Node
+from cascade.policy import load_policy_bytes
 from cascade.policy.replay import (
     Observation,
     Request,
@@ -20,9 +18,7 @@ from cascade.policy.replay import (
     replay_task,
     traffic_from_logs,
 )
-from cascade.schemas import InferRequest
-from cascade.settings import NodeSettings
-from tests.unit.otel_fixtures import TextRunner
+from tests.unit.otel_fixtures import send_texts, text_node
 
 POLICY = """\
 version: 1
@@ -41,38 +37,8 @@ def policy_text(tmp_path: Path, *, rate: float = 1.0, t_end: float = 0.6, payloa
                          payloads=str(payloads).lower())
 
 
-class FakeUpstream:
-    """The cloud: always answers 'b'."""
-
-    base_url = "http://cloud.invalid"
-
-    async def escalate(self, body: dict, **_: Any) -> dict:
-        return {"label": "b", "confidence": 0.99, "status": "final", "answered_by": "cloud",
-                "hops": [{"tier": "cloud", "decision": "answer"}]}
-
-    async def aclose(self) -> None:
-        return None
-
-
-def make_node(tmp_path: Path, text: str) -> Node:
-    path = tmp_path / "policy.yaml"
-    path.write_text(text)
-    settings = NodeSettings(tier="endpoint", tasks={"documents": "endpoint"}, policy=path,
-                            upstream_url=FakeUpstream.base_url)
-    runtime = TaskRuntime("documents", TextRunner(), DECODERS["text"])
-    return Node(settings, tasks={"documents": runtime}, policy=load_policy(path),
-                upstream=FakeUpstream())
-
-
 def serve(node: Node, probs: list[float]) -> list[dict]:
-    async def run() -> list[dict]:
-        out = []
-        for i, p in enumerate(probs):
-            req = InferRequest.model_validate({"task": "documents", "input": {"text": f"p={p} doc"}})
-            out.append(await node.infer(req, CallContext(request_id=f"req-{i}")))
-        return out
-
-    return asyncio.run(run())
+    return asyncio.run(send_texts(node, probs))
 
 
 def test_sampling_is_by_request_id_and_close_to_the_rate():
@@ -96,7 +62,7 @@ def test_decision_log_round_trips_exact_probabilities(tmp_path):
 
 
 def test_replay_of_a_node_log_reproduces_every_live_decision(tmp_path):
-    node = make_node(tmp_path, policy_text(tmp_path))
+    node = text_node(tmp_path, policy_text(tmp_path))
     probs = [0.95, 0.7, 0.55, 0.51, 0.99, 0.6, 0.58]
     answers = serve(node, probs)
     asyncio.run(node.aclose())
@@ -115,7 +81,7 @@ def test_replay_of_a_node_log_reproduces_every_live_decision(tmp_path):
 
 
 def test_candidate_that_escalates_beyond_the_log_leaves_requests_unresolved(tmp_path):
-    node = make_node(tmp_path, policy_text(tmp_path))
+    node = text_node(tmp_path, policy_text(tmp_path))
     serve(node, [0.95, 0.7, 0.55])
     asyncio.run(node.aclose())
     traffic = traffic_from_logs([tmp_path / "decisions-endpoint.db"], node.policy)["documents"]
@@ -129,7 +95,7 @@ def test_candidate_that_escalates_beyond_the_log_leaves_requests_unresolved(tmp_
 
 
 def test_payloads_only_when_asked_and_sampling_follows_the_policy(tmp_path):
-    node = make_node(tmp_path, policy_text(tmp_path, payloads=True))
+    node = text_node(tmp_path, policy_text(tmp_path, payloads=True))
     serve(node, [0.95])
     node.set_policy(load_policy_bytes(policy_text(tmp_path, rate=0.0).encode(), source="p2.yaml"))
     assert node.decisions.log is None  # logging switched off by the new policy
