@@ -44,7 +44,7 @@ from cascade.models.manifest import load_split
 from cascade.models.specs import FIELD_IMAGES, LADDERS, VISION_PIXEL_MAX
 from cascade.models.train import train_tier
 from cascade.policy.loader import load_policy
-from cascade.policy.replay import Observation, Request, TaskTraffic, replay_task
+from cascade.policy.replay import replay_task, traffic_from_predictions
 
 TASK = "vision"
 TIERS = ["endpoint", "edge-node", "edge-server", "cloud"]
@@ -56,19 +56,17 @@ def cascade_outcome(preds: dict[str, TierPredictions], labels: list[str], policy
     """Replay the policy over per-tier predictions. ``escalate`` marks samples every tier below
     the cloud escalates (their confidence is replaced by none at all); ``cloud`` replaces the
     cloud's (probabilities, labels)."""
-    k = len(preds["cloud"].classes)
-    requests = []
-    for i, label in enumerate(labels):
-        seen = {}
-        for j, tier in enumerate(TIERS):
-            probs, predicted = preds[tier].probabilities[i], preds[tier].predicted[i]
-            if tier == "cloud" and cloud is not None:
-                probs, predicted = cloud[0][i], cloud[1][i]
-            elif escalate is not None and escalate[i] and tier != "cloud":
-                probs = np.full(k, 1.0 / k)  # uniform: below every threshold
-            seen[tier] = Observation(probs, predicted, has_upstream=j < len(TIERS) - 1)
-        requests.append(Request(request_id=str(i), seen=seen, true_label=label))
-    result = replay_task(TaskTraffic(TASK, TIERS, requests), policy)
+    traffic = traffic_from_predictions(TASK, TIERS, labels, preds)
+    uniform = np.full(len(preds["cloud"].classes), 1.0 / len(preds["cloud"].classes))
+    for i, request in enumerate(traffic.requests):
+        seen = request.seen
+        if cloud is not None:
+            seen["cloud"] = dataclasses.replace(seen["cloud"], probabilities=cloud[0][i],
+                                                label=cloud[1][i])
+        if escalate is not None and escalate[i]:
+            for tier in TIERS[:-1]:  # uniform: below every threshold
+                seen[tier] = dataclasses.replace(seen[tier], probabilities=uniform)
+    result = replay_task(traffic, policy)
     return {"accuracy": float(result.accuracy or 0.0), "cloud_share": result.cloud_share,
             "escalations_per_request": result.escalations_per_request}
 

@@ -22,15 +22,18 @@ Two sources:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cascade.drift import effective_rule
 from cascade.errors import PolicyError
 from cascade.gate import Decision, assess, decide
 from cascade.policy.loader import LoadedPolicy
+
+if TYPE_CHECKING:
+    from cascade.evaluation import TierPredictions
 
 
 @dataclass(frozen=True)
@@ -189,9 +192,17 @@ def traffic_from_split(models_dir: Path, task: str, tiers: Sequence[str], split:
     from cascade.evaluation import predict_split
 
     labels, preds = predict_split(models_dir, task, list(tiers), split)
+    return traffic_from_predictions(task, tiers, labels, preds, id_prefix=f"{split}:")
+
+
+def traffic_from_predictions(task: str, tiers: Sequence[str], labels: Sequence[str],
+                             preds: Mapping[str, TierPredictions], *,
+                             id_prefix: str = "") -> TaskTraffic:
+    """Every sample of ``labels``, seen by every tier as ``preds`` (from
+    :func:`~cascade.evaluation.predict_inputs`) says; request ids ``<id_prefix><index>``."""
     requests = [
         Request(
-            request_id=f"{split}:{i}",
+            request_id=f"{id_prefix}{i}",
             seen={t: Observation(preds[t].probabilities[i], preds[t].predicted[i],
                                  has_upstream=j < len(tiers) - 1)
                   for j, t in enumerate(tiers)},
