@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from cascade.outbox.config import OutboxSettings
 from tests.fault.harness import post, wait_for, write_policy
 
 pytestmark = pytest.mark.integration
@@ -37,11 +38,23 @@ def test_outage_then_every_request_final_once_with_one_callback(tiers, proxy_to,
         assert {a["status"] for a in answers} == {"provisional"}
         assert {a["answered_by"] for a in answers} == {"endpoint"}
         assert {a["escalation"]["state"] for a in answers} == {"queued"}
-        states = endpoint.states()
-        assert all(states[f"out-{i}"] == "queued" for i in range(N))
+        # Every escalation is held durably and none has reached the upstream. The forwarder keeps
+        # trying through the cut, so a row it has claimed for a send (the breaker's half-open
+        # probe, hanging in the blackhole) reads ``forwarding``: at most ``forward_concurrency``
+        # of them, and none handed over (that would mean the upstream took it).
+        held = {id_: (state, handed_over) for id_, state, handed_over in endpoint.query(
+            "SELECT id, state, handed_over FROM cascade_outbox WHERE id LIKE 'out-%'")}
+        assert set(held) == {f"out-{i}" for i in range(N)}
+        assert {state for state, _ in held.values()} <= {"queued", "forwarding"}
+        assert not any(handed_over for _, handed_over in held.values())
+        in_flight = sum(state == "forwarding" for state, _ in held.values())
+        assert in_flight <= OutboxSettings().forward_concurrency
         assert upstream.query("SELECT count(*) FROM cascade_results WHERE id LIKE 'out-%'") == [(0,)]
-        pending = client.get(f"{endpoint.url}/v1/results/out-0").json()
-        assert pending["status"] == "provisional" and pending["escalation"]["state"] == "queued"
+        for i in range(N):
+            pending = client.get(f"{endpoint.url}/v1/results/out-{i}").json()
+            assert pending["status"] == "provisional"
+            assert pending["escalation"]["state"] in ("queued", "forwarding")
+            assert pending["label"] == answers[i]["label"]
 
         proxy.set(mode="pass")  # the link is back
         wait_for(lambda: all(endpoint.states()[f"out-{i}"] == "done" for i in range(N)),
