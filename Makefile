@@ -28,10 +28,11 @@ bench: models  ## run the benchmark (writes reports/bench.json and reports/bench
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
 	$(PY) -m cascade bench
 
-lint: $(STAMP)  ## ruff over the package, tests and benchmarks, mypy --strict over the package (installs both; fails on findings)
+lint: $(STAMP)  ## ruff, mypy --strict and the import-linter layer contracts (pyproject.toml); fails on findings
 	$(PY) -m pip install -q -e '.[lint]'
 	$(PY) -m ruff check cascade tests benchmarks
 	$(PY) -m mypy cascade
+	$(VENV)/bin/lint-imports
 
 clean:  ## remove build output and local state (keeps the venv)
 	rm -rf models var reports/*.json

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx
 
-from cascade.bench.load import run_load
-from cascade.inputs import request_body
+from cascade.contract.inputs import request_body
+from cascade.lab.bench.load import run_load
 from tests.fault.harness import Tier, crash_rounds, free_port, wait_for, write_policy
 from tests.fault.proxy import FaultProxy
 
@@ -74,7 +74,7 @@ def pct(values: list[float], q: float) -> float:
 # -- A. in-process enqueue rate ----------------------------------------------------------------
 
 def enqueue_rate(url: str, n: int, concurrency: int, **settings: Any) -> dict[str, Any]:
-    from cascade.escalation import PendingEscalation
+    from cascade.contract.escalation import PendingEscalation
     from cascade.outbox import Outbox, OutboxSettings
 
     image = [[float((r * 8 + c) % 17) for c in range(8)] for r in range(8)]
@@ -145,7 +145,7 @@ def images(models_dir: Path) -> tuple[list[Any], list[Any], float]:
     sure of, and an endpoint threshold between them."""
     import numpy as np
 
-    from cascade.evaluation import predict_split
+    from cascade.lab.evaluation import predict_split
     from cascade.models.manifest import load_split
 
     inputs, _ = load_split(models_dir, "vision", "test")

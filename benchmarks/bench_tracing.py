@@ -52,9 +52,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cascade.bench.load import have_wrk, run_load
-from cascade.inputs import request_body
-from cascade.supervisor import Chain
+from cascade.contract.inputs import request_body
+from cascade.deploy.supervisor import Chain
+from cascade.lab.bench.load import have_wrk, run_load
 
 POLICY = """\
 version: 1
@@ -227,7 +227,7 @@ if variant not in ("bare", "cascade-middleware-off", "routine-off"):
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-    from cascade.tracing import cascade_sampler
+    from cascade.observability.tracing import cascade_sampler
     class Null(SpanExporter):
         def export(self, spans): return SpanExportResult.SUCCESS
     # routine-*: the default sampler declining (ratio 0) or keeping (ratio 1) a routine answer
@@ -239,12 +239,12 @@ native = {"fastapi-native": None,
           "fastapi-native-lean": {"operation_spans": False, "metrics": False, "logs": False}}
 kw = {"telemetry": native[variant]} if variant in native and native[variant] else {}
 if variant not in native:
-    from cascade.telemetry import fastapi_options
+    from cascade.observability.telemetry import fastapi_options
     kw = fastapi_options()
 app = FastAPI(**kw)
 tel = None  # routine-*: the route reports a confident answer to TierTelemetry as a tier's gate does
 if variant.startswith(("cascade-middleware", "routine")):
-    from cascade.telemetry import RequestTelemetryMiddleware, TierTelemetry
+    from cascade.observability.telemetry import RequestTelemetryMiddleware, TierTelemetry
     tel = TierTelemetry("endpoint") if variant.startswith("routine") else None
     app.add_middleware(RequestTelemetryMiddleware, telemetry=lambda: tel)
 @app.post("/v1/infer")
@@ -306,16 +306,16 @@ APP_PROBE = r"""
 import asyncio, json, logging, os, sys, time
 config, task, n_rounds, per_round = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 bodies = [json.dumps(b).encode() for b in json.loads(sys.stdin.read())]
-from cascade.api import create_app
-from cascade.logs import configure_logging
-from cascade.node import Node
-from cascade.settings import load_node_settings
-from cascade.telemetry import setup_tracing
+from cascade.http.app import create_app
+from cascade.observability.logs import configure_logging
+from cascade.tier.compose import build_node
+from cascade.tier.settings import load_node_settings
+from cascade.observability.telemetry import setup_tracing
 settings = load_node_settings(config)
 configure_logging(settings.tier, settings.log_level, fmt=settings.log_format,
                   stream=open(os.devnull, "w"))
 tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir)
-app = create_app(Node.from_settings(settings), max_body_bytes=settings.max_body_bytes)
+app = create_app(build_node(settings), max_body_bytes=settings.max_body_bytes)
 from benchmarks.asgi_request import infer_scope
 def scope(body):
     return infer_scope(body, app=app)

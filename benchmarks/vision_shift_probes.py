@@ -2,7 +2,7 @@
 
 Offline probes on the test split and its corrupted copy (the `cascade bench` shift: sensor noise
 and occlusion, same seed), re-deciding every sample with the serving gate code under the policy
-(`cascade.policy.replay`), no server. Each probe changes one thing and reports the cascade's
+(`cascade.lab.replay`), no server. Each probe changes one thing and reports the cascade's
 accuracy clean and shifted, its cloud share, and the loss ratio (cascade loss / endpoint loss;
 target <= 0.5):
 
@@ -37,14 +37,14 @@ from sklearn.decomposition import PCA
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cascade.bench.shift import ShiftSpec, corrupt_images, describe
-from cascade.evaluation import TierPredictions, predict_inputs
+from cascade.lab.bench.shift import ShiftSpec, corrupt_images, describe
+from cascade.lab.evaluation import TierPredictions, predict_inputs
+from cascade.lab.replay import replay_task, traffic_from_predictions
 from cascade.models.datasets import load_dataset, split_dataset
 from cascade.models.manifest import load_split
 from cascade.models.specs import FIELD_IMAGES, LADDERS, VISION_PIXEL_MAX
 from cascade.models.train import train_tier
 from cascade.policy.loader import load_policy
-from cascade.policy.replay import replay_task, traffic_from_predictions
 
 TASK = "vision"
 TIERS = ["endpoint", "edge-node", "edge-server", "cloud"]

@@ -72,7 +72,7 @@ def chain_env(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 @pytest.fixture(scope="module")
 def running_chain(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The four-tier chain as real processes on free 127.0.0.1 ports (shared by a module)."""
-    from cascade.supervisor import Chain
+    from cascade.deploy.supervisor import Chain
 
     var = tmp_path_factory.mktemp("chain")
     base = free_port_block(4)

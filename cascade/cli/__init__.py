@@ -31,7 +31,7 @@ app.add_typer(queue_app, name="queue")
 
 
 def _register_optional() -> None:
-    from cascade.cli_models import models_app
+    from cascade.cli.models_cmd import models_app
 
     app.add_typer(models_app, name="models")
     try:

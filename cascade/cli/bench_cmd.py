@@ -27,8 +27,8 @@ def bench(
 
     Example: cascade bench --duration 5 --rounds 3
     """
-    from cascade.bench.report import render_markdown, write_reports
-    from cascade.bench.run import BenchConfig, run_bench
+    from cascade.lab.bench.report import render_markdown, write_reports
+    from cascade.lab.bench.run import BenchConfig, run_bench
 
     if not (models_dir / "manifest.json").is_file():
         fail(f"no models in {models_dir}; run `cascade models build` first")

@@ -146,9 +146,9 @@ def calibrate(
     """
     import yaml
 
-    from cascade.gate import SIGNAL_NAMES
+    from cascade.gating.gate import SIGNAL_NAMES
+    from cascade.lab.fit import FitOptions, fit_task, header_lines, policy_document
     from cascade.policy.calibration import METHODS
-    from cascade.policy.fit import FitOptions, fit_task, header_lines, policy_document
 
     if signal not in (*SIGNAL_NAMES, "auto"):
         fail(f"--signal {signal!r}: allowed: auto, {', '.join(SIGNAL_NAMES)}")
@@ -298,8 +298,8 @@ def replay(
           --log var/decisions-endpoint.db --log var/decisions-edge-node.db \\
           --log var/decisions-edge-server.db --log var/decisions-cloud.db
     """
+    from cascade.lab.replay import traffic_from_logs, traffic_from_split
     from cascade.policy import load_policy
-    from cascade.policy.replay import traffic_from_logs, traffic_from_split
 
     try:
         cand = load_policy(candidate)
@@ -353,8 +353,8 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 def _replay_one(name: str, traffic, live, cand, goals) -> int:  # type: ignore[no-untyped-def]
     from rich.table import Table
 
+    from cascade.lab.replay import changed_answers, replay_task
     from cascade.policy.goals import check_goals
-    from cascade.policy.replay import changed_answers, replay_task
 
     a, b = replay_task(traffic, live), replay_task(traffic, cand)
     tiers = traffic.tiers

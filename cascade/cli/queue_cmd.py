@@ -52,7 +52,7 @@ def _open(config: Path | None, db: str | None) -> Iterator[_Target]:
 
     from cascade.outbox.config import OutboxSettings
     from cascade.outbox.engine import create_outbox_engine, describe_storage_error, schema_present
-    from cascade.settings import load_node_settings
+    from cascade.tier.settings import load_node_settings
 
     if (config is None) == (db is None):
         fail("give exactly one of --config edge_nodes/<tier>.yaml or --db URL")

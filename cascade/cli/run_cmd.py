@@ -29,7 +29,7 @@ def serve(
 
     Example: cascade serve --config edge_nodes/endpoint.yaml
     """
-    from cascade.serve import run_tier
+    from cascade.deploy.process import run_tier
 
     code = run_tier(config, port=port, host=host)
     if code:
@@ -60,7 +60,7 @@ def up(
     """
     from rich.table import Table
 
-    from cascade.supervisor import DEFAULT_CHAIN, Chain
+    from cascade.deploy.supervisor import DEFAULT_CHAIN, Chain
 
     # An explicit CASCADE_TRACE_DIR in the environment wins (Chain passes os.environ through).
     tracing_env = ({"CASCADE_TRACE_DIR": str(trace_dir)}
@@ -149,7 +149,7 @@ def infer(
         if not 0 <= sample < len(labels):
             fail(f"--sample must be between 0 and {len(labels) - 1}")
         truth = labels[sample]
-        from cascade.inputs import request_body
+        from cascade.contract.inputs import request_body
 
         payload = request_body(task, inputs[sample])["input"]
     elif text is not None:

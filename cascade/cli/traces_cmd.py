@@ -204,7 +204,7 @@ def traces(
       cascade traces --slow 50            traces that took 50 ms or more
       cascade traces --trace 4bf92f35     one trace (the trace_id of a response; a prefix will do)
     """
-    from cascade.trace_export import TraceFileError, read_span_records
+    from cascade.observability.export import TraceFileError, read_span_records
 
     try:
         records, problems = read_span_records(path)

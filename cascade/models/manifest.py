@@ -62,6 +62,7 @@ class TierEntry(_Strict):
     """One tier's model: the deployed file (int8 on edge tiers, fp32 on the cloud) and its twin."""
 
     file: str = Field(description="deployed model, relative to the models directory")
+    runtime: str = Field("onnx", description="runtime that serves the file (cascade.runners)")
     sha256: str
     bytes: int
     fp32_file: str

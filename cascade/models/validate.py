@@ -1,6 +1,6 @@
 """Measuring a loaded model on a held-out split: accuracy, agreement, single-request latency.
 
-Works on any :class:`~cascade.runners.base.Runner`, so benchmarks can reuse it at serving time.
+Works on any :class:`~cascade.runners.base.BatchClassifier`, so benchmarks can reuse it at serving time.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cascade.models.specs import INT8_MAX_ACCURACY_LOSS
-from cascade.runners.base import Runner
+from cascade.runners.base import BatchClassifier
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Evaluation:
         return predictions
 
 
-def evaluate(runner: Runner, inputs: Any, labels: Sequence[str]) -> Evaluation:
+def evaluate(runner: BatchClassifier, inputs: Any, labels: Sequence[str]) -> Evaluation:
     """Run the whole split as one batch and score the argmax against ``labels``."""
     probabilities = runner.predict_proba(inputs)
     predicted = np.asarray(runner.classes)[np.argmax(probabilities, axis=1)]
@@ -44,7 +44,7 @@ def agreement(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]
     return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
 
 
-def single_request_latency_ms(runner: Runner, inputs: Any) -> tuple[float, float]:
+def single_request_latency_ms(runner: BatchClassifier, inputs: Any) -> tuple[float, float]:
     """Median and 95th percentile milliseconds of one-sample calls over ``inputs``.
 
     One call per sample, as the service makes them; includes input preparation.

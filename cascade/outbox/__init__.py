@@ -11,12 +11,12 @@ and is POSTed to the client's ``callback_url``. Bounds: TTL → ``expired``, max
 Modules: :mod:`~cascade.outbox.tables` (schema), :mod:`~cascade.outbox.engine` (opening the
 database), :mod:`~cascade.outbox.writer` (group commit), :mod:`~cascade.outbox.store` (write
 handlers), :mod:`~cascade.outbox.views` (reads), :mod:`~cascade.outbox.rules` (pure logic),
-:mod:`~cascade.outbox.idempotency`, :mod:`~cascade.outbox.forwarder`,
-:mod:`~cascade.outbox.callbacks`, :mod:`~cascade.outbox.http` (API glue).
+:mod:`~cascade.outbox.forwarder`, :mod:`~cascade.outbox.callbacks`. The outbox knows nothing
+of HTTP or of the node: idempotent serving is :mod:`cascade.tier.idempotency`, and the results
+routes are :mod:`cascade.http.results`.
 """
 
 from cascade.outbox.config import OutboxSettings
-from cascade.outbox.idempotency import serve_infer
 from cascade.outbox.outbox import Outbox
 from cascade.outbox.rules import backoff_s, merge_upstream_answer, request_hash
 
@@ -26,5 +26,4 @@ __all__ = [
     "backoff_s",
     "merge_upstream_answer",
     "request_hash",
-    "serve_infer",
 ]

@@ -26,12 +26,12 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from cascade.deadline import Deadline
+from cascade.contract.deadline import Deadline
 from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
+from cascade.observability.telemetry import current_traceparent, drain_span
 from cascade.outbox.background import BackgroundLoop
 from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json, wait_event
 from cascade.outbox.store import Claimed, Outcome
-from cascade.telemetry import current_traceparent, drain_span
 
 if TYPE_CHECKING:  # pragma: no cover
     from cascade.outbox.outbox import Outbox

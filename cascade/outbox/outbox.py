@@ -1,6 +1,6 @@
-"""The durable outbox of one tier: what :class:`~cascade.node.Node` hands escalations to.
+"""The durable outbox of one tier: what :class:`~cascade.tier.node.Node` hands escalations to.
 
-:class:`Outbox` implements the :class:`~cascade.escalation.EscalationQueue` seam. It owns the
+:class:`Outbox` implements the :class:`~cascade.contract.escalation.EscalationQueue` seam. It owns the
 database engine, the group-commit writer thread, a small pool of reader threads, the forwarder
 and the callback sender. Nothing here blocks the event loop on database I/O: writes go to the
 writer thread, reads to the reader pool.
@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
-from cascade.escalation import PendingEscalation
 from cascade.outbox.background import BackgroundLoop
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
@@ -28,7 +28,6 @@ from cascade.outbox.engine import (
     parse_outbox_url,
     storage_unavailable,
 )
-from cascade.outbox.idempotency import current_scope
 from cascade.outbox.rules import to_json
 from cascade.outbox.store import (
     Claimed,
@@ -39,7 +38,13 @@ from cascade.outbox.store import (
     Outcome,
     SaveResult,
 )
-from cascade.outbox.views import iso, next_callback_due_at, next_due_at, read_result
+from cascade.outbox.views import (
+    iso,
+    next_callback_due_at,
+    next_due_at,
+    read_result,
+    read_stats,
+)
 from cascade.outbox.writer import GroupCommitWriter
 
 log = logging.getLogger("cascade.outbox")
@@ -153,25 +158,22 @@ class Outbox:
         Raises a 503 :class:`ServiceUnavailable` (``queue_full`` or ``storage_unavailable``)
         when the work cannot be kept; then nothing was stored.
         """
-        scope = current_scope.get()
         body = {k: v for k, v in item.body.items() if k != "callback_url"}
         job = EnqueueJob(
             id=item.id, task=item.task, body_json=to_json(body),
             response_json=to_json(item.provisional),
-            request_hash=scope.request_hash if scope is not None else None,
+            request_hash=item.request_hash,
             reason=item.reason, hop_count=item.hop_count, traceparent=item.traceparent,
             # Only the tier that took the client's request fires its callback (hop 1 here):
             # upstream tiers holding the same work would otherwise fire it again.
             callback_url=item.callback_url if item.hop_count <= 1 else None,
             ttl_s=item.ttl_s, max_attempts=item.max_attempts,
-            handed_over=bool(item.extra.get("handed_over", False)),
+            handed_over=item.handed_over,
         )
         if self.counters.rows >= self.settings.max_rows:  # fast refusal, no writer round trip
             self.stats["refused_queue_full"] += 1
             raise self.writes.queue_full_error(job)
         state = await self._write("enqueue", job)
-        if scope is not None:
-            scope.persisted = True
         if self.work_ready is not None:
             self.work_ready.set()
         return {
@@ -183,6 +185,10 @@ class Outbox:
     def depth(self) -> int:
         """Escalations still to deliver (queued or forwarding)."""
         return self.counters.live
+
+    async def queue_stats(self) -> dict[str, Any]:
+        """Depth, oldest live age, dead letters and held bytes, read from the database."""
+        return await self._read(read_stats)
 
     # -- results and idempotency ----------------------------------------------------------------
 

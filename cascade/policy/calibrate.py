@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cascade.drift import DriftReference, fit_reference
+from cascade.gating.drift import DriftReference, fit_reference
 
 
 def threshold_for_accuracy(

@@ -4,7 +4,7 @@ A tier's raw confidence is rarely a probability of being right: small MLPs train
 convergence are over-confident, calibrated SVMs often under-confident. These functions fit,
 on the held-out calibration split, a map from raw to calibrated confidence so that among
 answers given with confidence 0.9 about 90% are correct; the result is a plain
-:class:`~cascade.gate.Calibration` that the gate applies before deciding.
+:class:`~cascade.gating.gate.Calibration` that the gate applies before deciding.
 
 Two methods:
 
@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from cascade.gate import Calibration, GateRule, SignalName, assess
+from cascade.gating.gate import Calibration, GateRule, SignalName, assess
 
 Method = Literal["none", "temperature", "isotonic"]
 METHODS: tuple[str, ...] = ("none", "temperature", "isotonic")
@@ -82,13 +82,13 @@ def reliability_bins(conf: np.ndarray, correct: np.ndarray, *, bins: int = DEFAU
     return ReliabilityBins(np.asarray(c), np.asarray(a), np.asarray(n))
 
 
-# -- applying (vectorised twins of cascade.gate.assess, for whole splits) ------------------------
+# -- applying (vectorised twins of cascade.gating.gate.assess, for whole splits) ------------------------
 
 
 def gate_confidences(probabilities: np.ndarray, rule: GateRule) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class index, gate confidence) of every row of ``probabilities`` under ``rule``.
 
-    Calls :func:`cascade.gate.assess` row by row: exactly what serving computes, so offline
+    Calls :func:`cascade.gating.gate.assess` row by row: exactly what serving computes, so offline
     numbers and live decisions cannot drift apart.
     """
     top = np.empty(len(probabilities), dtype=np.int64)

@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cascade.drift import DriftReference, DriftSettings
 from cascade.errors import PolicyError
-from cascade.gate import GateRule
+from cascade.gating.drift import DriftReference, DriftSettings
+from cascade.gating.gate import GateRule
 from cascade.policy.schema import Policy, TaskPolicy
 
 

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from cascade.drift import DriftReference, DriftSettings
-from cascade.gate import Calibration, GateRule
+from cascade.gating.drift import DriftReference, DriftSettings
+from cascade.gating.gate import Calibration, GateRule
 from cascade.policy.goals import Goals
 
 TIER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")

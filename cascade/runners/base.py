@@ -1,4 +1,9 @@
-"""The one small interface every model runtime implements (ONNX today; GGUF, OpenAI later)."""
+"""The one small interface every model runtime implements, and what a runner returns.
+
+Serving calls :meth:`Runner.run` (async, with the request's deadline) and gets one typed
+:data:`~cascade.contract.outputs.Output` per input. Offline tools (build validation, evaluation,
+calibration) may also call a runtime's synchronous batch API directly, as ``OnnxRunner`` offers.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,42 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from cascade.contract.deadline import Deadline
+from cascade.contract.outputs import Classification, Generation, Output
+
+__all__ = ["BatchClassifier", "Classification", "Generation", "Output", "Runner"]
+
 
 @runtime_checkable
 class Runner(Protocol):
-    """Turns a batch of task inputs into class probabilities.
+    """Turns a batch of decoded task inputs into typed outputs.
 
-    ``model_name`` identifies the model in traces and hops (e.g. ``vision/endpoint:MLP(16)-int8``);
-    ``classes`` gives the column order of :meth:`predict_proba`.
+    ``model_name`` identifies the model in traces and hops (e.g. ``vision/endpoint:MLP(16)-int8``).
     """
 
     model_name: str
     task: str
+
+    async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
+        """One output per input, in order. Blocking runtimes do their work off the event loop
+        unless they are faster than a thread hop (see :mod:`cascade.runners.execution`)."""
+        ...
+
+    def warmup(self) -> None:
+        """Run one throw-away inference so the first real request pays no setup cost."""
+        ...
+
+    def close(self) -> None:
+        """Release threads, sessions or connections (the tier is stopping)."""
+        ...
+
+
+@runtime_checkable
+class BatchClassifier(Protocol):
+    """A classifier runtime that offline tools (build validation, evaluation, calibration,
+    benchmark) can call synchronously on a batch: ``predict_proba`` columns follow ``classes``."""
+
+    model_name: str
     classes: tuple[str, ...]
 
     def predict_proba(self, inputs: Any) -> npt.NDArray[np.floating[Any]]:
@@ -25,5 +55,5 @@ class Runner(Protocol):
         ...
 
     def warmup(self) -> None:
-        """Run one throw-away inference so the first real request pays no setup cost."""
+        """Run one throw-away inference (latency measurements start warm)."""
         ...

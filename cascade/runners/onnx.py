@@ -8,13 +8,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from cascade.contract.deadline import Deadline
+from cascade.contract.outputs import Classification, Output
 from cascade.errors import InvalidInput, ModelError
+from cascade.runners.execution import BlockingCalls, measure_ms
+
+if TYPE_CHECKING:
+    from cascade.runners.registry import ModelSpec
 
 VISION_FEATURES = 64
 _PROBABILITIES_OUTPUT = "probabilities"
@@ -36,8 +42,8 @@ class OnnxRunner:
     """One ONNX classifier: raw task inputs in, class probabilities out.
 
     ``vision`` takes a float32 array [N, 64] of raw 0..16 pixel values; ``documents`` takes a
-    sequence of texts. Build one with :meth:`from_manifest` (checks the sha256) or
-    :meth:`from_bytes`.
+    sequence of texts. Build one with :meth:`from_bytes`; serving loads it through the model
+    repository (:func:`cascade.models.repository.load_runner`, which checks the sha256).
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class OnnxRunner:
         input_kind: str,
         path: Path | None = None,
         sha256: str | None = None,
+        calls: BlockingCalls | None = None,
     ) -> None:
         self.task = task
         self.classes: tuple[str, ...] = tuple(classes)
@@ -58,6 +65,8 @@ class OnnxRunner:
         self.path = path
         self.sha256 = sha256
         self._session = session
+        self.calls = calls or BlockingCalls(name=model_name)
+        """Where :meth:`run` computes: inline or on worker threads (see execution module)."""
         self._input_name = session.get_inputs()[0].name
         outputs = [output.name for output in session.get_outputs()]
         self._output_names = [
@@ -81,6 +90,7 @@ class OnnxRunner:
         model_name: str,
         input_kind: str,
         path: Path | None = None,
+        calls: BlockingCalls | None = None,
     ) -> OnnxRunner:
         """Load a serialized ONNX model; raises :class:`ModelError` if onnxruntime refuses it."""
         try:
@@ -98,6 +108,7 @@ class OnnxRunner:
             input_kind=input_kind,
             path=path,
             sha256=hashlib.sha256(model).hexdigest(),
+            calls=calls,
         )
         width = runner.predict_proba(runner._sample_input()).shape[1]
         if width != len(runner.classes):
@@ -107,46 +118,6 @@ class OnnxRunner:
             )
         return runner
 
-    @classmethod
-    def from_manifest(
-        cls, models_dir: Path, task: str, tier: str, *, verify_sha256: bool = True
-    ) -> OnnxRunner:
-        """Load the deployed model of ``task`` at ``tier`` from a built models directory.
-
-        The file is read once and its sha256 checked against the manifest before onnxruntime
-        sees it: a corrupted or tampered file raises :class:`ModelError` and is never loaded.
-        """
-        from cascade.models.manifest import load_manifest  # pydantic only; keeps import light
-
-        manifest = load_manifest(models_dir)
-        entry = manifest.tier(task, tier)
-        path = manifest.model_path(task, tier)
-        try:
-            model = path.read_bytes()
-        except OSError as exc:
-            raise ModelError(
-                f"model file {path} for {task}/{tier} cannot be read ({exc.strerror}):"
-                f" rebuild with `cascade models build`"
-            ) from exc
-        if verify_sha256:
-            actual = hashlib.sha256(model).hexdigest()
-            if actual != entry.sha256:
-                raise ModelError(
-                    f"model file {path} for {task}/{tier} failed its checksum: sha256 is"
-                    f" {actual[:16]}..., the manifest expects {entry.sha256[:16]}...; the file"
-                    f" is corrupted or was modified. Refusing to load it; rebuild with"
-                    f" `cascade models build --force`"
-                )
-        task_entry = manifest.task(task)
-        return cls.from_bytes(
-            model,
-            task=task,
-            classes=task_entry.classes,
-            model_name=manifest.model_name(task, tier),
-            input_kind=task_entry.input_kind,
-            path=path,
-        )
-
     def predict_proba(self, inputs: Any) -> npt.NDArray[np.float32]:
         """Probabilities [N, len(classes)] in :attr:`classes` order (rows sum to ~1)."""
         result: npt.NDArray[np.float32] = self._session.run(
@@ -154,9 +125,20 @@ class OnnxRunner:
         )[0]
         return result
 
+    async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
+        """One :class:`Classification` per input row (inline or off the loop, see ``calls``)."""
+        probabilities = await self.calls.call(self.predict_proba, inputs, deadline=deadline)
+        return [Classification(row, self.classes) for row in probabilities]
+
     def warmup(self) -> None:
-        """Run one inference so lazy allocations happen before the first request."""
-        self.predict_proba(self._sample_input())
+        """Run inferences so lazy allocations happen before the first request, and measure
+        one sample's latency so ``calls`` (auto mode) can choose inline or threads."""
+        sample = self._sample_input()
+        self.calls.calibrate(measure_ms(lambda: self.predict_proba(sample)))
+
+    def close(self) -> None:
+        """Stop this model's worker threads, if it has any."""
+        self.calls.close()
 
     def _sample_input(self) -> Any:
         if self.input_kind == "text":
@@ -182,3 +164,10 @@ class OnnxRunner:
 
     def __repr__(self) -> str:
         return f"OnnxRunner({self.model_name!r}, classes={len(self.classes)})"
+
+
+def load_onnx(spec: ModelSpec) -> OnnxRunner:
+    """The registry's loader for ``runtime: onnx``."""
+    return OnnxRunner.from_bytes(spec.data, task=spec.task, classes=spec.classes,
+                                 model_name=spec.model_name, input_kind=spec.input_kind,
+                                 path=spec.path, calls=spec.calls)

@@ -13,8 +13,8 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
-from cascade.escalation import PendingEscalation
 from cascade.outbox.store import Outcome
 from cascade.outbox.tables import callbacks, outbox, results
 
@@ -32,7 +32,8 @@ class Clock:
 
 
 def pending(i: int | str, *, ttl_s: float = 3600, max_attempts: int = 3, hop_count: int = 1,
-            callback_url: str | None = None, text: str = "x", **extra: Any) -> PendingEscalation:
+            callback_url: str | None = None, text: str = "x",
+            handed_over: bool = False) -> PendingEscalation:
     rid = f"req-{i}"
     body: dict[str, Any] = {"task": "documents", "input": {"text": text}}
     if callback_url:
@@ -44,7 +45,7 @@ def pending(i: int | str, *, ttl_s: float = 3600, max_attempts: int = 3, hop_cou
                      "hops": [{"tier": "endpoint", "decision": "escalate"}]},
         reason="upstream unreachable", hop_count=hop_count, ttl_s=ttl_s,
         max_attempts=max_attempts, traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01",
-        callback_url=callback_url, extra=extra,
+        callback_url=callback_url, handed_over=handed_over,
     )
 
 

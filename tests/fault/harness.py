@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from cascade.supervisor import Chain
+from cascade.deploy.supervisor import Chain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,8 +172,8 @@ def hardest_images(models_dir: Path, n: int = 200) -> list[list[list[float]]]:
     """Vision test images on which the endpoint model is least sure (they always escalate)."""
     import numpy as np
 
-    from cascade.evaluation import predict_split
-    from cascade.inputs import image_grid
+    from cascade.contract.inputs import image_grid
+    from cascade.lab.evaluation import predict_split
     from cascade.models.manifest import load_split
 
     inputs, _ = load_split(models_dir, "vision", "test")

@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from cascade.evaluation import predict_split
-from cascade.inputs import request_body
+from cascade.contract.inputs import request_body
+from cascade.lab.evaluation import predict_split
 from cascade.policy import load_policy
 
 pytestmark = pytest.mark.integration

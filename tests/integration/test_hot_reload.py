@@ -65,7 +65,7 @@ def wait_for(predicate, timeout_s: float) -> float:
 
 @pytest.fixture(scope="module")
 def chain(models_dir, tmp_path_factory):
-    from cascade.supervisor import Chain
+    from cascade.deploy.supervisor import Chain
     from tests.conftest import free_port_block
 
     var = tmp_path_factory.mktemp("reload")

@@ -21,7 +21,7 @@ from rich.progress import Progress
 from typer.testing import CliRunner
 
 from cascade import TIERS
-from cascade.cli_models import models_app
+from cascade.cli.models_cmd import models_app
 from cascade.errors import ModelError
 from cascade.models import Manifest, build_models, load_manifest, load_split
 from cascade.models.augment import describe
@@ -29,10 +29,10 @@ from cascade.models.build import _Builder
 from cascade.models.datasets import load_dataset, split_dataset
 from cascade.models.freshness import compute_build_key, up_to_date_manifest
 from cascade.models.manifest import MANIFEST_FILE, sha256_file
+from cascade.models.repository import load_classifier
 from cascade.models.specs import INT8_MAX_ACCURACY_LOSS, LADDERS
 from cascade.models.validate import quantization_warning
 from cascade.models.workspace import LOCK_FILE, exclusive_build_lock, publish, staging_dir
-from cascade.runners.onnx import OnnxRunner
 from tests.helpers import build_modules_imported_by
 
 pytest.importorskip("sklearn")
@@ -191,7 +191,7 @@ def test_splits_are_disjoint_and_readable_without_sklearn(
 def test_runners_reproduce_the_manifest_accuracy(built: Manifest, task: str) -> None:
     inputs, labels = load_split(built.root, task, "test")
     for tier in TIERS:
-        runner = OnnxRunner.from_manifest(built.root, task, tier)
+        runner = load_classifier(built.root, task, tier)
         probabilities = runner.predict_proba(inputs)
         assert probabilities.shape == (len(labels), len(runner.classes))
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
@@ -224,19 +224,19 @@ def test_a_modified_file_makes_the_build_stale(models_dir: Path, tmp_path: Path)
     path.write_bytes(bytes(content))
     assert up_to_date_manifest(copy, key) is None
     with pytest.raises(ModelError, match="failed its checksum"):
-        OnnxRunner.from_manifest(copy, "documents", "edge-node")
+        load_classifier(copy, "documents", "edge-node")
 
 
 def test_serving_a_real_build_imports_no_build_dependencies(models_dir: Path) -> None:
     script = f"""
 from pathlib import Path
 from cascade.models import load_split
-from cascade.runners.onnx import OnnxRunner
+from cascade.models.repository import load_classifier
 root = Path({str(models_dir)!r})
 for task in ("vision", "documents"):
     inputs, labels = load_split(root, task, "test")
     for tier in ("endpoint", "edge-node", "edge-server", "cloud"):
-        runner = OnnxRunner.from_manifest(root, task, tier)
+        runner = load_classifier(root, task, tier)
         runner.warmup()
         assert runner.predict_proba(inputs[:3]).shape == (3, len(runner.classes))
 """
@@ -341,7 +341,7 @@ def test_publish_moves_staged_files_then_writes_the_manifest(
         "vision",
     ]
     assert up_to_date_manifest(out, built.build_key) is not None
-    assert OnnxRunner.from_manifest(out, "vision", "endpoint").model_name.endswith("-int8")
+    assert load_classifier(out, "vision", "endpoint").model_name.endswith("-int8")
 
 
 def test_build_lock_excludes_other_processes(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from cascade.inputs import request_body
+from cascade.contract.inputs import request_body
+from cascade.lab.replay import replay_task, traffic_from_logs
 from cascade.policy import load_policy
-from cascade.policy.replay import replay_task, traffic_from_logs
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,9 +42,9 @@ async def send(url: str, bodies: list[dict]) -> list[dict]:
 def recorded(models_dir, tmp_path_factory):
     """Test-split traffic (the endpoint's least confident samples first) through a live chain
     whose policy logs every decision; returns (policy path, log files, responses per task)."""
-    from cascade.evaluation import predict_split
+    from cascade.deploy.supervisor import Chain
+    from cascade.lab.evaluation import predict_split
     from cascade.models.manifest import load_split
-    from cascade.supervisor import Chain
     from tests.conftest import CHAIN_CONFIGS, free_port_block
 
     var = tmp_path_factory.mktemp("replay")

@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from cascade.evaluation import predict_split
-from cascade.inputs import request_body
-from cascade.supervisor import Chain
+from cascade.contract.inputs import request_body
+from cascade.deploy.supervisor import Chain
+from cascade.lab.evaluation import predict_split
 from tests.conftest import free_port_block
 
 pytestmark = pytest.mark.integration

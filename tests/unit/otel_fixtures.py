@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -21,11 +22,12 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cascade.breaker import CircuitBreaker
-from cascade.inputs import DECODERS
-from cascade.node import CallContext, Node, TaskRuntime
+from cascade.contract.inputs import DECODERS
+from cascade.contract.outputs import Classification
 from cascade.policy import load_policy
-from cascade.settings import NodeSettings
+from cascade.tier.node import CallContext, Node, TaskRuntime
+from cascade.tier.settings import NodeSettings
+from cascade.upstream.breaker import CircuitBreaker
 
 
 class _Switch(SpanProcessor):
@@ -54,7 +56,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
     """Real SDK spans of this test, in memory (httpx instrumented for the test's duration)."""
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
-    from cascade.telemetry import instrument_httpx
+    from cascade.observability.telemetry import instrument_httpx
 
     _install_provider()
     instrument_httpx()
@@ -73,7 +75,27 @@ def by_name(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
 
 
-class FixedRunner:
+class StandInClassifier:
+    """What the node needs of a runner, over a synchronous ``predict_proba`` (stand-ins below)."""
+
+    task = "documents"
+    classes: tuple[str, ...] = ()
+
+    def predict_proba(self, inputs: Any) -> Any:
+        raise NotImplementedError
+
+    async def run(self, inputs: Any, deadline: Any = None) -> list[Classification]:
+        return [Classification(np.asarray(row), self.classes)
+                for row in self.predict_proba(inputs)]
+
+    def warmup(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class FixedRunner(StandInClassifier):
     """A stand-in model with fixed output probabilities (the gate is what these tests drive)."""
 
     def __init__(self, task: str, probs: list[float], name: str = "fixed") -> None:
@@ -86,11 +108,8 @@ class FixedRunner:
     def predict_proba(self, inputs: Any) -> Any:
         return self._probs
 
-    def warmup(self) -> None:
-        return None
 
-
-class TextRunner:
+class TextRunner(StandInClassifier):
     """A stand-in model whose output is chosen by the input text: 'p=0.9' -> [0.9, 0.1]."""
 
     model_name = "documents/test-model"
@@ -99,9 +118,6 @@ class TextRunner:
     def predict_proba(self, x: Any) -> Any:
         p = float(str(x[0] if isinstance(x, list) else x).split("p=")[1].split()[0])
         return [[p, 1.0 - p]]
-
-    def warmup(self) -> None:
-        return None
 
 
 class AnsweringCloud:
@@ -136,7 +152,7 @@ def text_node(tmp_path: Path, policy: str) -> Node:
 
 async def send_texts(node: Node, probs: list[float], start: int = 0) -> list[dict[str, Any]]:
     """One request per confidence in ``probs`` (ids ``req-<start>``...), in order."""
-    from cascade.schemas import InferRequest
+    from cascade.contract.schemas import InferRequest
 
     out = []
     for i, p in enumerate(probs, start):

@@ -69,7 +69,7 @@ def test_seeded_same_seed_same_copies_other_seed_other_copies(
 
 
 def test_its_seeds_are_not_the_benchmarks() -> None:
-    from cascade.bench.shift import SHIFT_SEED
+    from cascade.lab.bench.shift import SHIFT_SEED
 
     seeds = {
         spec.augmentation.seed

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.breaker import CircuitBreaker
 from cascade.errors import ConfigError
+from cascade.upstream.breaker import CircuitBreaker
 
 
 class FakeClock:

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cascade.gate import Calibration, GateRule, assess, map_confidence, score, temper
+from cascade.gating.gate import Calibration, GateRule, assess, map_confidence, score, temper
 from cascade.policy.calibration import (
     expected_calibration_error,
     fit_calibration,

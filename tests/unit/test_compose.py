@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from cascade.settings import ENV_PREFIX, NodeSettings, load_node_settings
-from cascade.telemetry import HONOURED_ENV, TracingConfig
+from cascade.observability.telemetry import HONOURED_ENV, TracingConfig
+from cascade.tier.settings import ENV_PREFIX, NodeSettings, load_node_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -164,8 +164,8 @@ def exposed_metric_names() -> set[str]:
     """Every metric family a tier with an upstream and an outbox exposes."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from cascade.metrics import TierMetrics
-    from cascade.upstream import UpstreamClient
+    from cascade.observability.metrics import TierMetrics
+    from cascade.upstream.client import UpstreamClient
 
     class Queue:
         dropped = 0
@@ -181,7 +181,7 @@ def exposed_metric_names() -> set[str]:
 
     class Drift:  # one task whose tier has a drift reference
         def detectors(self) -> dict[str, Any]:
-            from cascade.drift import DriftDetector, DriftReference, DriftSettings
+            from cascade.gating.drift import DriftDetector, DriftReference, DriftSettings
 
             return {"vision": DriftDetector(DriftReference((0.5,), (10, 10)), DriftSettings())}
 

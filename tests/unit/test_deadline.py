@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from cascade.deadline import Deadline
+from cascade.contract.deadline import Deadline
 
 
 class FakeClock:

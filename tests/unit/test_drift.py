@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from cascade.drift import (
+from cascade.gating.drift import (
     CHECK_EVERY,
     CONFIRM_CHECKS,
     DriftDetector,
@@ -21,7 +21,7 @@ from cascade.drift import (
     psi,
     tightened,
 )
-from cascade.gate import GateRule
+from cascade.gating.gate import GateRule
 from cascade.policy import load_policy_bytes
 
 THRESHOLD = 0.9
@@ -52,7 +52,7 @@ def feed(det: DriftDetector, values: np.ndarray, threshold: float = THRESHOLD) -
 
 @pytest.fixture(autouse=True)
 def _quiet_alarms(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="cascade.drift")
+    caplog.set_level(logging.ERROR, logger="cascade.gating.drift")
 
 
 # -- reference and statistics ---------------------------------------------------------------------

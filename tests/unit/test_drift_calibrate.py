@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import yaml
 
-from cascade.drift import DriftReference, fit_reference
+from cascade.gating.drift import DriftReference, fit_reference
+from cascade.lab.fit import FitOptions, fit_task, policy_document
 from cascade.policy import load_policy_bytes
 from cascade.policy.calibrate import drift_references, reaching
-from cascade.policy.fit import FitOptions, fit_task, policy_document
 from cascade.policy.goals import Goals
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.drift import DriftReference, DriftSettings
 from cascade.errors import PolicyError
+from cascade.gating.drift import DriftReference, DriftSettings
 from cascade.policy import load_policy
 
 WITH_DRIFT = """

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from cascade.api import create_app
-from cascade.decisionlog import connect, read_rows
-from cascade.node import Node
-from cascade.policy.replay import replay_task, traffic_from_logs
+from cascade.http.app import create_app
+from cascade.lab.replay import replay_task, traffic_from_logs
+from cascade.observability.decisionlog import connect, read_rows
+from cascade.tier.node import Node
 from tests.unit.otel_fixtures import send_texts, serving, text_node
 from tests.unit.test_metrics import samples, value
 
@@ -51,7 +51,7 @@ async def test_metrics_and_readyz_expose_the_drift_state(tmp_path: Path,
         assert value(scrape, "cascade_drift_alarm", **t) == 0
         assert value(scrape, "cascade_drift_window_requests", **t) == 30
         assert (await c.get("/readyz")).json()["drift"]["documents"]["state"] == "ok"
-        with caplog.at_level(logging.WARNING, logger="cascade.drift"):
+        with caplog.at_level(logging.WARNING, logger="cascade.gating.drift"):
             answers = await send_texts(node, [0.55] * 80, start=30)  # harder traffic: escalates
         scrape = samples((await c.get("/metrics")).text)
         ready = (await c.get("/readyz")).json()["drift"]["documents"]
@@ -72,7 +72,7 @@ async def test_metrics_and_readyz_expose_the_drift_state(tmp_path: Path,
 
 def test_tightened_decisions_are_logged_and_replayed_exactly(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="cascade.drift")
+    caplog.set_level(logging.ERROR, logger="cascade.gating.drift")
     node = make_node(tmp_path, "tighten")
 
     async def run() -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cascade.gate import Decision, GateRule, confidence, decide, score
+from cascade.gating.gate import Decision, GateRule, confidence, decide, score
 
 
 def test_signals_of_a_confident_output():

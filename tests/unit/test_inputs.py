@@ -6,8 +6,8 @@ import io
 import numpy as np
 import pytest
 
+from cascade.contract.inputs import documents_input, vision_input
 from cascade.errors import InvalidInput
-from cascade.inputs import documents_input, vision_input
 
 
 def png_b64(array: np.ndarray) -> str:

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from cascade.api import create_app
-from cascade.breaker import CircuitBreaker
-from cascade.metrics import TierMetrics
-from cascade.upstream import UpstreamClient
+from cascade.http.app import create_app
+from cascade.observability.metrics import TierMetrics
+from cascade.upstream.breaker import CircuitBreaker
+from cascade.upstream.client import UpstreamClient
 from tests.unit.otel_fixtures import DOC, make_node, serving
 
 
@@ -161,7 +161,7 @@ def test_each_tier_has_its_own_registry() -> None:
 
 
 async def test_metrics_before_the_node_starts_is_503() -> None:
-    from cascade.metrics import metrics_response
+    from cascade.observability.metrics import metrics_response
 
     response = await metrics_response(None)
     assert response.status_code == 503

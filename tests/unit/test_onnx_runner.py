@@ -10,7 +10,8 @@ import pytest
 
 from cascade.errors import InvalidInput, ModelError
 from cascade.models.manifest import load_manifest
-from cascade.runners import OnnxRunner, Runner
+from cascade.models.repository import load_classifier
+from cascade.runners import Runner
 from tests.helpers import build_modules_imported_by
 from tests.unit.test_manifest import TOPICS, write_models_dir
 
@@ -82,7 +83,7 @@ def models_dir(tmp_path: Path) -> Path:
 
 
 def test_vision_runner_predicts_softmax_of_the_graph(models_dir: Path) -> None:
-    runner = OnnxRunner.from_manifest(models_dir, "vision", "endpoint")
+    runner = load_classifier(models_dir, "vision", "endpoint")
     assert isinstance(runner, Runner)
     assert runner.model_name == "vision/endpoint:MLP(16)-int8"
     assert runner.task == "vision"
@@ -98,12 +99,12 @@ def test_vision_runner_predicts_softmax_of_the_graph(models_dir: Path) -> None:
 
 
 def test_vision_runner_reads_the_probabilities_output_by_name(models_dir: Path) -> None:
-    runner = OnnxRunner.from_manifest(models_dir, "vision", "endpoint")
+    runner = load_classifier(models_dir, "vision", "endpoint")
     assert runner._output_names == ["probabilities"]  # 'label' is the graph's last output
 
 
 def test_documents_runner_takes_a_list_of_texts(models_dir: Path) -> None:
-    runner = OnnxRunner.from_manifest(models_dir, "documents", "cloud")
+    runner = load_classifier(models_dir, "documents", "cloud")
     assert runner.model_name == "documents/cloud:MLP(16)-fp32"
     assert runner.classes == TOPICS
     probabilities = runner.predict_proba(["sport", "business", "weather"])
@@ -131,15 +132,15 @@ def test_documents_runner_takes_a_list_of_texts(models_dir: Path) -> None:
 def test_malformed_inputs_raise_invalid_input(
     models_dir: Path, task: str, tier: str, bad_input: object, message: str
 ) -> None:
-    runner = OnnxRunner.from_manifest(models_dir, task, tier)
+    runner = load_classifier(models_dir, task, tier)
     with pytest.raises(InvalidInput, match=message) as caught:
         runner.predict_proba(bad_input)
     assert caught.value.status == 422 and caught.value.field == "input"
 
 
 def test_warmup_runs_one_inference(models_dir: Path) -> None:
-    OnnxRunner.from_manifest(models_dir, "vision", "endpoint").warmup()
-    OnnxRunner.from_manifest(models_dir, "documents", "cloud").warmup()
+    load_classifier(models_dir, "vision", "endpoint").warmup()
+    load_classifier(models_dir, "documents", "cloud").warmup()
 
 
 def test_tampered_model_refuses_to_load(
@@ -156,15 +157,15 @@ def test_tampered_model_refuses_to_load(
         match=r"vision/endpoint failed its checksum: .*corrupted or "
         r"was modified\. Refusing to load it",
     ):
-        OnnxRunner.from_manifest(copy, "vision", "endpoint")
+        load_classifier(copy, "vision", "endpoint")
     # The original directory is untouched and still loads.
-    OnnxRunner.from_manifest(models_dir, "vision", "endpoint")
+    load_classifier(models_dir, "vision", "endpoint")
 
 
 def test_unverified_load_of_a_corrupt_file_is_still_a_model_error(models_dir: Path) -> None:
     load_manifest(models_dir).model_path("vision", "endpoint").write_bytes(b"not onnx at all")
     with pytest.raises(ModelError, match=r"onnxruntime cannot load vision/endpoint:MLP\(16\)-int8"):
-        OnnxRunner.from_manifest(models_dir, "vision", "endpoint", verify_sha256=False)
+        load_classifier(models_dir, "vision", "endpoint", verify_sha256=False)
 
 
 def test_missing_model_file_names_the_path(models_dir: Path) -> None:
@@ -172,7 +173,7 @@ def test_missing_model_file_names_the_path(models_dir: Path) -> None:
     with pytest.raises(
         ModelError, match=r"documents/cloud\.onnx for documents/cloud cannot be read"
     ):
-        OnnxRunner.from_manifest(models_dir, "documents", "cloud")
+        load_classifier(models_dir, "documents", "cloud")
 
 
 def test_class_count_mismatch_is_refused(tmp_path: Path) -> None:
@@ -180,17 +181,17 @@ def test_class_count_mismatch_is_refused(tmp_path: Path) -> None:
         tmp_path, {("vision", "endpoint"): vision_model()}, classes={"vision": ("a", "b", "c")}
     )
     with pytest.raises(ModelError, match="outputs 10 probabilities but the manifest lists 3"):
-        OnnxRunner.from_manifest(tmp_path, "vision", "endpoint")
+        load_classifier(tmp_path, "vision", "endpoint")
 
 
 def test_serving_imports_neither_sklearn_nor_onnx(models_dir: Path) -> None:
     script = f"""
 import numpy as np
 from pathlib import Path
-from cascade.runners.onnx import OnnxRunner
-vision = OnnxRunner.from_manifest(Path({str(models_dir)!r}), "vision", "endpoint")
+from cascade.models.repository import load_classifier
+vision = load_classifier(Path({str(models_dir)!r}), "vision", "endpoint")
 assert vision.predict_proba(np.zeros((1, 64), np.float32)).shape == (1, 10)
-documents = OnnxRunner.from_manifest(Path({str(models_dir)!r}), "documents", "cloud")
+documents = load_classifier(Path({str(models_dir)!r}), "documents", "cloud")
 assert documents.predict_proba(["sport"]).shape == (1, 2)
 """
     assert build_modules_imported_by(script, timeout_s=60) == []

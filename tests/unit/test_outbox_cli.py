@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cascade.cli import app
-from cascade.escalation import PendingEscalation
+from cascade.contract.escalation import PendingEscalation
 from cascade.outbox import Outbox, OutboxSettings
 from cascade.outbox.store import Outcome
 

@@ -10,7 +10,7 @@ import pytest
 from cascade.errors import ConfigError
 from cascade.outbox import Outbox, OutboxSettings
 from cascade.outbox.engine import describe_storage_error, parse_outbox_url, storage_unavailable
-from cascade.settings import load_node_settings
+from cascade.tier.settings import load_node_settings
 
 
 @pytest.mark.parametrize("url,message", [

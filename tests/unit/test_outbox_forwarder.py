@@ -1,6 +1,6 @@
 """The forwarder's decisions over a real SQLite outbox and a scripted upstream.
 
-``ScriptedUpstream`` stands in for :class:`cascade.upstream.UpstreamClient` (same ``escalate``
+``ScriptedUpstream`` stands in for :class:`cascade.upstream.client.UpstreamClient` (same ``escalate``
 signature and a real :class:`CircuitBreaker`), so each outcome can be forced; the real HTTP path
 between real tier processes is covered by tests/fault.
 """
@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from cascade.breaker import CircuitBreaker
+from cascade.contract.escalation import PendingEscalation
 from cascade.errors import UpstreamRejected, UpstreamUnavailable
-from cascade.escalation import PendingEscalation
 from cascade.outbox import Outbox, OutboxSettings
 from cascade.outbox.forwarder import Forwarder
+from cascade.upstream.breaker import CircuitBreaker
 
 Reply = dict[str, Any] | Exception | Callable[[str], Any]
 

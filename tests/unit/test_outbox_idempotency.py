@@ -1,6 +1,6 @@
 """Idempotency at the API layer over a real SQLite outbox.
 
-``FakeNode`` stands in for :class:`cascade.node.Node` (whose models need a build): it counts
+``FakeNode`` stands in for :class:`cascade.tier.node.Node` (whose models need a build): it counts
 computations and either answers, queues an escalation through the real outbox, or returns an
 upstream's provisional answer. The real node is exercised end to end by tests/fault.
 """
@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from cascade.contract.schemas import InferRequest
 from cascade.errors import IdempotencyConflict
-from cascade.escalation import PendingEscalation
-from cascade.node import CallContext
-from cascade.outbox import Outbox, OutboxSettings, serve_infer
-from cascade.schemas import InferRequest
+from cascade.outbox import Outbox, OutboxSettings
+from cascade.tier.idempotency import serve_infer
+from cascade.tier.node import Answered, CallContext, owed_escalation
 
 
 class FakeNode:
@@ -30,7 +30,7 @@ class FakeNode:
         queue = SimpleNamespace(ttl_s=60.0, max_attempts=5)
         self.policy = SimpleNamespace(task=lambda task: SimpleNamespace(queue=queue))
 
-    async def infer(self, request: InferRequest, ctx: CallContext) -> dict[str, Any]:
+    async def answer(self, request: InferRequest, ctx: CallContext) -> Answered:
         self.calls += 1
         if self.release is not None:
             await self.release.wait()
@@ -41,16 +41,16 @@ class FakeNode:
             "hops": [{"tier": "endpoint", "decision": "answer"}], "trace_id": "t"}
         if self.mode == "offline":
             response["status"] = "provisional"
-            pending = PendingEscalation(
-                id=rid, task=request.task, body={"task": request.task, "input": request.input},
-                provisional=dict(response), reason="down", hop_count=ctx.hop_count + 1,
-                ttl_s=60, max_attempts=5)
+            pending = owed_escalation(request, ctx, response, reason="down",
+                                      task_policy=self.policy.task(request.task),
+                                      traceparent=None)
             response["escalation"] = await self.escalations.enqueue(pending)
+            return Answered(response, queued=True)
         elif self.mode == "upstream_provisional":
             response.update(status="provisional", answered_by="edge-node",
                             escalation={"state": "queued", "held_by": "edge-node"})
             response["hops"].append({"tier": "edge-node", "decision": "escalate"})
-        return response
+        return Answered(response, queued=False)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cascade.bench.plots import (
+from cascade.lab.bench.plots import (
     analyse_task,
     plot_latency,
     plot_shift,
@@ -16,7 +16,7 @@ from cascade.bench.plots import (
     policy_report_lines,
     policy_targets,
 )
-from cascade.bench.shift import ShiftSpec, corrupt_images, corrupt_texts, shift_summary
+from cascade.lab.bench.shift import ShiftSpec, corrupt_images, corrupt_texts, shift_summary
 from cascade.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]

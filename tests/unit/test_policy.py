@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import PolicyError
-from cascade.gate import GateRule
+from cascade.gating.gate import GateRule
 from cascade.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.decisionlog import DecisionLog, connect, read_rows, sampled
-from cascade.node import Node
-from cascade.policy import load_policy_bytes
-from cascade.policy.replay import (
+from cascade.lab.replay import (
     Observation,
     Request,
     TaskTraffic,
@@ -18,6 +15,9 @@ from cascade.policy.replay import (
     replay_task,
     traffic_from_logs,
 )
+from cascade.observability.decisionlog import DecisionLog, connect, read_rows, sampled
+from cascade.policy import load_policy_bytes
+from cascade.tier.node import Node
 from tests.unit.otel_fixtures import send_texts, text_node
 
 POLICY = """\

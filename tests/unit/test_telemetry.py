@@ -15,12 +15,12 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
 
-from cascade.api import create_app
-from cascade.breaker import CircuitBreaker
-from cascade.deadline import Deadline
+from cascade.contract.deadline import Deadline
+from cascade.contract.escalation import PendingEscalation
 from cascade.errors import ConfigError
-from cascade.escalation import PendingEscalation
-from cascade.telemetry import (
+from cascade.http.app import create_app
+from cascade.observability.export import GuardedSpanExporter, export_stats, quiet_sdk_loggers
+from cascade.observability.telemetry import (
     TracingConfig,
     build_tracer_provider,
     current_traceparent,
@@ -29,8 +29,8 @@ from cascade.telemetry import (
     span_link_from_traceparent,
     upstream_attempt,
 )
-from cascade.trace_export import GuardedSpanExporter, export_stats, quiet_sdk_loggers
-from cascade.upstream import UpstreamClient
+from cascade.upstream.breaker import CircuitBreaker
+from cascade.upstream.client import UpstreamClient
 from tests.unit.otel_fixtures import DOC, by_name, make_node, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -150,7 +150,7 @@ async def test_locally_answered_request_makes_server_inference_and_gate_spans(
     assert response.status_code == 200
     (server,) = by_name(spans, "POST /v1/infer")
     (inference,) = by_name(spans, "cascade.inference")
-    (gate,) = by_name(spans, "cascade.gate")
+    (gate,) = by_name(spans, "cascade.gating.gate")
     assert server.kind is SpanKind.SERVER and server.parent is None
     assert inference.parent.span_id == server.context.span_id
     assert gate.parent.span_id == server.context.span_id
@@ -189,8 +189,8 @@ async def test_server_span_is_backdated_to_the_arrival_of_the_request(
 @pytest.fixture
 def sampled_at(spans: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """Put the tiers' tracer behind the default ``cascade`` sampler with a given ratio."""
-    from cascade.telemetry import sdk_tracer
-    from cascade.tracing import cascade_sampler
+    from cascade.observability.telemetry import sdk_tracer
+    from cascade.observability.tracing import cascade_sampler
 
     def configure(ratio: float) -> Any:
         monkeypatch.setattr(sdk_tracer(), "sampler", cascade_sampler(ratio, per_second=None))
@@ -208,7 +208,7 @@ def sampled_at(spans: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_cascade_sampler_keeps_what_sres_chase_at_ratio_zero(
     decision: str | None, kind: SpanKind, code: int | None, kept: bool
 ) -> None:
-    from cascade.tracing import cascade_sampler
+    from cascade.observability.tracing import cascade_sampler
 
     attributes: dict[str, Any] = {}
     if decision:
@@ -222,7 +222,7 @@ def test_cascade_sampler_keeps_what_sres_chase_at_ratio_zero(
 def test_cascade_sampler_follows_the_callers_decision_and_its_ratio() -> None:
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-    from cascade.tracing import cascade_sampler
+    from cascade.observability.tracing import cascade_sampler
 
     def parent(flags: int) -> Any:
         ctx = SpanContext(int(TRACE_ID, 16), int(PARENT_SPAN, 16), True, TraceFlags(flags))
@@ -244,7 +244,7 @@ def test_cascade_sampler_follows_the_callers_decision_and_its_ratio() -> None:
 def test_routine_traces_are_capped_per_second_and_the_cap_refills(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cascade import tracing
+    from cascade.observability import tracing
 
     clock = FakeClock()
     monkeypatch.setattr(tracing.time, "monotonic", clock)
@@ -267,7 +267,7 @@ def test_routine_traces_are_capped_per_second_and_the_cap_refills(
 def test_a_zero_cap_keeps_no_routine_trace_and_a_slow_cap_one_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cascade import tracing
+    from cascade.observability import tracing
 
     clock = FakeClock()
     monkeypatch.setattr(tracing.time, "monotonic", clock)
@@ -302,7 +302,7 @@ async def test_at_ratio_one_every_routine_answer_is_kept_and_says_why(
     async with serving(app) as client:
         answers = [(await client.post("/v1/infer", json=DOC)).json() for _ in range(5)]
     servers = by_name(spans, "POST /v1/infer")
-    assert len(servers) == 5 and len(by_name(spans, "cascade.gate")) == 5
+    assert len(servers) == 5 and len(by_name(spans, "cascade.gating.gate")) == 5
     assert {s.attributes["cascade.sampling.reason"] for s in servers} == {"routine"}
     assert sorted(a["trace_id"] for a in answers) == sorted(
         format(s.context.trace_id, "032x") for s in servers)
@@ -313,8 +313,8 @@ async def test_the_cap_keeps_the_first_routine_traces_of_a_second_and_counts_the
 ) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from cascade import tracing
-    from cascade.telemetry import sdk_tracer
+    from cascade.observability import tracing
+    from cascade.observability.telemetry import sdk_tracer
 
     monkeypatch.setattr(tracing.time, "monotonic", FakeClock())  # all within one second
     monkeypatch.setattr(sdk_tracer(), "sampler", tracing.cascade_sampler(1.0, per_second=2))
@@ -346,7 +346,7 @@ async def test_escalation_is_traced_even_at_ratio_zero_with_the_answers_trace_id
     assert server.attributes["cascade.decision"] == "escalate"
     assert server.attributes["cascade.sampling.reason"] == "escalate"
     names = sorted(s.name for s in spans.get_finished_spans() if s.parent is not None)
-    assert names == ["POST", "POST", "cascade.gate", "cascade.inference", "cascade.queue.enqueue"]
+    assert names == ["POST", "POST", "cascade.gating.gate", "cascade.inference", "cascade.queue.enqueue"]
     assert all(s.context.trace_id == server.context.trace_id for s in spans.get_finished_spans())
 
 
@@ -489,7 +489,7 @@ def test_guarded_exporter_counts_logs_once_sheds_while_down_and_recovers(
     guarded = GuardedSpanExporter(inner, "otlp-test", destination="collector:4318",
                                   cooldown_s=1.0, clock=clock)
     batch: list[Any] = [object(), object()]
-    with caplog.at_level(logging.INFO, logger="cascade.telemetry"):
+    with caplog.at_level(logging.INFO, logger="cascade.observability.telemetry"):
         assert guarded.export(batch) is SpanExportResult.FAILURE  # raises inside: swallowed
         assert guarded.export(batch) is SpanExportResult.FAILURE  # within cool-down: not tried
         clock.now += 1.5
@@ -502,7 +502,7 @@ def test_guarded_exporter_counts_logs_once_sheds_while_down_and_recovers(
     assert inner.calls == 3
     s = guarded.stats
     assert (s.failed_batches, s.failed_spans, s.shed_spans, s.exported_spans) == (2, 4, 4, 2)
-    messages = [r.getMessage() for r in caplog.records if r.name == "cascade.telemetry"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "cascade.observability.telemetry"]
     assert len(messages) == 2
     assert messages[0].startswith("trace export to collector:4318 failing (ConnectionError: "
                                   "collector:4318 refused)")
@@ -534,7 +534,7 @@ def test_unreachable_collector_costs_the_request_path_nothing_and_is_logged_once
     assert stats.failed_batches >= 1 and stats.failed_spans + stats.shed_spans == 200
     assert stats.exported_spans == 0
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].name == "cascade.telemetry"
+    assert len(warnings) == 1 and warnings[0].name == "cascade.observability.telemetry"
     assert f"127.0.0.1:{port}" in warnings[0].getMessage()
     provider.shutdown()
 

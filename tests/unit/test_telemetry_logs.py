@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 
-from cascade.api import create_app
-from cascade.logs import configure_logging
+from cascade.http.app import create_app
+from cascade.observability.logs import configure_logging
 from tests.unit.otel_fixtures import by_name, make_node, serving
 
 SECRET_TEXT = "Quarterly results of ACME-CONFIDENTIAL-7731 leaked"
@@ -64,8 +64,8 @@ async def test_one_json_line_per_request_with_trace_ids_and_no_payload(
 
 def test_any_log_inside_a_span_carries_its_ids(spans: Any, log_stream: io.StringIO) -> None:
     with trace.get_tracer("test").start_as_current_span("work") as span:
-        logging.getLogger("cascade.node").warning("model %s slow", "m1")
-    logging.getLogger("cascade.node").error("outside", exc_info=ValueError("boom"))
+        logging.getLogger("cascade.tier.node").warning("model %s slow", "m1")
+    logging.getLogger("cascade.tier.node").error("outside", exc_info=ValueError("boom"))
     inside, outside = lines(log_stream)
     ctx = span.get_span_context()
     assert (inside["msg"], inside["level"], inside["trace_id"], inside["span_id"]) == (

@@ -18,10 +18,10 @@ import httpx
 import orjson
 import pytest
 
-from cascade.breaker import CircuitBreaker
-from cascade.deadline import Deadline
+from cascade.contract.deadline import Deadline
 from cascade.errors import ConfigError, UpstreamError, UpstreamRejected, UpstreamUnavailable
-from cascade.upstream import UpstreamClient
+from cascade.upstream.breaker import CircuitBreaker
+from cascade.upstream.client import UpstreamClient
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 BASE_URL = "http://upstream.test"

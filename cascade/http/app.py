@@ -1,0 +1,288 @@
+"""FastAPI app factory over a :class:`~cascade.tier.node.Node`: the HTTP contract of design §2.
+
+Errors are always ``{"error": {"code", "message", "field"?}}`` with a 4xx/503 status; nothing a
+client sends can produce a 500 with a traceback. The request body is read and validated here
+(not by FastAPI's dependency machinery) so oversize, non-JSON and wrong-shape bodies are
+rejected with precise codes before the model is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cascade.contract.schemas import REQUEST_ID_PATTERN, ErrorBody, InferRequest, InferResponse
+from cascade.errors import CascadeError, MalformedBody, PayloadTooLarge, UnsupportedMediaType
+from cascade.http.results import (
+    REPLAYED_HEADER,
+    answer_infer,
+    register_outbox_routes,
+    start_outbox,
+    stop_outbox,
+)
+from cascade.observability.metrics import metrics_response
+from cascade.observability.telemetry import RequestTelemetryMiddleware, fastapi_options
+from cascade.policy.reload import PolicyReloader
+from cascade.tier.node import CallContext, Node
+
+log = logging.getLogger("cascade.http.app")
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "Malformed body or hop limit exceeded",
+        413: "Body larger than max_body_bytes",
+        415: "Body is not application/json",
+        422: "Invalid input, unknown task, or idempotency key reused with another body",
+        503: "Cannot take the work now (upstream down with a reject policy, queue full)",
+    }.items()
+}
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """A JSON response serialised with orjson (the hot path)."""
+    # OPT_SERIALIZE_NUMPY: model outputs (confidences) may be numpy scalars.
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")
+
+
+def error_response(exc: CascadeError) -> Response:
+    """The contract's error body for a :class:`CascadeError`."""
+    return json_response(exc.to_body(), exc.status)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413 before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(
+            f"request body is larger than {self.max_bytes} bytes", field="body"
+        )
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await error_response(MalformedBody("bad Content-Length header"))(scope, receive, send)
+                    return
+                if declared > self.max_bytes:
+                    await error_response(too_large)(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await error_response(too_large)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def _validation_error(exc: ValidationError) -> CascadeError:
+    from cascade.errors import InvalidInput
+
+    first = exc.errors()[0]
+    field = _field_of(tuple(first["loc"]))
+    if first["type"] == "extra_forbidden":
+        message = f"unknown field {field!r}; allowed: task, input, deadline_ms, callback_url, request_id"
+    elif first["type"] == "missing":
+        message = f"{field} is required"
+    else:
+        message = f"{field}: {first['msg']}"
+    return InvalidInput(message, field=field)
+
+
+async def parse_infer_request(request: Request) -> InferRequest:
+    """Read, decode and validate a ``POST /v1/infer`` body."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(
+            f"send the body as application/json; got {content_type or 'no Content-Type'}",
+            field="Content-Type",
+        )
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(f"body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(data, dict):
+        raise MalformedBody(f"body must be a JSON object; got {type(data).__name__}", field="body")
+    try:
+        return InferRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def call_context(request: Request) -> CallContext:
+    """Transport facts from the headers: idempotency key, hop count, remaining deadline."""
+    from cascade.errors import InvalidInput
+
+    headers = request.headers
+    key = headers.get("idempotency-key")
+    if key is not None and not _REQUEST_ID.match(key):
+        raise InvalidInput(
+            "Idempotency-Key must be 1-128 characters of letters, digits and ._:-",
+            field="Idempotency-Key",
+        )
+    hop, deadline = 0, None
+    try:
+        if "x-cascade-hop" in headers:
+            hop = int(headers["x-cascade-hop"])
+        if "x-cascade-deadline-ms" in headers:
+            deadline = max(1, int(headers["x-cascade-deadline-ms"]))
+    except ValueError:
+        raise InvalidInput("X-Cascade-Hop and X-Cascade-Deadline-Ms must be integers",
+                           field="X-Cascade-Hop") from None
+    return CallContext(
+        request_id=key, hop_count=hop, deadline_ms=deadline, traceparent=headers.get("traceparent")
+    )
+
+
+def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int = 256 * 1024) -> FastAPI:
+    """Build the FastAPI app of one tier.
+
+    ``node_factory`` is called in the lifespan (so model loading happens in the server process,
+    after fork); pass a ready :class:`Node` in tests.
+    """
+    state: dict[str, Node] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        node = node_factory if isinstance(node_factory, Node) else node_factory()
+        state["node"] = node
+        app.state.node = node
+        await start_outbox(node)
+        reloader = PolicyReloader(node)  # file watch + SIGHUP; nothing per request
+        await reloader.start()
+        try:
+            yield
+        finally:
+            await reloader.stop()
+            await stop_outbox(node)
+            await node.aclose()
+
+    app = FastAPI(
+        title="cascade tier",
+        summary="Confidence-gated inference tier; escalates hard cases to the next tier.",
+        version="1",
+        lifespan=lifespan,
+        responses=_ERROR_RESPONSES,
+        **fastapi_options(),  # our middleware makes the SERVER span (cheaper); no second one
+    )
+
+    @app.exception_handler(CascadeError)
+    async def _cascade_error(_: Request, exc: CascadeError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> Response:
+        from cascade.errors import InvalidInput
+
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        field = _field_of(tuple(first["loc"]))
+        return error_response(InvalidInput(f"{field}: {first['msg']}", field=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return json_response(
+            {"error": {"code": "internal_error", "message": "unexpected error; see the tier's log"}},
+            500,
+        )
+
+    @app.post(
+        "/v1/infer",
+        response_model=InferResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
+            },
+            "parameters": [
+                {"name": "Idempotency-Key", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+                 "description": "Same key, same result: never computed or escalated twice."},
+            ],
+        },
+        summary="Answer one request, escalating it up the chain when the local model is unsure",
+    )
+    async def infer(request: Request) -> Response:
+        """Documented here for OpenAPI; served by the plain route below (same function)."""
+        body = await parse_infer_request(request)
+        ctx = call_context(request)
+        answer, replayed = await answer_infer(state["node"], body, ctx)
+        response = json_response(answer)
+        if replayed:
+            response.headers[REPLAYED_HEADER] = "true"
+        return response
+
+    @app.get("/healthz", summary="Liveness: the process is up")
+    async def healthz() -> Response:
+        node = state.get("node")
+        return json_response({"status": "ok", "tier": node.tier if node else None})
+
+    @app.get("/readyz", summary="Readiness: models loaded, policy valid, upstream and queue state")
+    async def readyz() -> Response:
+        node = state.get("node")
+        if node is None:
+            return json_response({"ready": False}, 503)
+        return json_response(node.readiness())
+
+    @app.get("/metrics", summary="Prometheus metrics of this tier (text exposition format)")
+    async def metrics() -> Response:
+        return await metrics_response(state.get("node"))
+
+    # The hot path skips FastAPI's dependency solving (it only needs the raw Request): a plain
+    # Starlette route with the same handler, matched first. The APIRoute above stays for /docs.
+    app.router.routes.insert(0, Route("/v1/infer", infer, methods=["POST"], include_in_schema=False))
+    register_outbox_routes(app, lambda: state.get("node"))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    # Outermost: sees every response (413s included) and times the whole request.
+    app.add_middleware(RequestTelemetryMiddleware,
+                       telemetry=lambda: getattr(state.get("node"), "telemetry", None))
+    return app

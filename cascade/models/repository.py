@@ -1,0 +1,64 @@
+"""Serving from a models directory: read the manifest, verify the file, load it by runtime.
+
+The file is read once and its sha256 checked against the manifest before any runtime sees it:
+a corrupted or tampered file raises :class:`ModelError` and is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cascade.errors import ModelError
+from cascade.models.manifest import Manifest, load_manifest
+from cascade.runners.base import BatchClassifier, Runner
+from cascade.runners.execution import BlockingCalls
+from cascade.runners.registry import ModelSpec
+from cascade.runners.registry import load_runner as load_by_runtime
+
+__all__ = ["load_classifier", "load_runner", "model_spec"]
+
+
+def model_spec(manifest: Manifest, task: str, tier: str, *, verify_sha256: bool = True,
+               calls: BlockingCalls | None = None) -> ModelSpec:
+    """The deployed model of ``task`` at ``tier``, read and (by default) checksum-verified."""
+    entry = manifest.tier(task, tier)
+    path = manifest.model_path(task, tier)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(
+            f"model file {path} for {task}/{tier} cannot be read ({exc.strerror}):"
+            f" rebuild with `cascade models build`"
+        ) from exc
+    if verify_sha256:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != entry.sha256:
+            raise ModelError(
+                f"model file {path} for {task}/{tier} failed its checksum: sha256 is"
+                f" {actual[:16]}..., the manifest expects {entry.sha256[:16]}...; the file"
+                f" is corrupted or was modified. Refusing to load it; rebuild with"
+                f" `cascade models build --force`"
+            )
+    task_entry = manifest.task(task)
+    return ModelSpec(task=task, tier=tier, runtime=entry.runtime,
+                     model_name=manifest.model_name(task, tier), classes=task_entry.classes,
+                     input_kind=task_entry.input_kind, path=path, data=data, calls=calls)
+
+
+def load_runner(models_dir: Path, task: str, tier: str, *, verify_sha256: bool = True,
+                calls: BlockingCalls | None = None) -> Runner:
+    """Load the deployed model of ``task`` at ``tier`` from a built models directory."""
+    manifest = load_manifest(models_dir)
+    return load_by_runtime(model_spec(manifest, task, tier, verify_sha256=verify_sha256,
+                                      calls=calls))
+
+
+def load_classifier(models_dir: Path, task: str, tier: str, *,
+                    verify_sha256: bool = True) -> BatchClassifier:
+    """:func:`load_runner` for offline work that needs the synchronous batch API."""
+    runner = load_runner(models_dir, task, tier, verify_sha256=verify_sha256)
+    if not isinstance(runner, BatchClassifier):
+        raise ModelError(f"{runner.model_name} ({task}/{tier}) is not a classifier with a batch "
+                         "API (predict_proba): offline evaluation cannot use it", field="runtime")
+    return runner

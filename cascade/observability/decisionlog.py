@@ -1,0 +1,255 @@
+"""Decision log: a sample of each tier's gate inputs and decisions, in a local SQLite file.
+
+What ``cascade policy replay`` re-decides offline. Each sampled request at a tier becomes one
+row: the model's raw probabilities (the only thing a candidate policy needs to decide again),
+the gate's signals, confidence, threshold and decision under the live policy (and whether the
+drift alarm's stricter rule applied), and what the request finally got. Inputs are stored
+only when the policy says ``include_payloads: true``.
+
+Sampling is a hash of the request id, so every tier samples the same requests (the id is the
+idempotency key sent upstream) and replay can follow a request up the chain. Writing never
+touches the request path beyond appending a tuple to a bounded in-memory buffer: a daemon
+thread commits batches every ``flush_interval_s``. A full buffer drops (and counts) rows rather
+than slowing requests; a failing disk is logged and counted, never raised to a client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from cascade.contract.outputs import Probabilities
+
+log = logging.getLogger("cascade.observability.decisionlog")
+
+PATH_ENV = "CASCADE_DECISION_LOG_PATH"
+
+COLUMNS: tuple[str, ...] = (
+    "ts", "request_id", "trace_id", "tier", "task", "hop", "model", "policy_version",
+    "has_upstream", "probs", "label", "max_prob", "margin", "entropy", "signal", "threshold",
+    "confidence", "decision", "final_label", "answered_by", "status", "payload", "drift_tightened",
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,              -- unix time of the decision
+    request_id TEXT NOT NULL,      -- same id at every tier of one request
+    trace_id TEXT,
+    tier TEXT NOT NULL,
+    task TEXT NOT NULL,
+    hop INTEGER NOT NULL,          -- hops the request had made before this tier (0 at the entry)
+    model TEXT NOT NULL,
+    policy_version TEXT NOT NULL,  -- short sha256 of the live policy file
+    has_upstream INTEGER NOT NULL,
+    probs TEXT NOT NULL,           -- JSON list: the model's raw output, exact floats
+    label TEXT NOT NULL,           -- this tier's predicted class
+    max_prob REAL, margin REAL, entropy REAL,   -- gate signals (after temperature, if any)
+    signal TEXT NOT NULL, threshold REAL NOT NULL, confidence REAL NOT NULL,
+    decision TEXT NOT NULL,        -- answer | escalate | unknown
+    final_label TEXT,              -- what the request got back through this tier
+    answered_by TEXT,
+    status TEXT,
+    payload TEXT,                  -- the input, only with include_payloads
+    true_label TEXT,               -- optional ground truth, e.g. from user feedback; replay uses it
+    drift_tightened INTEGER        -- 1: decided under the drift alarm's stricter rule (threshold is it)
+);
+CREATE INDEX IF NOT EXISTS decisions_request ON decisions (request_id);
+"""
+# Columns added after the first release: (name, type), added to older files on open.
+_ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("drift_tightened", "INTEGER"),)
+_INSERT = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def sampled(request_id: str, rate: float) -> bool:
+    """Whether ``request_id`` is in the sample at ``rate``: the same answer at every tier."""
+    if rate >= 1.0:
+        return True
+    if rate <= 0.0:
+        return False
+    return zlib.crc32(request_id.encode()) < rate * 4294967296.0
+
+
+def resolve_path(template: str, tier: str) -> Path:
+    """The log file of ``tier``: ``$CASCADE_DECISION_LOG_PATH`` or the policy's ``path``."""
+    return Path((os.environ.get(PATH_ENV) or template).replace("{tier}", tier)).expanduser()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) a decision log database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(decisions)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE decisions ADD COLUMN {name} {kind}")
+    return conn
+
+
+class DecisionLog:
+    """Buffered writer of decision rows into one SQLite file (one per tier)."""
+
+    def __init__(self, path: Path, *, flush_interval_s: float = 0.25, max_pending: int = 20_000) -> None:
+        self.path = path
+        self.flush_interval_s = flush_interval_s
+        self.max_pending = max_pending
+        self.stats = {"recorded": 0, "written": 0, "dropped_full": 0, "write_errors": 0, "lost": 0}
+        self._pending: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._flushed = threading.Condition()
+        self._conn = connect(path)  # fail early (unwritable path) rather than in the thread
+        self._thread = threading.Thread(target=self._run, name=f"decisionlog:{path.name}", daemon=True)
+        self._thread.start()
+
+    def record(self, row: tuple[Any, ...]) -> None:
+        """Queue one row (a tuple in :data:`COLUMNS` order; the nullable columns added later,
+        :data:`_ADDED_COLUMNS`, may be left off the end). Never blocks, never raises."""
+        if len(self._pending) >= self.max_pending:
+            self.stats["dropped_full"] += 1
+            return
+        if len(row) < len(COLUMNS):
+            row = (*row, *(None,) * (len(COLUMNS) - len(row)))
+        self._pending.append(row)
+        self.stats["recorded"] += 1
+
+    def _drain(self) -> None:
+        batch = []
+        while self._pending:
+            batch.append(self._pending.popleft())
+        if not batch:
+            return
+        try:
+            with self._conn:
+                self._conn.executemany(_INSERT, batch)
+            self.stats["written"] += len(batch)
+        except sqlite3.Error as exc:
+            self.stats["write_errors"] += 1
+            self.stats["lost"] += len(batch)
+            log.error("decision log %s: cannot write %d rows: %s", self.path, len(batch), exc)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            self._drain()
+            with self._flushed:
+                self._flushed.notify_all()
+            if self._stopping:
+                self._drain()
+                self._conn.close()
+                return
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Block until everything recorded so far is committed (tests, shutdown)."""
+        target = self.stats["recorded"]
+        deadline = time.monotonic() + timeout_s
+        with self._flushed:
+            while (self.stats["written"] + self.stats["lost"] < target
+                   and self._thread.is_alive() and time.monotonic() < deadline):
+                self._wake.set()
+                self._flushed.wait(0.05)
+
+    def close(self) -> None:
+        """Commit what is pending and stop the writer thread."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10.0)
+
+
+class DecisionRecorder:
+    """A tier's view of its decision log: follows the live policy's ``decision_log`` settings.
+
+    :meth:`configure` is called with every new policy (hot reload may turn logging on or off,
+    change the rate or the file); :meth:`observe` is the per-request hook.
+    """
+
+    def __init__(self, tier: str) -> None:
+        self.tier = tier
+        self.log: DecisionLog | None = None
+
+    def configure(self, policy: Any) -> None:
+        """Open, switch or close the log file to match ``policy.policy.decision_log``."""
+        settings = policy.policy.decision_log
+        path = resolve_path(settings.path, self.tier) if settings.sample_rate > 0 else None
+        if self.log is not None and (path is None or path != self.log.path):
+            self.log.close()
+            self.log = None
+        if path is not None and self.log is None:
+            try:
+                self.log = DecisionLog(path)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("decision log %s cannot be opened, not logging: %s", path, exc)
+
+    def observe(
+        self,
+        policy: Any,
+        *,
+        task: str,
+        request_id: str,
+        trace_id: str | None,
+        hop: int,
+        model: str,
+        has_upstream: bool,
+        probabilities: Probabilities,
+        signals: Any,
+        rule: Any,
+        label: str,
+        conf: float,
+        decision: str,
+        response: dict[str, Any],
+        payload: Any = None,
+    ) -> None:
+        """Record one decision if logging is on and the request is in the sample."""
+        settings = policy.policy.decision_log
+        if self.log is None or not sampled(request_id, settings.sample_rate):
+            return
+        # The node passes the rule the gate applied: not the policy's own means the drift
+        # alarm's stricter twin (cascade.gating.drift.effective_rule), which replay must apply too.
+        tightened = rule != policy.rule(task, self.tier)
+        self.log.record((
+            time.time(), request_id, trace_id, self.tier, task, hop, model, policy.version,
+            int(has_upstream), json.dumps([float(p) for p in probabilities]), label,
+            signals.max_prob, signals.margin, signals.entropy, rule.signal,
+            rule.threshold_for(label), conf, decision, response.get("label"),
+            response.get("answered_by"), response.get("status"),
+            json.dumps(payload) if settings.include_payloads and payload is not None else None,
+            int(tightened),
+        ))
+
+    def close(self) -> None:
+        """Flush and close the log."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def read_rows(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """Every row of the given decision log files, as dicts (oldest first per file)."""
+    from cascade.errors import ConfigError
+
+    for path in paths:
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{path}: cannot open the decision log: {exc}") from None
+        conn.row_factory = sqlite3.Row
+        try:
+            rows = conn.execute("SELECT * FROM decisions ORDER BY id")
+            for row in rows:
+                yield dict(row)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{path}: not a cascade decision log ({exc})") from None
+        finally:
+            conn.close()

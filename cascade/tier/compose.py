@@ -1,0 +1,79 @@
+"""The composition root of a tier: the one place that turns settings into a working
+:class:`~cascade.tier.node.Node` and its collaborators.
+
+It loads each task's model from the models directory by its runtime (checksum verified, warmed
+up, measured: inline or off the loop), the policy, the upstream client and its breaker, the
+durable outbox, and the observers (telemetry, decision log, drift alarm). Everything else
+receives what it needs; nothing below this module reads settings to build its own parts.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from cascade.contract.inputs import DECODERS
+from cascade.gating.drift import DriftMonitor
+from cascade.models.manifest import load_manifest
+from cascade.models.repository import model_spec
+from cascade.observability.decisionlog import DecisionRecorder
+from cascade.observability.telemetry import TierTelemetry, upstream_attempt
+from cascade.outbox import Outbox
+from cascade.policy import load_policy
+from cascade.runners.execution import BlockingCalls
+from cascade.runners.registry import load_runner
+from cascade.tier.node import Node, TaskRuntime
+from cascade.tier.settings import NodeSettings
+from cascade.upstream.breaker import CircuitBreaker
+from cascade.upstream.client import UpstreamClient
+
+__all__ = ["build_node", "build_tasks", "build_upstream"]
+
+
+def build_tasks(settings: NodeSettings, telemetry: TierTelemetry) -> dict[str, TaskRuntime]:
+    """Each served task's runner (by runtime, checksum verified, warmed up) and input decoder."""
+    manifest = load_manifest(Path(settings.models_dir))
+    metrics = telemetry.metrics
+    tasks: dict[str, TaskRuntime] = {}
+    for task, model_tier in settings.tasks.items():
+        calls = BlockingCalls(
+            name=f"{task}/{model_tier}", mode=settings.runner_offload,
+            max_concurrency=settings.runner_concurrency,
+            offload_above_ms=settings.runner_offload_above_ms,
+            on_wait=partial(metrics.observe_runner_wait, task),
+        )
+        runner = load_runner(model_spec(manifest, task, model_tier,
+                                        verify_sha256=settings.verify_models, calls=calls))
+        runner.warmup()  # measures it: auto mode now knows whether to offload
+        metrics.set_runner_offloaded(task, not calls.inline)
+        kind = manifest.task(task).input_kind
+        tasks[task] = TaskRuntime(name=task, runner=runner, decode=DECODERS[kind])
+    return tasks
+
+
+def build_upstream(settings: NodeSettings) -> UpstreamClient | None:
+    """The client of the next tier (with its circuit breaker), or None at the top tier."""
+    if not settings.upstream_url:
+        return None
+    return UpstreamClient(
+        settings.upstream_url,
+        breaker=CircuitBreaker(failure_threshold=settings.breaker_failure_threshold,
+                               reset_timeout_s=settings.breaker_reset_s),
+        max_attempts=settings.upstream_max_attempts,
+        backoff_initial_ms=settings.upstream_backoff_initial_ms,
+        backoff_max_ms=settings.upstream_backoff_max_ms,
+        connect_timeout_ms=settings.upstream_connect_timeout_ms,
+        on_attempt=upstream_attempt,
+    )
+
+
+def build_node(settings: NodeSettings) -> Node:
+    """A tier ready to serve: raises a :class:`~cascade.errors.CascadeError` naming what is
+    wrong (model file, checksum, policy key, outbox URL) before any port is bound."""
+    telemetry = TierTelemetry(settings.tier)
+    tasks = build_tasks(settings, telemetry)
+    policy = load_policy(settings.policy)
+    # The durable outbox also keeps idempotent results, so the top tier has one too.
+    return Node(settings, tasks=tasks, policy=policy, upstream=build_upstream(settings),
+                escalations=Outbox.from_settings(settings), telemetry=telemetry,
+                decisions=DecisionRecorder(settings.tier), drift=DriftMonitor(settings.tier))

@@ -1,0 +1,90 @@
+"""Idempotency at the API: the same key returns the same answer, computed and escalated once.
+
+:func:`serve_infer` wraps :meth:`Node.answer` for ``POST /v1/infer``:
+
+* no key: the node answers; nothing is written unless the answer is provisional (then the
+  escalation is already committed by :meth:`Outbox.enqueue`, or, if the *upstream* answered
+  provisionally, this tier records it as handed over and polls for the final answer);
+* a key seen before with the same task and input: the stored latest answer, not recomputed;
+* the same key with another task or input: 422 ``idempotency_key_reused``;
+* the same key while its first request is still being computed here: 409
+  ``idempotency_in_flight``.
+
+The in-flight guard lives in memory: a crash forgets it, and that is right, since a request
+interrupted by a crash was never answered and may be computed again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from cascade.errors import IdempotencyConflict
+from cascade.outbox.rules import request_hash
+from cascade.tier.node import Answered, CallContext, Node, owed_escalation
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cascade.contract.schemas import InferRequest
+    from cascade.outbox.outbox import Outbox
+
+
+async def serve_infer(
+    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext
+) -> tuple[dict[str, Any], bool]:
+    """Answer one request idempotently; returns ``(body, replayed)``."""
+    key = ctx.request_id or request.request_id
+    if key is None:
+        return (await _compute(outbox, node, request, ctx)).response, False
+    digest = request_hash(request.task, request.input)
+    if key in outbox.inflight:
+        outbox.stats["idempotency_conflicts"] += 1
+        raise IdempotencyConflict(
+            f"a request with Idempotency-Key {key!r} is still being processed by tier "
+            f"{outbox.tier}; retry once it has been answered", status=409,
+            code="idempotency_in_flight")
+    outbox.inflight.add(key)  # before any await: a concurrent duplicate must see it
+    try:
+        stored = await outbox.lookup(key)
+        if stored is not None:
+            if stored["_request_hash"] not in (None, digest):
+                outbox.stats["idempotency_conflicts"] += 1
+                raise IdempotencyConflict(
+                    f"Idempotency-Key {key!r} was already used with a different task or input; "
+                    "use a new key for a new request", status=422, code="idempotency_key_reused")
+            outbox.stats["idempotent_replays"] += 1
+            return {k: v for k, v in stored.items() if not k.startswith("_")}, True
+        answered = await _compute(outbox, node, request,
+                                  replace(ctx, request_id=key, request_hash=digest))
+        if not answered.queued:  # a queued answer was committed with its escalation
+            await outbox.save_result(key, request.task, digest, answered.response)
+        return answered.response, False
+    finally:
+        outbox.inflight.discard(key)
+
+
+async def _compute(outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext) -> Answered:
+    answered = await node.answer(request, ctx)
+    if answered.response.get("status") == "provisional" and not answered.queued:
+        await _track_handover(outbox, node, request, ctx, answered.response)
+        return Answered(answered.response, queued=True)
+    return answered
+
+
+async def _track_handover(
+    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext,
+    response: dict[str, Any],
+) -> None:
+    """The upstream answered provisionally (it queued the work): keep our own record of it.
+
+    So this tier can show the request in ``GET /v1/results/{id}``, fire the client's callback,
+    and poll the upstream (re-sending with the same key) until its answer is final.
+    """
+    upstream_escalation = response.pop("escalation", None)
+    pending = owed_escalation(
+        request, ctx, response,
+        reason=f"upstream {response.get('answered_by')} answered provisionally and queued it",
+        task_policy=node.policy.task(request.task), traceparent=ctx.traceparent,
+        handed_over=True)
+    response["escalation"] = await outbox.enqueue(pending)
+    if upstream_escalation is not None:
+        response["escalation"]["upstream"] = upstream_escalation

@@ -1,0 +1,321 @@
+"""One tier: runner + gate + upstream + escalation queue. No HTTP server in here.
+
+:class:`Node` is what ``cascade serve`` wraps in FastAPI; tests and benchmarks can drive it
+directly. Per request it validates the input, runs the local model, scores and gates the
+output, and escalates to the upstream within the remaining deadline; when the upstream cannot
+be reached it answers provisionally and hands the escalation to its queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cascade.contract.deadline import Deadline
+from cascade.contract.escalation import EscalationQueue, PendingEscalation, UnqueuedEscalations
+from cascade.contract.inputs import InputDecoder
+from cascade.contract.schemas import InferRequest
+from cascade.errors import (
+    HopLimitExceeded,
+    ServiceUnavailable,
+    UnknownTask,
+    UpstreamError,
+    UpstreamRejected,
+)
+from cascade.gating.drift import DriftMonitor
+from cascade.gating.gate import Decision, decide
+from cascade.gating.scoring import assess_output
+from cascade.observability.decisionlog import DecisionRecorder
+from cascade.observability.telemetry import TierTelemetry
+from cascade.policy import LoadedPolicy
+from cascade.runners.base import Runner
+from cascade.tier.settings import NodeSettings
+from cascade.upstream.base import Upstream
+
+log = logging.getLogger("cascade.tier.node")
+
+# Below this much time left, escalating cannot help: answer with what we have.
+MIN_ESCALATION_BUDGET_MS = 5
+
+
+@dataclass(frozen=True)
+class TaskRuntime:
+    """What a node needs to serve one task."""
+
+    name: str
+    runner: Runner
+    decode: InputDecoder
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Per-request facts from the transport (headers), kept out of the request body."""
+
+    request_id: str | None = None
+    hop_count: int = 0
+    deadline_ms: int | None = None
+    traceparent: str | None = None
+    request_hash: str | None = None
+    """Set by the idempotency layer: kept with a queued escalation so a reused key is caught."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What :meth:`Node.answer` did for one request: the response and whether this tier queued
+    an escalation (then the response is already committed with it, under the request's id)."""
+
+    response: dict[str, Any]
+    queued: bool
+
+
+def owed_escalation(
+    request: InferRequest, ctx: CallContext, response: dict[str, Any], *, reason: str,
+    task_policy: Any, traceparent: str | None, handed_over: bool = False,
+) -> PendingEscalation:
+    """The one place a :class:`PendingEscalation` is built: the node's own failed escalation
+    and the idempotency layer's record of work the upstream took over both come here."""
+    body: dict[str, Any] = {"task": request.task, "input": request.input}
+    if request.callback_url:
+        body["callback_url"] = request.callback_url
+    return PendingEscalation(
+        id=response["id"], task=request.task, body=body, provisional=dict(response),
+        reason=reason, hop_count=ctx.hop_count + 1, ttl_s=task_policy.queue.ttl_s,
+        max_attempts=task_policy.queue.max_attempts, traceparent=traceparent,
+        callback_url=request.callback_url, request_hash=ctx.request_hash,
+        handed_over=handed_over,
+    )
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A fresh request id (used as the idempotency key upstream).
+
+    A random per-process prefix plus a counter: unique across processes and restarts like a
+    uuid4, without a call to the OS random source on every request.
+    """
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+class Node:
+    """One tier of the cascade, transport-agnostic."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        *,
+        tasks: dict[str, TaskRuntime],
+        policy: LoadedPolicy,
+        upstream: Upstream | None = None,
+        escalations: EscalationQueue | None = None,
+        telemetry: TierTelemetry | None = None,
+        decisions: DecisionRecorder | None = None,
+        drift: DriftMonitor | None = None,
+    ) -> None:
+        """Collaborators are given, not built here (:func:`cascade.tier.compose.build_node`
+        builds them from settings); the defaults suit a tier assembled by hand in a test."""
+        self.settings = settings
+        self.tier = settings.tier
+        self.tasks = tasks
+        self._policy = policy
+        self.upstream = upstream
+        self.escalations: EscalationQueue = escalations or UnqueuedEscalations()
+        self.started_at = time.time()
+        self.telemetry = telemetry or TierTelemetry(self.tier)  # spans + /metrics of this tier
+        self.telemetry.metrics.bind_node(self)
+        self._check_policy_covers(policy)
+        self.decisions = decisions or DecisionRecorder(self.tier)  # sampled gate log
+        self.decisions.configure(policy)
+        # Hot reload outcomes (cascade.policy.reload), shown on /readyz.
+        self.policy_reloads: dict[str, Any] = {"reloads": 0, "errors": 0, "last_error": None}
+        self.drift = drift or DriftMonitor(self.tier)  # drift alarm per task
+        self.drift.prime(policy, list(tasks))
+
+    # -- construction -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Release the upstream connection pool, the models' threads and the decision log."""
+        if self.upstream is not None:
+            await self.upstream.aclose()
+        for runtime in self.tasks.values():
+            runtime.runner.close()
+        self.decisions.close()
+
+    # -- policy -------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> LoadedPolicy:
+        """The live policy (swapped atomically by :meth:`set_policy`)."""
+        return self._policy
+
+    def _check_policy_covers(self, policy: LoadedPolicy) -> None:
+        for task in self.tasks:
+            policy.rule(task, self.tier)  # raises PolicyError naming file and key
+
+    def set_policy(self, policy: LoadedPolicy) -> None:
+        """Replace the live policy; raises (keeping the old one) if it does not cover this tier."""
+        self._check_policy_covers(policy)
+        self._policy = policy  # one reference swap: requests see old or new, never a mix
+        self.decisions.configure(policy)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest, ctx: CallContext) -> dict[str, Any]:
+        """Answer one request (the body of ``POST /v1/infer``)."""
+        return (await self.answer(request, ctx)).response
+
+    async def answer(self, request: InferRequest, ctx: CallContext) -> Answered:
+        """Answer one request and say whether its escalation was queued here."""
+        started = time.perf_counter()
+        runtime = self.tasks.get(request.task)
+        if runtime is None:
+            raise UnknownTask(
+                f"task {request.task!r} is not served by tier {self.tier}; "
+                f"allowed: {', '.join(sorted(self.tasks))}",
+                field="task",
+            )
+        if ctx.hop_count > self.settings.max_hops:
+            raise HopLimitExceeded(
+                f"request has crossed {ctx.hop_count} hops; this tier allows at most "
+                f"{self.settings.max_hops} (escalation loop?)",
+                field="X-Cascade-Hop",
+            )
+        policy = self._policy  # one consistent policy for the whole request
+        task_policy = policy.task(request.task)
+        x = runtime.decode(request.input, max_text_chars=self.settings.max_text_chars)
+
+        deadline_ms = ctx.deadline_ms or request.deadline_ms or task_policy.deadline_ms
+        deadline = Deadline.from_ms(deadline_ms)
+        request_id = ctx.request_id or request.request_id or new_request_id()
+
+        runner = runtime.runner
+        started_ns = time.time_ns()
+        (output,) = await runner.run(x, deadline)
+        inferred_ns = time.time_ns()
+        rule = policy.rule(request.task, self.tier)
+        scored = assess_output(output, rule)  # calibrated confidence, as replay computes it
+        signals, conf, label, probs = scored.signals, scored.confidence, scored.label, \
+            scored.probabilities
+        # Feeds the drift window; while a `tighten` alarm is on, the stricter rule (also what
+        # the decision log records, so replay re-decides with it).
+        rule = self.drift.observe(policy, request.task, conf, label, rule)
+        decision = decide(conf, label, rule, has_upstream=self.upstream is not None)
+        request_trace = self.telemetry.record_local(  # starts the SERVER span, decision known
+            task=request.task, model=runner.model_name, started_ns=started_ns,
+            inferred_ns=inferred_ns, gated_ns=time.time_ns(), confidence=conf,
+            decision=decision.value, signal=rule.signal, incoming=ctx.traceparent,
+        )
+        trace_id = request_trace.trace_id
+        hop = {
+            "tier": self.tier,
+            "model": runner.model_name,
+            "label": label,
+            "confidence": round(conf, 6),
+            "decision": decision.value,
+            "ms": 0.0,
+        }
+        response: dict[str, Any] = {
+            "id": request_id,
+            "task": request.task,
+            "label": label if decision is not Decision.UNKNOWN else None,
+            "confidence": round(conf, 6),
+            "status": "unknown" if decision is Decision.UNKNOWN else "final",
+            "answered_by": self.tier,
+            "hops": [hop],
+            "trace_id": trace_id,
+        }
+        hop["ms"] = round((time.perf_counter() - started) * 1000, 3)  # this tier's own time
+        queued = False
+        if decision is Decision.ESCALATE:
+            with request_trace.current():  # CLIENT and PRODUCER spans are its children
+                queued = await self._escalate(request, ctx, response, deadline,
+                                              request_trace.traceparent, task_policy)
+        self.decisions.observe(
+            policy, task=request.task, request_id=request_id, trace_id=trace_id,
+            hop=ctx.hop_count, model=runner.model_name, has_upstream=self.upstream is not None,
+            probabilities=probs, signals=signals, rule=rule, label=label, conf=conf,
+            decision=decision.value, response=response, payload=request.input,
+        )
+        self.telemetry.record_answer(response)
+        return Answered(response, queued)
+
+    async def _escalate(
+        self,
+        request: InferRequest,
+        ctx: CallContext,
+        response: dict[str, Any],
+        deadline: Deadline,
+        traceparent: str,
+        task_policy: Any,
+    ) -> bool:
+        """Ask the upstream; on failure turn ``response`` into a provisional answer and queue.
+
+        Returns True when the escalation was handed to this tier's queue."""
+        assert self.upstream is not None
+        body: dict[str, Any] = {"task": request.task, "input": request.input}
+        if request.callback_url:
+            body["callback_url"] = request.callback_url
+        reason: str
+        try:
+            if deadline.remaining_ms() < MIN_ESCALATION_BUDGET_MS:
+                raise _NoBudget(f"only {deadline.remaining_ms()} ms left of the deadline")
+            upstream = await self.upstream.escalate(
+                body,
+                deadline=deadline,
+                hop_count=ctx.hop_count + 1,
+                idempotency_key=response["id"],
+                headers={"traceparent": traceparent},
+            )
+        except UpstreamRejected as exc:
+            reason = f"upstream rejected the request ({exc.upstream_status}): {exc.message}"
+        except (UpstreamError, _NoBudget) as exc:
+            reason = str(exc)
+        else:
+            response["label"] = upstream.get("label")
+            response["confidence"] = upstream.get("confidence", response["confidence"])
+            response["status"] = upstream.get("status", "final")
+            response["answered_by"] = upstream.get("answered_by", "upstream")
+            response["hops"].extend(upstream.get("hops", []))
+            if "escalation" in upstream:
+                response["escalation"] = upstream["escalation"]
+            return False
+        if task_policy.offline == "reject":
+            raise ServiceUnavailable(
+                f"upstream unavailable and the policy for {request.task!r} says reject: {reason}",
+                code="upstream_unavailable",
+            )
+        response["status"] = "provisional"
+        with self.telemetry.enqueue_span(request.task, response["id"]) as queued_traceparent:
+            # the drain span links to the enqueue span when there is one
+            pending = owed_escalation(request, ctx, response, reason=reason,
+                                      task_policy=task_policy,
+                                      traceparent=queued_traceparent or traceparent)
+            response["escalation"] = await self.escalations.enqueue(pending)
+        return bool(response["escalation"].get("state") != "not_queued")
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` reports."""
+        policy = self._policy
+        return {
+            "tier": self.tier,
+            "ready": True,
+            "models": {task: rt.runner.model_name for task, rt in self.tasks.items()},
+            "policy": {"path": policy.path, "name": policy.policy.name, "version": policy.version,
+                       "sha256": policy.sha256, "reload": dict(self.policy_reloads)},
+            "upstream": None
+            if self.upstream is None
+            else {"url": self.settings.upstream_url, "breaker": self.upstream.breaker.state},
+            "queue_depth": self.escalations.depth(),
+            "drift": self.drift.readiness(policy, list(self.tasks)),
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+
+class _NoBudget(Exception):
+    """Too little of the deadline is left to try the upstream at all."""

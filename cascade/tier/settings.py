@@ -1,0 +1,168 @@
+"""Node configuration: one YAML file per tier, overridable by ``CASCADE_*`` environment variables.
+
+Precedence (highest first): explicit overrides passed in code, environment variables
+(``CASCADE_PORT=9000``, ``CASCADE_UPSTREAM_URL=...``), then the YAML node config file, then the
+defaults below. Relative paths are resolved against the current working directory (``cascade
+up`` and ``make run`` run from the project root).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from cascade.errors import ConfigError
+from cascade.outbox.config import OutboxSettings
+from cascade.policy.schema import TIER_NAME
+
+ENV_PREFIX = "CASCADE_"
+
+
+class NodeSettings(BaseSettings):
+    """Everything one tier process needs to know. See ``edge_nodes/README.md`` for each knob."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True,
+        env_nested_delimiter="__",  # CASCADE_OUTBOX__MAX_ROWS=5000 sets outbox.max_rows
+    )
+
+    tier: str = Field(..., description="This tier's name, e.g. endpoint, edge-node, edge-server, cloud.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8101, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    tasks: dict[str, str] = Field(
+        ...,
+        description="Task -> which model of the manifest serves it here (a tier name of the ladder).",
+    )
+    models_dir: Path = Field(Path("models"), description="Directory holding manifest.json.")
+    verify_models: bool = Field(True, description="Refuse to load a model whose sha256 differs.")
+    policy: Path = Field(Path("policies/default.yaml"), description="Escalation policy file.")
+    upstream_url: str | None = Field(
+        None, description="Base URL of the next tier; unset on the top tier."
+    )
+    upstream_max_attempts: int = Field(3, ge=1, le=20)
+    upstream_backoff_initial_ms: float = Field(20.0, ge=0)
+    upstream_backoff_max_ms: float = Field(500.0, ge=0)
+    upstream_connect_timeout_ms: float = Field(500.0, gt=0)
+    breaker_failure_threshold: int = Field(3, ge=1, description="Failures before the breaker opens.")
+    breaker_reset_s: float = Field(2.0, gt=0, description="Open breaker waits this long before a probe.")
+    runner_offload: Literal["auto", "inline", "thread"] = Field(
+        "auto",
+        description="Where blocking models run: inline on the event loop, on worker threads, "
+        "or auto: threads only for a model whose warm-up median reaches runner_offload_above_ms "
+        "(a thread hop costs about 0.2 ms; every built-in ONNX model is faster than that).",
+    )
+    runner_offload_above_ms: float = Field(
+        2.0, gt=0, description="auto: offload models at least this slow (warm-up median).")
+    runner_concurrency: int = Field(
+        1, ge=1, le=64,
+        description="Worker threads per offloaded model: calls beyond it wait (measured in "
+        "cascade_runner_wait_seconds), at most until their deadline (then 503 model_busy).",
+    )
+    max_hops: int = Field(8, ge=1, le=64, description="Loop guard: refuse requests past this hop count.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Larger request bodies get a 413.")
+    max_text_chars: int = Field(100_000, ge=1, description="Longest document text accepted.")
+    outbox_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the durable outbox; default sqlite:///var/<tier>.db.",
+    )
+    outbox: OutboxSettings = Field(
+        default_factory=OutboxSettings,
+        description="Outbox bounds and pacing (caps, TTL sweeps, forwarder, callbacks, retention).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines as JSON (with trace and span ids) or plain text."
+    )
+    trace_dir: Path | None = Field(
+        None,
+        description="Also write this tier's spans to <trace_dir>/<tier>.jsonl (read them with "
+        "`cascade traces`); OTLP export is configured by the standard OTEL_* variables.",
+    )
+
+    @field_validator("tier")
+    @classmethod
+    def _tier_name(cls, value: str) -> str:
+        if not TIER_NAME.match(value):
+            raise ValueError("use lowercase letters, digits and '-' (e.g. edge-node)")
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one task must be served")
+        return value
+
+    @property
+    def resolved_outbox_url(self) -> str:
+        """The outbox URL, defaulting to a SQLite file per tier under ``var/``."""
+        return self.outbox_url or f"sqlite:///var/{self.tier}.db"
+
+
+def _where(field: str, config_path: Path | None) -> str:
+    env_name = f"{ENV_PREFIX}{field.upper()}"
+    if env_name in os.environ:
+        return f"environment variable {env_name}"
+    nested = sorted(k for k in os.environ if k.startswith(env_name + "__"))
+    if nested:
+        return f"environment variable {', '.join(nested)}"
+    return f"config file {config_path}" if config_path else "defaults"
+
+
+def load_node_settings(config_path: Path | str | None, **overrides: Any) -> NodeSettings:
+    """Validate a node config file plus ``CASCADE_*`` overrides into :class:`NodeSettings`.
+
+    Errors are a :class:`ConfigError` naming each bad key and where its value came from.
+    """
+    path = Path(config_path) if config_path else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"{path}: no such node config file")
+
+    class _FromFile(NodeSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            return tuple(sources)
+
+    try:
+        settings = _FromFile(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(root)"
+            top = str(err["loc"][0]) if err["loc"] else key
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key; allowed keys: {', '.join(sorted(NodeSettings.model_fields))}"
+            lines.append(f"{key}: {msg} (from {_where(top, path)})")
+        raise ConfigError("invalid node config:\n  " + "\n  ".join(lines)) from None
+    except Exception as exc:  # noqa: BLE001 - YAML syntax and read errors surface from the source
+        raise ConfigError(f"{path}: cannot read node config: {exc}") from None
+    return NodeSettings.model_validate(settings.model_dump())

@@ -1,0 +1,1 @@
+"""Escalation to the next tier: the HTTP client (httpx + tenacity) and its circuit breaker."""
