@@ -244,6 +244,7 @@ if variant not in native:
 app = FastAPI(**kw)
 tel = None  # routine-*: the route reports a confident answer to TierTelemetry as a tier's gate does
 if variant.startswith(("cascade-middleware", "routine")):
+    from cascade.contract.answer import Answer
     from cascade.observability.telemetry import RequestTelemetryMiddleware, TierTelemetry
     tel = TierTelemetry("endpoint") if variant.startswith("routine") else None
     app.add_middleware(RequestTelemetryMiddleware, telemetry=lambda: tel)
@@ -254,8 +255,9 @@ async def infer(request: Request):
         t = time.time_ns()
         ids = tel.record_local(task="vision", model="m", started_ns=t, inferred_ns=t, gated_ns=t,
                                  confidence=0.99, decision="answer", signal="max_prob")
-        tel.record_answer({"task": "vision", "status": "final", "answered_by": "endpoint",
-                           "id": "r", "trace_id": ids.trace_id})
+        tel.record_answer(Answer(id="r", task="vision", label="1", confidence=0.99,
+                                 status="final", answered_by="endpoint", trace_id=ids.trace_id),
+                          escalated=False)
     return Response(b'{"ok": true}', media_type="application/json")
 if variant.startswith("contrib"):
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor

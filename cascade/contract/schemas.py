@@ -1,4 +1,4 @@
-"""API request and response models (the HTTP contract of every tier, design §2)."""
+"""API request and response models (the HTTP contract of every tier, architecture §2)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,13 @@ class InferRequest(BaseModel):
     )
 
 
-class Hop(BaseModel):
+class _Exact(BaseModel):
+    """Response models describe the wire exactly: an undocumented key fails validation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hop(_Exact):
     """One tier's part in answering a request."""
 
     tier: str
@@ -57,7 +63,29 @@ class Hop(BaseModel):
     ms: float
 
 
-class InferResponse(BaseModel):
+class EscalationView(_Exact):
+    """State of the escalation a queue holds for a provisional answer.
+
+    In a ``POST /v1/infer`` answer it is what the queue said on accepting the work; in
+    ``GET /v1/results/{id}`` it is the row's current state. ``upstream`` appears when this tier
+    tracks work an upstream tier holds (it answered provisionally and queued it there)."""
+
+    state: Literal["queued", "forwarding", "done", "expired", "dead", "not_queued"]
+    held_by: str | None = None
+    attempts: int | None = None
+    max_attempts: int | None = None
+    handed_over: bool | None = None
+    last_error: str | None = None
+    reason: str | None = None
+    queued_at: str | None = None
+    updated_at: str | None = None
+    expires_at: str | None = None
+    next_attempt_at: str | None = None
+    results_url: str | None = None
+    upstream: EscalationView | None = None
+
+
+class InferResponse(_Exact):
     """``POST /v1/infer`` 200 body."""
 
     id: str
@@ -68,9 +96,26 @@ class InferResponse(BaseModel):
     answered_by: str
     hops: list[Hop]
     trace_id: str | None = None
-    escalation: dict[str, Any] | None = Field(
+    escalation: EscalationView | None = Field(
         None, description="When provisional: the state of the queued escalation."
     )
+
+
+class CallbackView(_Exact):
+    """Delivery state of a request's ``callback_url``."""
+
+    url: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    max_attempts: int
+    last_error: str | None = None
+    delivered_at: str | None = None
+
+
+class ResultResponse(InferResponse):
+    """``GET /v1/results/{id}`` 200 body: the latest answer, escalation and callback state."""
+
+    callback: CallbackView | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -1,4 +1,4 @@
-"""FastAPI app factory over a :class:`~cascade.tier.node.Node`: the HTTP contract of design §2.
+"""FastAPI app factory over a :class:`~cascade.tier.node.Node`: the HTTP contract of architecture §2.
 
 Errors are always ``{"error": {"code", "message", "field"?}}`` with a 4xx/503 status; nothing a
 client sends can produce a 500 with a traceback. The request body is read and validated here
@@ -24,17 +24,22 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.contract.schemas import REQUEST_ID_PATTERN, ErrorBody, InferRequest, InferResponse
-from cascade.errors import CascadeError, MalformedBody, PayloadTooLarge, UnsupportedMediaType
+from cascade.errors import (
+    CascadeError,
+    InvalidInput,
+    MalformedBody,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from cascade.http.responses import error_response, json_response
 from cascade.http.results import (
     REPLAYED_HEADER,
     answer_infer,
     register_outbox_routes,
-    start_outbox,
-    stop_outbox,
 )
 from cascade.observability.metrics import metrics_response
 from cascade.observability.telemetry import RequestTelemetryMiddleware, fastapi_options
-from cascade.policy.reload import PolicyReloader
+from cascade.tier.lifecycle import run_tier_lifecycle
 from cascade.tier.node import CallContext, Node
 
 log = logging.getLogger("cascade.http.app")
@@ -49,18 +54,6 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "Cannot take the work now (upstream down with a reject policy, queue full)",
     }.items()
 }
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    """A JSON response serialised with orjson (the hot path)."""
-    # OPT_SERIALIZE_NUMPY: model outputs (confidences) may be numpy scalars.
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json")
-
-
-def error_response(exc: CascadeError) -> Response:
-    """The contract's error body for a :class:`CascadeError`."""
-    return json_response(exc.to_body(), exc.status)
 
 
 class BodyLimitMiddleware:
@@ -116,7 +109,6 @@ def _field_of(loc: tuple[Any, ...]) -> str:
 
 
 def _validation_error(exc: ValidationError) -> CascadeError:
-    from cascade.errors import InvalidInput
 
     first = exc.errors()[0]
     field = _field_of(tuple(first["loc"]))
@@ -155,7 +147,6 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 def call_context(request: Request) -> CallContext:
     """Transport facts from the headers: idempotency key, hop count, remaining deadline."""
-    from cascade.errors import InvalidInput
 
     headers = request.headers
     key = headers.get("idempotency-key")
@@ -182,24 +173,17 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
     """Build the FastAPI app of one tier.
 
     ``node_factory`` is called in the lifespan (so model loading happens in the server process,
-    after fork); pass a ready :class:`Node` in tests.
+    after fork); pass a ready :class:`Node` in tests. The tier's background parts start and stop
+    with :func:`~cascade.tier.lifecycle.run_tier_lifecycle`.
     """
     state: dict[str, Node] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         node = node_factory if isinstance(node_factory, Node) else node_factory()
-        state["node"] = node
-        app.state.node = node
-        await start_outbox(node)
-        reloader = PolicyReloader(node)  # file watch + SIGHUP; nothing per request
-        await reloader.start()
-        try:
+        state["node"] = app.state.node = node
+        async with run_tier_lifecycle(node):
             yield
-        finally:
-            await reloader.stop()
-            await stop_outbox(node)
-            await node.aclose()
 
     app = FastAPI(
         title="cascade tier",
@@ -209,6 +193,19 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
         responses=_ERROR_RESPONSES,
         **fastapi_options(),  # our middleware makes the SERVER span (cheaper); no second one
     )
+    _install_error_handlers(app)
+    _add_infer_route(app, state)
+    _add_probe_routes(app, state)
+    register_outbox_routes(app, lambda: state.get("node"))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    # Outermost: sees every response (413s included) and times the whole request.
+    app.add_middleware(RequestTelemetryMiddleware,
+                       telemetry=lambda: getattr(state.get("node"), "telemetry", None))
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error becomes the contract's body; nothing a client sends yields a traceback."""
 
     @app.exception_handler(CascadeError)
     async def _cascade_error(_: Request, exc: CascadeError) -> Response:
@@ -216,8 +213,6 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> Response:
-        from cascade.errors import InvalidInput
-
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
         field = _field_of(tuple(first["loc"]))
         return error_response(InvalidInput(f"{field}: {first['msg']}", field=field))
@@ -234,6 +229,10 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
             {"error": {"code": "internal_error", "message": "unexpected error; see the tier's log"}},
             500,
         )
+
+
+def _add_infer_route(app: FastAPI, state: dict[str, Node]) -> None:
+    """``POST /v1/infer``: documented through FastAPI, served by a plain Starlette route."""
 
     @app.post(
         "/v1/infer",
@@ -261,6 +260,14 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
             response.headers[REPLAYED_HEADER] = "true"
         return response
 
+    # The hot path skips FastAPI's dependency solving (it only needs the raw Request): a plain
+    # Starlette route with the same handler, matched first. The APIRoute above stays for /docs.
+    app.router.routes.insert(0, Route("/v1/infer", infer, methods=["POST"], include_in_schema=False))
+
+
+def _add_probe_routes(app: FastAPI, state: dict[str, Node]) -> None:
+    """``/healthz``, ``/readyz`` and ``/metrics``."""
+
     @app.get("/healthz", summary="Liveness: the process is up")
     async def healthz() -> Response:
         node = state.get("node")
@@ -276,13 +283,3 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
     @app.get("/metrics", summary="Prometheus metrics of this tier (text exposition format)")
     async def metrics() -> Response:
         return await metrics_response(state.get("node"))
-
-    # The hot path skips FastAPI's dependency solving (it only needs the raw Request): a plain
-    # Starlette route with the same handler, matched first. The APIRoute above stays for /docs.
-    app.router.routes.insert(0, Route("/v1/infer", infer, methods=["POST"], include_in_schema=False))
-    register_outbox_routes(app, lambda: state.get("node"))
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-    # Outermost: sees every response (413s included) and times the whole request.
-    app.add_middleware(RequestTelemetryMiddleware,
-                       telemetry=lambda: getattr(state.get("node"), "telemetry", None))
-    return app

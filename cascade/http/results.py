@@ -1,7 +1,7 @@
-"""The outbox's seams into the FastAPI app (``cascade.http.app``): lifespan, ``/v1/infer``, results.
+"""The outbox's routes and ``/v1/infer`` through the idempotency layer.
 
-Kept here so ``cascade.http.app`` needs only a few calls, and a node without an outbox (tests, a
-tier built by hand) behaves exactly as before.
+A node without an outbox (a tier built by hand in a test) answers without idempotency and
+has no results routes (503 ``no_outbox``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from cascade.contract.schemas import REQUEST_ID_PATTERN
+from cascade.contract.schemas import REQUEST_ID_PATTERN, ErrorBody, ResultResponse
 from cascade.errors import InvalidInput, ServiceUnavailable
+from cascade.http.responses import json_response
 from cascade.outbox.outbox import Outbox
 from cascade.tier.idempotency import serve_infer
+from cascade.tier.lifecycle import outbox_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from cascade.contract.schemas import InferRequest
@@ -25,49 +27,28 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 """Response header set to ``true`` when an answer was served from the store, not computed."""
 
 
-def outbox_of(node: Node) -> Outbox | None:
-    """The node's durable outbox, if it has one."""
-    queue = getattr(node, "escalations", None)
-    return queue if isinstance(queue, Outbox) else None
-
-
-async def start_outbox(node: Node) -> None:
-    """Lifespan start: the writer thread, the forwarder (if there is an upstream), callbacks."""
-    outbox = outbox_of(node)
-    if outbox is not None:
-        await outbox.start(node.upstream)
-
-
-async def stop_outbox(node: Node) -> None:
-    """Lifespan end: stop sending, commit pending writes, close the database."""
-    outbox = outbox_of(node)
-    if outbox is not None:
-        await outbox.aclose()
-
-
 async def answer_infer(
     node: Node, request: InferRequest, ctx: CallContext
 ) -> tuple[dict[str, Any], bool]:
     """``POST /v1/infer`` through the idempotency layer; returns ``(body, replayed)``."""
     outbox = outbox_of(node)
     if outbox is None:
-        return await node.infer(request, ctx), False
+        return (await node.infer(request, ctx)).to_wire(), False
     return await serve_infer(outbox, node, request, ctx)
 
 
 def register_outbox_routes(app: FastAPI, get_node: Callable[[], Node | None]) -> None:
     """Add ``GET /v1/results/{id}`` (latest answer, escalation and callback state) and
     ``GET /v1/outbox`` (queue depth, caps and counters such as refusals)."""
-    from cascade.http.app import json_response
-
     pattern = re.compile(REQUEST_ID_PATTERN)
 
     @app.get(
         "/v1/results/{request_id}",
         summary="Latest answer of a request and the state of its escalation "
         "(queued|forwarding|done|expired|dead) and callback",
-        responses={404: {"description": "Unknown id (or past retention)"},
-                   503: {"description": "Outbox database unavailable"}},
+        response_model=ResultResponse,
+        responses={404: {"model": ErrorBody, "description": "Unknown id (or past retention)"},
+                   503: {"model": ErrorBody, "description": "Outbox database unavailable"}},
     )
     async def get_result(request_id: str) -> Any:
         if not pattern.match(request_id):

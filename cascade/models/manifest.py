@@ -1,4 +1,4 @@
-"""The models directory (design §4, a contract): ``manifest.json`` and the held-out splits.
+"""The models directory (architecture §5, a contract): ``manifest.json`` and the held-out splits.
 
 Layout::
 

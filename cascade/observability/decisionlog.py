@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cascade.contract.outputs import Probabilities
+from cascade.observability.outcome import RequestOutcome
 
 log = logging.getLogger("cascade.observability.decisionlog")
 
@@ -192,38 +192,24 @@ class DecisionRecorder:
             except (OSError, sqlite3.Error) as exc:
                 log.error("decision log %s cannot be opened, not logging: %s", path, exc)
 
-    def observe(
-        self,
-        policy: Any,
-        *,
-        task: str,
-        request_id: str,
-        trace_id: str | None,
-        hop: int,
-        model: str,
-        has_upstream: bool,
-        probabilities: Probabilities,
-        signals: Any,
-        rule: Any,
-        label: str,
-        conf: float,
-        decision: str,
-        response: dict[str, Any],
-        payload: Any = None,
-    ) -> None:
+    def record_outcome(self, outcome: RequestOutcome) -> None:
         """Record one decision if logging is on and the request is in the sample."""
+        policy, answer, scored, rule = outcome.policy, outcome.answer, outcome.assessment, \
+            outcome.rule
         settings = policy.policy.decision_log
-        if self.log is None or not sampled(request_id, settings.sample_rate):
+        if self.log is None or not sampled(answer.id, settings.sample_rate):
             return
         # The node passes the rule the gate applied: not the policy's own means the drift
         # alarm's stricter twin (cascade.gating.drift.effective_rule), which replay must apply too.
-        tightened = rule != policy.rule(task, self.tier)
+        tightened = rule != policy.rule(outcome.task, self.tier)
+        signals, payload = scored.signals, outcome.payload
         self.log.record((
-            time.time(), request_id, trace_id, self.tier, task, hop, model, policy.version,
-            int(has_upstream), json.dumps([float(p) for p in probabilities]), label,
+            time.time(), answer.id, answer.trace_id, self.tier, outcome.task, outcome.hop,
+            outcome.model, policy.version, int(outcome.has_upstream),
+            json.dumps([float(p) for p in scored.probabilities]), scored.label,
             signals.max_prob, signals.margin, signals.entropy, rule.signal,
-            rule.threshold_for(label), conf, decision, response.get("label"),
-            response.get("answered_by"), response.get("status"),
+            rule.threshold_for(scored.label), scored.confidence, outcome.decision, answer.label,
+            answer.answered_by, answer.status,
             json.dumps(payload) if settings.include_payloads and payload is not None else None,
             int(tightened),
         ))

@@ -1,4 +1,4 @@
-"""Tracing of a tier at run time (design §6): spans, trace context and request telemetry.
+"""Tracing of a tier at run time (architecture §7): spans, trace context and request telemetry.
 
 What one request leaves behind at each tier it touches::
 
@@ -29,7 +29,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Final
@@ -41,7 +41,9 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
+from cascade.contract.answer import Answer
 from cascade.observability.metrics import NO_TASK, TierMetrics
+from cascade.observability.outcome import RequestOutcome
 from cascade.observability.tracing import (
     HONOURED_ENV,
     SAMPLING_REASON,
@@ -311,34 +313,37 @@ class TierTelemetry:
             parent = trace.set_span_in_context(span)
             tracer.start_span("cascade.inference", parent, start_time=started_ns,
                               attributes=attrs).end(inferred_ns)
-            tracer.start_span("cascade.gating.gate", parent, start_time=inferred_ns,
+            tracer.start_span("cascade.gate", parent, start_time=inferred_ns,
                               attributes={**gate_attrs, "cascade.signal": signal}).end(gated_ns)
         return RequestTrace(f"{ctx.trace_id:032x}", _traceparent_of(ctx),
                             span if record is not None else None)
 
-    def record_answer(self, response: Mapping[str, Any]) -> None:
-        """The node's answer is ready (``response`` is the contract's 200 body)."""
-        task, status, answered_by = response["task"], response["status"], response["answered_by"]
+    def record_outcome(self, outcome: RequestOutcome) -> None:
+        """The node's answer is ready (an outcome observer)."""
+        self.record_answer(outcome.answer, escalated=outcome.decision == "escalate")
+
+    def record_answer(self, answer: Answer, *, escalated: bool) -> None:
+        """Answer and escalation counters, and the answer's span attributes."""
+        task, status, answered_by = answer.task, answer.status, answer.answered_by
         self.metrics.count_answer(task, status)
-        hops = response.get("hops") or ()
-        if hops and hops[0].get("decision") == "escalate":
+        if escalated:
             if answered_by != self.tier:
-                outcome = "upstream"
-            elif (response.get("escalation") or {}).get("state") == "not_queued":
-                outcome = "not_queued"
+                kind = "upstream"
+            elif (answer.escalation or {}).get("state") == "not_queued":
+                kind = "not_queued"
             else:
-                outcome = "queued"
-            self.metrics.count_escalation(task, outcome)
+                kind = "queued"
+            self.metrics.count_escalation(task, kind)
         record = _RECORD.get()
         if record is not None:
             record.status, record.answered_by = status, answered_by
-            record.trace_id, record.request_id = response.get("trace_id"), response.get("id")
+            record.trace_id, record.request_id = answer.trace_id, answer.id
             span = record.span or trace.INVALID_SPAN
         else:
             span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes({"cascade.status": status, "cascade.answered_by": answered_by,
-                                 "cascade.request_id": str(response.get("id"))})
+                                 "cascade.request_id": str(answer.id)})
 
     @contextmanager
     def enqueue_span(self, task: str, request_id: str) -> Iterator[str | None]:

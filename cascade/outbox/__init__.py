@@ -1,4 +1,4 @@
-"""Durable store-and-forward (design §5): provisional answers now, final answers later.
+"""Durable store-and-forward (architecture §6): provisional answers now, final answers later.
 
 A tier whose upstream cannot be reached answers provisionally and commits the answer together
 with the escalation it owes (one transaction, group-committed) before the client sees a 200.
@@ -18,12 +18,11 @@ routes are :mod:`cascade.http.results`.
 
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.outbox import Outbox
-from cascade.outbox.rules import backoff_s, merge_upstream_answer, request_hash
+from cascade.outbox.rules import backoff_s, request_hash
 
 __all__ = [
     "Outbox",
     "OutboxSettings",
     "backoff_s",
-    "merge_upstream_answer",
     "request_hash",
 ]

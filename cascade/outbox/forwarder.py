@@ -24,13 +24,15 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from cascade.contract.answer import Answer, merge_upstream
 from cascade.contract.deadline import Deadline
 from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
 from cascade.observability.telemetry import current_traceparent, drain_span
 from cascade.outbox.background import BackgroundLoop
-from cascade.outbox.rules import backoff_s, merge_upstream_answer, to_json, wait_event
+from cascade.outbox.rules import backoff_s, strip_view, to_json, wait_event
 from cascade.outbox.store import Claimed, Outcome
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,7 +140,7 @@ class Forwarder(BackgroundLoop):
 
     async def _send(self, row: Claimed) -> None:
         try:
-            # A new trace per send, linked to the request that queued the row (design §6).
+            # A new trace per send, linked to the request that queued the row (architecture §7).
             with drain_span(self.outbox.tier, traceparent=row.traceparent, request_id=row.id,
                             task=row.task, attempt=row.attempts) as span:
                 outcome = await self._attempt(row)
@@ -161,7 +163,7 @@ class Forwarder(BackgroundLoop):
         # The upstream's work joins the drain span's trace when tracing is on.
         traceparent = current_traceparent() or row.traceparent
         try:
-            answer: dict[str, Any] = await self.upstream.escalate(
+            answer = await self.upstream.escalate(
                 row.body,
                 deadline=Deadline.from_ms(self.settings.send_timeout_ms),
                 hop_count=row.hop_count,
@@ -184,9 +186,11 @@ class Forwarder(BackgroundLoop):
             if row.handed_over:  # the upstream has the work; only the final answer is pending
                 return Outcome(row.id, "release", error=exc.message, delay_s=self._poll_delay(row))
             return Outcome(row.id, "retry", error=exc.message, delay_s=self._retry_delay(row))
-        merged = merge_upstream_answer(row.response, answer)
-        response_json = to_json(merged)
-        if answer.get("status") == "provisional":
+        # The upstream's escalation state is a view of its queue, not part of our stored answer.
+        merged = replace(merge_upstream(Answer.from_wire(strip_view(row.response)), answer),
+                         escalation=None)
+        response_json = to_json(merged.to_wire())
+        if answer.status == "provisional":
             return Outcome(row.id, "handover", response_json=response_json,
                            delay_s=self._poll_delay(row))
         return Outcome(row.id, "final", response_json=response_json)

@@ -1,4 +1,7 @@
-"""Pure decisions of the outbox: request identity, backoff, and merging a final answer.
+"""Pure decisions of the outbox: request identity, backoff, stored-answer views.
+
+(Merging an upstream's answer into a tier's own is :func:`cascade.contract.answer.merge_upstream`,
+shared with the online path.)
 
 No I/O here, so each rule is tested with plain data (tests/unit/test_outbox_rules.py).
 """
@@ -61,21 +64,6 @@ def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random |
     """
     step = min(max_s, initial_s * (2.0 ** max(0, attempt - 1)))
     return float(step / 2 + (rng or random).uniform(0, step / 2))
-
-
-def merge_upstream_answer(stored: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
-    """This tier's stored answer updated with the upstream's (final or provisional) answer.
-
-    Keeps this tier's own hop (the first) and appends the upstream's hops, as the online path
-    does; label, confidence, status and ``answered_by`` come from the upstream.
-    """
-    merged = {k: v for k, v in stored.items() if k not in _VIEW_KEYS and not k.startswith("_")}
-    merged["label"] = upstream.get("label")
-    merged["confidence"] = upstream.get("confidence", stored.get("confidence"))
-    merged["status"] = upstream.get("status", "final")
-    merged["answered_by"] = upstream.get("answered_by", "upstream")
-    merged["hops"] = list(stored.get("hops", [])[:1]) + list(upstream.get("hops", []))
-    return merged
 
 
 def strip_view(stored: dict[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,8 @@ class BlockingCalls:
         self.offload_above_ms = offload_above_ms
         self.on_wait = on_wait
         self.measured_ms: float | None = None
+        self.in_flight = 0
+        """Calls running on a worker thread right now."""
         self._inline = mode != "thread"  # auto: inline until a warm-up says otherwise
         self._pool: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -98,9 +100,11 @@ class BlockingCalls:
                 f"model {self.name} is busy: all {self.max_concurrency} of its slots stayed "
                 "taken until the request's deadline", code="model_busy") from None
         self._report_wait(time.perf_counter() - started)
+        self.in_flight += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
+            self.in_flight -= 1
             self._slots.release()
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from cascade.contract.inputs import DECODERS
-from cascade.gating.drift import DriftMonitor
+from cascade.gating.drift_monitor import DriftMonitor
 from cascade.models.manifest import load_manifest
 from cascade.models.repository import model_spec
 from cascade.observability.decisionlog import DecisionRecorder

@@ -24,6 +24,7 @@ from cascade.outbox.rules import request_hash
 from cascade.tier.node import Answered, CallContext, Node, owed_escalation
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cascade.contract.answer import Answer
     from cascade.contract.schemas import InferRequest
     from cascade.outbox.outbox import Outbox
 
@@ -34,7 +35,7 @@ async def serve_infer(
     """Answer one request idempotently; returns ``(body, replayed)``."""
     key = ctx.request_id or request.request_id
     if key is None:
-        return (await _compute(outbox, node, request, ctx)).response, False
+        return (await _compute(outbox, node, request, ctx)).answer.to_wire(), False
     digest = request_hash(request.task, request.input)
     if key in outbox.inflight:
         outbox.stats["idempotency_conflicts"] += 1
@@ -55,36 +56,36 @@ async def serve_infer(
             return {k: v for k, v in stored.items() if not k.startswith("_")}, True
         answered = await _compute(outbox, node, request,
                                   replace(ctx, request_id=key, request_hash=digest))
+        body = answered.answer.to_wire()
         if not answered.queued:  # a queued answer was committed with its escalation
-            await outbox.save_result(key, request.task, digest, answered.response)
-        return answered.response, False
+            await outbox.save_result(key, request.task, digest, body)
+        return body, False
     finally:
         outbox.inflight.discard(key)
 
 
 async def _compute(outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext) -> Answered:
     answered = await node.answer(request, ctx)
-    if answered.response.get("status") == "provisional" and not answered.queued:
-        await _track_handover(outbox, node, request, ctx, answered.response)
-        return Answered(answered.response, queued=True)
+    if answered.answer.status == "provisional" and not answered.queued:
+        await _track_handover(outbox, node, request, ctx, answered.answer)
+        return Answered(answered.answer, queued=True)
     return answered
 
 
 async def _track_handover(
-    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext,
-    response: dict[str, Any],
+    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext, answer: Answer,
 ) -> None:
     """The upstream answered provisionally (it queued the work): keep our own record of it.
 
     So this tier can show the request in ``GET /v1/results/{id}``, fire the client's callback,
     and poll the upstream (re-sending with the same key) until its answer is final.
     """
-    upstream_escalation = response.pop("escalation", None)
+    upstream_escalation, answer.escalation = answer.escalation, None
     pending = owed_escalation(
-        request, ctx, response,
-        reason=f"upstream {response.get('answered_by')} answered provisionally and queued it",
+        request, ctx, answer,
+        reason=f"upstream {answer.answered_by} answered provisionally and queued it",
         task_policy=node.policy.task(request.task), traceparent=ctx.traceparent,
         handed_over=True)
-    response["escalation"] = await outbox.enqueue(pending)
+    answer.escalation = await outbox.enqueue(pending)
     if upstream_escalation is not None:
-        response["escalation"]["upstream"] = upstream_escalation
+        answer.escalation["upstream"] = upstream_escalation

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from cascade.contract.answer import Answer, Hop, merge_upstream
 from cascade.contract.deadline import Deadline
 from cascade.contract.escalation import EscalationQueue, PendingEscalation, UnqueuedEscalations
 from cascade.contract.inputs import InputDecoder
@@ -26,10 +27,11 @@ from cascade.errors import (
     UpstreamError,
     UpstreamRejected,
 )
-from cascade.gating.drift import DriftMonitor
+from cascade.gating.drift_monitor import DriftMonitor
 from cascade.gating.gate import Decision, decide
 from cascade.gating.scoring import assess_output
 from cascade.observability.decisionlog import DecisionRecorder
+from cascade.observability.outcome import OutcomeObserver, RequestOutcome
 from cascade.observability.telemetry import TierTelemetry
 from cascade.policy import LoadedPolicy
 from cascade.runners.base import Runner
@@ -65,15 +67,15 @@ class CallContext:
 
 @dataclass(frozen=True, slots=True)
 class Answered:
-    """What :meth:`Node.answer` did for one request: the response and whether this tier queued
-    an escalation (then the response is already committed with it, under the request's id)."""
+    """What :meth:`Node.answer` did for one request: the answer and whether this tier queued
+    an escalation (then the answer is already committed with it, under the request's id)."""
 
-    response: dict[str, Any]
+    answer: Answer
     queued: bool
 
 
 def owed_escalation(
-    request: InferRequest, ctx: CallContext, response: dict[str, Any], *, reason: str,
+    request: InferRequest, ctx: CallContext, answer: Answer, *, reason: str,
     task_policy: Any, traceparent: str | None, handed_over: bool = False,
 ) -> PendingEscalation:
     """The one place a :class:`PendingEscalation` is built: the node's own failed escalation
@@ -82,7 +84,7 @@ def owed_escalation(
     if request.callback_url:
         body["callback_url"] = request.callback_url
     return PendingEscalation(
-        id=response["id"], task=request.task, body=body, provisional=dict(response),
+        id=answer.id, task=request.task, body=body, provisional=answer.to_wire(),
         reason=reason, hop_count=ctx.hop_count + 1, ttl_s=task_policy.queue.ttl_s,
         max_attempts=task_policy.queue.max_attempts, traceparent=traceparent,
         callback_url=request.callback_url, request_hash=ctx.request_hash,
@@ -136,6 +138,8 @@ class Node:
         self.policy_reloads: dict[str, Any] = {"reloads": 0, "errors": 0, "last_error": None}
         self.drift = drift or DriftMonitor(self.tier)  # drift alarm per task
         self.drift.prime(policy, list(tasks))
+        self._observers: tuple[OutcomeObserver, ...] = (
+            self.decisions.record_outcome, self.telemetry.record_outcome)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -166,9 +170,9 @@ class Node:
 
     # -- serving ------------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest, ctx: CallContext) -> dict[str, Any]:
-        """Answer one request (the body of ``POST /v1/infer``)."""
-        return (await self.answer(request, ctx)).response
+    async def infer(self, request: InferRequest, ctx: CallContext) -> Answer:
+        """Answer one request (``POST /v1/infer``'s body is its :meth:`Answer.to_wire`)."""
+        return (await self.answer(request, ctx)).answer
 
     async def answer(self, request: InferRequest, ctx: CallContext) -> Answered:
         """Answer one request and say whether its escalation was queued here."""
@@ -200,8 +204,7 @@ class Node:
         inferred_ns = time.time_ns()
         rule = policy.rule(request.task, self.tier)
         scored = assess_output(output, rule)  # calibrated confidence, as replay computes it
-        signals, conf, label, probs = scored.signals, scored.confidence, scored.label, \
-            scored.probabilities
+        conf, label = scored.confidence, scored.label
         # Feeds the drift window; while a `tighten` alarm is on, the stricter rule (also what
         # the decision log records, so replay re-decides with it).
         rule = self.drift.observe(policy, request.task, conf, label, rule)
@@ -211,52 +214,43 @@ class Node:
             inferred_ns=inferred_ns, gated_ns=time.time_ns(), confidence=conf,
             decision=decision.value, signal=rule.signal, incoming=ctx.traceparent,
         )
-        trace_id = request_trace.trace_id
-        hop = {
-            "tier": self.tier,
-            "model": runner.model_name,
-            "label": label,
-            "confidence": round(conf, 6),
-            "decision": decision.value,
-            "ms": 0.0,
-        }
-        response: dict[str, Any] = {
-            "id": request_id,
-            "task": request.task,
-            "label": label if decision is not Decision.UNKNOWN else None,
-            "confidence": round(conf, 6),
-            "status": "unknown" if decision is Decision.UNKNOWN else "final",
-            "answered_by": self.tier,
-            "hops": [hop],
-            "trace_id": trace_id,
-        }
-        hop["ms"] = round((time.perf_counter() - started) * 1000, 3)  # this tier's own time
+        hop = Hop(tier=self.tier, model=runner.model_name, label=label,
+                  confidence=round(conf, 6), decision=decision.value, ms=0.0)
+        answer = Answer(
+            id=request_id, task=request.task,
+            label=label if decision is not Decision.UNKNOWN else None,
+            confidence=round(conf, 6),
+            status="unknown" if decision is Decision.UNKNOWN else "final",
+            answered_by=self.tier, hops=[hop], trace_id=request_trace.trace_id,
+        )
+        hop.ms = round((time.perf_counter() - started) * 1000, 3)  # this tier's own time
         queued = False
         if decision is Decision.ESCALATE:
             with request_trace.current():  # CLIENT and PRODUCER spans are its children
-                queued = await self._escalate(request, ctx, response, deadline,
-                                              request_trace.traceparent, task_policy)
-        self.decisions.observe(
-            policy, task=request.task, request_id=request_id, trace_id=trace_id,
-            hop=ctx.hop_count, model=runner.model_name, has_upstream=self.upstream is not None,
-            probabilities=probs, signals=signals, rule=rule, label=label, conf=conf,
-            decision=decision.value, response=response, payload=request.input,
+                answer, queued = await self._escalate(request, ctx, answer, deadline,
+                                                      request_trace.traceparent, task_policy)
+        outcome = RequestOutcome(
+            tier=self.tier, task=request.task, hop=ctx.hop_count, model=runner.model_name,
+            policy=policy, rule=rule, assessment=scored, decision=decision.value,
+            has_upstream=self.upstream is not None, answer=answer, queued=queued,
+            payload=request.input,
         )
-        self.telemetry.record_answer(response)
-        return Answered(response, queued)
+        for observe in self._observers:
+            observe(outcome)
+        return Answered(answer, queued)
 
     async def _escalate(
         self,
         request: InferRequest,
         ctx: CallContext,
-        response: dict[str, Any],
+        answer: Answer,
         deadline: Deadline,
         traceparent: str,
         task_policy: Any,
-    ) -> bool:
-        """Ask the upstream; on failure turn ``response`` into a provisional answer and queue.
+    ) -> tuple[Answer, bool]:
+        """Ask the upstream; on failure answer provisionally and queue the escalation.
 
-        Returns True when the escalation was handed to this tier's queue."""
+        Returns the answer and whether the escalation was handed to this tier's queue."""
         assert self.upstream is not None
         body: dict[str, Any] = {"task": request.task, "input": request.input}
         if request.callback_url:
@@ -269,7 +263,7 @@ class Node:
                 body,
                 deadline=deadline,
                 hop_count=ctx.hop_count + 1,
-                idempotency_key=response["id"],
+                idempotency_key=answer.id,
                 headers={"traceparent": traceparent},
             )
         except UpstreamRejected as exc:
@@ -277,27 +271,20 @@ class Node:
         except (UpstreamError, _NoBudget) as exc:
             reason = str(exc)
         else:
-            response["label"] = upstream.get("label")
-            response["confidence"] = upstream.get("confidence", response["confidence"])
-            response["status"] = upstream.get("status", "final")
-            response["answered_by"] = upstream.get("answered_by", "upstream")
-            response["hops"].extend(upstream.get("hops", []))
-            if "escalation" in upstream:
-                response["escalation"] = upstream["escalation"]
-            return False
+            return merge_upstream(answer, upstream), False
         if task_policy.offline == "reject":
             raise ServiceUnavailable(
                 f"upstream unavailable and the policy for {request.task!r} says reject: {reason}",
                 code="upstream_unavailable",
             )
-        response["status"] = "provisional"
-        with self.telemetry.enqueue_span(request.task, response["id"]) as queued_traceparent:
+        answer.status = "provisional"
+        with self.telemetry.enqueue_span(request.task, answer.id) as queued_traceparent:
             # the drain span links to the enqueue span when there is one
-            pending = owed_escalation(request, ctx, response, reason=reason,
+            pending = owed_escalation(request, ctx, answer, reason=reason,
                                       task_policy=task_policy,
                                       traceparent=queued_traceparent or traceparent)
-            response["escalation"] = await self.escalations.enqueue(pending)
-        return bool(response["escalation"].get("state") != "not_queued")
+            answer.escalation = await self.escalations.enqueue(pending)
+        return answer, answer.escalation.get("state") != "not_queued"
 
     def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` reports."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from cascade.contract.answer import Answer
 from cascade.contract.deadline import Deadline
 
 __all__ = ["BreakerView", "Upstream"]
@@ -40,7 +41,7 @@ class Upstream(Protocol):
 
     async def escalate(self, body: dict[str, Any], *, deadline: Deadline, hop_count: int,
                        idempotency_key: str,
-                       headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+                       headers: Mapping[str, str] | None = None) -> Answer:
         """The upstream's 200 answer to ``body``, within ``deadline``."""
         ...
 

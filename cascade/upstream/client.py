@@ -23,6 +23,7 @@ import httpx
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from cascade.contract.answer import Answer
 from cascade.contract.deadline import Deadline
 from cascade.errors import ConfigError, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from cascade.upstream.breaker import CircuitBreaker
@@ -156,8 +157,8 @@ class UpstreamClient:
         hop_count: int,
         idempotency_key: str,
         headers: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """POST ``body`` to the upstream's ``/v1/infer`` and return its 200 JSON body.
+    ) -> Answer:
+        """POST ``body`` to the upstream's ``/v1/infer`` and return its 200 answer.
 
         ``hop_count`` is sent as-is in ``X-Cascade-Hop`` (the caller increments it); ``headers``
         (e.g. ``traceparent``) are added to every attempt. Each attempt carries the deadline
@@ -191,7 +192,7 @@ class UpstreamClient:
             remaining_ms = deadline.remaining_s() * 1000.0 - backoff(retry_state) * 1000.0
             return remaining_ms < _MIN_ATTEMPT_MS
 
-        async def attempt() -> dict[str, Any]:
+        async def attempt() -> Answer:
             nonlocal attempts
             attempts += 1
             self.stats["attempts"] += 1
@@ -209,7 +210,7 @@ class UpstreamClient:
             reraise=True,
         )
         try:
-            result: dict[str, Any] = await retrying(attempt)
+            result: Answer = await retrying(attempt)
         except _Retryable as exc:
             self._breaker.record_failure()
             self.stats["failures"] += 1
@@ -240,7 +241,7 @@ class UpstreamClient:
         idempotency_key: str,
         extra_headers: Mapping[str, str] | None,
         hook: AbstractContextManager[object],
-    ) -> dict[str, Any]:
+    ) -> Answer:
         """One HTTP attempt within what is left of the deadline; classifies the outcome."""
         remaining_ms = deadline.remaining_ms()
         if remaining_ms < _MIN_ATTEMPT_MS:
@@ -284,7 +285,12 @@ class UpstreamClient:
         if status == 200:
             parsed = _parse_body(response)
             if isinstance(parsed, dict):
-                return parsed
+                try:
+                    return Answer.from_wire(parsed)
+                except UpstreamUnavailable as exc:
+                    raise _Final(UpstreamUnavailable(
+                        f"upstream {self.base_url} answered 200 with a body that is not a "
+                        f"cascade answer: {exc.message}"), upstream_alive=False) from None
             raise _Final(
                 UpstreamUnavailable(
                     f"upstream {self.base_url} answered 200 with a body that is not a JSON object"

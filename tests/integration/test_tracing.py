@@ -198,7 +198,7 @@ def test_request_that_climbs_is_one_trace_across_four_tiers(traced_chain: Any,
         assert server["attrs"]["cascade.tier"] == tier and server["attrs"]["cascade.task"] == "vision"
         children = {s["name"]: s for s in spans if s["parent_id"] == server["span_id"]}
         assert children["cascade.inference"]["attrs"]["cascade.model"] == server["attrs"]["cascade.model"]
-        assert children["cascade.gating.gate"]["attrs"]["cascade.decision"] == server["attrs"]["cascade.decision"]
+        assert children["cascade.gate"]["attrs"]["cascade.decision"] == server["attrs"]["cascade.decision"]
     assert servers["cloud"]["attrs"]["cascade.decision"] == "answer"
     assert servers["endpoint"]["attrs"]["cascade.answered_by"] == "cloud"
 
@@ -210,7 +210,7 @@ def test_request_answered_at_tier_1_is_a_single_tier_trace(traced_chain: Any,
     assert r.status_code == 200 and r.json()["answered_by"] == "endpoint"
     trace_id = r.json()["trace_id"]
     spans = receiver.wait_for(lambda s: len(in_trace(trace_id)(s)) >= 3 and in_trace(trace_id)(s))
-    assert sorted(s["name"] for s in spans) == ["POST /v1/infer", "cascade.gating.gate", "cascade.inference"]
+    assert sorted(s["name"] for s in spans) == ["POST /v1/infer", "cascade.gate", "cascade.inference"]
     assert {s["service"] for s in spans} == {"cascade-endpoint"}
     assert not any(s["kind"] == "CLIENT" for s in spans)
 

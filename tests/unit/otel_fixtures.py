@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cascade.contract.answer import Answer, Hop
 from cascade.contract.inputs import DECODERS
 from cascade.contract.outputs import Classification
 from cascade.policy import load_policy
@@ -130,9 +131,12 @@ class AnsweringCloud:
         self.breaker = CircuitBreaker()
         self.stats: dict[str, int] = {}
 
-    async def escalate(self, body: dict[str, Any], **_: Any) -> dict[str, Any]:
-        return {"label": "b", "confidence": 0.99, "status": "final", "answered_by": "cloud",
-                "hops": [{"tier": "cloud", "decision": "answer"}]}
+    async def escalate(self, body: dict[str, Any], *, idempotency_key: str,
+                       **_: Any) -> Answer:
+        return Answer(id=idempotency_key, task=body["task"], label="b", confidence=0.99,
+                      status="final", answered_by="cloud",
+                      hops=[Hop(tier="cloud", model="cloud-model", label="b", confidence=0.99,
+                                decision="answer", ms=0.1)])
 
     async def aclose(self) -> None:
         return None
@@ -157,7 +161,7 @@ async def send_texts(node: Node, probs: list[float], start: int = 0) -> list[dic
     out = []
     for i, p in enumerate(probs, start):
         req = InferRequest.model_validate({"task": "documents", "input": {"text": f"p={p} doc"}})
-        out.append(await node.infer(req, CallContext(request_id=f"req-{i}")))
+        out.append((await node.infer(req, CallContext(request_id=f"req-{i}"))).to_wire())
     return out
 
 

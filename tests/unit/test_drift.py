@@ -11,7 +11,6 @@ from cascade.gating.drift import (
     CHECK_EVERY,
     CONFIRM_CHECKS,
     DriftDetector,
-    DriftMonitor,
     DriftReference,
     DriftSettings,
     chi2_quantile,
@@ -21,6 +20,7 @@ from cascade.gating.drift import (
     psi,
     tightened,
 )
+from cascade.gating.drift_monitor import DriftMonitor
 from cascade.gating.gate import GateRule
 from cascade.policy import load_policy_bytes
 

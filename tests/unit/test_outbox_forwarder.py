@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from cascade.contract.answer import Answer
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import UpstreamRejected, UpstreamUnavailable
 from cascade.outbox import Outbox, OutboxSettings
@@ -36,7 +37,7 @@ class ScriptedUpstream:
         self.delay_s = 0.0
 
     async def escalate(self, body: dict[str, Any], *, deadline: Any, hop_count: int,
-                       idempotency_key: str, headers: dict[str, str]) -> dict[str, Any]:
+                       idempotency_key: str, headers: dict[str, str]) -> Answer:
         if not self.breaker.allow_request():
             raise _unavailable("circuit open", attempts=0)
         self.calls.append((idempotency_key, body, hop_count, dict(headers)))
@@ -54,7 +55,7 @@ class ScriptedUpstream:
                     self.breaker.record_failure()
                 raise reply
             self.breaker.record_success()
-            return {"id": idempotency_key, **reply}
+            return Answer.from_wire({"id": idempotency_key, "task": body["task"], **reply})
         finally:
             self.in_flight -= 1
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from cascade.contract.answer import Answer, Hop
 from cascade.contract.schemas import InferRequest
 from cascade.errors import IdempotencyConflict
 from cascade.outbox import Outbox, OutboxSettings
@@ -35,22 +36,25 @@ class FakeNode:
         if self.release is not None:
             await self.release.wait()
         rid = ctx.request_id or request.request_id or f"gen-{self.calls}"
-        response: dict[str, Any] = {
-            "id": rid, "task": request.task, "label": "tech", "confidence": 0.5,
-            "status": "final", "answered_by": "endpoint",
-            "hops": [{"tier": "endpoint", "decision": "answer"}], "trace_id": "t"}
+        answer = Answer(id=rid, task=request.task, label="tech", confidence=0.5, status="final",
+                        answered_by="endpoint", hops=[hop("endpoint", "answer")], trace_id="t")
         if self.mode == "offline":
-            response["status"] = "provisional"
-            pending = owed_escalation(request, ctx, response, reason="down",
+            answer.status = "provisional"
+            pending = owed_escalation(request, ctx, answer, reason="down",
                                       task_policy=self.policy.task(request.task),
                                       traceparent=None)
-            response["escalation"] = await self.escalations.enqueue(pending)
-            return Answered(response, queued=True)
-        elif self.mode == "upstream_provisional":
-            response.update(status="provisional", answered_by="edge-node",
-                            escalation={"state": "queued", "held_by": "edge-node"})
-            response["hops"].append({"tier": "edge-node", "decision": "escalate"})
-        return Answered(response, queued=False)
+            answer.escalation = await self.escalations.enqueue(pending)
+            return Answered(answer, queued=True)
+        if self.mode == "upstream_provisional":
+            answer.status, answer.answered_by = "provisional", "edge-node"
+            answer.escalation = {"state": "queued", "held_by": "edge-node"}
+            answer.hops.append(hop("edge-node", "escalate"))
+        return Answered(answer, queued=False)
+
+
+def hop(tier: str, decision: str) -> Hop:
+    return Hop(tier=tier, model=f"m-{tier}", label="tech", confidence=0.5, decision=decision,
+               ms=0.1)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def request_through(trace_dir: Path, decision_at_endpoint: str, sleep_ns: int = 
                                "cascade.status": "final", "http.response.status_code": 200,
                                "cascade.answered_by": "cloud" if decision_at_endpoint == "escalate"
                                else "endpoint"})
-        with endpoint.start_as_current_span("cascade.gating.gate") as gate:
+        with endpoint.start_as_current_span("cascade.gate") as gate:
             gate.set_attributes({"cascade.decision": decision_at_endpoint, "cascade.confidence": 0.41})
         if decision_at_endpoint == "escalate":
             with endpoint.start_as_current_span("POST", kind=SpanKind.CLIENT) as client:
@@ -165,7 +165,7 @@ def test_waterfall_across_tiers_with_decisions(tmp_path: Path) -> None:
     assert "final, answered by cloud" in out
     rows = [line for line in out.splitlines() if "█" in line]
     names = [line.split("│")[0].strip() for line in rows]
-    assert names == ["POST /v1/infer", "cascade.gating.gate", "POST → upstream", "POST /v1/infer"]
+    assert names == ["POST /v1/infer", "cascade.gate", "POST → upstream", "POST /v1/infer"]
     indents = [len(line) - len(line.lstrip()) for line in rows]
     assert indents[0] < indents[1] == indents[2] < indents[3]  # the cloud span nests under CLIENT
     assert "escalate @ 0.410" in rows[0] and "answer @ 0.990" in rows[3]

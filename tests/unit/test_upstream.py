@@ -18,6 +18,7 @@ import httpx
 import orjson
 import pytest
 
+from cascade.contract.answer import Answer
 from cascade.contract.deadline import Deadline
 from cascade.errors import ConfigError, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from cascade.upstream.breaker import CircuitBreaker
@@ -26,7 +27,8 @@ from cascade.upstream.client import UpstreamClient
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 BASE_URL = "http://upstream.test"
 BODY: dict[str, Any] = {"task": "vision", "input": {"image": [[0] * 8] * 8}}
-ANSWER: dict[str, Any] = {"id": "r1", "label": "7", "confidence": 0.99, "status": "final"}
+ANSWER: dict[str, Any] = {"id": "r1", "task": "vision", "label": "7", "confidence": 0.99,
+                          "status": "final"}
 
 
 class Recorder:
@@ -85,7 +87,7 @@ async def escalate(
 async def test_retries_503_then_returns_the_200_body() -> None:
     upstream = Recorder(503, 503, 200)
     client = client_for(upstream)
-    assert await escalate(client) == ANSWER
+    assert await escalate(client) == Answer.from_wire(ANSWER)
     assert upstream.calls == 3
     assert client.stats == {
         "attempts": 3,
@@ -241,10 +243,10 @@ async def test_half_open_lets_one_probe_through_and_its_success_closes() -> None
     with pytest.raises(UpstreamUnavailable, match="circuit open"):
         await escalate(client)  # only one probe at a time
     release.set()
-    assert await probe == ANSWER
+    assert await probe == Answer.from_wire(ANSWER)
     assert breaker.state_code == 0  # closed
     assert upstream.calls == 2
-    assert await escalate(client) == ANSWER
+    assert await escalate(client) == Answer.from_wire(ANSWER)
 
 
 async def test_half_open_probe_failure_reopens() -> None:
@@ -330,7 +332,7 @@ async def test_on_attempt_hook_wraps_each_attempt_with_its_resend_count() -> Non
 async def test_probe_reports_health_and_never_raises() -> None:
     async def healthz(request: httpx.Request) -> httpx.Response:
         assert request.method == "GET" and request.url.path == "/healthz"
-        return httpx.Response(200, json={"status": "ok"})
+        return httpx.Response(200, json=ANSWER)
 
     async def hangs(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(5)

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from cascade.gating.drift import DriftDetector, DriftMonitor, escalation_z, psi
+from cascade.gating.drift import DriftDetector, escalation_z, psi
+from cascade.gating.drift_monitor import DriftMonitor
 from cascade.gating.gate import Decision, decide
 
 CLEAN_ORDERS = 200

@@ -1,0 +1,41 @@
+"""A tier's life around serving: what starts before the first request and stops after the last.
+
+Start: the outbox (writer thread, forwarder when there is an upstream, callbacks, maintenance)
+and the policy reloader (file watch + SIGHUP). Stop, in reverse: the reloader, the outbox (stop
+sending, commit pending writes, close the database), then the node (upstream connections, model
+threads, decision log). The HTTP layer only calls :func:`run_tier_lifecycle`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from cascade.outbox import Outbox
+from cascade.policy.reload import PolicyReloader
+from cascade.tier.node import Node
+
+__all__ = ["outbox_of", "run_tier_lifecycle"]
+
+
+def outbox_of(node: Node) -> Outbox | None:
+    """The node's durable outbox, if it has one (a tier built by hand in a test may not)."""
+    queue = getattr(node, "escalations", None)
+    return queue if isinstance(queue, Outbox) else None
+
+
+@asynccontextmanager
+async def run_tier_lifecycle(node: Node) -> AsyncIterator[Node]:
+    """Start the node's background parts, yield it ready to serve, stop them in reverse."""
+    outbox = outbox_of(node)
+    if outbox is not None:
+        await outbox.start(node.upstream)
+    reloader = PolicyReloader(node)  # nothing per request
+    await reloader.start()
+    try:
+        yield node
+    finally:
+        await reloader.stop()
+        if outbox is not None:
+            await outbox.aclose()
+        await node.aclose()
