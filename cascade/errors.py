@@ -6,6 +6,7 @@ Callers catch what they can handle; everything derives from :class:`CascadeError
     ├── ConfigError                 node config / settings invalid (names source and key)
     │   └── PolicyError             policy YAML invalid (names file, key path, allowed values)
     ├── ModelError                  a model file is missing, corrupt or fails its checksum
+    │   └── RegistrationError       a task folder cannot be registered (names file and key)
     ├── RequestError                a client request is unacceptable (maps to a 4xx)
     │   ├── InvalidInput            422: wrong shape, type, range, empty text...
     │   ├── UnknownTask             422: task not served by this tier
@@ -71,6 +72,18 @@ class ModelError(CascadeError):
     """A model could not be loaded: missing file, checksum mismatch, wrong signature."""
 
     code = "model_error"
+
+
+class RegistrationError(ModelError):
+    """``cascade models register`` refused a task folder: the message names the file (task.yaml,
+    a model, the held-out file) and the key path or line, and what is allowed."""
+
+    code = "registration_error"
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, field=key)
+        self.file = file
+        self.key = key
 
 
 class RequestError(CascadeError):

@@ -11,19 +11,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cascade.cli.register_cmd import register
 from cascade.errors import ModelError
 from cascade.models.manifest import Manifest
 
 models_app = typer.Typer(
     name="models",
-    help="Build and inspect the ONNX model ladders (one model per tier and task).",
+    help="Build the built-in ONNX model ladders, or register your own (one model per tier).",
     no_args_is_help=True,
 )
+models_app.command("register")(register)
 
 
 @models_app.callback()
 def models() -> None:
-    """Build and inspect the ONNX model ladders (one model per tier and task)."""
+    """Build the built-in ONNX model ladders, or register your own (one model per tier)."""
 
 
 @models_app.command("build")

@@ -113,7 +113,7 @@ def up(
 
 
 def infer(
-    task: str = typer.Argument(..., help="vision or documents."),
+    task: str = typer.Argument(..., help="vision, documents, or a registered task."),
     text: str | None = typer.Argument(None, help="documents: the text to classify."),
     image: str | None = typer.Option(None, help="vision: 8x8 JSON grid of 0..16."),
     png: Path | None = typer.Option(None, help="vision: a PNG file (scaled to 8x8)."),
@@ -131,6 +131,7 @@ def infer(
       cascade infer documents "The striker scored twice in the cup final"
       cascade infer vision --sample 3
       cascade infer vision --png digit.png --url http://127.0.0.1:8102
+      cascade infer wine --sample 0        (a registered task: its test split)
     """
     import base64
 
@@ -140,10 +141,11 @@ def infer(
     truth = None
     payload: dict[str, Any]
     if sample is not None:
-        from cascade.models.manifest import load_split
+        from cascade.models.manifest import load_manifest, load_split
 
         try:
             inputs, labels = load_split(models_dir, task, "test")
+            declared = load_manifest(models_dir).task(task).input
         except (CascadeError, KeyError) as exc:
             fail(f"cannot load the test split of {task!r} from {models_dir}: {exc}")
         if not 0 <= sample < len(labels):
@@ -151,7 +153,7 @@ def infer(
         truth = labels[sample]
         from cascade.contract.inputs import request_body
 
-        payload = request_body(task, inputs[sample])["input"]
+        payload = request_body(task, inputs[sample], declared)["input"]
     elif text is not None:
         payload = {"text": text}
     elif image is not None:

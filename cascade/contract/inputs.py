@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from cascade.errors import InvalidInput
+from cascade.contract.decoders import decoder_for, sample_input
+from cascade.contract.input_spec import InputSpec
+from cascade.errors import InvalidInput, ModelError
 
 IMAGE_SIDE = 8
 PIXEL_MAX = 16.0
@@ -141,8 +143,11 @@ def image_grid(pixels: Any) -> list[list[float]]:
     return [flat[r * IMAGE_SIDE : (r + 1) * IMAGE_SIDE] for r in range(IMAGE_SIDE)]
 
 
-def request_body(task: str, sample: Any) -> dict[str, Any]:
-    """The ``POST /v1/infer`` body for one stored split sample (an image row or a text)."""
+def request_body(task: str, sample: Any, spec: InputSpec | None = None) -> dict[str, Any]:
+    """The ``POST /v1/infer`` body for one stored split sample: an image row or a text of the
+    built-in tasks, or a decoded row of a task with a declared input ``spec``."""
+    if spec is not None:
+        return {"task": task, "input": sample_input(spec, sample)}
     if task == "vision":
         return {"task": task, "input": {"image": image_grid(sample)}}
     return {"task": task, "input": {"text": sample}}
@@ -151,4 +156,16 @@ def request_body(task: str, sample: Any) -> dict[str, Any]:
 InputDecoder = Callable[..., Any]
 
 DECODERS: dict[str, InputDecoder] = {"image8x8": vision_input, "text": documents_input}
-"""Input kinds of the manifest → their validator/decoder."""
+"""The built-in input kinds (no declaration needed) → their validator/decoder."""
+
+
+def input_decoder(kind: str, spec: InputSpec | None = None) -> InputDecoder:
+    """The decoder of a task: configured by its declared input when it has one (registered
+    tasks), else the built-in decoder of ``kind``."""
+    if spec is not None:
+        return decoder_for(spec)
+    try:
+        return DECODERS[kind]
+    except KeyError:
+        raise ModelError(f"input kind {kind!r} needs a declared input (task.yaml 'input:')",
+                         field="input_kind") from None

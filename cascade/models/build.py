@@ -25,7 +25,12 @@ from rich.progress import (
 )
 
 from cascade.errors import ModelError
-from cascade.models.freshness import compute_build_key, package_versions, up_to_date_manifest
+from cascade.models.freshness import (
+    compute_build_key,
+    package_versions,
+    registered_tasks,
+    up_to_date_manifest,
+)
 from cascade.models.manifest import (
     DOCUMENTS_SPLIT_FILE,
     MANIFEST_FILE,
@@ -116,6 +121,9 @@ def build_models(
             return existing
         with staging_dir(out_dir) as stage:
             manifest = _build_into(stage, build_key, console, show_progress)
+            # Tasks registered into this directory stay registered across rebuilds.
+            kept = registered_tasks(out_dir)
+            manifest = manifest.model_copy(update={"tasks": {**manifest.tasks, **kept}})
             publish(stage, out_dir, manifest)
     if show_progress:
         console.print(

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from cascade.errors import ModelError
-from cascade.models.manifest import Manifest, load_manifest, sha256_file
+from cascade.models.manifest import Manifest, TaskEntry, load_manifest, sha256_file
 from cascade.models.specs import CALIBRATION_FRACTION, LADDERS, SPLIT_SEED, TASKS, TEST_FRACTION
 
 BUILD_FORMAT = 1
@@ -41,6 +41,16 @@ _KEY_SOURCES = (
     "build.py",
     "freshness.py",
 )
+
+
+def registered_tasks(out_dir: Path) -> dict[str, TaskEntry]:
+    """The registered (not built-in) tasks of an existing manifest, which a build keeps."""
+    try:
+        manifest = load_manifest(out_dir)
+    except ModelError:
+        return {}
+    return {name: task for name, task in manifest.tasks.items()
+            if task.registered_from is not None and name not in TASKS}
 
 
 def package_versions() -> dict[str, str]:
@@ -76,14 +86,15 @@ def compute_build_key() -> str:
 
 
 def up_to_date_manifest(out_dir: Path, build_key: str) -> Manifest | None:
-    """The existing manifest if it has ``build_key`` and every file it lists is intact."""
+    """The existing manifest if it has ``build_key`` and every file of the built-in tasks is
+    intact (registered tasks are the user's: ``cascade models register`` checked them)."""
     try:
         manifest = load_manifest(out_dir)
     except ModelError:
         return None
-    if manifest.build_key != build_key or set(manifest.tasks) != set(TASKS):
+    if manifest.build_key != build_key or not set(TASKS) <= set(manifest.tasks):
         return None
-    for task in manifest.tasks.values():
+    for task in (manifest.tasks[name] for name in TASKS):
         expected = [(task.splits.file, task.splits.sha256)]
         for tier in task.tiers.values():
             expected += [(tier.file, tier.sha256), (tier.fp32_file, tier.fp32_sha256)]

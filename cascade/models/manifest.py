@@ -6,6 +6,9 @@ Layout::
     vision/<tier>.{fp32,int8}.onnx, documents/<tier>.{fp32,int8}.onnx
     data/vision.npz           X_calib, y_calib, X_test, y_test (float32 [N, 64], class names)
     data/documents.json       {"classes", "calibration": {"texts", "labels"}, "test": {...}}
+    <task>/task.yaml, <task>/*.onnx, data/<task>.{npz,json}
+                              a registered task (``cascade models register``): its declared
+                              input is in the manifest, its splits hold decoded inputs
 
 Serving code, calibration and benchmarks read it through this module, which needs only
 pydantic and numpy (never scikit-learn).
@@ -16,17 +19,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cascade import TIERS
+from cascade.contract.input_spec import InputSpec
 from cascade.errors import ModelError
-from cascade.models.specs import TASKS
 
 MANIFEST_FILE = "manifest.json"
 
@@ -38,7 +50,9 @@ NPZ_SUFFIX = {"calibration": "calib", "test": "test"}
 """Array names in the vision split file: ``X_calib``, ``y_calib``, ``X_test``, ``y_test``."""
 SCHEMA_VERSION: Literal[1] = 1
 
-InputKind = Literal["image8x8", "text"]
+InputKind = Literal["image8x8", "text", "image", "tensor", "features"]
+"""``image8x8`` is the built-in vision input; the others are declared (``TaskEntry.input``)."""
+TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class _Strict(BaseModel):
@@ -74,8 +88,10 @@ class TierEntry(_Strict):
     accuracy: float = Field(description="test accuracy of the deployed file")
     fp32_accuracy: float
     int8_accuracy: float | None = None
-    sklearn_agreement: float = Field(description="share of test argmaxes equal to scikit-learn's")
-    sklearn_max_abs_diff: float = Field(description="largest probability gap to scikit-learn")
+    sklearn_agreement: float | None = Field(
+        None, description="share of test argmaxes equal to scikit-learn's (built-in tasks)")
+    sklearn_max_abs_diff: float | None = Field(
+        None, description="largest probability gap to scikit-learn (built-in tasks)")
     latency_ms_p50: float = Field(description="deployed file, one sample per call, 1 thread")
     latency_ms_p95: float
     fp32_latency_ms_p50: float
@@ -99,7 +115,7 @@ class SplitInfo(_Strict):
     """The fixed held-out splits, shared by build, calibration and benchmark."""
 
     seed: int
-    train: int
+    train: int | None = Field(description="rows trained on (None: a registered model's)")
     calibration: int
     test: int
     file: str
@@ -113,8 +129,21 @@ class TaskEntry(_Strict):
 
     classes: tuple[str, ...] = Field(min_length=2)
     input_kind: InputKind
+    input: InputSpec | None = Field(
+        None, description="the declared input of a registered task (task.yaml 'input:')")
     splits: SplitInfo
     tiers: dict[str, TierEntry] = Field(min_length=1)
+    registered_from: str | None = Field(
+        None, description="the task.yaml this entry was registered from (None: built in)")
+
+    @model_validator(mode="after")
+    def _declared_input(self) -> TaskEntry:
+        if self.input is not None and self.input.kind != self.input_kind:
+            raise ValueError(f"input.kind {self.input.kind!r} differs from input_kind "
+                             f"{self.input_kind!r}")
+        if self.input is None and self.input_kind not in ("image8x8", "text"):
+            raise ValueError(f"input_kind {self.input_kind!r} needs a declared 'input'")
+        return self
 
     @field_validator("tiers")
     @classmethod
@@ -139,10 +168,11 @@ class Manifest(_Strict):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, tasks: dict[str, TaskEntry]) -> dict[str, TaskEntry]:
-        unknown = [name for name in tasks if name not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; allowed: {', '.join(TASKS)}")
+    def _task_names(cls, tasks: dict[str, TaskEntry]) -> dict[str, TaskEntry]:
+        bad = [name for name in tasks if not TASK_NAME.match(name)]
+        if bad:
+            raise ValueError(f"task name {bad[0]!r} is not allowed: lowercase letters, digits,"
+                             f" '-' and '_', starting with a letter or digit")
         return tasks
 
     @property
@@ -259,14 +289,16 @@ def load_split(
 @overload
 def load_split(
     models_dir: Path, task: str, split: str
-) -> tuple[npt.NDArray[np.float32] | list[str], list[str]]: ...
+) -> tuple[npt.NDArray[Any] | list[str], list[str]]: ...
 def load_split(
     models_dir: Path, task: str, split: str
-) -> tuple[npt.NDArray[np.float32] | list[str], list[str]]:
+) -> tuple[npt.NDArray[Any] | list[str], list[str]]:
     """Inputs and true class names of a held-out split, as the models expect them.
 
     ``vision`` inputs are a float32 array [N, 64] of raw pixel values; ``documents`` inputs are
-    a list of texts. The split file is checked against the manifest's sha256.
+    a list of texts; a registered task's are its decoded inputs (an array [N, ...] from an
+    ``.npz`` split file, or texts from a ``.json`` one). The split file is checked against the
+    manifest's sha256.
     """
     if split not in SPLITS:
         raise ModelError(
@@ -275,20 +307,25 @@ def load_split(
             field="split",
         )
     manifest = load_manifest(models_dir)
-    info = manifest.task(task).splits
+    entry = manifest.task(task)
+    info = entry.splits
     path = manifest.root / info.file
+    again = ("rebuild with `cascade models build --force`" if entry.registered_from is None
+             else f"register it again: `cascade models register {entry.registered_from}`")
     if not path.is_file():
-        raise ModelError(f"split file {path} is missing: rebuild with `cascade models build`")
+        raise ModelError(f"split file {path} is missing: {again}")
     if sha256_file(path) != info.sha256:
         raise ModelError(
             f"split file {path} does not match the sha256 in the manifest: it was modified"
-            f" after the build; rebuild with `cascade models build --force`"
+            f" after it was written; {again}"
         )
-    if task == "vision":
+    if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as arrays:
             suffix = NPZ_SUFFIX[split]
-            images = arrays[f"X_{suffix}"].astype(np.float32, copy=False)
-            return images, [str(label) for label in arrays[f"y_{suffix}"]]
+            inputs = arrays[f"X_{suffix}"]
+            if inputs.dtype.kind == "f":
+                inputs = inputs.astype(np.float32, copy=False)
+            return inputs, [str(label) for label in arrays[f"y_{suffix}"]]
     payload = json.loads(path.read_text(encoding="utf-8"))
     part = payload[split]
     return list(part["texts"]), list(part["labels"])

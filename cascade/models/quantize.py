@@ -1,16 +1,26 @@
-"""int8 dynamic quantization of the edge tiers' graphs with onnxruntime's quantizer."""
+"""int8 quantization of the edge tiers' graphs with onnxruntime's quantizer: dynamic (the
+built-in ladders, and ``register --quantize int8``) or static over a calibration set
+(``register --quantize int8-static``)."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm")
 METHOD = "dynamic"
@@ -42,6 +52,39 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> QuantizationResult:
             per_channel=False,
             reduce_range=False,
         )
+    return _result(fp32_path, int8_path)
+
+
+def quantize_int8_static(fp32_path: Path, int8_path: Path, input_name: str,
+                         calibration: Iterable[npt.NDArray[np.generic]]) -> QuantizationResult:
+    """Write an int8 twin whose MatMul/Gemm weights *and* activations use fixed scales,
+    measured (min/max) on ``calibration`` (graph-ready tensors, one batch each): no run-time
+    range computation, at the price of ranges the calibration set must cover."""
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_root_logger():
+        quantize_static(
+            model_input=fp32_path,
+            model_output=int8_path,
+            calibration_data_reader=_Batches(input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+            activation_type=QuantType.QUInt8,
+            weight_type=WEIGHT_TYPE,
+            per_channel=False,
+            reduce_range=False,
+        )
+    return _result(fp32_path, int8_path)
+
+
+class _Batches(CalibrationDataReader):  # type: ignore[misc]  # untyped base class
+    def __init__(self, input_name: str, batches: Iterable[npt.NDArray[np.generic]]) -> None:
+        self._feeds = iter([{input_name: batch} for batch in batches])
+
+    def get_next(self) -> dict[str, npt.NDArray[np.generic]] | None:
+        return next(self._feeds, None)
+
+
+def _result(fp32_path: Path, int8_path: Path) -> QuantizationResult:
     before = _op_counts(fp32_path)
     after = _op_counts(int8_path)
     float_matmuls = sum(before.get(op, 0) for op in QUANTIZED_OP_TYPES)
@@ -53,6 +96,12 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> QuantizationResult:
         graph_changed=before != after,
         size_ratio=round(fp32_path.stat().st_size / int8_path.stat().st_size, 3),
     )
+
+
+def quantizable_ops(path: Path) -> int:
+    """How many MatMul/Gemm nodes the graph has (0: int8 quantization would change nothing)."""
+    counts = _op_counts(path)
+    return sum(counts.get(op, 0) for op in QUANTIZED_OP_TYPES)
 
 
 def _op_counts(path: Path) -> dict[str, int]:

@@ -29,7 +29,7 @@ def model_spec(manifest: Manifest, task: str, tier: str, *, verify_sha256: bool 
     except OSError as exc:
         raise ModelError(
             f"model file {path} for {task}/{tier} cannot be read ({exc.strerror}):"
-            f" rebuild with `cascade models build`"
+            f" {_rebuild_hint(manifest, task).replace(' --force', '')}"
         ) from exc
     if verify_sha256:
         actual = hashlib.sha256(data).hexdigest()
@@ -37,13 +37,21 @@ def model_spec(manifest: Manifest, task: str, tier: str, *, verify_sha256: bool 
             raise ModelError(
                 f"model file {path} for {task}/{tier} failed its checksum: sha256 is"
                 f" {actual[:16]}..., the manifest expects {entry.sha256[:16]}...; the file"
-                f" is corrupted or was modified. Refusing to load it; rebuild with"
-                f" `cascade models build --force`"
+                f" is corrupted or was modified. Refusing to load it; "
+                f"{_rebuild_hint(manifest, task)}"
             )
     task_entry = manifest.task(task)
     return ModelSpec(task=task, tier=tier, runtime=entry.runtime,
                      model_name=manifest.model_name(task, tier), classes=task_entry.classes,
-                     input_kind=task_entry.input_kind, path=path, data=data, calls=calls)
+                     input_kind=task_entry.input_kind, path=path, data=data, calls=calls,
+                     input_spec=task_entry.input)
+
+
+def _rebuild_hint(manifest: Manifest, task: str) -> str:
+    folder = manifest.task(task).registered_from
+    if folder is None:
+        return "rebuild with `cascade models build --force`"
+    return f"register it again with `cascade models register {folder} ...`"
 
 
 def load_runner(models_dir: Path, task: str, tier: str, *, verify_sha256: bool = True,

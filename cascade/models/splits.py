@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cascade.models.manifest import DOCUMENTS_SPLIT_FILE, NPZ_SUFFIX, VISION_SPLIT_FILE
 
-__all__ = ["DOCUMENTS_SPLIT_FILE", "VISION_SPLIT_FILE", "save_documents_split", "save_vision_split"]
+__all__ = ["DOCUMENTS_SPLIT_FILE", "VISION_SPLIT_FILE", "save_array_split", "save_documents_split",
+           "save_vision_split"]
 
 
 def save_vision_split(
@@ -24,10 +26,21 @@ def save_vision_split(
     test: tuple[npt.NDArray[np.float32], Sequence[str]],
 ) -> None:
     """Write the vision calibration and test splits to ``path`` (an ``.npz``)."""
+    save_array_split(path, (np.asarray(calibration[0], np.float32), calibration[1]),
+                     (np.asarray(test[0], np.float32), test[1]))
+
+
+def save_array_split(
+    path: Path,
+    calibration: tuple[npt.NDArray[Any], Sequence[str]],
+    test: tuple[npt.NDArray[Any], Sequence[str]],
+) -> None:
+    """Write calibration and test splits of array inputs (any shape and dtype) to an ``.npz``:
+    ``X_calib``, ``y_calib``, ``X_test``, ``y_test``, as :func:`load_split` reads them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for name, (images, labels) in (("calibration", calibration), ("test", test)):
-        arrays[f"X_{NPZ_SUFFIX[name]}"] = np.ascontiguousarray(images, dtype=np.float32)
+    for name, (inputs, labels) in (("calibration", calibration), ("test", test)):
+        arrays[f"X_{NPZ_SUFFIX[name]}"] = np.ascontiguousarray(inputs)
         arrays[f"y_{NPZ_SUFFIX[name]}"] = np.asarray(labels, dtype=str)
     with path.open("wb") as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cascade.config_errors import validation_lines
 from cascade.errors import PolicyError
 from cascade.gating.drift import DriftReference, DriftSettings
 from cascade.gating.gate import GateRule
@@ -88,59 +86,6 @@ class LoadedPolicy:
             ) from None
 
 
-def _key_path(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(root)"
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the schema allows at the mapping that contains ``loc`` (walks the models)."""
-    model: Any = Policy
-    parts = list(loc[:-1])
-    while parts:
-        part = parts.pop(0)
-        fields = getattr(model, "model_fields", None)
-        if fields is None or part not in fields:
-            return []
-        annotation = _unwrap_optional(fields[part].annotation)
-        if typing.get_origin(annotation) is dict:
-            model = typing.get_args(annotation)[1]
-            if parts:
-                parts.pop(0)  # the mapping key (a task or tier name)
-            else:
-                return []
-        else:
-            model = annotation
-    return sorted(getattr(model, "model_fields", {}))
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    """``X | None`` -> ``X`` (the model whose keys an error under that key should list)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        models = [a for a in typing.get_args(annotation) if hasattr(a, "model_fields")]
-        if len(models) == 1:
-            return models[0]
-    return annotation
-
-
-def _describe(error: dict[str, Any]) -> str:
-    """One readable sentence for one pydantic error, including the allowed values."""
-    kind = error.get("type", "")
-    ctx = error.get("ctx") or {}
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(tuple(error["loc"]))
-        close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown key{hint}; allowed keys here: {', '.join(allowed)}"
-    if kind == "literal_error":
-        return f"got {error.get('input')!r}; allowed: {ctx.get('expected')}"
-    if kind == "missing":
-        return "required key is missing"
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    if "input" in error and kind not in ("model_type", "dict_type"):
-        return f"{message} (got {error['input']!r})"
-    return message
-
-
 def parse_policy(data: Any, *, source: str) -> Policy:
     """Validate already-parsed YAML data; errors name ``source`` and every bad key path."""
     if not isinstance(data, dict):
@@ -152,12 +97,9 @@ def parse_policy(data: Any, *, source: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        # A typo shows up as an unknown key *and* a missing one: report the unknown key first.
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        lines = [f"{source}: {_key_path(e['loc'])}: {_describe(dict(e))}" for e in errors]
-        first = errors[0]
+        lines = validation_lines(exc, source=source, root=Policy)
         raise PolicyError(
-            "\n".join(lines), file=source, key=_key_path(first["loc"])
+            "\n".join(line for _, line in lines), file=source, key=lines[0][0]
         ) from None
 
 

@@ -15,15 +15,22 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from cascade.contract.deadline import Deadline
+from cascade.contract.input_spec import InputSpec
 from cascade.contract.outputs import Classification, Output
 from cascade.errors import InvalidInput, ModelError
 from cascade.runners.execution import BlockingCalls, measure_ms
+from cascade.runners.prepare import preparer_for, warmup_input
 
 if TYPE_CHECKING:
     from cascade.runners.registry import ModelSpec
 
 VISION_FEATURES = 64
 _PROBABILITIES_OUTPUT = "probabilities"
+
+
+def probabilities_output(names: Sequence[str]) -> str:
+    """Which output holds the probabilities: ``probabilities`` if there is one, else the last."""
+    return _PROBABILITIES_OUTPUT if _PROBABILITIES_OUTPUT in names else names[-1]
 
 
 def _session_options() -> ort.SessionOptions:
@@ -42,7 +49,8 @@ class OnnxRunner:
     """One ONNX classifier: raw task inputs in, class probabilities out.
 
     ``vision`` takes a float32 array [N, 64] of raw 0..16 pixel values; ``documents`` takes a
-    sequence of texts. Build one with :meth:`from_bytes`; serving loads it through the model
+    sequence of texts; a task with a declared ``input_spec`` takes a batch of decoded inputs
+    (:mod:`cascade.runners.prepare` turns them into the graph's tensor). Build one with :meth:`from_bytes`; serving loads it through the model
     repository (:func:`cascade.models.repository.load_runner`, which checks the sha256).
     """
 
@@ -57,23 +65,24 @@ class OnnxRunner:
         path: Path | None = None,
         sha256: str | None = None,
         calls: BlockingCalls | None = None,
+        input_spec: InputSpec | None = None,
     ) -> None:
         self.task = task
         self.classes: tuple[str, ...] = tuple(classes)
         self.model_name = model_name
         self.input_kind = input_kind
+        self.input_spec = input_spec
         self.path = path
         self.sha256 = sha256
         self._session = session
         self.calls = calls or BlockingCalls(name=model_name)
         """Where :meth:`run` computes: inline or on worker threads (see execution module)."""
-        self._input_name = session.get_inputs()[0].name
-        outputs = [output.name for output in session.get_outputs()]
-        self._output_names = [
-            _PROBABILITIES_OUTPUT if _PROBABILITIES_OUTPUT in outputs else outputs[-1]
-        ]
+        self.input_name: str = session.get_inputs()[0].name
+        self._output_names = [probabilities_output([o.name for o in session.get_outputs()])]
         self._prepare: Callable[[Any], npt.NDArray[Any]]
-        if input_kind == "text":
+        if input_spec is not None:
+            self._prepare = preparer_for(input_spec)
+        elif input_kind == "text":
             self._prepare = self._prepare_texts
         elif input_kind == "image8x8":
             self._prepare = self._prepare_images
@@ -91,6 +100,7 @@ class OnnxRunner:
         input_kind: str,
         path: Path | None = None,
         calls: BlockingCalls | None = None,
+        input_spec: InputSpec | None = None,
     ) -> OnnxRunner:
         """Load a serialized ONNX model; raises :class:`ModelError` if onnxruntime refuses it."""
         try:
@@ -109,6 +119,7 @@ class OnnxRunner:
             path=path,
             sha256=hashlib.sha256(model).hexdigest(),
             calls=calls,
+            input_spec=input_spec,
         )
         width = runner.predict_proba(runner._sample_input()).shape[1]
         if width != len(runner.classes):
@@ -121,7 +132,7 @@ class OnnxRunner:
     def predict_proba(self, inputs: Any) -> npt.NDArray[np.float32]:
         """Probabilities [N, len(classes)] in :attr:`classes` order (rows sum to ~1)."""
         result: npt.NDArray[np.float32] = self._session.run(
-            self._output_names, {self._input_name: self._prepare(inputs)}
+            self._output_names, {self.input_name: self._prepare(inputs)}
         )[0]
         return result
 
@@ -141,6 +152,8 @@ class OnnxRunner:
         self.calls.close()
 
     def _sample_input(self) -> Any:
+        if self.input_spec is not None:
+            return warmup_input(self.input_spec)
         if self.input_kind == "text":
             return ["warm up"]
         return np.zeros((1, VISION_FEATURES), dtype=np.float32)
@@ -170,4 +183,4 @@ def load_onnx(spec: ModelSpec) -> OnnxRunner:
     """The registry's loader for ``runtime: onnx``."""
     return OnnxRunner.from_bytes(spec.data, task=spec.task, classes=spec.classes,
                                  model_name=spec.model_name, input_kind=spec.input_kind,
-                                 path=spec.path, calls=spec.calls)
+                                 path=spec.path, calls=spec.calls, input_spec=spec.input_spec)

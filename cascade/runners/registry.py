@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade.contract.input_spec import InputSpec
 from cascade.errors import ModelError
 from cascade.runners.base import Runner
 from cascade.runners.execution import BlockingCalls
@@ -34,6 +35,8 @@ class ModelSpec:
     path: Path
     data: bytes
     calls: BlockingCalls | None = None
+    input_spec: InputSpec | None = None
+    """The task's declared input (registered tasks); None for the built-in kinds."""
     options: dict[str, Any] = field(default_factory=dict)
 
 

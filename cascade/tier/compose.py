@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from cascade.contract.inputs import DECODERS
+from cascade.contract.inputs import input_decoder
 from cascade.gating.drift_monitor import DriftMonitor
 from cascade.models.manifest import load_manifest
 from cascade.models.repository import model_spec
@@ -31,7 +31,8 @@ __all__ = ["build_node", "build_tasks", "build_upstream"]
 
 
 def build_tasks(settings: NodeSettings, telemetry: TierTelemetry) -> dict[str, TaskRuntime]:
-    """Each served task's runner (by runtime, checksum verified, warmed up) and input decoder."""
+    """Each served task's runner (by runtime, checksum verified, warmed up) and input decoder
+    (built from the task's declared input, or the built-in decoder of its kind)."""
     manifest = load_manifest(Path(settings.models_dir))
     metrics = telemetry.metrics
     tasks: dict[str, TaskRuntime] = {}
@@ -46,8 +47,10 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry) -> dict[str, T
                                         verify_sha256=settings.verify_models, calls=calls))
         runner.warmup()  # measures it: auto mode now knows whether to offload
         metrics.set_runner_offloaded(task, not calls.inline)
-        kind = manifest.task(task).input_kind
-        tasks[task] = TaskRuntime(name=task, runner=runner, decode=DECODERS[kind])
+        entry = manifest.task(task)
+        # A registered task's decoder is configured by its declared input; built-ins by kind.
+        decode = input_decoder(entry.input_kind, entry.input)
+        tasks[task] = TaskRuntime(name=task, runner=runner, decode=decode)
     return tasks
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,7 +40,8 @@ class NodeSettings(BaseSettings):
     port: int = Field(8101, ge=0, le=65535, description="Port to listen on (0: any free port).")
     tasks: dict[str, str] = Field(
         ...,
-        description="Task -> which model of the manifest serves it here (a tier name of the ladder).",
+        description="Task -> which model of the manifest serves it here (a tier name of the "
+        "ladder); a list of task names serves each with this tier's own model.",
     )
     models_dir: Path = Field(Path("models"), description="Directory holding manifest.json.")
     verify_models: bool = Field(True, description="Refuse to load a model whose sha256 differs.")
@@ -103,6 +104,17 @@ class NodeSettings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_list(cls, value: Any, info: ValidationInfo) -> Any:
+        # ["wine", "vision"]: each task served by the model of this tier's own name.
+        if isinstance(value, list) and all(isinstance(name, str) for name in value):
+            tier = info.data.get("tier")
+            if tier is None:
+                raise ValueError("a list of tasks needs a valid 'tier' (its model's name)")
+            return dict.fromkeys(value, tier)
+        return value
 
     @field_validator("tasks")
     @classmethod

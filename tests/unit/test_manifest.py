@@ -220,8 +220,12 @@ def test_invalid_json_is_reported_with_the_file(models_dir: Path) -> None:
             + r"edge-server, cloud",
         ),
         (
-            lambda d: d["tasks"].update(audio=d["tasks"]["vision"]),
-            r"tasks: Value error, unknown task 'audio'; allowed: vision, documents",
+            lambda d: d["tasks"].update({"Audio Clips": d["tasks"]["vision"]}),
+            r"tasks: Value error, task name 'Audio Clips' is not allowed: lowercase letters",
+        ),
+        (
+            lambda d: d["tasks"]["vision"].update(input_kind="image"),
+            r"tasks\.vision: Value error, input_kind 'image' needs a declared 'input'",
         ),
         (
             lambda d: d["tasks"]["vision"]["tiers"]["endpoint"].update(sha256="XYZ"),
@@ -243,7 +247,8 @@ def test_invalid_json_is_reported_with_the_file(models_dir: Path) -> None:
     ids=[
         "schema-version",
         "unknown-tier",
-        "unknown-task",
+        "bad-task-name",
+        "undeclared-input",
         "bad-sha",
         "missing-field",
         "extra-field",
