@@ -182,7 +182,7 @@ def image_array(pixels: npt.NDArray[Any], spec: ImageInput, *,
         from PIL import Image  # lazy: only arrays of another size are resized
 
         pixels = np.stack([
-            np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c]), mode="F")
+            np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c], np.float32))
                        .resize((width, height), Image.Resampling.BILINEAR))
             for c in range(pixels.shape[2])], axis=2)
     return np.ascontiguousarray(pixels, dtype=np.float32)
