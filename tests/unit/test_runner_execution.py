@@ -23,7 +23,7 @@ from cascade.tier.settings import NodeSettings
 from tests.unit.otel_fixtures import serving
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto, helper
 
 SLOW_MATMULS = 6
 """Chained 768x768 float MatMuls: tens to hundreds of ms on one thread, a deliberately slow
