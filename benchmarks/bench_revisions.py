@@ -1,7 +1,8 @@
 """Side by side: the endpoint tier of two git revisions, answering locally, under the same load.
 
-Used to show that a change to the core loses no performance: both revisions serve the same
-models (this tree's ``models/``) and the same requests, in alternating rounds, so drift in the
+Used to show that a change to the core loses no performance: each revision serves the models
+its own ``cascade models build`` makes from the same data and seed (the manifest format may
+differ between revisions), the same requests reach both, in alternating rounds, so drift in the
 machine's load hits both alike; the report gives each round's ratio and their median.
 
     python -m benchmarks.bench_revisions --baseline 2ce15e3 [--rounds 5] [--seconds 5]
@@ -62,6 +63,14 @@ def worktree(revision: str):
                        check=False, capture_output=True)
 
 
+def build_models(tree: Path) -> Path:
+    """``tree``'s own build of the model ladders (seconds when up to date)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "-m", "cascade", "models", "build"], cwd=tree, env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    return tree / "models"
+
+
 @contextmanager
 def endpoint(tree: Path, work: Path, name: str):
     """The endpoint tier of the source ``tree`` on a free port, answering every request locally
@@ -72,7 +81,7 @@ def endpoint(tree: Path, work: Path, name: str):
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
         "tier": "endpoint", "port": port, "tasks": {"vision": "endpoint", "documents": "endpoint"},
-        "models_dir": str(ROOT / "models"), "policy": str(policy),
+        "models_dir": str(build_models(tree)), "policy": str(policy),
         "outbox_url": f"sqlite:///{work / name}.db"}))
     serve = "cascade.deploy.process" if (tree / "cascade/deploy/process.py").exists() \
         else "cascade.serve"

@@ -20,7 +20,7 @@ Probabilities = Sequence[float] | npt.NDArray[np.floating[Any]]
 """One output's class probabilities: a list or a numpy row (the gate accepts both)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: frozen would cost more than it guards
 class Classification:
     """Probabilities over ``classes`` (same order), summing to about 1."""
 

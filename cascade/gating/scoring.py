@@ -20,7 +20,7 @@ from cascade.gating.gate import GateRule, Signals, assess
 __all__ = ["Assessment", "assess_output"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: frozen would cost more than it guards
 class Assessment:
     """What the gate decides on: the predicted label, its (calibrated) confidence, the signals,
     and the raw probabilities the decision log keeps."""

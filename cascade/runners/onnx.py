@@ -50,8 +50,9 @@ class OnnxRunner:
 
     ``vision`` takes a float32 array [N, 64] of raw 0..16 pixel values; ``documents`` takes a
     sequence of texts; a task with a declared ``input_spec`` takes a batch of decoded inputs
-    (:mod:`cascade.runners.prepare` turns them into the graph's tensor). Build one with :meth:`from_bytes`; serving loads it through the model
-    repository (:func:`cascade.models.repository.load_runner`, which checks the sha256).
+    (:mod:`cascade.runners.prepare` turns them into the graph's tensor). Build one with
+    :meth:`from_bytes`; serving loads it through the model repository
+    (:func:`cascade.models.repository.load_runner`, which checks the sha256).
     """
 
     def __init__(
@@ -138,7 +139,10 @@ class OnnxRunner:
 
     async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
         """One :class:`Classification` per input row (inline or off the loop, see ``calls``)."""
-        probabilities = await self.calls.call(self.predict_proba, inputs, deadline=deadline)
+        if self.calls.inline:  # the common case: no coroutine in between
+            probabilities = self.predict_proba(inputs)
+        else:
+            probabilities = await self.calls.call(self.predict_proba, inputs, deadline=deadline)
         return [Classification(row, self.classes) for row in probabilities]
 
     def warmup(self) -> None:

@@ -65,7 +65,7 @@ class CallContext:
     """Set by the idempotency layer: kept with a queued escalation so a reused key is caught."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answered:
     """What :meth:`Node.answer` did for one request: the answer and whether this tier queued
     an escalation (then the answer is already committed with it, under the request's id)."""
