@@ -123,31 +123,63 @@ class Tier:
 
 
 class CallbackReceiver:
-    """An HTTP server on 127.0.0.1 that records every callback POST."""
+    """An HTTP server on 127.0.0.1 that records every callback POST.
 
-    def __init__(self) -> None:
+    ``fail_first``: the first that many POSTs *of each request id* are answered ``fail_status``
+    (a receiver that is down for a while). ``received`` holds the POSTs answered 2xx (key, body);
+    ``attempts`` every POST as (key, the X-Cascade-Callback-Attempt header, status answered).
+    ``port``: listen there (0: any free port), e.g. where a callback used to find no one.
+    """
+
+    def __init__(self, *, fail_first: int = 0, fail_status: int = 503, port: int = 0) -> None:
         received: list[tuple[str, dict[str, Any]]] = []
+        attempts: list[tuple[str, int, int]] = []
         self.received = received
+        self.attempts = attempts
+        lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                received.append((self.headers.get("Idempotency-Key", ""),
-                                 json.loads(self.rfile.read(length))))
-                self.send_response(200)
+                body = json.loads(self.rfile.read(length))
+                key = self.headers.get("Idempotency-Key", "")
+                with lock:
+                    seen = sum(k == key for k, _, _ in attempts)
+                    status = fail_status if seen < fail_first else 200
+                    attempts.append((key, int(self.headers.get("X-Cascade-Callback-Attempt", 0)),
+                                     status))
+                    if status == 200:
+                        received.append((key, body))
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callback"
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a tier's ``/metrics``, keyed by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200, r.text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> float:
+    """One sample of a :func:`scrape`; a KeyError (not 0) when the tier does not export it."""
+    return samples[(name, frozenset(labels.items()))]
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
