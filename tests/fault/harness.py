@@ -53,6 +53,18 @@ def write_policy(path: Path, *, ttl_s: float = 3600, max_attempts: int = 20,
     return path
 
 
+def default_policy_copy(path: Path, *, drift: dict[str, dict[str, Any]] | None = None) -> Path:
+    """``policies/default.yaml`` (calibrated thresholds, drift references, actions) written to
+    ``path``, with its decision log beside it instead of the repository's ``var/``, and the
+    ``drift`` settings of each task given updated (e.g. a small window)."""
+    policy = yaml.safe_load((ROOT / "policies/default.yaml").read_text())
+    policy["decision_log"]["path"] = str(path.parent / "decisions-{tier}.db")
+    for task, settings in (drift or {}).items():
+        policy["tasks"][task]["drift"] = {**policy["tasks"][task].get("drift", {}), **settings}
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
 class Tier:
     """One real tier process (a one-tier :class:`Chain`) with its own config and database."""
 

@@ -5,14 +5,20 @@ section against the policy file."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 
 import httpx
 import pytest
 import yaml
 
-from tests.fault.harness import ROOT, metric, post, scrape, wait_for, write_policy
+from tests.fault.harness import (
+    default_policy_copy,
+    metric,
+    post,
+    scrape,
+    wait_for,
+    write_policy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -101,8 +107,7 @@ def test_readyz_reports_the_policy_file_models_queue_and_drift_per_task(tiers, t
                                                                         models_dir):
     from cascade.models.manifest import load_manifest
 
-    policy = tmp_path / "default-copy.yaml"
-    shutil.copyfile(ROOT / "policies/default.yaml", policy)
+    policy = default_policy_copy(tmp_path / "default-copy.yaml")
     raw = policy.read_bytes()
     endpoint = tiers("endpoint", policy_path=policy)
     ready = httpx.get(f"{endpoint.url}/readyz").json()
