@@ -18,9 +18,13 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cascade(*args: str, **kw) -> subprocess.CompletedProcess[str]:
+def cascade(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
+            **kw) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cascade ARGS`` (this checkout's package, whatever ``cwd`` is)."""
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "cascade", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False, **kw)
+                          cwd=cwd, env=env, timeout=120, check=False, **kw)
 
 
 def children_of(pid: int) -> list[int]:
@@ -118,6 +122,33 @@ def test_serve_with_a_bad_config_fails_cleanly(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("CASCADE_PORT", "lots", "port: Input should be a valid integer"),
+    ("CASCADE_UPSTREAM_URL", "ftp://10.0.0.2", "upstream_url: must start with http:// or https://"),
+    ("CASCADE_OUTBOX__MAX_ROWS", "0", "outbox.max_rows: Input should be greater than or equal to 1"),
+    ("CASCADE_LOG_LEVEL", "verbose", "log_level: Input should be 'debug', 'info'"),
+])
+def test_serve_names_the_environment_variable_a_bad_value_came_from(tmp_path, variable, value,
+                                                                    message):
+    r = cascade("serve", "--config", str(ROOT / "edge_nodes/endpoint.yaml"), cwd=tmp_path,
+                env={variable: value})
+    assert r.returncode == 2
+    # One message naming the key, what is wrong and the variable; no traceback.
+    first, second = r.stderr.splitlines()
+    assert first == "error: invalid node config:"
+    assert second.startswith(f"  {message}")
+    assert second.endswith(f" (from environment variable {variable})")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was opened
+
+
+def test_serve_names_a_bad_tracing_variable(tmp_path):
+    r = cascade("serve", "--config", str(ROOT / "edge_nodes/endpoint.yaml"), cwd=tmp_path,
+                env={"CASCADE_TRACE_ROUTINE_PER_S": "lots"})
+    assert r.returncode == 2
+    assert r.stderr == ("error: CASCADE_TRACE_ROUTINE_PER_S: 'lots' is not a number of traces per "
+                        "second >= 0, or 'none' (the cap on routine traces per second)\n")
+
+
 def test_help_teaches():
     r = cascade("--help")
     assert r.returncode == 0
@@ -127,11 +158,43 @@ def test_help_teaches():
     assert "Ctrl-C" in r.stdout and "Example" in r.stdout
 
 
-def test_infer_prints_hops(running_chain):
-    r = cascade("infer", "documents", "The striker scored twice in the cup final",
-                "--url", running_chain.entry_url)
+def table_rows(output: str) -> list[list[str]]:
+    """The cells of the header (┃) and of each row (│) of a rich table in ``output``."""
+    return [[cell.strip() for cell in line[1:-1].split(line[0])]
+            for line in output.splitlines() if line[:1] in ("┃", "│")]
+
+
+def test_infer_prints_the_answer_and_every_hop(tiers, tmp_path, models_dir):
+    from cascade.models.manifest import load_split
+
+    # endpoint -> cloud; the endpoint escalates everything, the cloud answers everything.
+    cloud = tiers("cloud")
+    endpoint = tiers("endpoint", upstream=cloud.url)
+    text = "The striker scored twice in the cup final"
+    expected = httpx.post(f"{endpoint.url}/v1/infer",
+                          json={"task": "documents", "input": {"text": text}}).json()
+    wide = {"COLUMNS": "250"}  # no column is cut short
+    r = cascade("infer", "documents", text, "--url", endpoint.url, cwd=tmp_path, env=wide)
     assert r.returncode == 0, r.stderr
-    assert "answered by" in r.stdout and "endpoint" in r.stdout
-    r = cascade("infer", "vision", "--sample", "3", "--url", running_chain.entry_url)
+    lines = r.stdout.splitlines()
+    assert lines[0] == (f"{expected['label']} (confidence {expected['confidence']:.3f}, final, "
+                        "answered by cloud)")
+    header, *rows = table_rows(r.stdout)
+    assert header == ["hop", "tier", "model", "label", "confidence", "decision", "ms"]
+    assert [row[:-1] for row in rows] == [
+        [str(i), h["tier"], h["model"], h["label"], f"{h['confidence']:.3f}", h["decision"]]
+        for i, h in enumerate(expected["hops"], 1)]
+    assert [row[1] for row in rows] == ["endpoint", "cloud"]
+    assert [row[5] for row in rows] == ["escalate", "answer"]
+    assert all(float(row[-1]) >= 0 for row in rows)
+    assert lines[-1].startswith("id ") and " trace " in lines[-1]
+
+    _, labels = load_split(models_dir, "vision", "test")
+    r = cascade("infer", "vision", "--sample", "3", "--url", endpoint.url, "--models-dir",
+                str(models_dir), cwd=tmp_path, env=wide)
     assert r.returncode == 0, r.stderr
-    assert "true label" in r.stdout
+    assert r.stdout.splitlines()[0].endswith(f"answered by cloud)  true label: {labels[3]}")
+    assert [(row[1], row[5]) for row in table_rows(r.stdout)[1:]] == [
+        ("endpoint", "escalate"), ("cloud", "answer")]
+    # The command ran here, and wrote nothing (the tiers keep their state in their folders).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud", "endpoint", "policy.yaml"]
