@@ -1,5 +1,6 @@
-"""The reloader in-process: SIGHUP alone (no watcher) applies a change; a bad file is reported
-once and the old policy kept; an unchanged file is a no-op."""
+"""SIGHUP re-reads the policy: on a running tier whose file watcher cannot see the change, and
+in-process with no watcher at all; a bad file is reported once and the old policy kept; an
+unchanged file is a no-op."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import os
 import signal
 from pathlib import Path
 
+import httpx
+import pytest
+
 from cascade.policy import load_policy
 from cascade.policy.reload import PolicyReloader
+from tests.fault.harness import wait_for, write_policy
 
 GOOD = "version: 1\ntasks:\n  documents:\n    tiers:\n      endpoint: {threshold: %s}\n"
 
@@ -37,20 +42,48 @@ def test_sighup_applies_a_change_without_any_watcher(tmp_path):
         reloader = PolicyReloader(node)
         await reloader.start(watch=False)
         try:
+            assert reloader._task is None  # no watcher: only the signal can reload
             path.write_text(GOOD % 0.7)
-            await asyncio.sleep(0.2)
-            assert node.policy.rule("documents", "endpoint").threshold == 0.5  # no watcher
+            assert node.policy.rule("documents", "endpoint").threshold == 0.5
             os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(100):
-                if node.policy.rule("documents", "endpoint").threshold == 0.7:
-                    break
-                await asyncio.sleep(0.01)
+            # The handler runs on this loop: poll it (yielding) until it has, or time out.
+            async with asyncio.timeout(30):
+                while node.policy_reloads["reloads"] == 0:
+                    await asyncio.sleep(0.01)
         finally:
             await reloader.stop()
 
     asyncio.run(run())
     assert node.policy.rule("documents", "endpoint").threshold == 0.7
-    assert node.policy_reloads["reloads"] == 1
+    assert node.policy_reloads == {"reloads": 1, "errors": 0, "last_error": None}
+
+
+@pytest.mark.integration
+def test_sighup_reloads_a_running_tier_whose_watcher_cannot_see_the_change(tiers, tmp_path):
+    # The tier's policy is a symlink in watched/; the file it points to lives in real/. The
+    # watcher follows watched/, where nothing changes when real/policy.yaml is rewritten, so only
+    # SIGHUP can bring the new version in.
+    real, watched = tmp_path / "real", tmp_path / "watched"
+    real.mkdir()
+    watched.mkdir()
+    target = write_policy(real / "policy.yaml", deadline_ms=2000)
+    link = watched / "policy.yaml"
+    link.symlink_to(target)
+    endpoint = tiers("endpoint", policy_path=link)
+
+    def policy_state() -> dict:
+        return httpx.get(f"{endpoint.url}/readyz", timeout=10).json()["policy"]
+
+    assert policy_state()["version"] == load_policy(link).version
+    write_policy(target, deadline_ms=3000)
+    new_version = load_policy(link).version
+    os.kill(endpoint.pid, signal.SIGHUP)
+    state = wait_for(lambda: (s := policy_state())["version"] == new_version and s,
+                     timeout_s=30, what="the new policy version live after SIGHUP")
+    assert state["reload"] == {"reloads": 1, "errors": 0, "last_error": None}
+    assert endpoint.chain.tiers[0].process.poll() is None  # SIGHUP did not stop the tier
+    logged = f"policy {link} reloaded (SIGHUP): version {new_version}"  # not "(file change)"
+    wait_for(lambda: logged in endpoint.log(), timeout_s=30, what="the reload logged")
 
 
 def test_bad_file_is_reported_once_and_the_old_policy_kept(tmp_path):
