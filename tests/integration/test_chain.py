@@ -103,7 +103,9 @@ def test_health_ready_docs(running_chain):
     assert "/v1/infer" in spec["paths"]
 
 
-def test_tier_processes_start_fast_and_stay_small(running_chain):
+def test_tier_processes_stay_small(running_chain):
+    # How fast a tier starts is a timing: `cascade bench` measures it ("ready <= 2 s" in
+    # reports/bench.md). What keeps it fast, serving without the build stack, is the next test.
     for t in running_chain.tiers:
         rss_kb = next(
             int(line.split()[1])
