@@ -138,9 +138,38 @@ def test_malformed_inputs_raise_invalid_input(
     assert caught.value.status == 422 and caught.value.field == "input"
 
 
-def test_warmup_runs_one_inference(models_dir: Path) -> None:
-    load_classifier(models_dir, "vision", "endpoint").warmup()
-    load_classifier(models_dir, "documents", "cloud").warmup()
+class RecordingSession:
+    """Wraps an onnxruntime session; records the feeds of every run."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.feeds.append(feeds)
+        return self.inner.run(outputs, feeds)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("task", "tier", "name", "sample"), [
+    ("vision", "endpoint", "image", np.zeros((1, 64), np.float32)),
+    ("documents", "cloud", "text", np.array([["warm up"]], dtype=object)),
+])
+def test_warmup_runs_the_model_on_a_sample_input_and_measures_it(
+    models_dir: Path, task: str, tier: str, name: str, sample: np.ndarray
+) -> None:
+    runner = load_classifier(models_dir, task, tier)
+    session = RecordingSession(runner._session)
+    runner._session = session  # type: ignore[assignment]
+    assert runner.calls.measured_ms is None
+    runner.warmup()
+    assert session.feeds  # it ran the model...
+    for feeds in session.feeds:  # ...on the sample input only
+        assert list(feeds) == [name]
+        assert feeds[name].shape == sample.shape and feeds[name].dtype == sample.dtype
+        np.testing.assert_array_equal(feeds[name], sample)
+    calls = runner.calls  # and its latency decides where calls run (auto mode)
+    assert calls.measured_ms is not None and calls.measured_ms > 0
+    assert calls.inline == (calls.measured_ms < calls.offload_above_ms)
 
 
 def test_tampered_model_refuses_to_load(
