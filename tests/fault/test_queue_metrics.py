@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -29,6 +30,13 @@ def held_bytes_in_db(tier) -> int:
     ((size,),) = tier.query("SELECT coalesce(sum(size_bytes), 0) FROM cascade_outbox "
                             "WHERE state IN ('queued', 'forwarding', 'dead', 'expired')")
     return size
+
+
+def timed_scrape(url: str, fresh: Callable[[dict], bool]) -> tuple[float, dict, float] | None:
+    """(time before, samples, time after) of one scrape of ``url``, if ``fresh`` accepts it."""
+    started = time.time()
+    samples = scrape(url)
+    return (started, samples, time.time()) if fresh(samples) else None
 
 
 def test_queue_gauges_match_the_database_after_a_known_sequence(tiers, proxy_to, tmp_path,
@@ -64,9 +72,11 @@ def test_queue_gauges_match_the_database_after_a_known_sequence(tiers, proxy_to,
             "SELECT min(created_at) FROM cascade_outbox WHERE state IN ('queued', 'forwarding')")
         held = held_bytes_in_db(endpoint)
         assert held > 0
-        scraped_from = time.time()
-        cut = scrape(endpoint.url)
-        scraped_to = time.time()
+        # A scrape reads the database within 1 s or keeps its previous values (all zero here):
+        # wait for one that read it.
+        scraped_from, cut, scraped_to = wait_for(lambda: timed_scrape(
+            endpoint.url, lambda s: metric(s, "cascade_queue_dead_letters", **ep) == POISON),
+            timeout_s=30, what="a scrape that read the outbox")
         assert metric(cut, "cascade_queue_depth", **ep) == QUEUED
         assert metric(cut, "cascade_queue_dead_letters", **ep) == POISON
         assert metric(cut, "cascade_queue_held_bytes", **ep) == held
@@ -90,7 +100,9 @@ def test_queue_gauges_match_the_database_after_a_known_sequence(tiers, proxy_to,
         proxy.set(mode="pass")
         wait_for(lambda: client.get(f"{endpoint.url}/v1/outbox").json()["depth"] == 0,
                  timeout_s=30, what="the queue drained")
-        drained = scrape(endpoint.url)
+        _, drained, _ = wait_for(lambda: timed_scrape(
+            endpoint.url, lambda s: metric(s, "cascade_queue_rows", **ep, state="done") == QUEUED),
+            timeout_s=30, what="a scrape after the drain")
         assert metric(drained, "cascade_queue_depth", **ep) == 0
         assert metric(drained, "cascade_queue_oldest_age_seconds", **ep) == 0
         assert metric(drained, "cascade_queue_dead_letters", **ep) == POISON  # kept, replayable
