@@ -57,12 +57,19 @@ def wait_until(predicate, timeout_s: float) -> bool:
 
 
 def start_up(models_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """``cascade up`` of the four shipped node configs, run in ``tmp_path``: their relative state
+    paths (var/<tier>.db, var/traces, var/decisions-*) land there, not in the repository."""
+    from cascade.supervisor import DEFAULT_CHAIN
+
     base = free_port_block(4)
-    env = {**os.environ, "CASCADE_MODELS_DIR": str(models_dir)}
+    env = {**os.environ, "CASCADE_MODELS_DIR": str(models_dir),
+           "CASCADE_POLICY": str(ROOT / "policies/default.yaml"),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    configs = [arg for cfg in DEFAULT_CHAIN for arg in ("--config", str(ROOT / cfg))]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cascade", "up", "--base-port", str(base), "--log-dir",
+        [sys.executable, "-m", "cascade", "up", *configs, "--base-port", str(base), "--log-dir",
          str(tmp_path / "logs")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     ok = wait_until(lambda: all(_ready(base + i) for i in range(4)), 60)
     assert ok, "chain did not come up"
