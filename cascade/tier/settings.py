@@ -9,6 +9,7 @@ up`` and ``make run`` run from the project root).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -139,6 +141,23 @@ def _where(field: str, config_path: Path | None) -> str:
     return f"config file {config_path}" if config_path else "defaults"
 
 
+_ENV_NOT_JSON = re.compile(r'error parsing value for field "([^"]+)" from source "EnvSettingsSource"')
+
+
+def _env_not_json(exc: SettingsError) -> str | None:
+    """The message for a ``CASCADE_<KEY>`` whose key takes an object and whose value is not
+    JSON (pydantic-settings reports only the field and "EnvSettingsSource"); None otherwise."""
+    match = _ENV_NOT_JSON.search(str(exc))
+    if match is None:
+        return None
+    field = match[1]
+    env_name = f"{ENV_PREFIX}{field.upper()}"
+    return (f"invalid node config:\n  {field}: {os.environ.get(env_name, '')!r} is not a JSON "
+            f"object; as a variable this key takes one, e.g. {env_name}='{{\"key\": \"value\"}}', "
+            f"or one key at a time: {env_name}__<KEY>=value (from environment variable "
+            f"{env_name})")
+
+
 def load_node_settings(config_path: Path | str | None, **overrides: Any) -> NodeSettings:
     """Validate a node config file plus ``CASCADE_*`` overrides into :class:`NodeSettings`.
 
@@ -175,6 +194,11 @@ def load_node_settings(config_path: Path | str | None, **overrides: Any) -> Node
                 msg = f"unknown key; allowed keys: {', '.join(sorted(NodeSettings.model_fields))}"
             lines.append(f"{key}: {msg} (from {_where(top, path)})")
         raise ConfigError("invalid node config:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:
+        message = _env_not_json(exc)
+        if message is None:
+            raise ConfigError(f"{path}: cannot read node config: {exc}") from None
+        raise ConfigError(message) from None
     except Exception as exc:  # noqa: BLE001 - YAML syntax and read errors surface from the source
         raise ConfigError(f"{path}: cannot read node config: {exc}") from None
     return NodeSettings.model_validate(settings.model_dump())

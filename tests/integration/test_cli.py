@@ -134,6 +134,8 @@ def test_serve_with_a_bad_config_fails_cleanly(tmp_path):
     ("CASCADE_UPSTREAM_URL", "ftp://10.0.0.2", "upstream_url: must start with http:// or https://"),
     ("CASCADE_OUTBOX__MAX_ROWS", "0", "outbox.max_rows: Input should be greater than or equal to 1"),
     ("CASCADE_LOG_LEVEL", "verbose", "log_level: Input should be 'debug', 'info'"),
+    # A key that takes an object needs JSON (or CASCADE_TASKS__<TASK>=...).
+    ("CASCADE_TASKS", "vision", "tasks: 'vision' is not a JSON object"),
 ])
 def test_serve_names_the_environment_variable_a_bad_value_came_from(tmp_path, variable, value,
                                                                     message):
