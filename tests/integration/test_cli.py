@@ -59,7 +59,7 @@ def wait_until(predicate, timeout_s: float) -> bool:
 def start_up(models_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
     """``cascade up`` of the four shipped node configs, run in ``tmp_path``: their relative state
     paths (var/<tier>.db, var/traces, var/decisions-*) land there, not in the repository."""
-    from cascade.supervisor import DEFAULT_CHAIN
+    from cascade.deploy.supervisor import DEFAULT_CHAIN
 
     base = free_port_block(4)
     env = {**os.environ, "CASCADE_MODELS_DIR": str(models_dir),
@@ -68,11 +68,15 @@ def start_up(models_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], i
     configs = [arg for cfg in DEFAULT_CHAIN for arg in ("--config", str(ROOT / cfg))]
     proc = subprocess.Popen(
         [sys.executable, "-m", "cascade", "up", *configs, "--base-port", str(base), "--log-dir",
-         str(tmp_path / "logs")],
+         str(tmp_path / "logs"), "--ready-timeout", "120"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    ok = wait_until(lambda: all(_ready(base + i) for i in range(4)), 60)
-    assert ok, "chain did not come up"
+    # Generous: four tiers load their models one after another on a machine that may be busy.
+    ok = wait_until(lambda: all(_ready(base + i) for i in range(4)), 300)
+    if not ok:
+        proc.kill()
+        logs = {log.name: log.read_text()[-2000:] for log in (tmp_path / "logs").glob("*.log")}
+        pytest.fail(f"chain did not come up; cascade up said:\n{proc.communicate()[0]}\n{logs}")
     return proc, base
 
 
