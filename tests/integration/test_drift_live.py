@@ -21,8 +21,8 @@ MARGIN = 1e-3  # offline and served confidences agree to ~1e-6; keep clear of th
 @pytest.fixture(scope="module")
 def documents(models_dir: Path) -> dict[str, list]:
     """Test-split documents chosen by the endpoint's calibrated confidence under the policy."""
-    from cascade.bench.shift import ShiftSpec, corrupt_texts
-    from cascade.evaluation import predict_inputs
+    from cascade.lab.bench.shift import ShiftSpec, corrupt_texts
+    from cascade.lab.evaluation import predict_inputs
     from cascade.models.manifest import load_split
     from cascade.policy import load_policy
 

@@ -24,7 +24,7 @@ def floor_policy(path: Path) -> Path:
 
 
 def test_the_top_tier_below_its_floor_answers_unknown(tiers, tmp_path, models_dir, hard_images):
-    from cascade.evaluation import predict_inputs
+    from cascade.lab.evaluation import predict_inputs
 
     policy = floor_policy(tmp_path / "floor.yaml")
     cloud = tiers("cloud", policy_path=policy)
