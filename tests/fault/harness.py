@@ -92,8 +92,12 @@ class Tier:
     def start(self, port: int | None = None) -> Tier:
         """Start the process (on ``port``, else a free one) and wait until it is ready."""
         env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.chain = Chain([self.config], base_port=port or free_port(), env=env,
-                           log_dir=self.dir / "logs", top_upstream_url=self.upstream).start()
+        chain = Chain([self.config], base_port=port or free_port(), env=env,
+                      log_dir=self.dir / "logs", top_upstream_url=self.upstream)
+        try:
+            self.chain = chain.start()
+        except (RuntimeError, TimeoutError) as exc:  # say why: the test's tmp dir goes away
+            raise RuntimeError(f"{exc}; the {self.tier} log ends:\n{self.log()[-4000:]}") from exc
         return self
 
     @property
