@@ -92,13 +92,22 @@ class Tier:
     def start(self, port: int | None = None) -> Tier:
         """Start the process (on ``port``, else a free one) and wait until it is ready."""
         env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        chain = Chain([self.config], base_port=port or free_port(), env=env,
-                      log_dir=self.dir / "logs", top_upstream_url=self.upstream)
-        try:
-            self.chain = chain.start()
-        except (RuntimeError, TimeoutError) as exc:  # say why: the test's tmp dir goes away
-            raise RuntimeError(f"{exc}; the {self.tier} log ends:\n{self.log()[-4000:]}") from exc
-        return self
+        for attempt in range(1, 4):
+            logged = len(self.log())
+            chain = Chain([self.config], base_port=port or free_port(), env=env,
+                          log_dir=self.dir / "logs", top_upstream_url=self.upstream)
+            try:
+                self.chain = chain.start()
+                return self
+            except (RuntimeError, TimeoutError) as exc:
+                new_log = self.log()[logged:]
+                # A free port is only free when we look: on a busy machine another process may
+                # bind it before this tier (seconds later, models loaded) does. Take another.
+                if port is None and attempt < 3 and "address already in use" in new_log:
+                    continue
+                # Say why here: the log lives in the test's tmp dir, which does not outlive it.
+                raise RuntimeError(f"{exc}; the {self.tier} log ends:\n{new_log[-4000:]}") from exc
+        raise AssertionError("unreachable")
 
     @property
     def url(self) -> str:
