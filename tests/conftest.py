@@ -65,6 +65,7 @@ def chain_env(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         "CASCADE_MODELS_DIR": str(models_dir),
         "CASCADE_POLICY": str(ROOT / "policies/default.yaml"),
         "CASCADE_TEST_VAR": str(var),
+        "CASCADE_DECISION_LOG_PATH": str(var / "decisions-{tier}.db"),
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
 
@@ -79,6 +80,8 @@ def running_chain(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     env = {
         "CASCADE_MODELS_DIR": str(models_dir),
         "CASCADE_POLICY": str(ROOT / "policies/default.yaml"),
+        # the shipped policy's decision log lives under var/: keep it out of the repository
+        "CASCADE_DECISION_LOG_PATH": str(var / "decisions-{tier}.db"),
     }
     chain = Chain(CHAIN_CONFIGS, base_port=base, env=env, log_dir=var / "logs",
                   state_dir=var)
