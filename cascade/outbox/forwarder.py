@@ -139,24 +139,28 @@ class Forwarder(BackgroundLoop):
     # -- one send -------------------------------------------------------------------------------
 
     async def _send(self, row: Claimed) -> None:
-        try:
-            # A new trace per send, linked to the request that queued the row (architecture §7).
-            with drain_span(self.outbox.tier, traceparent=row.traceparent, request_id=row.id,
-                            task=row.task, attempt=row.attempts) as span:
+        # A new trace per send, linked to the request that queued the row (architecture §7).
+        # The outcome is recorded before the span ends, so a drain span that reports an outcome
+        # is never seen (exported, read by a test or an operator) before that outcome is stored.
+        with drain_span(self.outbox.tier, traceparent=row.traceparent, request_id=row.id,
+                        task=row.task, attempt=row.attempts) as span:
+            try:
                 outcome = await self._attempt(row)
-                span.set_attribute("cascade.queue.outcome", outcome.kind)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("forwarding %s failed unexpectedly", row.id)
-            outcome = Outcome(row.id, "retry", error=f"{type(exc).__name__}: {exc}",
-                              delay_s=self._retry_delay(row))
-        try:
-            await self.outbox.record(outcome)
-        except ServiceUnavailable as exc:
-            # Not recorded: the lease expires and the row is sent again; the upstream's
-            # idempotency turns that resend into a lookup.
-            log.error("cannot record the outcome of %s: %s", row.id, exc.message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("forwarding %s failed unexpectedly", row.id)
+                span.record_exception(exc)
+                outcome = Outcome(row.id, "retry", error=f"{type(exc).__name__}: {exc}",
+                                  delay_s=self._retry_delay(row))
+            span.set_attribute("cascade.queue.outcome", outcome.kind)
+            try:
+                await self.outbox.record(outcome)
+            except ServiceUnavailable as exc:
+                # Not recorded: the lease expires and the row is sent again; the upstream's
+                # idempotency turns that resend into a lookup.
+                log.error("cannot record the outcome of %s: %s", row.id, exc.message)
+                span.set_attribute("cascade.queue.outcome_recorded", False)
 
     async def _attempt(self, row: Claimed) -> Outcome:
         """Send one row (inside its drain span) and classify what happened."""

@@ -8,12 +8,14 @@ between real tier processes is covered by tests/fault.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from cascade.contract.answer import Answer
 from cascade.contract.escalation import PendingEscalation
@@ -184,23 +186,80 @@ async def test_provisional_upstream_answer_is_polled_until_final(outbox):
     assert len(up.calls) == 3 and {c[0] for c in up.calls} == {"r000"}
 
 
+class SteppedClock:
+    """A clock that moves only when told; counts how often it is read."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
 async def test_open_breaker_sends_nothing_then_one_probe_then_drains(outbox):
-    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.3)
-    breaker.record_failure()  # open
+    clock = SteppedClock()
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.3, clock=clock)
+    breaker.record_failure()  # open, and it stays open until the clock is moved
     up = ScriptedUpstream(breaker)
     up.delay_s = 0.05
     for i in range(8):
         await outbox.enqueue(pending(i))
     fwd = await run_forwarder(outbox, up)
     try:
-        await asyncio.sleep(0.15)
-        assert up.calls == []  # open: not one send
+        # The forwarder reads the breaker once per round: several rounds with work due and the
+        # breaker open, and not one send.
+        reads = clock.reads
+        await until(lambda: clock.reads >= reads + 5)
+        assert up.calls == []
+        clock.now = 0.3  # the reset timeout has passed: half-open
         await until(lambda: len(up.calls) >= 1)
         assert up.calls[0][0] == "r000"  # the probe is the oldest row
         await until(lambda: outbox.depth() == 0)
     finally:
         await fwd.stop()
     assert len(up.calls) == 8 and up.max_in_flight > 1
+
+
+class StateAtSpanEnd(SpanProcessor):
+    """Reads a row's stored state (a separate SQLite connection) when its drain span ends."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.seen: list[tuple[Any, str]] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name != "cascade.queue.drain":
+            return
+        conn = sqlite3.connect(self.db)
+        try:
+            (state,) = conn.execute("SELECT state FROM cascade_outbox WHERE id = ?",
+                                    (span.attributes["cascade.request_id"],)).fetchone()
+        finally:
+            conn.close()
+        self.seen.append((span.attributes["cascade.queue.outcome"], state))
+
+
+async def test_the_outcome_is_stored_before_its_drain_span_ends(outbox, tmp_path, spans):
+    # Whoever reads an ended drain span (an exporter, a test, an operator with the trace) must
+    # find the outcome it reports already in the database.
+    from tests.unit import otel_fixtures
+
+    up = ScriptedUpstream()
+    up.script["r001"] = [UpstreamRejected("refused", upstream_status=422, upstream_body="no")]
+    up.script["r002"] = [_unavailable("HTTP 503")]
+    for i in range(3):
+        await outbox.enqueue(pending(i))
+    probe = StateAtSpanEnd(tmp_path / "f.db")
+    switch, otel_fixtures._SWITCH.target = otel_fixtures._SWITCH.target, probe
+    fwd = await run_forwarder(outbox, up)
+    try:
+        await until(lambda: len(probe.seen) >= 3)
+    finally:
+        await fwd.stop()
+        otel_fixtures._SWITCH.target = switch
+    assert sorted(probe.seen[:3]) == [("dead", "dead"), ("final", "done"), ("retry", "queued")]
 
 
 async def test_stop_releases_rows_whose_send_was_interrupted(outbox):
