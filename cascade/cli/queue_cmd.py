@@ -116,10 +116,10 @@ def _bytes(n: int) -> str:
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
 
-def _parse_duration(text: str) -> float:
+def _parse_duration(text: str, option: str = "--older-than") -> float:
     match = _DURATION.match(text.strip())
     if not match:
-        fail(f"--older-than {text!r}: use a number with s, m, h or d, e.g. 30m or 7d")
+        fail(f"{option} {text!r}: use a number with s, m, h or d, e.g. 30m or 7d")
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
 
 
@@ -226,20 +226,26 @@ def replay(
     request_id: str | None = typer.Argument(None, help="Replay this request's escalation."),
     dead: bool = typer.Option(False, "--dead", help="Replay every dead escalation."),
     expired: bool = typer.Option(False, "--expired", help="Replay every expired escalation."),
+    ttl: str | None = typer.Option(None, "--ttl", help="The replayed rows' new time to live, "
+                                   "e.g. 30m or 2d (default: the TTL each row was queued with)."),
     config: Path | None = CONFIG_OPT, db: str | None = DB_OPT,
 ) -> None:
     """Queue dead or expired escalations again (fresh TTL and attempts); re-arm a failed callback.
 
     Examples: cascade queue replay 3f2a9c... -c edge_nodes/endpoint.yaml
               cascade queue replay --dead -c edge_nodes/endpoint.yaml
+              cascade queue replay --expired --ttl 1d -c edge_nodes/endpoint.yaml
     """
-    selectors: list[tuple[str, str]] = []
+    ttl_s = _parse_duration(ttl, "--ttl") if ttl else None
+    if ttl_s is not None and ttl_s <= 0:
+        fail(f"--ttl {ttl!r}: a replayed escalation needs a time to live above zero")
+    selectors: list[tuple[str, str, float | None]] = []
     if request_id:
-        selectors.append(("id", request_id))
+        selectors.append(("id", request_id, ttl_s))
     if dead:
-        selectors.append(("state", "dead"))
+        selectors.append(("state", "dead", ttl_s))
     if expired:
-        selectors.append(("state", "expired"))
+        selectors.append(("state", "expired", ttl_s))
     if not selectors:
         fail("give an ID, --dead or --expired")
     with _open(config, db) as target:

@@ -74,15 +74,17 @@ def release_leases(writes: OutboxWrites, batch: Batch, jobs: Sequence[None]) -> 
     return [n] * len(jobs)
 
 
-def replay(writes: OutboxWrites, batch: Batch, jobs: Sequence[tuple[str, ...]]) -> list[Any]:
-    """Each job is ``("id", ID)`` or ``("state", "dead"|"expired")``: make rows due again.
+def replay(writes: OutboxWrites, batch: Batch, jobs: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Each job is ``("id", ID)`` or ``("state", "dead"|"expired")``, optionally with a third
+    item, a new TTL in seconds: make rows due again.
 
-    A fresh TTL and attempt budget are given; a done row with a failed callback gets its
-    callback re-armed instead. Returns how many rows were replayed.
+    A fresh TTL (the row's own unless given) and attempt budget are given; a done row with a
+    failed callback gets its callback re-armed instead. Returns how many rows were replayed.
     """
     conn, now = batch.conn, batch.now
     out: list[Any] = []
-    for selector, value in jobs:
+    for selector, value, *rest in jobs:
+        ttl_s = rest[0] if rest and rest[0] is not None else outbox.c.ttl_s
         cond = outbox.c.id == value if selector == "id" else outbox.c.state == value
         rows = conn.execute(sa.select(outbox.c.id, outbox.c.state, outbox.c.size_bytes,
                                       outbox.c.callback_url).where(cond)).all()
@@ -91,7 +93,7 @@ def replay(writes: OutboxWrites, batch: Batch, jobs: Sequence[tuple[str, ...]]) 
             if r.state in ("dead", "expired"):
                 conn.execute(outbox.update().where(outbox.c.id == r.id).values(
                     state="queued", handed_over=False, attempts=0, polls=0, updated_at=now,
-                    next_attempt_at=now, expires_at=now + outbox.c.ttl_s, retain_until=None,
+                    next_attempt_at=now, ttl_s=ttl_s, expires_at=now + ttl_s, retain_until=None,
                     last_error="replayed by operator; was: " + sa.func.coalesce(
                         outbox.c.last_error, "")))
                 batch.after_commit(lambda: writes.counters.add(0, 0, 1))

@@ -17,6 +17,7 @@ from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
 from cascade.outbox.store import Outcome
 from cascade.outbox.tables import callbacks, outbox, results
+from cascade.outbox.views import iso
 
 T0 = 1_800_000_000.0
 
@@ -257,11 +258,12 @@ async def test_replay_and_purge(make_outbox):
     await box.sweep()
     with pytest.raises(ServiceUnavailable):  # dead and expired rows still count
         await box.enqueue(pending(3))
-    assert await box.writer.submit("replay", ("state", "dead")) == 1
+    assert await box.writer.submit("replay", ("state", "dead", 7200.0)) == 1  # a TTL given
     esc = (await box.result("req-2"))["escalation"]
     assert esc["state"] == "queued" and esc["attempts"] == 0 and "replayed" in esc["last_error"]
-    assert await box.writer.submit("replay", ("id", "req-1")) == 1
-    assert (await box.result("req-1"))["escalation"]["expires_at"] > (await box.result("req-1"))["escalation"]["queued_at"]
+    assert esc["expires_at"] == iso(clock.now + 7200)
+    assert await box.writer.submit("replay", ("id", "req-1")) == 1  # its own TTL again
+    assert (await box.result("req-1"))["escalation"]["expires_at"] == iso(clock.now + 10)
     assert box.depth() == 2
     assert [r.id for r in await box.claim(5)] == ["req-1", "req-2"]
     with pytest.raises(ValueError):

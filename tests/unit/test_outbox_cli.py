@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -85,6 +86,17 @@ def test_replay_dead_by_id_and_all(db):
     assert code == 0 and "replayed 1" in out
     _, out = run("ls", "--db", str(db), "--state", "queued", "--json")
     assert {r["id"] for r in json.loads(out)} == {"q-0", "q-2", "q-3"}
+
+
+def test_replay_with_a_new_ttl(db):
+    code, out = run("replay", "--dead", "--ttl", "0", "--db", str(db))
+    assert code == 2 and "--ttl '0'" in out and "above zero" in out
+    code, out = run("replay", "--dead", "--ttl", "2h", "--db", str(db))
+    assert code == 0 and "replayed 1" in out
+    _, out = run("show", "q-0", "--db", str(db))
+    esc = json.loads(out)["escalation"]
+    ttl = dt.datetime.fromisoformat(esc["expires_at"]) - dt.datetime.fromisoformat(esc["updated_at"])
+    assert esc["state"] == "queued" and ttl.total_seconds() == pytest.approx(7200, abs=0.002)
 
 
 def test_purge_only_finished_rows(db):
