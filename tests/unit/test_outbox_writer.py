@@ -36,10 +36,15 @@ def committed_ids(engine) -> set[str]:
     return out
 
 
-def make_writer(engine, seen_after_commit: list[str] | None = None, gate: threading.Event | None = None):
+def make_writer(engine, seen_after_commit: list[str] | None = None,
+                gate: threading.Event | None = None, entered: threading.Event | None = None):
+    """``entered`` is set when a batch starts; the batch then waits for ``gate``."""
+
     def insert(batch: Batch, payloads: list[Any]) -> list[Any]:
+        if entered is not None:
+            entered.set()
         if gate is not None:
-            gate.wait(5)
+            gate.wait(10)
         out: list[Any] = []
         for p in payloads:
             if p == "refuse":
@@ -55,14 +60,14 @@ def make_writer(engine, seen_after_commit: list[str] | None = None, gate: thread
 
 
 async def test_results_arrive_after_commit_and_in_batches(engine):
-    gate = threading.Event()
-    writer = make_writer(engine, gate=gate)
+    gate, entered = threading.Event(), threading.Event()
+    writer = make_writer(engine, gate=gate, entered=entered)
     writer.start()
     try:
         first = asyncio.ensure_future(writer.submit("insert", "a0"))
-        await asyncio.sleep(0.05)  # the writer is now blocked inside batch 1 (gate closed)
+        assert await asyncio.to_thread(entered.wait, 10)  # batch 1 is a0 alone, held at the gate
         rest = [asyncio.ensure_future(writer.submit("insert", f"a{i}")) for i in range(1, 50)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one loop turn: each submission runs up to its queue.put
         assert not first.done()
         gate.set()
         got = await asyncio.gather(first, *rest)
@@ -74,16 +79,16 @@ async def test_results_arrive_after_commit_and_in_batches(engine):
 
 
 async def test_a_failing_job_does_not_fail_its_batch(engine):
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     seen: list[str] = []
-    writer = make_writer(engine, seen, gate=gate)
+    writer = make_writer(engine, seen, gate=gate, entered=entered)
     writer.start()
     try:
         blocker = asyncio.ensure_future(writer.submit("insert", "first"))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(entered.wait, 10)  # "first" is a batch of its own
         jobs = [asyncio.ensure_future(writer.submit("insert", p))
                 for p in ("ok1", "dup", "dup", "refuse", "ok2")]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one loop turn: all five are queued, so they form one batch
         gate.set()
         got = await asyncio.gather(blocker, *jobs, return_exceptions=True)
     finally:

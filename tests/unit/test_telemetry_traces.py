@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -30,28 +33,44 @@ def tier_tracer(trace_dir: Path, tier: str, max_bytes: int = 1 << 20) -> trace.T
     return provider.get_tracer("test")
 
 
-def request_through(trace_dir: Path, decision_at_endpoint: str, sleep_ns: int = 0) -> str:
+_CLOCK_NS = itertools.count(1_767_225_600 * 10**9, 1_000)
+"""Span times of these tests: 1 µs per tick from a fixed instant, so a trace's duration is what
+the test says it is, never what the machine happened to take."""
+
+
+@contextmanager
+def timed_span(tracer: trace.Tracer, name: str, *, extra_ns: int = 0,
+               **kw: Any) -> Iterator[trace.Span]:
+    """A current span on the test clock, ``extra_ns`` longer than its children make it."""
+    with tracer.start_as_current_span(name, start_time=next(_CLOCK_NS), end_on_exit=False,
+                                      **kw) as span:
+        yield span
+        span.end(end_time=next(_CLOCK_NS) + extra_ns)
+    if extra_ns:
+        for _ in range(extra_ns // 1_000 + 1):  # later spans start after this one ended
+            next(_CLOCK_NS)
+
+
+def request_through(trace_dir: Path, decision_at_endpoint: str, upstream_ns: int = 0) -> str:
     """One request: endpoint SERVER (+gate) and, if it escalates, a CLIENT span to the cloud's
-    SERVER span, each tier writing its own file. Returns the trace id."""
+    SERVER span (lasting ``upstream_ns`` more), each tier writing its own file. Returns the
+    trace id."""
     endpoint, cloud = tier_tracer(trace_dir, "endpoint"), tier_tracer(trace_dir, "cloud")
-    with endpoint.start_as_current_span("POST /v1/infer", kind=SpanKind.SERVER) as server:
+    with timed_span(endpoint, "POST /v1/infer", kind=SpanKind.SERVER) as server:
         server.set_attributes({"cascade.decision": decision_at_endpoint, "cascade.confidence": 0.41,
                                "cascade.status": "final", "http.response.status_code": 200,
                                "cascade.answered_by": "cloud" if decision_at_endpoint == "escalate"
                                else "endpoint"})
-        with endpoint.start_as_current_span("cascade.gate") as gate:
+        with timed_span(endpoint, "cascade.gate") as gate:
             gate.set_attributes({"cascade.decision": decision_at_endpoint, "cascade.confidence": 0.41})
         if decision_at_endpoint == "escalate":
-            with endpoint.start_as_current_span("POST", kind=SpanKind.CLIENT) as client:
+            with timed_span(endpoint, "POST", kind=SpanKind.CLIENT) as client:
                 client.set_attributes({"http.request.resend_count": 0, "http.response.status_code": 200})
                 carrier: dict[str, str] = {}
                 W3C.inject(carrier)
-                with cloud.start_as_current_span("POST /v1/infer", context=W3C.extract(carrier),
-                                                 kind=SpanKind.SERVER) as up:
+                with timed_span(cloud, "POST /v1/infer", context=W3C.extract(carrier),
+                                kind=SpanKind.SERVER, extra_ns=upstream_ns) as up:
                     up.set_attributes({"cascade.decision": "answer", "cascade.confidence": 0.99})
-                    if sleep_ns:
-                        import time
-                        time.sleep(sleep_ns / 1e9)
         return format(server.get_span_context().trace_id, "032x")
 
 
@@ -174,7 +193,7 @@ def test_waterfall_across_tiers_with_decisions(tmp_path: Path) -> None:
 
 def test_filters(tmp_path: Path) -> None:
     local = request_through(tmp_path, "answer")
-    climbed = request_through(tmp_path, "escalate", sleep_ns=30_000_000)
+    climbed = request_through(tmp_path, "escalate", upstream_ns=30_000_000)
     _, out = run(str(tmp_path), "--escalated")
     assert climbed in out and local not in out
     _, out = run(str(tmp_path), "--slow", "25")
