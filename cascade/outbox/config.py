@@ -30,6 +30,13 @@ class OutboxSettings(BaseModel):
         description="SQLite fsync policy: 'full' survives power loss; 'normal' (WAL) survives a "
         "process crash only but commits faster.",
     )
+    sqlite_max_bytes: int | None = Field(
+        default=None, ge=64 * 1024,
+        description="Largest size of the SQLite outbox file (PRAGMA max_page_count), for a store "
+        "sharing a small disk or card; at the bound writes fail as on a full disk: work that "
+        "needs the outbox gets 503 storage_unavailable and what was accepted is kept. None: as "
+        "large as the disk allows.",
+    )
     commit_batch_max: int = Field(
         default=512, ge=1, le=10_000, description="Most writes grouped into one commit (group commit)."
     )

@@ -61,12 +61,14 @@ def sqlite_path(url: URL) -> Path | None:
 
 
 def create_outbox_engine(
-    url: str | URL, *, synchronous: str = "full", create_dirs: bool = True, pool_size: int = 4
+    url: str | URL, *, synchronous: str = "full", create_dirs: bool = True, pool_size: int = 4,
+    sqlite_max_bytes: int | None = None,
 ) -> Engine:
     """An engine for the outbox database (no I/O yet except creating a SQLite file's directory).
 
     ``create_dirs=False`` (the operator CLI) refuses a SQLite file that does not exist rather
-    than creating an empty database by mistake.
+    than creating an empty database by mistake. ``sqlite_max_bytes`` bounds a SQLite file: past
+    it, writes fail with SQLite's "database or disk is full", as on a full disk.
     """
     parsed = url if isinstance(url, URL) else parse_outbox_url(url)
     path = sqlite_path(parsed)
@@ -84,7 +86,7 @@ def create_outbox_engine(
             parsed, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_size=pool_size, max_overflow=4,
         )
-        _install_sqlite_hooks(engine, synchronous.upper())
+        _install_sqlite_hooks(engine, synchronous.upper(), sqlite_max_bytes)
         return engine
     try:
         import psycopg  # noqa: F401
@@ -94,7 +96,7 @@ def create_outbox_engine(
     return sa.create_engine(parsed, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
 
 
-def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
+def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | None) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see module doc)
@@ -103,6 +105,9 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            if max_bytes is not None:
+                (page_size,) = cursor.execute("PRAGMA page_size").fetchone()
+                cursor.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size)}")
             try:
                 cursor.execute("PRAGMA journal_mode=WAL")
             except Exception as exc:  # noqa: BLE001 - a read-only file can't switch; reads still work

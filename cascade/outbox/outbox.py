@@ -77,7 +77,8 @@ class Outbox:
         self.tier = tier
         self.settings = settings or OutboxSettings()
         self.url = parse_outbox_url(url)
-        self.engine = create_outbox_engine(self.url, synchronous=self.settings.sqlite_synchronous)
+        self.engine = create_outbox_engine(self.url, synchronous=self.settings.sqlite_synchronous,
+                                           sqlite_max_bytes=self.settings.sqlite_max_bytes)
         ensure_schema(self.engine)
         self.counters = HeldCounters()
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cascade.cli import app
@@ -125,6 +126,48 @@ def test_row_cap_refuses_new_work_with_503_queue_full(tiers, proxy_to, hard_imag
         r = post(client, endpoint.url, {"task": "vision", "input": {"image": hard_images[6]}},
                  key="cap-6")
         assert r.status_code == 200
+
+
+def test_a_full_outbox_is_503_not_500_and_what_was_accepted_is_kept(tiers, proxy_to):
+    # A bounded SQLite file (outbox.sqlite_max_bytes, PRAGMA max_page_count) fails its writes
+    # exactly as a full disk does, and needs no root or mount: this runs everywhere.
+    upstream = tiers("edge-node")
+    proxy = proxy_to(upstream.url)
+    endpoint = tiers("endpoint", upstream=proxy.url, outbox={"sqlite_max_bytes": 1024 * 1024})
+    proxy.set(mode="reset")
+    text = "The central bank raised interest rates again. " * 400  # ~18 KB per request
+    body = {"task": "documents", "input": {"text": text}}
+    with httpx.Client() as client:
+        acked, refused = [], None
+        for i in range(200):
+            r = post(client, endpoint.url, body, key=f"full-{i}")
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                refused = r.json()["error"]
+                break
+            assert r.json()["status"] == "provisional"
+            acked.append(f"full-{i}")
+        assert refused is not None, "the 1 MiB outbox never filled"
+        assert refused["code"] == "storage_unavailable"
+        assert "full" in refused["message"] and "nothing was queued" in refused["message"]
+        assert acked and all(endpoint.states()[k] in ("queued", "forwarding") for k in acked)
+        assert client.get(f"{endpoint.url}/healthz").status_code == 200
+        stats = client.get(f"{endpoint.url}/v1/outbox").json()
+        assert stats["storage_errors"] >= 1 and "full" in stats["last_storage_error"]
+        assert client.get(f"{endpoint.url}/v1/results/full-{len(acked)}").status_code == 404
+
+        # The operator lifts the bound and restarts the tier: every accepted request is still
+        # there and is delivered; new work is accepted again.
+        endpoint.stop()
+        config = yaml.safe_load(endpoint.config.read_text())
+        del config["outbox"]["sqlite_max_bytes"]
+        endpoint.config.write_text(yaml.safe_dump(config))
+        endpoint.start()
+        proxy.set(mode="pass")
+        wait_for(lambda: all(escalation(client, endpoint.url, k)["state"] == "done" for k in acked),
+                 timeout_s=60, what="every accepted request delivered")
+        r = post(client, endpoint.url, body, key="after-full")
+        assert r.status_code == 200, r.text
 
 
 @pytest.fixture
