@@ -7,12 +7,18 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cascade.cli.common import console, fail
 from cascade.errors import CascadeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+
+    from cascade.deploy.supervisor import Chain
 
 CONFIG_HELP = "Node config YAML (e.g. edge_nodes/endpoint.yaml); CASCADE_* env vars override it."
 
@@ -58,8 +64,6 @@ def up(
 
     Example: cascade up            (then: cascade infer documents "Shares rose after the rate cut")
     """
-    from rich.table import Table
-
     from cascade.deploy.supervisor import DEFAULT_CHAIN, Chain
 
     # An explicit CASCADE_TRACE_DIR in the environment wins (Chain passes os.environ through).
@@ -79,12 +83,7 @@ def up(
             chain.start()
     except (CascadeError, RuntimeError, TimeoutError) as exc:
         fail(f"{exc}; see the logs in {log_dir}/", 1)
-    table = Table(title="cascade: local chain is up", title_justify="left")
-    for col in ("tier", "url", "pid", "ready in", "log"):
-        table.add_column(col, overflow="fold")  # URLs and paths shown whole, never cut with …
-    for t in chain.tiers:
-        table.add_row(t.tier, t.url, str(t.pid), f"{chain.ready_s[t.tier]:.2f} s", str(t.log_path))
-    console.print(table)
+    print_whole(console, chain_table(chain))
     entry = chain.entry_url
     console.print("\nTry it (tier 1 answers, or escalates up the chain):", style="bold")
     console.print(
@@ -110,6 +109,35 @@ def up(
         console.print("stopping tiers...")
         chain.stop()
         console.print("all tiers stopped.")
+
+
+def chain_table(chain: Chain) -> Table:
+    """The table ``cascade up`` prints: each tier's URL, pid, start time and log file."""
+    from rich.table import Table
+
+    table = Table(title="cascade: local chain is up", title_justify="left")
+    for col in ("tier", "url", "pid", "ready in", "log"):
+        table.add_column(col, no_wrap=True)
+    for t in chain.tiers:
+        table.add_row(t.tier, t.url, str(t.pid), f"{chain.ready_s[t.tier]:.2f} s", str(t.log_path))
+    return table
+
+
+def print_whole(out: Console, renderable: RenderableType) -> None:
+    """Print ``renderable`` at its natural width, even past the console's.
+
+    Output to a file or pipe is 80 columns wide, and a table squeezed into that wraps or cuts
+    its cells (``make run > run.log`` split the URLs in two). A URL must stay whole to be
+    copied, so the table is laid out as wide as its content and written without wrapping.
+    """
+    from rich.measure import Measurement
+    from rich.segment import Segments
+
+    options = out.options
+    needed = Measurement.get(out, options.update_width(1 << 16), renderable).maximum
+    lines = out.render_lines(renderable, options.update_width(max(options.max_width, needed)),
+                             pad=False, new_lines=True)
+    out.print(Segments([segment for line in lines for segment in line]), soft_wrap=True)
 
 
 def infer(
