@@ -9,7 +9,10 @@ A line looks like::
      "status": "final", "answered_by": "edge-node", "decision": "escalate", "request_id": "..."}
 
 Request lines (logger ``cascade.access``) carry a fixed set of fields; bodies, inputs and
-headers are never logged. Other messages are whatever the code logs, plus ids.
+headers are never logged. Other messages are whatever the code logs, plus ids. Libraries that
+log each call at info level (httpx's ``HTTP Request: POST ...`` for every escalation, watchfiles'
+change events) are kept at warning, so a request leaves one line per tier; at
+``log_level: debug`` (``CASCADE_LOG_LEVEL=debug``) they log everything.
 
 Lines are written in batches: every ``flush_interval_s`` (0.25 s), when 256 are pending, and at
 once for warnings and errors, so the one-line-per-request log costs no system call per request.
@@ -33,11 +36,14 @@ ACCESS_LOGGER: Final[str] = "cascade.access"
 LogFormat = Literal["json", "text"]
 
 __all__ = [
-    "ACCESS_LOGGER", "BatchingStreamHandler", "JsonLogFormatter", "LogFormat", "configure_logging",
-    "log_fields",
+    "ACCESS_LOGGER", "THIRD_PARTY_LOGGERS", "BatchingStreamHandler", "JsonLogFormatter",
+    "LogFormat", "configure_logging", "log_fields",
 ]
 
 _HANDLER_MARK: Final[str] = "_cascade_handler"
+
+THIRD_PARTY_LOGGERS: Final[tuple[str, ...]] = ("httpx", "httpcore", "watchfiles")
+"""Loggers kept at warning unless the tier logs at debug level (see the module docstring)."""
 
 
 def log_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -179,4 +185,7 @@ def configure_logging(
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if level.lower() == "debug"
+                                         else logging.WARNING)
     return handler
