@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from cascade.deploy.supervisor import Chain
+from cascade.observability.export import TraceFileError, read_span_records
 from tests.conftest import CHAIN_CONFIGS, free_port_block
 
 pytestmark = pytest.mark.integration
@@ -230,11 +231,20 @@ def test_trace_files_show_the_climb_in_cascade_traces(traced_chain: Any) -> None
 
     chain, trace_dir = traced_chain
     trace_id = httpx.post(f"{chain.entry_url}/v1/infer", json=CLIMBS, timeout=10).json()["trace_id"]
+
+    def servers_written() -> set[str]:
+        try:
+            records, _ = read_span_records(trace_dir)
+        except TraceFileError:  # no file yet
+            return set()
+        return {r["tier"] for r in records if r["trace_id"] == trace_id and r["kind"] == "SERVER"}
+
+    # A tier's SERVER span ends after its other spans and is written after them: once every
+    # tier's is in the files, the whole trace is (waiting for the trace id alone found the
+    # first spans, and sometimes read the files before the endpoint's SERVER span was there).
     deadline = time.monotonic() + 20
-    while not all(trace_id in (trace_dir / f"{t}.jsonl").read_text()
-                  for t in TIERS if (trace_dir / f"{t}.jsonl").exists()) \
-            or len(list(trace_dir.glob("*.jsonl"))) < 4:
-        assert time.monotonic() < deadline, "trace files did not get the spans"
+    while servers_written() != set(TIERS):
+        assert time.monotonic() < deadline, f"trace files have SERVER spans of {servers_written()}"
         time.sleep(0.05)
     result = CliRunner().invoke(app, ["traces", str(trace_dir), "--trace", trace_id[:12]])
     assert result.exit_code == 0, result.output
