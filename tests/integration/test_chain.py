@@ -117,7 +117,7 @@ def test_the_sample_that_climbs_highest_goes_where_the_policy_says(
 def escalating_chain(models_dir, tmp_path_factory):
     """The four tiers under a test policy: the three edge tiers escalate everything (threshold
     1.0 on max_prob), the cloud answers everything."""
-    from cascade.supervisor import Chain
+    from cascade.deploy.supervisor import Chain
     from tests.conftest import CHAIN_CONFIGS, free_port_block
     from tests.fault.harness import write_policy
 

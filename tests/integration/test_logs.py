@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cascade.logs import THIRD_PARTY_LOGGERS, configure_logging
-from cascade.supervisor import Chain
+from cascade.deploy.supervisor import Chain
+from cascade.observability.logs import THIRD_PARTY_LOGGERS, configure_logging
 from tests.conftest import CHAIN_CONFIGS, free_port_block
 from tests.fault.harness import write_policy
 
