@@ -43,10 +43,24 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port_block(n: int) -> int:
-    """A base port such that ``base .. base+n-1`` are all free on 127.0.0.1 right now."""
+    """A base port such that ``base .. base+n-1`` are all free on 127.0.0.1 right now.
+
+    Chosen below the kernel's ephemeral range: a port in that range, free when checked, could
+    be given to some client's outgoing connection before the tier binds it (seen under load:
+    a tier exiting with "address already in use").
+    """
+    high = max(20_000 + 1_000, _ephemeral_low()) - n
     for _ in range(200):
-        base = random.randint(20_000, 50_000)
+        base = random.randint(20_000, high)
         if all(_port_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block found")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import sqlite3
 import threading
 import time
@@ -24,10 +23,10 @@ from cascade.deploy.supervisor import Chain
 ROOT = Path(__file__).resolve().parents[2]
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now (outside the ephemeral range; see conftest)."""
+    from tests.conftest import free_port_block
+
+    return free_port_block(1)
 
 
 FAST_OUTBOX = {
