@@ -132,7 +132,10 @@ def test_valid_then_invalid_policy_while_requests_flow(chain, record_property):
     assert f'cascade_policy_reloads_total{{outcome="rejected",tier="endpoint"}} {rejected:.1f}' in metrics
 
 
-def test_sighup_rereads_the_file(chain):
+def test_sighup_does_not_stop_a_tier_and_the_change_goes_live(chain):
+    """SIGHUP beside the file watcher (either may apply the change first; that SIGHUP alone
+    re-reads the file is proved by tests/integration/test_hot_reload_signals.py, where the
+    watcher cannot see the change)."""
     import signal
 
     running, path = chain
@@ -141,6 +144,6 @@ def test_sighup_rereads_the_file(chain):
     write_atomically(path, text)
     for t in running.tiers:
         os.kill(t.pid, signal.SIGHUP)  # the watcher may win the race; either way it is applied
-    wait_for(lambda: all(ready(t.url)["policy"]["version"] == version for t in running.tiers), 5)
+    wait_for(lambda: all(ready(t.url)["policy"]["version"] == version for t in running.tiers), 30)
     for t in running.tiers:
         assert t.process.poll() is None  # SIGHUP did not kill the tier

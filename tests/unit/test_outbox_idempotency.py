@@ -106,7 +106,9 @@ async def test_concurrent_duplicate_in_flight_is_409(outbox):
     node = FakeNode(outbox)
     node.release = asyncio.Event()
     first = asyncio.ensure_future(serve_infer(outbox, node, req(), CallContext(request_id="k-3")))
-    await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):  # until the first request is being computed (held there)
+        while node.calls == 0:
+            await asyncio.sleep(0)
     with pytest.raises(IdempotencyConflict) as info:
         await serve_infer(outbox, node, req(), CallContext(request_id="k-3"))
     assert info.value.status == 409 and info.value.code == "idempotency_in_flight"
