@@ -45,7 +45,7 @@ def test_final_provisional_handed_over_and_results_bodies_match_the_contract(
         assert_exact_answer(queued)
         result = client.get(f"{endpoint.url}/v1/results/c-queued").json()
         ResultResponse.model_validate(result)
-        assert result["callback"]["state"] == "pending"
+        assert "callback" not in result  # armed once the final answer is in
         assert result["escalation"]["held_by"] == "endpoint"
 
         node_proxy.set(mode="pass")
@@ -66,6 +66,13 @@ def test_final_provisional_handed_over_and_results_bodies_match_the_contract(
             assert (done["status"], done["answered_by"]) == ("final", "edge-server")
             assert done["escalation"]["state"] == "done"
             assert [h["tier"] for h in done["hops"]] == ["endpoint", "edge-node", "edge-server"]
+        wait_for(lambda: client.get(f"{endpoint.url}/v1/results/c-queued").json()
+                 .get("callback", {}).get("state") == "delivered",
+                 timeout_s=30, what="the callback delivered")
+        delivered = client.get(f"{endpoint.url}/v1/results/c-queued").json()
+        ResultResponse.model_validate(delivered)
+        assert delivered["callback"]["url"] == callbacks.url
+        assert [key for key, _ in callbacks.received] == ["c-queued"]
 
 
 def test_the_openapi_document_names_the_typed_bodies(tiers):
