@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,12 +61,44 @@ def free_port_block(n: int) -> int:
     be given to some client's outgoing connection before the tier binds it (seen under load:
     a tier exiting with "address already in use").
     """
-    high = max(20_000 + 1_000, _ephemeral_low()) - n
+    low, high = _port_slice()
+    high -= n
     for _ in range(200):
-        base = random.randint(20_000, high)
+        base = random.randint(low, high)
         if all(_port_free(base + i) for i in range(n)):
             return base
-    raise RuntimeError("no free port block found")
+    raise RuntimeError(f"no free block of {n} ports in {low}..{high + n}")
+
+
+_SLICE_PORTS = 500
+_slice: tuple[int, int] | None = None
+_slice_lock: Any = None
+
+
+def _port_slice() -> tuple[int, int]:
+    """This test process's own range of ports, reserved for its whole run by an exclusive lock
+    on a file per range, so two suites running at once on one machine (one loading the machine
+    for the other) never pick the same port for their tiers: a port checked free, then bound by
+    the other suite's tier before ours binds it, would fail ours or, worse, answer for it."""
+    global _slice, _slice_lock
+    if _slice is None:
+        top = max(20_000 + _SLICE_PORTS, _ephemeral_low())
+        starts = list(range(20_000, top - _SLICE_PORTS + 1, _SLICE_PORTS))
+        random.shuffle(starts)
+        folder = Path(tempfile.gettempdir()) / "cascade-test-ports"
+        folder.mkdir(exist_ok=True)
+        for start in starts:
+            handle = (folder / f"{start}.lock").open("w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            _slice, _slice_lock = (start, start + _SLICE_PORTS - 1), handle
+            break
+        else:
+            raise RuntimeError(f"every port range below {top} is held by another test run")
+    return _slice
 
 
 @pytest.fixture
