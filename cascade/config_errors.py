@@ -15,7 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["describe_error", "key_path", "validation_lines"]
+__all__ = ["describe_error", "key_path", "validation_lines", "yaml_problem"]
+
+
+def yaml_problem(exc: Exception) -> str:
+    """Where and what a YAML parse error is: ``not valid YAML at line 3, column 7: ...``."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"not valid YAML{where}: {problem}"
 
 
 def validation_lines(exc: ValidationError, *, source: str,

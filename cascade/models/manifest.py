@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -53,6 +54,13 @@ SCHEMA_VERSION: Literal[1] = 1
 InputKind = Literal["image8x8", "text", "image", "tensor", "features"]
 """``image8x8`` is the built-in vision input; the others are declared (``TaskEntry.input``)."""
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def check_tier_names(tiers: Iterable[str]) -> None:
+    """ValueError naming the first tier that is not one of :data:`cascade.TIERS`."""
+    unknown = [name for name in tiers if name not in TIERS]
+    if unknown:
+        raise ValueError(f"unknown tier {unknown[0]!r}; allowed: {', '.join(TIERS)}")
 
 
 class _Strict(BaseModel):
@@ -148,9 +156,7 @@ class TaskEntry(_Strict):
     @field_validator("tiers")
     @classmethod
     def _known_tiers(cls, tiers: dict[str, TierEntry]) -> dict[str, TierEntry]:
-        unknown = [name for name in tiers if name not in TIERS]
-        if unknown:
-            raise ValueError(f"unknown tier {unknown[0]!r}; allowed: {', '.join(TIERS)}")
+        check_tier_names(tiers)
         return tiers
 
 

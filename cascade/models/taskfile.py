@@ -28,10 +28,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cascade import TIERS
-from cascade.config_errors import validation_lines
+from cascade.config_errors import validation_lines, yaml_problem
 from cascade.contract.input_spec import InputSpec
 from cascade.errors import RegistrationError
-from cascade.models.manifest import TASK_NAME
+from cascade.models.manifest import TASK_NAME, check_tier_names
 from cascade.runners.registry import runtime_names
 
 __all__ = ["TASK_FILE", "LoadedTaskFile", "TaskFile", "TierModel", "load_task_file"]
@@ -97,9 +97,7 @@ class TaskFile(_Strict):
     @field_validator("tiers")
     @classmethod
     def _known_tiers(cls, tiers: dict[str, TierModel]) -> dict[str, TierModel]:
-        unknown = [name for name in tiers if name not in TIERS]
-        if unknown:
-            raise ValueError(f"unknown tier {unknown[0]!r}; allowed: {', '.join(TIERS)}")
+        check_tier_names(tiers)
         # bottom tier first, whatever order the file lists them in
         return {name: tiers[name] for name in TIERS if name in tiers}
 
@@ -144,11 +142,7 @@ def load_task_file(folder: Path) -> LoadedTaskFile:
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RegistrationError(f"{source}: not valid YAML{where}: {problem}",
-                                file=source) from None
+        raise RegistrationError(f"{source}: {yaml_problem(exc)}", file=source) from None
     if not isinstance(data, dict):
         raise RegistrationError(f"{source}: (root): must be a mapping with input, classes and "
                                 f"tiers; got {type(data).__name__}", file=source, key="(root)")

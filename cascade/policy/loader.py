@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cascade.config_errors import validation_lines
+from cascade.config_errors import validation_lines, yaml_problem
 from cascade.errors import PolicyError
 from cascade.gating.drift import DriftReference, DriftSettings
 from cascade.gating.gate import GateRule
@@ -108,10 +108,7 @@ def load_policy_bytes(raw: bytes, *, source: str) -> LoadedPolicy:
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(f"{source}: not valid YAML{where}: {problem}", file=source) from None
+        raise PolicyError(f"{source}: {yaml_problem(exc)}", file=source) from None
     policy = parse_policy(data, source=source)
     return LoadedPolicy(policy=policy, path=source, sha256=hashlib.sha256(raw).hexdigest())
 
