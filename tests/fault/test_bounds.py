@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -128,6 +129,32 @@ def test_row_cap_refuses_new_work_with_503_queue_full(tiers, proxy_to, hard_imag
         assert r.status_code == 200
 
 
+FULL_BODY = {"task": "documents",
+             "input": {"text": "The central bank raised interest rates again. " * 400}}
+"""About 18 KB per request: a few dozen fill a small outbox or disk."""
+
+
+def fill_until_full(client: httpx.Client, endpoint: Any, prefix: str, *, limit: int) -> list[str]:
+    """Send ``FULL_BODY`` (uplink cut: each answer provisional and queued) until the tier says
+    503 ``storage_unavailable`` (full, nothing queued); returns the keys it accepted, which must
+    all still be held, with the tier still alive."""
+    acked, refused = [], None
+    for i in range(limit):
+        r = post(client, endpoint.url, FULL_BODY, key=f"{prefix}-{i}")
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            refused = r.json()["error"]
+            break
+        assert r.json()["status"] == "provisional"
+        acked.append(f"{prefix}-{i}")
+    assert refused is not None, f"the outbox never filled in {limit} requests"
+    assert refused["code"] == "storage_unavailable"
+    assert "full" in refused["message"] and "nothing was queued" in refused["message"]
+    assert acked and all(endpoint.states()[k] in ("queued", "forwarding") for k in acked)
+    assert client.get(f"{endpoint.url}/healthz").status_code == 200
+    return acked
+
+
 def test_a_full_outbox_is_503_not_500_and_what_was_accepted_is_kept(tiers, proxy_to):
     # A bounded SQLite file (outbox.sqlite_max_bytes, PRAGMA max_page_count) fails its writes
     # exactly as a full disk does, and needs no root or mount: this runs everywhere.
@@ -135,23 +162,8 @@ def test_a_full_outbox_is_503_not_500_and_what_was_accepted_is_kept(tiers, proxy
     proxy = proxy_to(upstream.url)
     endpoint = tiers("endpoint", upstream=proxy.url, outbox={"sqlite_max_bytes": 1024 * 1024})
     proxy.set(mode="reset")
-    text = "The central bank raised interest rates again. " * 400  # ~18 KB per request
-    body = {"task": "documents", "input": {"text": text}}
     with httpx.Client() as client:
-        acked, refused = [], None
-        for i in range(200):
-            r = post(client, endpoint.url, body, key=f"full-{i}")
-            assert r.status_code in (200, 503), r.text
-            if r.status_code == 503:
-                refused = r.json()["error"]
-                break
-            assert r.json()["status"] == "provisional"
-            acked.append(f"full-{i}")
-        assert refused is not None, "the 1 MiB outbox never filled"
-        assert refused["code"] == "storage_unavailable"
-        assert "full" in refused["message"] and "nothing was queued" in refused["message"]
-        assert acked and all(endpoint.states()[k] in ("queued", "forwarding") for k in acked)
-        assert client.get(f"{endpoint.url}/healthz").status_code == 200
+        acked = fill_until_full(client, endpoint, "full", limit=200)
         stats = client.get(f"{endpoint.url}/v1/outbox").json()
         assert stats["storage_errors"] >= 1 and "full" in stats["last_storage_error"]
         assert client.get(f"{endpoint.url}/v1/results/full-{len(acked)}").status_code == 404
@@ -166,7 +178,7 @@ def test_a_full_outbox_is_503_not_500_and_what_was_accepted_is_kept(tiers, proxy
         proxy.set(mode="pass")
         wait_for(lambda: all(escalation(client, endpoint.url, k)["state"] == "done" for k in acked),
                  timeout_s=60, what="every accepted request delivered")
-        r = post(client, endpoint.url, body, key="after-full")
+        r = post(client, endpoint.url, FULL_BODY, key="after-full")
         assert r.status_code == 200, r.text
 
 
@@ -196,24 +208,10 @@ def test_full_disk_and_read_only_database_are_503_not_500(tiers, proxy_to, small
     stat = os.statvfs(small_disk)
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 400 * 1024))
-    text = "The central bank raised interest rates again. " * 400  # ~18 KB per request
-    body = {"task": "documents", "input": {"text": text}}
     with httpx.Client() as client:
-        acked, refused = [], None
-        for i in range(100):
-            r = post(client, endpoint.url, body, key=f"disk-{i}")
-            assert r.status_code in (200, 503), r.text
-            if r.status_code == 503:
-                refused = r.json()["error"]
-                break
-            acked.append(f"disk-{i}")
-        assert refused is not None, "the disk never filled"
-        assert refused["code"] == "storage_unavailable"
-        assert "full" in refused["message"] and "nothing was queued" in refused["message"]
-        assert acked and all(endpoint.states()[k] in ("queued", "forwarding") for k in acked)
-        assert client.get(f"{endpoint.url}/healthz").status_code == 200
+        fill_until_full(client, endpoint, "disk", limit=100)
         filler.unlink()  # the operator frees space: the same process recovers
-        r = post(client, endpoint.url, body, key="after-full")
+        r = post(client, endpoint.url, FULL_BODY, key="after-full")
         assert r.status_code == 200 and r.json()["status"] == "provisional"
 
         # Read-only: the filesystem comes back read-only (what a failing SD card often does);
