@@ -16,7 +16,17 @@ from cascade.lab.bench.plots import (
     policy_report_lines,
     policy_targets,
 )
-from cascade.lab.bench.shift import ShiftSpec, corrupt_images, corrupt_texts, shift_summary
+from cascade.lab.bench.shift import (
+    ShiftSpec,
+    corrupt,
+    corrupt_images,
+    corrupt_numeric,
+    corrupt_photos,
+    corrupt_texts,
+    corruption_kind,
+    describe,
+    shift_summary,
+)
 from cascade.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,3 +122,48 @@ def test_text_corruption_truncates_and_adds_typos():
     assert sum(w != f"word{i}" for i, w in enumerate(words)) >= 25  # (a swap of equal chars is a no-op)
     (short,) = corrupt_texts(["a b c"], ShiftSpec(typo_rate=0.0, keep_fraction=0.1, min_words=15))
     assert short == "a b c"
+
+
+def test_photo_corruption_scales_to_the_image_size_and_pixel_range():
+    photos = np.full((400, 32, 16, 3), 128.0, dtype=np.float32)
+    out = corrupt_photos(photos, ShiftSpec(noise_sigma=0.0, occlusion=2, occluded_share=0.25))
+    assert out.shape == photos.shape and out.dtype == np.float32
+    blanked = (out == 0).reshape(400, -1).sum(axis=1)
+    assert set(blanked.tolist()) == {0, 8 * 4 * 3}  # a patch of 2/8 of each side, every channel
+    assert 0.18 < np.mean(blanked > 0) < 0.32
+    noisy = corrupt_photos(photos, ShiftSpec(noise_sigma=2.0, occluded_share=0.0))
+    assert noisy.min() >= 0 and noisy.max() <= 255
+    assert noisy.std() == pytest.approx(2.0 * 255 / 16, rel=0.05)
+
+
+def test_numeric_corruption_adds_noise_per_value_spread_and_sticks_some_readings():
+    rng = np.random.default_rng(1)
+    values = (rng.normal(0, 1, (2000, 10)) * np.arange(1, 11) + 100).astype(np.float32)
+    quiet = corrupt_numeric(values, ShiftSpec(feature_noise=0.0, occluded_share=0.5,
+                                              stuck_share=0.2))
+    assert quiet.dtype == np.float32
+    changed = (quiet != values).sum(axis=1)
+    assert set(changed.tolist()) == {0, 2}  # 20% of 10 values, on about half of the samples
+    assert 0.45 < np.mean(changed == 2) < 0.55
+    rows, cols = np.nonzero(quiet != values)
+    assert np.allclose(quiet[rows, cols], values.mean(axis=0)[cols], atol=1e-3)
+    noisy = corrupt_numeric(values, ShiftSpec(feature_noise=0.5, occluded_share=0.0))
+    ratio = (noisy - values).std(axis=0) / values.std(axis=0)
+    assert np.allclose(ratio, 0.5, rtol=0.1)
+    assert np.array_equal(noisy, corrupt_numeric(values, ShiftSpec(feature_noise=0.5,
+                                                                    occluded_share=0.0)))
+
+
+def test_registered_tasks_are_corrupted_by_their_input_kind():
+    from cascade.contract.input_spec import FeaturesInput, ImageInput, TextInput
+
+    spec = ShiftSpec()
+    assert corruption_kind("vision") == "vision" and corruption_kind("documents") == "documents"
+    assert corruption_kind("cancer", FeaturesInput(kind="features", length=3)) == "numeric"
+    assert corruption_kind("notes", TextInput(kind="text")) == "documents"
+    photo = ImageInput(kind="image", size=(4, 4), channels=1)
+    assert corruption_kind("cam", photo) == "image"
+    assert describe("cancer", spec, FeaturesInput(kind="features", length=3)).startswith(
+        "sensor noise (Gaussian, sigma 0.5 x each value's spread)")
+    texts = corrupt("notes", ["one two three"] * 3, spec, input_spec=TextInput(kind="text"))
+    assert texts == corrupt_texts(["one two three"] * 3, spec)

@@ -318,31 +318,27 @@ def live_drift(chain: Any) -> dict[str, Any]:
 
 def drift_phase(cfg: Any, policy: Any, tasks: Sequence[str]) -> dict[str, Any]:
     """:func:`drift_scenario` for every task, on the real models' outputs."""
-    from cascade.lab.bench.shift import ShiftSpec, corrupt
+    from cascade.lab.bench.shift import SHIFT_SEED, ShiftSpec, corrupt
     from cascade.lab.evaluation import predict_inputs, predict_split
-    from cascade.models.manifest import load_split
+    from cascade.models.manifest import load_manifest, load_split
 
     spec = ShiftSpec()
+    manifest = load_manifest(cfg.models_dir)
     out: dict[str, Any] = {}
     for task in tasks:
         tiers = list(policy.task(task).tiers)
+        input_spec = manifest.task(task).input
         _, cal = predict_split(cfg.models_dir, task, tiers, "calibration")
         inputs, labels = load_split(cfg.models_dir, task, "test")
         clean = predict_inputs(cfg.models_dir, task, tiers, inputs, labels)
-        shifted = predict_inputs(cfg.models_dir, task, tiers, corrupt(task, inputs, spec), labels)
-        more = [predict_inputs(cfg.models_dir, task, tiers, _redraw(task, inputs, spec, seed), labels)
-                for seed in EXTRA_SHIFT_SEEDS]
+        shifted, *more = (
+            predict_inputs(cfg.models_dir, task, tiers,
+                           corrupt(task, inputs, spec, seed, input_spec=input_spec), labels)
+            for seed in (SHIFT_SEED, *EXTRA_SHIFT_SEEDS))
         views = [gate_outputs(policy, task, tiers, p) for p in (cal, clean, shifted, *more)]
         out[task] = drift_scenario(policy, task, tiers, calibration=views[0], clean=views[1],
                                    shifted=views[2], more_shifted=Outputs.concat(views[3:]))
     return out
-
-
-def _redraw(task: str, inputs: Any, spec: Any, seed: int) -> Any:
-    """Another draw of the bench's corruption (same settings, another seed)."""
-    from cascade.lab.bench.shift import corrupt_images, corrupt_texts
-
-    return corrupt_images(inputs, spec, seed) if task == "vision" else corrupt_texts(inputs, spec, seed)
 
 
 def _live_cell(state: dict[str, Any] | None, before: dict[str, Any] | None = None) -> str:

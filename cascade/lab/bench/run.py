@@ -12,6 +12,7 @@ Everything is measured in one run, side by side, so ratios hold on a noisy machi
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from cascade.lab.bench.load import LoadResult, have_wrk, run_load
 from cascade.lab.bench.plots import policy_phase
 from cascade.lab.bench.shift import shift_phase
 
-TASKS = ("vision", "documents")
+BUILT_IN_TASKS = ("vision", "documents")
 
 
 @dataclass
@@ -46,7 +47,19 @@ class BenchConfig:
     configs: tuple[str, ...] = DEFAULT_CHAIN
     policy: Path = Path("policies/default.yaml")
     log: Callable[[str], None] = print
+    tasks: tuple[str, ...] = ()
+    """The tasks measured (and served by the bench's chain); empty: every task in the model
+    repository."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def chosen_tasks(self) -> tuple[str, ...]:
+        """``tasks``, or every task of the manifest (the built-in two first)."""
+        from cascade.models.manifest import load_manifest
+
+        if self.tasks:
+            return self.tasks
+        names = list(load_manifest(self.models_dir).tasks)
+        return tuple(sorted(names, key=lambda t: (t not in BUILT_IN_TASKS, t)))
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -73,6 +86,15 @@ async def _send_all(url: str, bodies: list[dict[str, Any]], concurrency: int = 8
     return results
 
 
+def bodies_for(models_dir: Path, task: str, inputs: Any) -> list[dict[str, Any]]:
+    """The ``POST /v1/infer`` bodies of stored split samples (a registered task's by its
+    declared input)."""
+    from cascade.models.manifest import load_manifest
+
+    spec = load_manifest(models_dir).task(task).input
+    return [request_body(task, x, spec) for x in inputs]
+
+
 def accuracy_phase(cfg: BenchConfig, chain: Chain) -> dict[str, Any]:
     """Every test sample through the chain, and through each tier's model alone."""
     from cascade.lab.evaluation import predict_split
@@ -80,11 +102,12 @@ def accuracy_phase(cfg: BenchConfig, chain: Chain) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     tiers = [t.tier for t in chain.tiers]
-    for task in TASKS:
+    for task in cfg.chosen_tasks():
         inputs, labels = load_split(cfg.models_dir, task, "test")
         _, alone = predict_split(cfg.models_dir, task, tiers, "test")
         cfg.log(f"  {task}: {len(labels)} test samples through the chain")
-        answers = asyncio.run(_send_all(chain.entry_url, [request_body(task, x) for x in inputs]))
+        bodies = bodies_for(cfg.models_dir, task, inputs)
+        answers = asyncio.run(_send_all(chain.entry_url, bodies))
         bad = [a for a in answers if a["_status_code"] != 200]
         correct = [a.get("label") == y for a, y in zip(answers, labels)]
         answered = {t: sum(a.get("answered_by") == t for a in answers) / len(answers) for t in tiers}
@@ -116,7 +139,7 @@ def accuracy_phase(cfg: BenchConfig, chain: Chain) -> dict[str, Any]:
                 t: {"n": len(v), "p50": _pct(v, 50), "p99": _pct(v, 99)} for t, v in client_ms.items()
             },
             "latency_samples_ms": client_ms,  # for the latency figure; not kept in bench.json
-            "local_bodies": [request_body(task, inputs[i]) for i, a in enumerate(answers)
+            "local_bodies": [bodies[i] for i, a in enumerate(answers)
                              if a.get("answered_by") == tiers[0]][:64],
             "local_indices": [i for i, a in enumerate(answers) if a.get("answered_by") == tiers[0]][:64],
         }
@@ -126,14 +149,15 @@ def accuracy_phase(cfg: BenchConfig, chain: Chain) -> dict[str, Any]:
 def raw_model_latency(cfg: BenchConfig, task: str, tier: str, indices: list[int],
                       repeats: int = 2000) -> dict[str, float]:
     """p50/p99 of a bare onnxruntime call (single sample, same inputs) in this process."""
-    from cascade.contract.inputs import DECODERS
+    from cascade.contract.inputs import input_decoder
     from cascade.models.manifest import load_manifest, load_split
     from cascade.models.repository import load_classifier
 
     runner = load_classifier(cfg.models_dir, task, tier)
     inputs, _ = load_split(cfg.models_dir, task, "test")
-    kind = load_manifest(cfg.models_dir).tasks[task].input_kind
-    decoded = [DECODERS[kind](request_body(task, inputs[i])["input"]) for i in indices]
+    entry = load_manifest(cfg.models_dir).task(task)
+    decode = input_decoder(entry.input_kind, entry.input)
+    decoded = [decode(request_body(task, inputs[i], entry.input)["input"]) for i in indices]
     for x in decoded[:50]:
         runner.predict_proba(x)
     times = []
@@ -167,7 +191,7 @@ def overhead_phase(cfg: BenchConfig, chain: Chain, acc: dict[str, Any]) -> dict[
     try:
         echo_url = f"http://127.0.0.1:{echo_port}"
         wait_ready(echo_url, echo, 30)
-        for task in TASKS:
+        for task in cfg.chosen_tasks():
             bodies = acc[task]["local_bodies"]
             if not bodies:
                 continue
@@ -218,8 +242,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         old_log.unlink()  # the policy phase replays this run's decision logs only
     served = served_policy(cfg, state)
     cfg.log(f"starting the chain on 127.0.0.1:{cfg.base_port}..")
+    tasks = cfg.chosen_tasks()
     env = {"CASCADE_MODELS_DIR": str(cfg.models_dir.resolve()),
            "CASCADE_POLICY": str(served.resolve()),
+           "CASCADE_TASKS": json.dumps(list(tasks)),
            "CASCADE_DECISION_LOG_PATH": str((state / "decisions-{tier}.db").resolve())}
     with Chain(list(cfg.configs), base_port=cfg.base_port, env=env, log_dir=state / "logs",
                state_dir=state) as chain:
@@ -229,7 +255,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         drift_live = {"after_clean": live_drift(chain)}
         # Before the latency phase: its thousands of repeated easy requests are a shift too.
         cfg.log("shift phase: corrupted test inputs through the chain")
-        shifted = shift_phase(cfg, chain, TASKS)
+        shifted = shift_phase(cfg, chain, tasks)
         drift_live["after_shift"] = live_drift(chain)
         # Fresh tiers for the latency phase: the shift phase leaves drift alarms on (and, with
         # `action: tighten`, stricter thresholds) that would turn its local answers into climbs.
@@ -240,8 +266,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         over = overhead_phase(cfg, chain, acc)
         facts_after = process_facts(chain)
     cfg.log("policy phase: threshold sweeps, oracle, calibration, drift alarm, figures")
-    policy = policy_phase(cfg, acc, shifted, TASKS)
-    for task in TASKS:
+    policy = policy_phase(cfg, acc, shifted, tasks)
+    for task in tasks:
         acc[task].pop("local_bodies", None)
         acc[task].pop("local_indices", None)
         acc[task].pop("latency_samples_ms", None)
@@ -250,7 +276,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "duration_s": round(time.time() - started, 1),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "config": {"duration_s": cfg.duration_s, "rounds": cfg.rounds,
-                   "concurrency": list(cfg.concurrency), "policy": str(cfg.policy)},
+                   "concurrency": list(cfg.concurrency), "policy": str(cfg.policy),
+                   "tasks": list(tasks)},
         "tiers": {k: {**v, "rss_mb_after": facts_after[k]["rss_mb"]} for k, v in facts.items()},
         "accuracy": acc,
         "overhead": over,
@@ -267,7 +294,8 @@ def served_policy(cfg: BenchConfig, state: Path) -> Path:
     from cascade.lab.bench.drift import policy_with_references
     from cascade.policy import load_policy
 
-    _, fitted, text = policy_with_references(load_policy(cfg.policy), cfg.models_dir, TASKS)
+    _, fitted, text = policy_with_references(load_policy(cfg.policy), cfg.models_dir,
+                                             cfg.chosen_tasks())
     if not fitted:
         return cfg.policy
     path = state / "policy-with-drift-references.yaml"

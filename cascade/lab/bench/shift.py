@@ -6,6 +6,13 @@
 - ``documents``: typos (per word, a swapped, dropped, doubled or neighbouring-key character)
   and truncation (only the first part of the text arrives: a preview, a cut-off upload).
 
+A registered task is corrupted by its declared input kind, so the bench needs no code for it:
+``text`` like ``documents``; ``image`` (any size, 0..255 pixels) with the same noise and
+occlusion scaled to its range and size; ``features`` and ``tensor`` with sensor noise (Gaussian,
+a share of each value's spread across the test split) and, on a share of the samples, stuck
+readings (a share of the values replaced by their test-split mean: a sensor that stopped
+updating).
+
 Corruptions are seeded, so every run measures the same shifted split. The scenario measures,
 for each tier alone and for the running chain: accuracy clean vs shifted, how much more the
 cascade escalates, and where its accuracy lands.
@@ -38,6 +45,10 @@ class ShiftSpec:
     keep_fraction: float = 0.35
     """Share of each text's words that survive truncation."""
     min_words: int = 15
+    feature_noise: float = 0.5
+    """Noise on ``features``/``tensor`` values, as a share of each value's standard deviation."""
+    stuck_share: float = 0.2
+    """Share of a sample's values stuck at their mean, on ``occluded_share`` of the samples."""
 
 
 DESCRIPTIONS = {
@@ -45,12 +56,26 @@ DESCRIPTIONS = {
               "(a random {occlusion}x{occlusion} patch blanked on {occluded_share:.0%} of frames)",
     "documents": "typos ({typo_rate:.0%} of words) + truncation (first {keep_fraction:.0%} of "
                  "the words, at least {min_words})",
+    "image": "sensor noise (Gaussian, sigma {noise_sigma:g}/16 of the pixel range, every frame) + "
+             "occlusion (a square {occlusion}/8 of the side blanked on {occluded_share:.0%} of "
+             "frames)",
+    "numeric": "sensor noise (Gaussian, sigma {feature_noise:g} x each value's spread) + stuck "
+               "readings ({stuck_share:.0%} of the values at their mean on {occluded_share:.0%} "
+               "of samples)",
 }
 
 
-def describe(task: str, spec: ShiftSpec) -> str:
+def corruption_kind(task: str, input_spec: Any = None) -> str:
+    """Which corruption a task's inputs get: its own (built-in tasks) or its input kind's."""
+    if input_spec is None:
+        return "vision" if task == "vision" else "documents"
+    kind = str(input_spec.kind)
+    return {"text": "documents", "image": "image"}.get(kind, "numeric")
+
+
+def describe(task: str, spec: ShiftSpec, input_spec: Any = None) -> str:
     """One line saying how ``task``'s inputs are corrupted."""
-    return DESCRIPTIONS[task].format(**spec.__dict__)
+    return DESCRIPTIONS[corruption_kind(task, input_spec)].format(**spec.__dict__)
 
 
 def corrupt_images(images: np.ndarray, spec: ShiftSpec, seed: int = SHIFT_SEED) -> np.ndarray:
@@ -100,31 +125,72 @@ def corrupt_texts(texts: Sequence[str], spec: ShiftSpec, seed: int = SHIFT_SEED)
     return out
 
 
-def corrupt(task: str, inputs: Any, spec: ShiftSpec) -> Any:
-    """The shifted copy of a task's test inputs."""
-    return corrupt_images(inputs, spec) if task == "vision" else corrupt_texts(inputs, spec)
+def corrupt_photos(images: Any, spec: ShiftSpec, seed: int = SHIFT_SEED) -> np.ndarray:
+    """Noisy, partly occluded copies of images [N, H, W(, C)] of 0..255 pixels (a registered
+    ``image`` task's split): the built-in corruption scaled to the range and the size."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(images, dtype=np.float64).copy()
+    x += rng.normal(0.0, spec.noise_sigma * 255.0 / 16.0, x.shape)
+    height, width = x.shape[1], x.shape[2]
+    k_h, k_w = max(1, height * spec.occlusion // 8), max(1, width * spec.occlusion // 8)
+    for img in x:
+        if rng.random() < spec.occluded_share:
+            r = int(rng.integers(0, height - k_h + 1))
+            c = int(rng.integers(0, width - k_w + 1))
+            img[r:r + k_h, c:c + k_w] = 0.0
+    return np.clip(np.round(x), 0.0, 255.0).astype(np.float32)
+
+
+def corrupt_numeric(values: Any, spec: ShiftSpec, seed: int = SHIFT_SEED) -> np.ndarray:
+    """Noisy copies of ``features``/``tensor`` samples [N, ...], some with stuck readings."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(values, dtype=np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    out = x + rng.normal(0.0, 1.0, x.shape) * std * spec.feature_noise
+    flat, flat_mean = out.reshape(len(out), -1), mean.ravel()
+    n_stuck = max(1, round(flat.shape[1] * spec.stuck_share))
+    for row in flat:
+        if rng.random() < spec.occluded_share:
+            idx = rng.choice(flat.shape[1], size=n_stuck, replace=False)
+            row[idx] = flat_mean[idx]
+    return np.asarray(flat.reshape(x.shape), dtype=np.asarray(values).dtype)
+
+
+def corrupt(task: str, inputs: Any, spec: ShiftSpec, seed: int = SHIFT_SEED,
+            input_spec: Any = None) -> Any:
+    """The shifted copy of a task's test inputs (``input_spec``: a registered task's declared
+    input; None for the built-in tasks)."""
+    kind = corruption_kind(task, input_spec)
+    if kind == "vision":
+        return corrupt_images(inputs, spec, seed)
+    if kind == "documents":
+        return corrupt_texts(inputs, spec, seed)
+    if kind == "image":
+        return corrupt_photos(inputs, spec, seed)
+    return corrupt_numeric(inputs, spec, seed)
 
 
 def shift_phase(cfg: Any, chain: Any, tasks: Sequence[str], spec: ShiftSpec | None = None) -> dict[str, Any]:
     """Every corrupted test sample through each tier's model alone and through the chain."""
-    from cascade.contract.inputs import request_body
-    from cascade.lab.bench.run import _send_all
+    from cascade.lab.bench.run import _send_all, bodies_for
     from cascade.lab.evaluation import predict_inputs
-    from cascade.models.manifest import load_split
+    from cascade.models.manifest import load_manifest, load_split
 
     spec = spec or ShiftSpec()
     tiers = [t.tier for t in chain.tiers]
+    manifest = load_manifest(cfg.models_dir)
     out: dict[str, Any] = {}
     for task in tasks:
         inputs, labels = load_split(cfg.models_dir, task, "test")
-        shifted = corrupt(task, inputs, spec)
+        input_spec = manifest.task(task).input
+        shifted = corrupt(task, inputs, spec, input_spec=input_spec)
         alone = predict_inputs(cfg.models_dir, task, tiers, shifted, labels)
         cfg.log(f"  {task}: {len(labels)} shifted test samples through the chain")
-        answers = asyncio.run(_send_all(chain.entry_url, [request_body(task, x) for x in shifted]))
+        answers = asyncio.run(_send_all(chain.entry_url, bodies_for(cfg.models_dir, task, shifted)))
         n = len(answers)
         answered = {t: sum(a.get("answered_by") == t for a in answers) / n for t in tiers}
         out[task] = {
-            "corruption": describe(task, spec),
+            "corruption": describe(task, spec, input_spec),
             "samples": n,
             "errors": sum(a["_status_code"] != 200 for a in answers),
             "tier_alone_accuracy": {t: alone[t].accuracy for t in tiers},
