@@ -34,6 +34,7 @@ class RegisteredTask:
 
 def register_cancer(root: Path) -> RegisteredTask:
     """Train, export, register (``--quantize int8``) and calibrate (``accuracy>=top``)."""
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -41,7 +42,6 @@ def register_cancer(root: Path) -> RegisteredTask:
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from skl2onnx import to_onnx
 
     from cascade.cli import app
     from cascade.models.register import RegisterRequest, register_task
