@@ -7,15 +7,23 @@ calibration) may also call a runtime's synchronous batch API directly, as ``Onnx
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from cascade.contract.deadline import Deadline
-from cascade.contract.outputs import Classification, Generation, Output
+from cascade.contract.outputs import (
+    Classification,
+    CompletionInput,
+    Generation,
+    Output,
+    TokenDelta,
+)
 
-__all__ = ["BatchClassifier", "Classification", "Generation", "Output", "Runner"]
+__all__ = ["BatchClassifier", "Classification", "CompletionInput", "Generation", "Output",
+           "Runner", "StreamingRunner", "TokenDelta"]
 
 
 @runtime_checkable
@@ -39,6 +47,24 @@ class Runner(Protocol):
 
     def close(self) -> None:
         """Release threads, sessions or connections (the tier is stopping)."""
+        ...
+
+
+@runtime_checkable
+class StreamingRunner(Runner, Protocol):
+    """A generative runner that can also hand out tokens as they are produced.
+
+    ``run([CompletionInput])`` returns ``[Generation]``; ``stream(one CompletionInput)`` yields a
+    :class:`TokenDelta` per token, then exactly one :class:`Generation` holding the whole
+    answer (the same one ``run`` would return). Generation stops at ``max_tokens``
+    (``finish_reason="length"``) or when the deadline passes (``"deadline"``, with what was
+    generated so far); a consumer that stops iterating early (a client gone) ends the
+    generation too.
+    """
+
+    def stream(self, inputs: CompletionInput,
+               deadline: Deadline | None = None) -> AsyncIterator[TokenDelta | Generation]:
+        """Tokens as they come, then the whole :class:`Generation`."""
         ...
 
 
