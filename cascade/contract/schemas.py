@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+MAX_TOKENS_LIMIT = 4096
 
 
 class InferRequest(BaseModel):
@@ -44,6 +45,16 @@ class InferRequest(BaseModel):
         pattern=REQUEST_ID_PATTERN,
         description="Idempotency key (the Idempotency-Key header takes precedence).",
     )
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS_LIMIT,
+        description="Generative tasks: most tokens to generate (default from the task); each "
+                    "tier also caps it by its model's context.",
+    )
+    stream: bool = Field(
+        False,
+        description="Generative tasks: answer with Server-Sent Events as tokens are produced "
+                    "(also with 'Accept: text/event-stream').",
+    )
 
 
 class _Exact(BaseModel):
@@ -61,6 +72,15 @@ class Hop(_Exact):
     confidence: float
     decision: Literal["answer", "escalate", "unknown"]
     ms: float
+    ttft_ms: float | None = Field(None, description="Generative hops: time to the first token.")
+    tokens: int | None = Field(None, description="Generative hops: tokens generated here.")
+
+
+class Usage(_Exact):
+    """Tokens read (prompts) and written (answers) by every hop's model."""
+
+    input_tokens: int
+    output_tokens: int
 
 
 class EscalationView(_Exact):
@@ -96,6 +116,11 @@ class InferResponse(_Exact):
     answered_by: str
     hops: list[Hop]
     trace_id: str | None = None
+    text: str | None = Field(None, description="Generative tasks: the answer's text.")
+    fields: dict[str, Any] | None = Field(
+        None, description="Generative tasks asking for JSON: the answer's fields (null when "
+                          "the text is not a JSON object).")
+    usage: Usage | None = Field(None, description="Generative tasks: tokens of every hop.")
     escalation: EscalationView | None = Field(
         None, description="When provisional: the state of the queued escalation."
     )

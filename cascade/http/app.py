@@ -37,6 +37,7 @@ from cascade.http.results import (
     answer_infer,
     register_outbox_routes,
 )
+from cascade.http.streaming import stream_infer, wants_stream
 from cascade.observability.metrics import metrics_response
 from cascade.observability.telemetry import RequestTelemetryMiddleware, fastapi_options
 from cascade.tier.lifecycle import run_tier_lifecycle
@@ -113,7 +114,8 @@ def _validation_error(exc: ValidationError) -> CascadeError:
     first = exc.errors()[0]
     field = _field_of(tuple(first["loc"]))
     if first["type"] == "extra_forbidden":
-        message = f"unknown field {field!r}; allowed: task, input, deadline_ms, callback_url, request_id"
+        message = (f"unknown field {field!r}; allowed: task, input, deadline_ms, callback_url, "
+                   "request_id, max_tokens, stream")
     elif first["type"] == "missing":
         message = f"{field} is required"
     else:
@@ -242,6 +244,10 @@ def _add_infer_route(app: FastAPI, state: dict[str, Node]) -> None:
                 "required": True,
                 "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
             },
+            "responses": {"200": {"content": {"text/event-stream": {
+                "schema": {"type": "string"},
+                "description": "With \"stream\": true (generative tasks): events token, "
+                               "escalate, then one answer (or error); see architecture §2"}}}},
             "parameters": [
                 {"name": "Idempotency-Key", "in": "header", "required": False,
                  "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
@@ -254,6 +260,8 @@ def _add_infer_route(app: FastAPI, state: dict[str, Node]) -> None:
         """Documented here for OpenAPI; served by the plain route below (same function)."""
         body = await parse_infer_request(request)
         ctx = call_context(request)
+        if wants_stream(body, request.headers.get("accept")):
+            return await stream_infer(state["node"], body, ctx)
         answer, replayed = await answer_infer(state["node"], body, ctx)
         response = json_response(answer)
         if replayed:

@@ -21,6 +21,7 @@ from cascade.tier.lifecycle import outbox_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from cascade.contract.schemas import InferRequest
+    from cascade.contract.streaming import EventSink
     from cascade.tier.node import CallContext, Node
 
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -28,13 +29,14 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 async def answer_infer(
-    node: Node, request: InferRequest, ctx: CallContext
+    node: Node, request: InferRequest, ctx: CallContext, events: EventSink | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """``POST /v1/infer`` through the idempotency layer; returns ``(body, replayed)``."""
+    """``POST /v1/infer`` through the idempotency layer; returns ``(body, replayed)``.
+    ``events``: where a streamed answer's progress goes (``cascade.contract.streaming``)."""
     outbox = outbox_of(node)
     if outbox is None:
-        return (await node.infer(request, ctx)).to_wire(), False
-    return await serve_infer(outbox, node, request, ctx)
+        return (await node.answer(request, ctx, events)).answer.to_wire(), False
+    return await serve_infer(outbox, node, request, ctx, events)
 
 
 def register_outbox_routes(app: FastAPI, get_node: Callable[[], Node | None]) -> None:

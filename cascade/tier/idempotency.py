@@ -26,16 +26,19 @@ from cascade.tier.node import Answered, CallContext, Node, owed_escalation
 if TYPE_CHECKING:  # pragma: no cover
     from cascade.contract.answer import Answer
     from cascade.contract.schemas import InferRequest
+    from cascade.contract.streaming import EventSink
     from cascade.outbox.outbox import Outbox
 
 
 async def serve_infer(
-    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext
+    outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext,
+    events: EventSink | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Answer one request idempotently; returns ``(body, replayed)``."""
+    """Answer one request idempotently; returns ``(body, replayed)``. ``events``: stream the
+    computation's progress there (a replayed answer has none)."""
     key = ctx.request_id or request.request_id
     if key is None:
-        return (await _compute(outbox, node, request, ctx)).answer.to_wire(), False
+        return (await _compute(outbox, node, request, ctx, events)).answer.to_wire(), False
     digest = request_hash(request.task, request.input)
     if key in outbox.inflight:
         outbox.stats["idempotency_conflicts"] += 1
@@ -55,7 +58,7 @@ async def serve_infer(
             outbox.stats["idempotent_replays"] += 1
             return {k: v for k, v in stored.items() if not k.startswith("_")}, True
         answered = await _compute(outbox, node, request,
-                                  replace(ctx, request_id=key, request_hash=digest))
+                                  replace(ctx, request_id=key, request_hash=digest), events)
         body = answered.answer.to_wire()
         if not answered.queued:  # a queued answer was committed with its escalation
             await outbox.save_result(key, request.task, digest, body)
@@ -64,8 +67,9 @@ async def serve_infer(
         outbox.inflight.discard(key)
 
 
-async def _compute(outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext) -> Answered:
-    answered = await node.answer(request, ctx)
+async def _compute(outbox: Outbox, node: Node, request: InferRequest, ctx: CallContext,
+                   events: EventSink | None = None) -> Answered:
+    answered = await node.answer(request, ctx, events)
     if answered.answer.status == "provisional" and not answered.queued:
         await _track_handover(outbox, node, request, ctx, answered.answer)
         return Answered(answered.answer, queued=True)

@@ -15,11 +15,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from cascade.contract.answer import Answer, Hop, merge_upstream
+from cascade.contract.answer import Answer, GeneratedText, Hop, merge_upstream
 from cascade.contract.deadline import Deadline
 from cascade.contract.escalation import EscalationQueue, PendingEscalation, UnqueuedEscalations
 from cascade.contract.inputs import InputDecoder
+from cascade.contract.outputs import CompletionInput, Generation, Output, TokenDelta
 from cascade.contract.schemas import InferRequest
+from cascade.contract.streaming import EVENT_ESCALATE, EVENT_TOKEN, EventSink
 from cascade.errors import (
     HopLimitExceeded,
     ServiceUnavailable,
@@ -34,7 +36,7 @@ from cascade.observability.decisionlog import DecisionRecorder
 from cascade.observability.outcome import OutcomeObserver, RequestOutcome
 from cascade.observability.telemetry import TierTelemetry
 from cascade.policy import LoadedPolicy
-from cascade.runners.base import Runner
+from cascade.runners.base import Runner, StreamingRunner
 from cascade.tier.settings import NodeSettings
 from cascade.upstream.base import Upstream
 
@@ -80,9 +82,7 @@ def owed_escalation(
 ) -> PendingEscalation:
     """The one place a :class:`PendingEscalation` is built: the node's own failed escalation
     and the idempotency layer's record of work the upstream took over both come here."""
-    body: dict[str, Any] = {"task": request.task, "input": request.input}
-    if request.callback_url:
-        body["callback_url"] = request.callback_url
+    body = upstream_body(request)
     return PendingEscalation(
         id=answer.id, task=request.task, body=body, provisional=answer.to_wire(),
         reason=reason, hop_count=ctx.hop_count + 1, ttl_s=task_policy.queue.ttl_s,
@@ -90,6 +90,16 @@ def owed_escalation(
         callback_url=request.callback_url, request_hash=ctx.request_hash,
         handed_over=handed_over,
     )
+
+
+def upstream_body(request: InferRequest) -> dict[str, Any]:
+    """What this tier sends up for ``request`` (online and from the queue alike)."""
+    body: dict[str, Any] = {"task": request.task, "input": request.input}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.callback_url:
+        body["callback_url"] = request.callback_url
+    return body
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
@@ -174,8 +184,13 @@ class Node:
         """Answer one request (``POST /v1/infer``'s body is its :meth:`Answer.to_wire`)."""
         return (await self.answer(request, ctx)).answer
 
-    async def answer(self, request: InferRequest, ctx: CallContext) -> Answered:
-        """Answer one request and say whether its escalation was queued here."""
+    async def answer(self, request: InferRequest, ctx: CallContext,
+                     events: EventSink | None = None) -> Answered:
+        """Answer one request and say whether its escalation was queued here.
+
+        ``events``: stream the answer (``cascade.contract.streaming``): this tier's tokens as
+        its model produces them, an ``escalate`` event when its gate sends the request up, and
+        the upstream's events relayed; the caller sends the final ``answer`` event itself."""
         started = time.perf_counter()
         runtime = self.tasks.get(request.task)
         if runtime is None:
@@ -192,7 +207,8 @@ class Node:
             )
         policy = self._policy  # one consistent policy for the whole request
         task_policy = policy.task(request.task)
-        x = runtime.decode(request.input, max_text_chars=self.settings.max_text_chars)
+        x = runtime.decode(request.input, max_text_chars=self.settings.max_text_chars,
+                           max_tokens=request.max_tokens)
 
         deadline_ms = ctx.deadline_ms or request.deadline_ms or task_policy.deadline_ms
         deadline = Deadline.from_ms(deadline_ms)
@@ -200,7 +216,7 @@ class Node:
 
         runner = runtime.runner
         started_ns = time.time_ns()
-        (output,) = await runner.run(x, deadline)
+        output = await self._run_local(runner, x, deadline, events)
         inferred_ns = time.time_ns()
         rule = policy.rule(request.task, self.tier)
         scored = assess_output(output, rule)  # calibrated confidence, as replay computes it
@@ -223,12 +239,22 @@ class Node:
             status="unknown" if decision is Decision.UNKNOWN else "final",
             answered_by=self.tier, hops=[hop], trace_id=request_trace.trace_id,
         )
+        if isinstance(output, Generation):
+            hop.tokens, hop.ttft_ms = output.completion_tokens, _round_ms(output.ttft_ms)
+            answer.generated = GeneratedText.of(output)
         hop.ms = round((time.perf_counter() - started) * 1000, 3)  # this tier's own time
         queued = False
         if decision is Decision.ESCALATE:
+            if events is not None:
+                events(EVENT_ESCALATE, {
+                    "tier": self.tier, "model": runner.model_name, "confidence": hop.confidence,
+                    "threshold": rule.threshold_for(label),
+                    "reason": f"confidence {conf:.3f} is below the threshold "
+                              f"{rule.threshold_for(label):.3f} of tier {self.tier}"})
             with request_trace.current():  # CLIENT and PRODUCER spans are its children
                 answer, queued = await self._escalate(request, ctx, answer, deadline,
-                                                      request_trace.traceparent, task_policy)
+                                                      request_trace.traceparent, task_policy,
+                                                      events)
         outcome = RequestOutcome(
             tier=self.tier, task=request.task, hop=ctx.hop_count, model=runner.model_name,
             policy=policy, rule=rule, assessment=scored, decision=decision.value,
@@ -239,6 +265,24 @@ class Node:
             observe(outcome)
         return Answered(answer, queued)
 
+    async def _run_local(self, runner: Runner, x: Any, deadline: Deadline,
+                         events: EventSink | None) -> Output:
+        """This tier's model on one input; streamed token by token when asked and possible."""
+        if events is None or not isinstance(x, CompletionInput) \
+                or not isinstance(runner, StreamingRunner):
+            (output,) = await runner.run(x, deadline)
+            return output
+        final: Generation | None = None
+        async for item in runner.stream(x, deadline):
+            if isinstance(item, TokenDelta):
+                events(EVENT_TOKEN, {"tier": self.tier, "text": item.text})
+            else:
+                final = item
+        if final is None:  # a runner that broke its contract: no answer to gate
+            raise ServiceUnavailable(f"{runner.model_name} ended its stream without an answer",
+                                     code="model_error")
+        return final
+
     async def _escalate(
         self,
         request: InferRequest,
@@ -247,14 +291,13 @@ class Node:
         deadline: Deadline,
         traceparent: str,
         task_policy: Any,
+        events: EventSink | None = None,
     ) -> tuple[Answer, bool]:
         """Ask the upstream; on failure answer provisionally and queue the escalation.
 
         Returns the answer and whether the escalation was handed to this tier's queue."""
         assert self.upstream is not None
-        body: dict[str, Any] = {"task": request.task, "input": request.input}
-        if request.callback_url:
-            body["callback_url"] = request.callback_url
+        body = upstream_body(request)
         reason: str
         try:
             if deadline.remaining_ms() < MIN_ESCALATION_BUDGET_MS:
@@ -265,6 +308,7 @@ class Node:
                 hop_count=ctx.hop_count + 1,
                 idempotency_key=answer.id,
                 headers={"traceparent": traceparent},
+                events=events,
             )
         except UpstreamRejected as exc:
             reason = f"upstream rejected the request ({exc.upstream_status}): {exc.message}"
@@ -302,6 +346,10 @@ class Node:
             "drift": self.drift.readiness(policy, list(self.tasks)),
             "uptime_s": round(time.time() - self.started_at, 3),
         }
+
+
+def _round_ms(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 3)
 
 
 class _NoBudget(Exception):

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from cascade.contract.answer import Answer
 from cascade.contract.deadline import Deadline
+from cascade.contract.streaming import EventSink
 
 __all__ = ["BreakerView", "Upstream"]
 
@@ -41,8 +42,10 @@ class Upstream(Protocol):
 
     async def escalate(self, body: dict[str, Any], *, deadline: Deadline, hop_count: int,
                        idempotency_key: str,
-                       headers: Mapping[str, str] | None = None) -> Answer:
-        """The upstream's 200 answer to ``body``, within ``deadline``."""
+                       headers: Mapping[str, str] | None = None,
+                       events: EventSink | None = None) -> Answer:
+        """The upstream's 200 answer to ``body``, within ``deadline``. With ``events``, ask
+        for a streamed answer and relay its ``token``/``escalate`` events as they arrive."""
         ...
 
     async def aclose(self) -> None:

@@ -25,6 +25,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from cascade.contract.answer import Answer
 from cascade.contract.deadline import Deadline
+from cascade.contract.streaming import (
+    EVENT_ANSWER,
+    EVENT_ERROR,
+    EVENT_ESCALATE,
+    EVENT_TOKEN,
+    EventSink,
+    SseParser,
+)
 from cascade.errors import ConfigError, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from cascade.upstream.breaker import CircuitBreaker
 
@@ -96,6 +104,46 @@ def _parse_body(response: httpx.Response) -> Any:
         return response.text
 
 
+class _Relay:
+    """Reads a streamed answer: relays its progress events, keeps its final answer."""
+
+    def __init__(self, sink: EventSink | None) -> None:
+        self.sink = sink
+        self.relayed = 0
+        self._parser = SseParser()
+
+    def feed(self, chunk: str) -> tuple[int, Any] | None:
+        """Relay the events completed by ``chunk``; the ``(status, body)`` at the end."""
+        for event, data in self._parser.feed(chunk):
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                payload = data
+            if event == EVENT_ANSWER:
+                return 200, payload
+            if event == EVENT_ERROR:
+                error = payload.get("error", {}) if isinstance(payload, dict) else {}
+                raise _Final(UpstreamUnavailable(
+                    f"the upstream's stream ended with an error: {error.get('code', '?')}: "
+                    f"{error.get('message', payload)}"), upstream_alive=True)
+            if self.sink is not None and event in (EVENT_TOKEN, EVENT_ESCALATE) \
+                    and isinstance(payload, dict):
+                self.sink(event, payload)
+                self.relayed += 1
+        return None
+
+    def unfinished(self) -> Any:
+        """The stream closed without its final answer."""
+        raise self.failed(_Retryable("the upstream's stream closed before its answer"))
+
+    def failed(self, retryable: _Retryable) -> _Retryable | _Final:
+        """After events were relayed a retry would repeat them: the failure is final."""
+        if not self.relayed:
+            return retryable
+        return _Final(UpstreamUnavailable(
+            f"{retryable} (after {self.relayed} streamed events)"), upstream_alive=False)
+
+
 class UpstreamClient:
     """Escalates requests to the next tier over HTTP/1.1 with keep-alive.
 
@@ -157,12 +205,16 @@ class UpstreamClient:
         hop_count: int,
         idempotency_key: str,
         headers: Mapping[str, str] | None = None,
+        events: EventSink | None = None,
     ) -> Answer:
         """POST ``body`` to the upstream's ``/v1/infer`` and return its 200 answer.
 
         ``hop_count`` is sent as-is in ``X-Cascade-Hop`` (the caller increments it); ``headers``
         (e.g. ``traceparent``) are added to every attempt. Each attempt carries the deadline
         left at that moment, in ``X-Cascade-Deadline-Ms`` and in the body's ``deadline_ms``.
+        With ``events``, the answer is asked for as a stream and the upstream's ``token`` and
+        ``escalate`` events are relayed to it as they arrive (an attempt that has relayed
+        anything is not retried: the client would see the tokens twice).
 
         Raises :class:`UpstreamUnavailable` or :class:`UpstreamRejected`, both with ``.attempts``.
         """
@@ -200,7 +252,7 @@ class UpstreamClient:
                 self.stats["retries"] += 1
             hook = self._on_attempt(attempts - 1) if self._on_attempt else nullcontext()
             return await self._attempt_once(
-                body, deadline, hop_count, idempotency_key, headers, hook
+                body, deadline, hop_count, idempotency_key, headers, hook, events
             )
 
         retrying = AsyncRetrying(
@@ -241,13 +293,14 @@ class UpstreamClient:
         idempotency_key: str,
         extra_headers: Mapping[str, str] | None,
         hook: AbstractContextManager[object],
+        events: EventSink | None = None,
     ) -> Answer:
         """One HTTP attempt within what is left of the deadline; classifies the outcome."""
         remaining_ms = deadline.remaining_ms()
         if remaining_ms < _MIN_ATTEMPT_MS:
             raise _Retryable("deadline exhausted before the attempt")
         remaining_s = remaining_ms / 1000.0
-        content = orjson.dumps({**body, "deadline_ms": remaining_ms})
+        wire = {**body, "deadline_ms": remaining_ms}
         headers = {
             **(extra_headers or {}),
             # Ours last: protocol headers are not overridable by callers.
@@ -256,7 +309,11 @@ class UpstreamClient:
             "X-Cascade-Hop": str(hop_count),
             "X-Cascade-Deadline-Ms": str(remaining_ms),
         }
+        if events is not None:
+            wire["stream"] = True
+            headers["Accept"] = "text/event-stream"
         timeout = httpx.Timeout(remaining_s, connect=min(self._connect_timeout_s, remaining_s))
+        relay = _Relay(events)
         try:
             # The hook sees the exchange itself (httpx errors, TimeoutError), not our wrappers.
             # httpx timeouts bound each phase (connect, each read...), not the whole exchange;
@@ -264,26 +321,48 @@ class UpstreamClient:
             # outlive the deadline either.
             with hook:
                 async with asyncio.timeout(remaining_s):
-                    response = await self._get_client().post(
-                        f"{self.base_url}/v1/infer",
-                        content=content,
-                        headers=headers,
-                        timeout=timeout,
-                    )
-        except TimeoutError as exc:
-            raise _Retryable(f"no answer within the remaining {remaining_ms} ms") from exc
-        except httpx.TransportError as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc or 'transport error'}") from exc
-        except AttributeError as exc:
-            # httpcore/anyio race: a connection reset (RST) right after connect surfaces as
-            # "'NoneType' object has no attribute 'getpeername'" instead of a ConnectError.
-            if "getpeername" not in str(exc):
-                raise
-            raise _Retryable(f"ConnectError: connection reset while connecting ({exc})") from exc
+                    status, parsed = await self._exchange(orjson.dumps(wire), headers, timeout,
+                                                          relay)
+        except (TimeoutError, httpx.TransportError, AttributeError) as exc:
+            raise relay.failed(self._transport_failure(exc, remaining_ms)) from exc
+        return self._classify(status, parsed)
 
-        status = response.status_code
+    async def _exchange(self, content: bytes, headers: dict[str, str], timeout: httpx.Timeout,
+                        relay: _Relay) -> tuple[int, Any]:
+        """POST and read the answer: ``(status, parsed body)``; a streamed answer's events are
+        relayed as they arrive and its final ``answer`` event is the body."""
+        url = f"{self.base_url}/v1/infer"
+        if relay.sink is None:
+            response = await self._get_client().post(url, content=content, headers=headers,
+                                                     timeout=timeout)
+            return response.status_code, _parse_body(response)
+        async with self._get_client().stream("POST", url, content=content, headers=headers,
+                                             timeout=timeout) as response:
+            if response.status_code != 200 or not response.headers.get(
+                    "content-type", "").startswith("text/event-stream"):
+                await response.aread()
+                return response.status_code, _parse_body(response)
+            async for chunk in response.aiter_text():
+                final = relay.feed(chunk)
+                if final is not None:
+                    return final
+        return 200, relay.unfinished()
+
+    def _transport_failure(self, exc: BaseException, remaining_ms: int) -> _Retryable:
+        """What a failed exchange means for retrying (``AttributeError``: see below)."""
+        if isinstance(exc, TimeoutError):
+            return _Retryable(f"no answer within the remaining {remaining_ms} ms")
+        if isinstance(exc, httpx.TransportError):
+            return _Retryable(f"{type(exc).__name__}: {exc or 'transport error'}")
+        # httpcore/anyio race: a connection reset (RST) right after connect surfaces as
+        # "'NoneType' object has no attribute 'getpeername'" instead of a ConnectError.
+        if "getpeername" not in str(exc):
+            raise exc
+        return _Retryable(f"ConnectError: connection reset while connecting ({exc})")
+
+    def _classify(self, status: int, parsed: Any) -> Answer:
+        """The upstream's answer, or the failure its status means (retryable or final)."""
         if status == 200:
-            parsed = _parse_body(response)
             if isinstance(parsed, dict):
                 try:
                     return Answer.from_wire(parsed)
@@ -291,12 +370,9 @@ class UpstreamClient:
                     raise _Final(UpstreamUnavailable(
                         f"upstream {self.base_url} answered 200 with a body that is not a "
                         f"cascade answer: {exc.message}"), upstream_alive=False) from None
-            raise _Final(
-                UpstreamUnavailable(
-                    f"upstream {self.base_url} answered 200 with a body that is not a JSON object"
-                ),
-                upstream_alive=False,
-            )
+            raise _Final(UpstreamUnavailable(
+                f"upstream {self.base_url} answered 200 with a body that is not a JSON "
+                f"object"), upstream_alive=False)
         if status >= 500:
             raise _Retryable(f"HTTP {status} from {self.base_url}")
         if status in _TRANSIENT_4XX:
@@ -308,9 +384,7 @@ class UpstreamClient:
             raise _Final(
                 UpstreamRejected(
                     f"upstream {self.base_url} rejected the request with HTTP {status}",
-                    upstream_status=status,
-                    upstream_body=_parse_body(response),
-                ),
+                    upstream_status=status, upstream_body=parsed),
                 upstream_alive=True,
             )
         # 1xx/3xx/other 2xx: not part of the contract; the upstream is misconfigured.

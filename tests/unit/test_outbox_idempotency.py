@@ -31,7 +31,8 @@ class FakeNode:
         queue = SimpleNamespace(ttl_s=60.0, max_attempts=5)
         self.policy = SimpleNamespace(task=lambda task: SimpleNamespace(queue=queue))
 
-    async def answer(self, request: InferRequest, ctx: CallContext) -> Answered:
+    async def answer(self, request: InferRequest, ctx: CallContext,
+                     events: Any = None) -> Answered:
         self.calls += 1
         if self.release is not None:
             await self.release.wait()
