@@ -43,6 +43,12 @@ REQUEST_BUCKETS_S: Final[tuple[float, ...]] = (
 INFERENCE_BUCKETS_S: Final[tuple[float, ...]] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )
+TTFT_BUCKETS_S: Final[tuple[float, ...]] = (
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+TPOT_BUCKETS_S: Final[tuple[float, ...]] = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0,
+)
 NO_TASK: Final[str] = "none"
 """``task`` label of requests refused before a served task was known (bounded cardinality)."""
 
@@ -110,6 +116,23 @@ class TierMetrics:
             "1 when a task's model runs on worker threads, 0 when inline on the event loop.",
             ["tier", "task"], registry=r,
         )
+        # Generative models (OpenTelemetry GenAI: gen_ai.server.time_to_first_token,
+        # gen_ai.server.time_per_output_token, gen_ai.client.token.usage by gen_ai.token.type).
+        self.ttft_seconds = Histogram(
+            "cascade_gen_ai_time_to_first_token_seconds",
+            "Time from the start of a local generation to its first token, by task and model.",
+            ["tier", "task", "model"], buckets=TTFT_BUCKETS_S, registry=r,
+        )
+        self.tpot_seconds = Histogram(
+            "cascade_gen_ai_time_per_output_token_seconds",
+            "Mean time per output token after the first, per local generation.",
+            ["tier", "task", "model"], buckets=TPOT_BUCKETS_S, registry=r,
+        )
+        self.gen_tokens = Counter(
+            "cascade_gen_ai_tokens",
+            "Tokens read (type=input: prompts) and written (type=output) by local models.",
+            ["tier", "task", "model", "type"], registry=r,
+        )
         info = Gauge("cascade_tier_info", "Always 1; labels describe this tier.", ["tier"], registry=r)
         info.labels(tier).set(1)
         self._node: Any = None
@@ -154,6 +177,17 @@ class TierMetrics:
     def observe_inference(self, task: str, model: str, seconds: float) -> None:
         """One local model run."""
         self._child(self.inference_seconds, task, model).observe(seconds)
+
+    def observe_generation(self, task: str, model: str, *, ttft_s: float | None,
+                           total_s: float, input_tokens: int, output_tokens: int) -> None:
+        """One local generation: time to first token, time per further token, tokens."""
+        if ttft_s is not None:
+            self._child(self.ttft_seconds, task, model).observe(ttft_s)
+            if output_tokens > 1:
+                per_token = max(0.0, total_s - ttft_s) / (output_tokens - 1)
+                self._child(self.tpot_seconds, task, model).observe(per_token)
+        self._child(self.gen_tokens, task, model, "input").inc(input_tokens)
+        self._child(self.gen_tokens, task, model, "output").inc(output_tokens)
 
     def observe_runner_wait(self, task: str, seconds: float) -> None:
         """One wait for a free slot of an offloaded model."""

@@ -42,6 +42,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from cascade.contract.answer import Answer
+from cascade.contract.outputs import Generation
 from cascade.observability.metrics import NO_TASK, TierMetrics
 from cascade.observability.outcome import RequestOutcome
 from cascade.observability.tracing import (
@@ -249,6 +250,20 @@ def _http_attributes(scope: Any) -> dict[str, Any]:
             "network.protocol.version": scope.get("http_version", "1.1")}
 
 
+def gen_ai_attributes(model: str, generation: Generation | None) -> dict[str, AttributeValue]:
+    """OpenTelemetry GenAI semantic-convention attributes of one local generation (none for a
+    classifier)."""
+    if generation is None:
+        return {}
+    return {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.request.model": model,
+        "gen_ai.usage.input_tokens": generation.prompt_tokens,
+        "gen_ai.usage.output_tokens": generation.completion_tokens,
+        "gen_ai.response.finish_reasons": (generation.finish_reason,),
+    }
+
+
 class TierTelemetry:
     """The spans and metrics a :class:`~cascade.tier.node.Node` records; one per node."""
 
@@ -260,17 +275,24 @@ class TierTelemetry:
 
     def record_local(self, *, task: str, model: str, started_ns: int, inferred_ns: int,
                      gated_ns: int, confidence: float, decision: str, signal: str,
-                     incoming: str | None = None) -> RequestTrace:
+                     incoming: str | None = None,
+                     generation: Generation | None = None) -> RequestTrace:
         """The local model ran (``started_ns``..``inferred_ns``) and the gate decided (..``gated_ns``).
 
         Starts the request's SERVER span now that the decision is known (the sampler keeps every
         escalation, see :class:`~cascade.observability.tracing.CascadeRootSampler`) and returns the trace ids
         for the answer and the upstream. Timestamps are ``time.time_ns()``; the inference and gate
         spans are made after the fact with those times, and only when the request is sampled.
-        ``incoming`` is the caller's ``traceparent``, kept when tracing is off.
+        ``incoming`` is the caller's ``traceparent``, kept when tracing is off. ``generation``:
+        a generative model's output (token metrics; GenAI attributes on the inference span).
         """
         confidence = float(confidence)  # numpy scalars are not valid span attribute values
         self.metrics.observe_inference(task, model, (inferred_ns - started_ns) / 1e9)
+        if generation is not None:
+            self.metrics.observe_generation(
+                task, model, ttft_s=None if generation.ttft_ms is None else generation.ttft_ms / 1e3,
+                total_s=(inferred_ns - started_ns) / 1e9, input_tokens=generation.prompt_tokens,
+                output_tokens=generation.completion_tokens)
         self.metrics.count_decision(task, decision)
         record = _RECORD.get()
         if record is not None:
@@ -312,7 +334,8 @@ class TierTelemetry:
         if span.is_recording():
             parent = trace.set_span_in_context(span)
             tracer.start_span("cascade.inference", parent, start_time=started_ns,
-                              attributes=attrs).end(inferred_ns)
+                              attributes={**attrs, **gen_ai_attributes(model, generation)},
+                              ).end(inferred_ns)
             tracer.start_span("cascade.gate", parent, start_time=inferred_ns,
                               attributes={**gate_attrs, "cascade.signal": signal}).end(gated_ns)
         return RequestTrace(f"{ctx.trace_id:032x}", _traceparent_of(ctx),

@@ -229,6 +229,7 @@ class Node:
             task=request.task, model=runner.model_name, started_ns=started_ns,
             inferred_ns=inferred_ns, gated_ns=time.time_ns(), confidence=conf,
             decision=decision.value, signal=rule.signal, incoming=ctx.traceparent,
+            generation=output if isinstance(output, Generation) else None,
         )
         hop = Hop(tier=self.tier, model=runner.model_name, label=label,
                   confidence=round(conf, 6), decision=decision.value, ms=0.0)
