@@ -192,19 +192,7 @@ class Node:
         its model produces them, an ``escalate`` event when its gate sends the request up, and
         the upstream's events relayed; the caller sends the final ``answer`` event itself."""
         started = time.perf_counter()
-        runtime = self.tasks.get(request.task)
-        if runtime is None:
-            raise UnknownTask(
-                f"task {request.task!r} is not served by tier {self.tier}; "
-                f"allowed: {', '.join(sorted(self.tasks))}",
-                field="task",
-            )
-        if ctx.hop_count > self.settings.max_hops:
-            raise HopLimitExceeded(
-                f"request has crossed {ctx.hop_count} hops; this tier allows at most "
-                f"{self.settings.max_hops} (escalation loop?)",
-                field="X-Cascade-Hop",
-            )
+        runtime = self._runtime_for(request, ctx)
         policy = self._policy  # one consistent policy for the whole request
         task_policy = policy.task(request.task)
         x = runtime.decode(request.input, max_text_chars=self.settings.max_text_chars,
@@ -265,6 +253,23 @@ class Node:
         for observe in self._observers:
             observe(outcome)
         return Answered(answer, queued)
+
+    def _runtime_for(self, request: InferRequest, ctx: CallContext) -> TaskRuntime:
+        """The served task's runtime; refuses unknown tasks and requests past the hop limit."""
+        runtime = self.tasks.get(request.task)
+        if runtime is None:
+            raise UnknownTask(
+                f"task {request.task!r} is not served by tier {self.tier}; "
+                f"allowed: {', '.join(sorted(self.tasks))}",
+                field="task",
+            )
+        if ctx.hop_count > self.settings.max_hops:
+            raise HopLimitExceeded(
+                f"request has crossed {ctx.hop_count} hops; this tier allows at most "
+                f"{self.settings.max_hops} (escalation loop?)",
+                field="X-Cascade-Hop",
+            )
+        return runtime
 
     async def _run_local(self, runner: Runner, x: Any, deadline: Deadline,
                          events: EventSink | None) -> Output:

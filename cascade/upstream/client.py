@@ -218,22 +218,7 @@ class UpstreamClient:
 
         Raises :class:`UpstreamUnavailable` or :class:`UpstreamRejected`, both with ``.attempts``.
         """
-        if deadline.remaining_ms() < _MIN_ATTEMPT_MS:
-            # Checked before the breaker so an expired request never takes the half-open probe.
-            raise _with_attempts(
-                UpstreamUnavailable(f"deadline exhausted before escalating to {self.base_url}"), 0
-            )
-        if not self._breaker.allow_request():
-            self.stats["breaker_rejections"] += 1
-            raise _with_attempts(
-                UpstreamUnavailable(
-                    f"circuit open for {self.base_url}: it failed "
-                    f"{self._breaker.consecutive_failures} times in a row; not calling it "
-                    f"until a probe succeeds (every {self._breaker.reset_timeout_s:g}s)"
-                ),
-                0,
-            )
-
+        self._admit(deadline)
         attempts = 0
         backoff = _Backoff(self._backoff_initial_s, self._backoff_max_s)
 
@@ -284,6 +269,24 @@ class UpstreamClient:
         self._breaker.record_success()
         self.stats["successes"] += 1
         return result
+
+    def _admit(self, deadline: Deadline) -> None:
+        """Refuse before any attempt when the deadline is gone or the breaker is open."""
+        if deadline.remaining_ms() < _MIN_ATTEMPT_MS:
+            # Checked before the breaker so an expired request never takes the half-open probe.
+            raise _with_attempts(
+                UpstreamUnavailable(f"deadline exhausted before escalating to {self.base_url}"), 0
+            )
+        if not self._breaker.allow_request():
+            self.stats["breaker_rejections"] += 1
+            raise _with_attempts(
+                UpstreamUnavailable(
+                    f"circuit open for {self.base_url}: it failed "
+                    f"{self._breaker.consecutive_failures} times in a row; not calling it "
+                    f"until a probe succeeds (every {self._breaker.reset_timeout_s:g}s)"
+                ),
+                0,
+            )
 
     async def _attempt_once(
         self,
