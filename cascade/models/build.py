@@ -208,7 +208,6 @@ class _Builder:
     ) -> TierEntry:
         from cascade.models.augment import describe
         from cascade.models.export import export_onnx, save_onnx
-        from cascade.models.quantize import METHOD, WEIGHT_TYPE, quantize_int8
         from cascade.models.train import train_tier
 
         task, name = dataset.task, f"{dataset.task}/{spec.tier}"
@@ -225,44 +224,15 @@ class _Builder:
         save_onnx(export_onnx(trained, tier=spec.tier), fp32_path)
         fp32 = self._load(fp32_path, dataset, spec, quantized=False)
         fp32_eval = evaluate(fp32, test_inputs, test_labels)
-        onnx_proba = fp32_eval.probabilities
-        reference = trained.reference_proba(dataset.inputs[splits.test])
-        if task == "documents":
-            probes = list(_TEXT_PROBES)
-            onnx_proba = np.vstack([onnx_proba, fp32.predict_proba(probes)])
-            reference = np.vstack([reference, trained.reference_proba(np.array(probes, object))])
-        sklearn_agreement = agreement(onnx_proba, reference)
-        sklearn_diff = float(np.max(np.abs(onnx_proba - reference)))
-        if sklearn_agreement < _MIN_SKLEARN_AGREEMENT or sklearn_diff > _MAX_SKLEARN_PROBA_DIFF:
-            raise ModelError(
-                f"the ONNX export of {name} does not reproduce scikit-learn on the test split"
-                f" (argmax agreement {sklearn_agreement:.2%}, largest probability gap"
-                f" {sklearn_diff:.4f}); a converter option is probably wrong"
-            )
+        sklearn_agreement, sklearn_diff = _check_export(name, fp32, fp32_eval.probabilities,
+                                                        trained, dataset, splits)
 
         deployed, deployed_path = fp32, fp32_path
         int8_accuracy, quantization, warning = None, None, None
         if spec.quantize:
-            self._status(f"{name}: quantizing to int8")
-            int8_path = self.out_dir / task / f"{spec.tier}.int8.onnx"
-            result = quantize_int8(fp32_path, int8_path)
-            deployed = self._load(int8_path, dataset, spec, quantized=True)
-            deployed_path = int8_path
-            int8_eval = evaluate(deployed, test_inputs, test_labels)
-            int8_accuracy = int8_eval.accuracy
-            quantization = QuantizationInfo(
-                method=METHOD,
-                weight_type=str(WEIGHT_TYPE.name),
-                ops_before=result.ops_before,
-                ops_after=result.ops_after,
-                quantized_matmuls=result.quantized_matmuls,
-                graph_changed=result.graph_changed,
-                size_ratio=result.size_ratio,
-                prediction_agreement=agreement(int8_eval.probabilities, fp32_eval.probabilities),
-            )
-            warning = self._check_quantization(
-                name, fp32_eval.accuracy, int8_eval.accuracy, result.graph_changed
-            )
+            deployed_path = self.out_dir / task / f"{spec.tier}.int8.onnx"
+            deployed, int8_accuracy, quantization, warning = self._quantize(
+                name, fp32_path, deployed_path, dataset, spec, fp32_eval, test_inputs, test_labels)
 
         self._status(f"{name}: measuring single-request latency")
         p50, p95 = single_request_latency_ms(deployed, test_inputs)
@@ -292,6 +262,32 @@ class _Builder:
         self._report(name, entry)
         self.progress.advance(self.step)
         return entry
+
+    def _quantize(self, name: str, fp32_path: Path, int8_path: Path, dataset: Dataset,
+                  spec: TierSpec, fp32_eval: Any, test_inputs: Any, test_labels: list[str],
+                  ) -> tuple[Any, float, QuantizationInfo, str | None]:
+        """The int8 twin of a tier's model, re-validated against fp32 on the test split:
+        (loaded model, int8 accuracy, what quantization did, a warning if it cost accuracy)."""
+        from cascade.models.quantize import METHOD, WEIGHT_TYPE, quantize_int8
+
+        self._status(f"{name}: quantizing to int8")
+        result = quantize_int8(fp32_path, int8_path)
+        deployed = self._load(int8_path, dataset, spec, quantized=True)
+        int8_eval = evaluate(deployed, test_inputs, test_labels)
+        quantization = QuantizationInfo(
+            method=METHOD,
+            weight_type=str(WEIGHT_TYPE.name),
+            ops_before=result.ops_before,
+            ops_after=result.ops_after,
+            quantized_matmuls=result.quantized_matmuls,
+            graph_changed=result.graph_changed,
+            size_ratio=result.size_ratio,
+            prediction_agreement=agreement(int8_eval.probabilities, fp32_eval.probabilities),
+        )
+        warning = self._check_quantization(
+            name, fp32_eval.accuracy, int8_eval.accuracy, result.graph_changed
+        )
+        return deployed, int8_eval.accuracy, quantization, warning
 
     def _save_splits(self, dataset: Dataset, splits: Splits) -> Path:
         from cascade.models.splits import save_documents_split, save_vision_split
@@ -353,3 +349,23 @@ def _runner_inputs(dataset: Dataset, rows: Any) -> Any:
     """Rows of ``dataset`` in the form runners take: float32 array, or list of texts."""
     selected = dataset.inputs[rows]
     return selected.tolist() if dataset.task == "documents" else selected
+
+
+def _check_export(name: str, fp32: Any, onnx_proba: Any, trained: Any, dataset: Dataset,
+                  splits: Splits) -> tuple[float, float]:
+    """The ONNX export must reproduce scikit-learn on the test split (and, for texts, on probe
+    strings): (argmax agreement, largest probability gap); a ModelError when it does not."""
+    reference = trained.reference_proba(dataset.inputs[splits.test])
+    if dataset.task == "documents":
+        probes = list(_TEXT_PROBES)
+        onnx_proba = np.vstack([onnx_proba, fp32.predict_proba(probes)])
+        reference = np.vstack([reference, trained.reference_proba(np.array(probes, object))])
+    sklearn_agreement = agreement(onnx_proba, reference)
+    sklearn_diff = float(np.max(np.abs(onnx_proba - reference)))
+    if sklearn_agreement < _MIN_SKLEARN_AGREEMENT or sklearn_diff > _MAX_SKLEARN_PROBA_DIFF:
+        raise ModelError(
+            f"the ONNX export of {name} does not reproduce scikit-learn on the test split"
+            f" (argmax agreement {sklearn_agreement:.2%}, largest probability gap"
+            f" {sklearn_diff:.4f}); a converter option is probably wrong"
+        )
+    return sklearn_agreement, sklearn_diff

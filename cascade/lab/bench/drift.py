@@ -371,11 +371,10 @@ def _alarmed(now: dict[str, Any], drift: dict[str, Any], before: dict[str, Any] 
 
 
 def drift_report_lines(results: dict[str, Any]) -> list[str]:
-    """The report's drift alarm section (live chain, then offline)."""
+    """The report's drift alarm section (live chain, then offline, then the tighten action)."""
     drift = (results.get("policy") or {}).get("drift")
     if not drift:
         return []
-    live = results.get("drift_live") or {}
     first = next(iter(drift.values()))
     s = first["settings"]
     fitted = (results.get("policy") or {}).get("drift_references_fitted")
@@ -389,33 +388,43 @@ def drift_report_lines(results: dict[str, Any]) -> list[str]:
              + ("References: from the policy file." if not fitted else
                 f"References: the policy file has none for {', '.join(fitted)}, so the bench "
                 "fitted them on the calibration split as `cascade policy calibrate` does.")]
-    if live:
-        lines += ["", ("Live, each tier's `/readyz` after the clean test split went through the "
-                   "chain, and after the shifted split (onsets counted in that phase):"), "",
-                  "| task | tier | after clean | after shifted |", "|---|---|---|---|"]
-        clean_live, shift_live = live.get("after_clean", {}), live.get("after_shift", {})
-        for task in drift:
-            for tier in drift[task]["tiers"]:
-                before = (clean_live.get(tier) or {}).get(task)
-                after = (shift_live.get(tier) or {}).get(task)
-                lines.append(f"| {task} | {tier} | {_live_cell(before)} | {_live_cell(after, before)} |")
-        clean_hits = _alarmed(clean_live, drift, None)
-        shift_hits = _alarmed(shift_live, drift, clean_live)
-        lines += ["", "Live: " + (f"**alarm on the clean split at {', '.join(clean_hits)}**"
-                                  if clean_hits else "no tier alarmed on the clean split")
-                  + "; during the shifted split: "
-                  + (f"alarm at {', '.join(shift_hits)}." if shift_hits else "no alarm.")]
-    lines += ["", (f"Offline, same detector code, each tier fed what reaches it: the whole clean and "
-               f"shifted splits' PSI and escalation z against the reference; the clean test split "
-               f"in {first['clean_orders']} random orders; {first['null_streams']} in-distribution "
-               f"streams of {first['null_length']:,} requests (Bayesian bootstrap of the "
-               f"calibration split: populations the reference could have been drawn from); and "
-               f"{first['shift_orders']} streams of the clean split followed by shifted traffic "
-               "(the bench's shifted split plus two more draws of the same corruption)."), "",
-              ("| task | tier | reference (bins, escalation) | clean split PSI / z | shifted split "
-               "PSI / z | clean orders alarmed | in-distribution streams alarmed (onsets / "
-               "requests reaching) | shifted: alarmed within 1 split / 3 splits | median delay "
-               "(requests reaching) |"), "|---|---|---|---|---|---|---|---|---|"]
+    return (lines + _live_lines(results.get("drift_live") or {}, drift)
+            + _offline_lines(drift, first) + _tighten_lines(drift, first))
+
+
+def _live_lines(live: dict[str, Any], drift: dict[str, Any]) -> list[str]:
+    if not live:
+        return []
+    lines = ["", ("Live, each tier's `/readyz` after the clean test split went through the "
+                  "chain, and after the shifted split (onsets counted in that phase):"), "",
+             "| task | tier | after clean | after shifted |", "|---|---|---|---|"]
+    clean_live, shift_live = live.get("after_clean", {}), live.get("after_shift", {})
+    for task in drift:
+        for tier in drift[task]["tiers"]:
+            before = (clean_live.get(tier) or {}).get(task)
+            after = (shift_live.get(tier) or {}).get(task)
+            lines.append(f"| {task} | {tier} | {_live_cell(before)} | {_live_cell(after, before)} |")
+    clean_hits = _alarmed(clean_live, drift, None)
+    shift_hits = _alarmed(shift_live, drift, clean_live)
+    return lines + ["", "Live: " + (f"**alarm on the clean split at {', '.join(clean_hits)}**"
+                                    if clean_hits else "no tier alarmed on the clean split")
+                    + "; during the shifted split: "
+                    + (f"alarm at {', '.join(shift_hits)}." if shift_hits else "no alarm.")]
+
+
+def _offline_lines(drift: dict[str, Any], first: dict[str, Any]) -> list[str]:
+    lines = ["", (f"Offline, same detector code, each tier fed what reaches it: the whole clean "
+                  f"and shifted splits' PSI and escalation z against the reference; the clean "
+                  f"test split in {first['clean_orders']} random orders; {first['null_streams']} "
+                  f"in-distribution streams of {first['null_length']:,} requests (Bayesian "
+                  f"bootstrap of the calibration split: populations the reference could have "
+                  f"been drawn from); and {first['shift_orders']} streams of the clean split "
+                  "followed by shifted traffic (the bench's shifted split plus two more draws of "
+                  "the same corruption)."), "",
+             ("| task | tier | reference (bins, escalation) | clean split PSI / z | shifted split "
+              "PSI / z | clean orders alarmed | in-distribution streams alarmed (onsets / "
+              "requests reaching) | shifted: alarmed within 1 split / 3 splits | median delay "
+              "(requests reaching) |"), "|---|---|---|---|---|---|---|---|---|"]
     for task, d in drift.items():
         for tier, t in d["tiers"].items():
             if not t["detector"]:
@@ -433,24 +442,25 @@ def drift_report_lines(results: dict[str, Any]) -> list[str]:
                 f"{t['null_requests_reaching']:,}) | "
                 f"{t['shift_alarmed_first_split']}/{d['shift_orders']} / "
                 f"{t['shift_alarmed']}/{d['shift_orders']} | {delay} |")
-    lines += ["", (f"What `action: tighten` would do (offline, first {first['tighten_orders']} of "
-               "those clean-then-shifted streams; accuracy and escalations per request of the "
-               "clean and the shifted part):"), "",
-              ("| task | action | clean accuracy | clean escalations/request | shifted accuracy | "
-               "shifted escalations/request |"), "|---|---|---|---|---|---|"]
-    for task, d in drift.items():
-        for name, a in d["actions"].items():
-            lines.append(f"| {task} | {name} | {a['clean_accuracy']:.4f} | "
-                         f"{a['clean_escalations_per_request']:.3f} | {a['shifted_accuracy']:.4f} | "
-                         f"{a['shifted_escalations_per_request']:.3f} |")
+    return lines
+
+
+def _tighten_lines(drift: dict[str, Any], first: dict[str, Any]) -> list[str]:
+    lines = ["", (f"What `action: tighten` would do (offline, first {first['tighten_orders']} of "
+                  "those clean-then-shifted streams; accuracy and escalations per request of the "
+                  "clean and the shifted part):"), "",
+             ("| task | action | clean accuracy | clean escalations/request | shifted accuracy | "
+              "shifted escalations/request |"), "|---|---|---|---|---|---|"]
     notes = []
     for task, d in drift.items():
         alert = d["actions"]["alert"]
         for name, a in d["actions"].items():
-            if name == "alert":
-                continue
-            gain = (a["shifted_accuracy"] - alert["shifted_accuracy"]) * 100
-            cost = a["shifted_escalations_per_request"] / max(1e-9, alert["shifted_escalations_per_request"])
-            notes.append(f"{task} {name}: {gain:+.2f} pt for {cost:.2f}x the escalations")
-    lines += ["", "Shifted part, tighten vs alert: " + "; ".join(notes) + "."]
-    return lines
+            lines.append(f"| {task} | {name} | {a['clean_accuracy']:.4f} | "
+                         f"{a['clean_escalations_per_request']:.3f} | {a['shifted_accuracy']:.4f} | "
+                         f"{a['shifted_escalations_per_request']:.3f} |")
+            if name != "alert":
+                gain = (a["shifted_accuracy"] - alert["shifted_accuracy"]) * 100
+                cost = a["shifted_escalations_per_request"] / max(
+                    1e-9, alert["shifted_escalations_per_request"])
+                notes.append(f"{task} {name}: {gain:+.2f} pt for {cost:.2f}x the escalations")
+    return lines + ["", "Shifted part, tighten vs alert: " + "; ".join(notes) + "."]
