@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from cascade.errors import CascadeError
 
@@ -22,3 +22,36 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def fail_on(exc: CascadeError) -> NoReturn:
     """Exit cleanly on a cascade error: the message, no traceback."""
     fail(exc.message, 2)
+
+
+def print_whole(out: Console, renderable: RenderableType) -> None:
+    """Print ``renderable`` at its natural width, even past the console's.
+
+    Output to a file or pipe is 80 columns wide, and a table squeezed into that wraps or cuts
+    its cells (``make run > run.log`` split the URLs in two). A URL must stay whole to be
+    copied, so the table is laid out as wide as its content and written without wrapping.
+    """
+    from rich.measure import Measurement
+    from rich.segment import Segments
+
+    options = out.options
+    needed = Measurement.get(out, options.update_width(1 << 16), renderable).maximum
+    lines = out.render_lines(renderable, options.update_width(max(options.max_width, needed)),
+                             pad=False, new_lines=True)
+    out.print(Segments([segment for line in lines for segment in line]), soft_wrap=True)
+
+
+def print_table(table: RenderableType, out: Console | None = None) -> None:
+    """A table on stdout: fitted to a terminal's width, at its natural width (no wrapped or
+    cut cells) when stdout is a file or a pipe, where a script or a log reads it."""
+    from rich.table import Table
+
+    out = out or console
+    if out.is_terminal:
+        out.print(table)
+        return
+    if isinstance(table, Table) and table.title:
+        # A title wraps at the table's width: print it whole on its own line instead.
+        out.print(table.title, soft_wrap=True, highlight=False)
+        table.title = None
+    print_whole(out, table)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cascade.cli.common import console, fail
+from cascade.cli.common import console, fail, print_table
 from cascade.errors import CascadeError, PolicyError
 
 policy_app = typer.Typer(
@@ -238,7 +238,7 @@ def _print_fit(f) -> None:  # type: ignore[no-untyped-def]
             f"{o.answered_share[r.tier]:.1%}", "-" if math.isnan(acc) else f"{acc:.4f}",
             f"{o.escalation_rate[r.tier]:.1%}" if r is not f.tiers[-1] else "-",
         )
-    console.print(table)
+    print_table(table)
     oracle = f.oracle_escalations
     ratio = f" ({o.escalations_per_request / oracle:.1f}x the oracle router's {oracle:.3f})" \
         if oracle else ""
@@ -374,7 +374,7 @@ def _replay_one(name: str, traffic, live, cand, goals) -> int:  # type: ignore[n
     table.add_row("agreement with the top tier", _fmt(a.agreement_with_top), _fmt(b.agreement_with_top))
     if a.unresolved or b.unresolved:
         table.add_row("unresolved (beyond the log)", str(a.unresolved), str(b.unresolved))
-    console.print(table)
+    print_table(table)
     changed, both = changed_answers(a, b)
     notes = [f"answers changed by the candidate: {changed} of {both}"]
     if a.compared:

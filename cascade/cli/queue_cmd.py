@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from cascade.cli.common import console, fail
+from cascade.cli.common import console, fail, print_table
 from cascade.errors import CascadeError
 
 queue_app = typer.Typer(
@@ -146,7 +146,7 @@ def stats(config: Path | None = CONFIG_OPT, db: str | None = DB_OPT,
         table.add_column(col, justify="left" if col == "state" else "right")
     for state, row in data["states"].items():
         table.add_row(state, str(row["rows"]), _bytes(row["bytes"]), _age(row["oldest_age_s"]))
-    console.print(table)
+    print_table(table)
     console.print(
         f"held against the caps: {data['held_rows']} / {s.max_rows} rows, "
         f"{_bytes(data['held_bytes'])} / {_bytes(s.max_bytes)}; oldest waiting: "
@@ -191,7 +191,7 @@ def ls(
             "now" if r.next_attempt_at <= now else "in " + _age(r.next_attempt_at - now))
         table.add_row(r.id, r.task, r.state, f"{r.attempts}/{r.max_attempts}",
                       _age(now - r.created_at), next_try, (r.last_error or "")[:120])
-    console.print(table)
+    print_table(table)
 
 
 @queue_app.command("show")

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cascade.cli.common import print_table
 from cascade.errors import ModelError
 from cascade.models.specs import INT8_MAX_ACCURACY_LOSS
 
@@ -116,5 +117,5 @@ def register(
                       "-" if model.int8_accuracy is None else f"{model.int8_accuracy:.2%}",
                       f"{model.bytes / 1024:.1f}", f"{model.latency_ms_p50 * 1000:.0f}")
     out = Console(soft_wrap=True)
-    out.print(table)
+    print_table(table, out)
     out.print(f"Registered {loaded.name!r} in {models_dir / 'manifest.json'}.", highlight=False)

@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cascade.cli.common import console, fail
+from cascade.cli.common import console, fail, print_table, print_whole
 from cascade.errors import CascadeError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rich.console import Console, RenderableType
     from rich.table import Table
 
     from cascade.deploy.supervisor import Chain
@@ -123,23 +122,6 @@ def chain_table(chain: Chain) -> Table:
     return table
 
 
-def print_whole(out: Console, renderable: RenderableType) -> None:
-    """Print ``renderable`` at its natural width, even past the console's.
-
-    Output to a file or pipe is 80 columns wide, and a table squeezed into that wraps or cuts
-    its cells (``make run > run.log`` split the URLs in two). A URL must stay whole to be
-    copied, so the table is laid out as wide as its content and written without wrapping.
-    """
-    from rich.measure import Measurement
-    from rich.segment import Segments
-
-    options = out.options
-    needed = Measurement.get(out, options.update_width(1 << 16), renderable).maximum
-    lines = out.render_lines(renderable, options.update_width(max(options.max_width, needed)),
-                             pad=False, new_lines=True)
-    out.print(Segments([segment for line in lines for segment in line]), soft_wrap=True)
-
-
 def infer(
     task: str = typer.Argument(..., help="vision, documents, or a registered task."),
     text: str | None = typer.Argument(None, help="documents: the text to classify."),
@@ -217,7 +199,7 @@ def infer(
     for i, hop in enumerate(data["hops"], 1):
         table.add_row(str(i), hop["tier"], hop["model"], str(hop.get("label")),
                       f"{hop['confidence']:.3f}", hop["decision"], f"{hop['ms']:.2f}")
-    console.print(table)
+    print_table(table)
     console.print(f"id {data['id']}  trace {data.get('trace_id')}", style="dim")
 
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from cascade.cli.run_cmd import chain_table, print_whole
+from cascade.cli.common import print_whole
+from cascade.cli.run_cmd import chain_table
 
 TIERS = ["endpoint", "edge-node", "edge-server", "cloud"]
 
