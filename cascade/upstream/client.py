@@ -21,10 +21,10 @@ from typing import Any, Final, Self
 
 import httpx
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from cascade.contract.answer import Answer
 from cascade.contract.deadline import Deadline
+from cascade.contract.retrying import MIN_ATTEMPT_MS, JitterBackoff, deadline_retrying
 from cascade.contract.streaming import (
     EVENT_ANSWER,
     EVENT_ERROR,
@@ -44,9 +44,6 @@ manager it returns wraps that one HTTP exchange, e.g. a CLIENT span. Transport e
 # 4xx answers that mean "not now" rather than "never": not retried here (the upstream asked us
 # to back off), but reported as unavailable so the caller queues the work instead of dropping it.
 _TRANSIENT_4XX: Final[frozenset[int]] = frozenset({408, 429})
-
-# An attempt with less budget than this cannot do useful work; don't start one.
-_MIN_ATTEMPT_MS: Final[int] = 1
 
 _STAT_KEYS: Final[tuple[str, ...]] = (
     "attempts",
@@ -71,24 +68,6 @@ class _Final(Exception):
         super().__init__(error.message)
         self.error = error
         self.upstream_alive = upstream_alive
-
-
-class _Backoff:
-    """Full-jitter exponential backoff, sampled once per attempt.
-
-    Both tenacity's ``wait`` and our deadline-aware ``stop`` ask for the next sleep; memoizing
-    gives them the same random sample whichever order tenacity consults them in.
-    """
-
-    def __init__(self, initial_s: float, max_s: float) -> None:
-        self._wait = wait_random_exponential(multiplier=initial_s, max=max_s)
-        self._samples: dict[int, float] = {}
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        attempt = retry_state.attempt_number
-        if attempt not in self._samples:
-            self._samples[attempt] = self._wait(retry_state)
-        return self._samples[attempt]
 
 
 def _with_attempts(error: UpstreamError, attempts: int) -> UpstreamError:
@@ -220,14 +199,6 @@ class UpstreamClient:
         """
         self._admit(deadline)
         attempts = 0
-        backoff = _Backoff(self._backoff_initial_s, self._backoff_max_s)
-
-        def out_of_budget(retry_state: RetryCallState) -> bool:
-            # Stop when attempts are used up or the next backoff would leave no time to try.
-            if retry_state.attempt_number >= self.max_attempts:
-                return True
-            remaining_ms = deadline.remaining_s() * 1000.0 - backoff(retry_state) * 1000.0
-            return remaining_ms < _MIN_ATTEMPT_MS
 
         async def attempt() -> Answer:
             nonlocal attempts
@@ -240,12 +211,9 @@ class UpstreamClient:
                 body, deadline, hop_count, idempotency_key, headers, hook, events
             )
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_Retryable),
-            wait=backoff,
-            stop=out_of_budget,
-            reraise=True,
-        )
+        retrying = deadline_retrying(
+            deadline=deadline, max_attempts=self.max_attempts, retry_on=_Retryable,
+            backoff=JitterBackoff(self._backoff_initial_s, self._backoff_max_s))
         try:
             result: Answer = await retrying(attempt)
         except _Retryable as exc:
@@ -272,7 +240,7 @@ class UpstreamClient:
 
     def _admit(self, deadline: Deadline) -> None:
         """Refuse before any attempt when the deadline is gone or the breaker is open."""
-        if deadline.remaining_ms() < _MIN_ATTEMPT_MS:
+        if deadline.remaining_ms() < MIN_ATTEMPT_MS:
             # Checked before the breaker so an expired request never takes the half-open probe.
             raise _with_attempts(
                 UpstreamUnavailable(f"deadline exhausted before escalating to {self.base_url}"), 0
@@ -300,7 +268,7 @@ class UpstreamClient:
     ) -> Answer:
         """One HTTP attempt within what is left of the deadline; classifies the outcome."""
         remaining_ms = deadline.remaining_ms()
-        if remaining_ms < _MIN_ATTEMPT_MS:
+        if remaining_ms < MIN_ATTEMPT_MS:
             raise _Retryable("deadline exhausted before the attempt")
         remaining_s = remaining_ms / 1000.0
         wire = {**body, "deadline_ms": remaining_ms}
