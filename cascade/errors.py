@@ -140,10 +140,19 @@ class HopLimitExceeded(RequestError):
 
 
 class ServiceUnavailable(CascadeError):
-    """The tier cannot accept this work now (queue full, disk full, offline with reject policy)."""
+    """The tier cannot accept this work now (queue full, disk full, offline with reject policy).
+
+    ``retry_after_s``: when another try is likely to be accepted, if known (an HTTP layer may
+    send it as ``Retry-After``); the message says it too.
+    """
 
     status = 503
     code = "unavailable"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, field=field, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class UpstreamError(CascadeError):

@@ -13,11 +13,17 @@ runner's warm-up measures its latency and calls run inline while that stays unde
 ``max_concurrency`` worker threads otherwise. Calls waiting for a free thread wait at most until
 the request's deadline (then 503 ``model_busy``), and every wait is reported to ``on_wait``
 (the tier's ``cascade_runner_wait_seconds`` histogram).
+
+A runtime that is never fast enough to run inline (an LLM: 50 ms to seconds per request) calls
+:meth:`BlockingCalls.pin_to_threads` instead of measuring: it always uses threads and may bound
+how many calls wait for one (``max_waiting``): a call beyond that is refused at once (503
+``model_busy`` with a retry hint) rather than queued until its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -65,6 +71,10 @@ class BlockingCalls:
         self.measured_ms: float | None = None
         self.in_flight = 0
         """Calls running on a worker thread right now."""
+        self.waiting = 0
+        """Calls waiting for a free worker thread right now."""
+        self.max_waiting: int | None = None
+        self._recent_call_s: float | None = None
         self._inline = mode != "thread"  # auto: inline until a warm-up says otherwise
         self._pool: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -80,32 +90,70 @@ class BlockingCalls:
         if self.mode == "auto":
             self._inline = measured_ms < self.offload_above_ms
 
+    def pin_to_threads(self, *, max_concurrency: int | None = None,
+                       max_waiting: int | None = None) -> None:
+        """Always run on worker threads (whatever the mode), on ``max_concurrency`` of them if
+        given, with at most ``max_waiting`` calls waiting for one (None: no bound). Call it
+        before the first call."""
+        if self._pool is not None:
+            raise RuntimeError(f"{self.name}: pin_to_threads after the first call")
+        if max_concurrency is not None:
+            if max_concurrency < 1:
+                raise ValueError("max_concurrency must be at least 1")
+            self.max_concurrency = max_concurrency
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError("max_waiting must be at least 0")
+        self.mode, self._inline, self.max_waiting = "thread", False, max_waiting
+
     async def call(self, fn: Callable[..., T], *args: object,
                    deadline: Deadline | None = None) -> T:
         """``fn(*args)``, inline or on a worker thread once a slot is free (at most until
-        ``deadline``: then 503 ``model_busy``, and the model never ran)."""
+        ``deadline``: then 503 ``model_busy``, and the model never ran; at once when
+        ``max_waiting`` calls are already waiting)."""
         if self._inline:
             return fn(*args)
         if self._slots is None or self._pool is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
             self._pool = ThreadPoolExecutor(self.max_concurrency,
                                             thread_name_prefix=f"runner-{self.name}")
+        if self.max_waiting is not None and self._slots.locked() \
+                and self.waiting >= self.max_waiting:
+            raise self._queue_full()
         started = time.perf_counter()
+        self.waiting += 1
         try:
             timeout = None if deadline is None else deadline.remaining_s()
             await asyncio.wait_for(self._slots.acquire(), timeout)
         except TimeoutError:
-            self._report_wait(time.perf_counter() - started)
             raise ServiceUnavailable(
                 f"model {self.name} is busy: all {self.max_concurrency} of its slots stayed "
                 "taken until the request's deadline", code="model_busy") from None
-        self._report_wait(time.perf_counter() - started)
+        finally:
+            self.waiting -= 1
+            self._report_wait(time.perf_counter() - started)
         self.in_flight += 1
+        running = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
             self.in_flight -= 1
             self._slots.release()
+            self._note_call_s(time.perf_counter() - running)
+
+    def _queue_full(self) -> ServiceUnavailable:
+        """503 model_busy with a retry hint: the calls ahead, shared by the workers."""
+        per_call_s = self._recent_call_s or (self.measured_ms or 1000.0) / 1000.0
+        rounds = math.ceil((self.waiting + 1) / self.max_concurrency)
+        retry_after_s = max(1.0, math.ceil(per_call_s * rounds))
+        return ServiceUnavailable(
+            f"model {self.name} is busy: {self.in_flight} call(s) running and {self.waiting} "
+            f"waiting, the most it queues (max_waiting={self.max_waiting}); retry in about "
+            f"{retry_after_s:g} s", code="model_busy", retry_after_s=retry_after_s)
+
+    def _note_call_s(self, seconds: float) -> None:
+        # A moving average of call times: what the retry hint of a refused call is made of.
+        recent = self._recent_call_s
+        self._recent_call_s = seconds if recent is None else 0.8 * recent + 0.2 * seconds
 
     def close(self) -> None:
         """Stop the worker threads (calls in flight finish first)."""

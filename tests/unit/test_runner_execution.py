@@ -144,3 +144,25 @@ async def test_a_full_pool_waits_until_the_deadline_then_503_model_busy():
     assert await calls.call(lambda: "ran") == "ran"  # the slot is free again
     assert len(waits) == 3
     calls.close()
+
+
+async def test_pinned_calls_refuse_beyond_max_waiting_at_once_with_a_retry_hint():
+    calls = BlockingCalls(name="llm", mode="auto")
+    calls.pin_to_threads(max_concurrency=1, max_waiting=1)
+    assert not calls.inline and calls.mode == "thread"
+    release = threading.Event()
+    running = asyncio.create_task(calls.call(release.wait, 30))
+    await wait_until(lambda: calls.in_flight == 1, "the only worker busy")
+    waiting = asyncio.create_task(calls.call(lambda: "second"))
+    await wait_until(lambda: calls.waiting == 1, "one call waiting")
+    with pytest.raises(ServiceUnavailable) as refused:  # no deadline: refused, not queued
+        await calls.call(lambda: "never")
+    assert (refused.value.status, refused.value.code) == (503, "model_busy")
+    assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 1
+    assert "max_waiting=1" in refused.value.message
+    release.set()
+    assert await running is True and await waiting == "second"
+    assert calls.waiting == 0 and calls.in_flight == 0
+    with pytest.raises(RuntimeError, match="after the first call"):
+        calls.pin_to_threads(max_concurrency=2)
+    calls.close()
