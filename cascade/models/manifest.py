@@ -110,6 +110,10 @@ class TierEntry(_Strict):
     augmentation: str | None = Field(
         None, description="how the training split was augmented (None: it was not)"
     )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="runtime settings handed to the runner (ModelSpec.options), e.g. n_ctx, "
+        "n_threads, workers for runtime gguf; base_url, model for runtime openai")
 
     @field_validator("sha256", "fp32_sha256")
     @classmethod

@@ -1,7 +1,7 @@
 """Serving from a models directory: read the manifest, verify the file, load it by runtime.
 
-The file is read once and its sha256 checked against the manifest before any runtime sees it:
-a corrupted or tampered file raises :class:`ModelError` and is never loaded.
+The file's sha256 is checked against the manifest before any runtime sees it: a corrupted or
+tampered file (ONNX or GGUF alike) raises :class:`ModelError` naming it and is never loaded.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import hashlib
 from pathlib import Path
 
 from cascade.errors import ModelError
-from cascade.models.manifest import Manifest, load_manifest
+from cascade.models.manifest import Manifest, load_manifest, sha256_file
 from cascade.runners.base import BatchClassifier, Runner
 from cascade.runners.execution import BlockingCalls
-from cascade.runners.registry import ModelSpec
+from cascade.runners.registry import ModelSpec, file_access
 from cascade.runners.registry import load_runner as load_by_runtime
 
 __all__ = ["load_classifier", "load_runner", "model_spec"]
@@ -21,30 +21,38 @@ __all__ = ["load_classifier", "load_runner", "model_spec"]
 
 def model_spec(manifest: Manifest, task: str, tier: str, *, verify_sha256: bool = True,
                calls: BlockingCalls | None = None) -> ModelSpec:
-    """The deployed model of ``task`` at ``tier``, read and (by default) checksum-verified."""
+    """The deployed model of ``task`` at ``tier``, read and (by default) checksum-verified.
+
+    A runtime that loads bytes (ONNX) gets the very bytes that were checked; one that opens
+    the file itself (GGUF) gets the path of a file checked by streaming it (no 100 MB+ copy in
+    memory); a remote model (``openai``) has no local file to check.
+    """
     entry = manifest.tier(task, tier)
     path = manifest.model_path(task, tier)
+    access = file_access(entry.runtime)
+    data, actual = b"", entry.sha256
     try:
-        data = path.read_bytes()
+        if access == "bytes":
+            data = path.read_bytes()
+        if verify_sha256 and access != "none":
+            actual = sha256_file(path) if access == "path" else hashlib.sha256(data).hexdigest()
     except OSError as exc:
         raise ModelError(
             f"model file {path} for {task}/{tier} cannot be read ({exc.strerror}):"
             f" {_rebuild_hint(manifest, task).replace(' --force', '')}"
         ) from exc
-    if verify_sha256:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != entry.sha256:
-            raise ModelError(
-                f"model file {path} for {task}/{tier} failed its checksum: sha256 is"
-                f" {actual[:16]}..., the manifest expects {entry.sha256[:16]}...; the file"
-                f" is corrupted or was modified. Refusing to load it; "
-                f"{_rebuild_hint(manifest, task)}"
-            )
+    if actual != entry.sha256:
+        raise ModelError(
+            f"model file {path} for {task}/{tier} failed its checksum: sha256 is"
+            f" {actual[:16]}..., the manifest expects {entry.sha256[:16]}...; the file"
+            f" is corrupted or was modified. Refusing to load it; "
+            f"{_rebuild_hint(manifest, task)}"
+        )
     task_entry = manifest.task(task)
     return ModelSpec(task=task, tier=tier, runtime=entry.runtime,
                      model_name=manifest.model_name(task, tier), classes=task_entry.classes,
                      input_kind=task_entry.input_kind, path=path, data=data, calls=calls,
-                     input_spec=task_entry.input)
+                     input_spec=task_entry.input, options=dict(entry.options))
 
 
 def _rebuild_hint(manifest: Manifest, task: str) -> str:

@@ -1,8 +1,13 @@
 """Runtimes by name: the manifest's ``runtime:`` picks the class that loads and runs a model.
 
-``onnx`` is built in. The generative (``gguf``, ``openai``) and scale-out (``ray``) runtimes
-register here too, each a module imported only when a manifest asks for it, so a tier that
-serves ONNX models never imports llama.cpp or Ray.
+``onnx`` is built in, and so are the generative ``gguf`` (llama.cpp in-process) and ``openai``
+(any OpenAI-compatible server); the scale-out ``ray`` runtime registers here too. Each is a
+module imported only when a manifest asks for it, so a tier that serves ONNX models never
+imports llama.cpp, and one that serves GGUF models never imports onnxruntime.
+
+A runtime takes the model file's bytes (``onnx``: read once, checksummed, handed over), or its
+path (``gguf`` maps a 100 MB+ file itself; the repository checksums the file by streaming it
+and hands over no bytes), or no file at all (``openai``: the model is remote).
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cascade.contract.input_spec import InputSpec
 from cascade.errors import ModelError
 from cascade.runners.base import Runner
 from cascade.runners.execution import BlockingCalls
 
-__all__ = ["ModelSpec", "load_runner", "register_runtime", "runtime_names"]
+__all__ = ["FileAccess", "ModelSpec", "file_access", "load_runner", "register_runtime", "runtime_names"]
 
 
 @dataclass(frozen=True)
@@ -34,22 +39,37 @@ class ModelSpec:
     input_kind: str
     path: Path
     data: bytes
+    """The file's bytes for a runtime that loads bytes; empty for one that loads its path."""
     calls: BlockingCalls | None = None
     input_spec: InputSpec | None = None
     """The task's declared input (registered tasks); None for the built-in kinds."""
     options: dict[str, Any] = field(default_factory=dict)
+    """Runtime settings from the manifest's tier entry (e.g. ``n_ctx`` for ``gguf``)."""
 
 
 Loader = Callable[[ModelSpec], Runner]
 
 _RUNTIMES: dict[str, str | Loader] = {
     "onnx": "cascade.runners.onnx:load_onnx",
+    "gguf": "cascade.runners.gguf:load_gguf",
+    "openai": "cascade.runners.openai_compat:load_openai",
 }
+FileAccess = Literal["bytes", "path", "none"]
+_FILE_ACCESS: dict[str, FileAccess] = {"gguf": "path", "openai": "none"}
 
 
-def register_runtime(name: str, loader: str | Loader) -> None:
-    """Make ``runtime: name`` loadable: ``loader`` is a callable or ``"module:function"``."""
+def register_runtime(name: str, loader: str | Loader, *, file_access: FileAccess = "bytes") -> None:
+    """Make ``runtime: name`` loadable: ``loader`` is a callable or ``"module:function"``;
+    ``file_access`` is how it uses the deployed file (see :func:`file_access`)."""
     _RUNTIMES[name] = loader
+    _FILE_ACCESS[name] = file_access
+
+
+def file_access(runtime: str) -> FileAccess:
+    """How ``runtime`` uses the manifest's file: ``bytes`` (handed the checked bytes), ``path``
+    (opens the checked file itself; ``ModelSpec.data`` stays empty) or ``none`` (a remote model,
+    e.g. ``openai``: there is no local file to read or check)."""
+    return _FILE_ACCESS.get(runtime, "bytes")
 
 
 def runtime_names() -> tuple[str, ...]:
