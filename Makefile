@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# llama-cpp-python (the `llm` extra) ships only an sdist: its wheel is compiled once (minutes)
+# into this cache and installed from there by every later install, clean clones included.
+CASCADE_WHEELHOUSE ?= $(HOME)/.cache/cascade/wheels
+LLAMA_CPP_VERSION  := $(shell sed -n 's/.*"llama-cpp-python\[server\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+LLAMA_CMAKE_ARGS   := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+LLAMA_WHEEL         = $(wildcard $(CASCADE_WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl)
 
-.PHONY: run test models bench lint clean help
+.PHONY: run test models bench lint clean help wheels
 
 help:  ## show the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -12,8 +18,15 @@ help:  ## show the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[build,test,bench]'
+	$(MAKE) --no-print-directory wheels
+	$(PY) -m pip install -q --find-links $(CASCADE_WHEELHOUSE) -e '.[build,test,bench,llm]'
 	touch $(STAMP)
+
+wheels:  ## compile llama-cpp-python's wheel into $$CASCADE_WHEELHOUSE once (minutes; then cached)
+	@test -n "$(LLAMA_CPP_VERSION)" || (echo "no llama-cpp-python[server]==X pin in pyproject.toml" >&2; exit 1)
+	$(if $(LLAMA_WHEEL),@echo "cached: $(notdir $(LLAMA_WHEEL))",\
+	  mkdir -p $(CASCADE_WHEELHOUSE) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	  $(PY) -m pip wheel -q --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(CASCADE_WHEELHOUSE))
 
 models: $(STAMP)  ## build the model ladders into models/ (seconds when up to date)
 	$(PY) -m cascade models build
