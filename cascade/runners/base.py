@@ -21,9 +21,10 @@ from cascade.contract.outputs import (
     Output,
     TokenDelta,
 )
+from cascade.errors import InvalidInput
 
 __all__ = ["BatchClassifier", "Classification", "CompletionInput", "Generation", "Output",
-           "Runner", "StreamingRunner", "TokenDelta"]
+           "Runner", "StreamingRunner", "TokenDelta", "completion_inputs"]
 
 
 @runtime_checkable
@@ -66,6 +67,17 @@ class StreamingRunner(Runner, Protocol):
                deadline: Deadline | None = None) -> AsyncIterator[TokenDelta | Generation]:
         """Tokens as they come, then the whole :class:`Generation`."""
         ...
+
+
+def completion_inputs(inputs: Any) -> list[CompletionInput]:
+    """What a generative runner's ``run`` takes: one :class:`CompletionInput` or a non-empty
+    sequence of them (422 naming ``input`` otherwise)."""
+    items = [inputs] if isinstance(inputs, CompletionInput) \
+        else list(inputs) if isinstance(inputs, (list, tuple)) else []
+    if not items or not all(isinstance(item, CompletionInput) for item in items):
+        raise InvalidInput("a generative model takes a completion input or a non-empty list "
+                           "of them", field="input")
+    return items
 
 
 @runtime_checkable

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cascade.contract.deadline import Deadline
 from cascade.contract.outputs import CompletionInput, Generation, Output, TokenDelta
 from cascade.errors import InvalidInput, ModelError
+from cascade.runners.base import completion_inputs
 from cascade.runners.execution import BlockingCalls, measure_ms
 from cascade.runners.options import parse_options
 from cascade.runners.token_text import TokenText
@@ -182,7 +183,7 @@ class GgufRunner:
 
     async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
         """One :class:`Generation` per :class:`CompletionInput`, generated in turn."""
-        jobs = [self._job(item, deadline) for item in _completion_inputs(inputs)]
+        jobs = [self._job(item, deadline) for item in completion_inputs(inputs)]
         outputs: list[Output] = []
         for job in jobs:
             job.started_s = time.perf_counter()
@@ -339,14 +340,6 @@ def _logprob(logits: npt.NDArray[np.float32], token: int) -> float:
     logprob, without sorting the whole vocabulary for a top-k nobody reads)."""
     top = float(logits.max())
     return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
-
-
-def _completion_inputs(inputs: Any) -> list[CompletionInput]:
-    items = [inputs] if isinstance(inputs, CompletionInput) else list(inputs)
-    if not items or not all(isinstance(item, CompletionInput) for item in items):
-        raise InvalidInput("a generative model takes a non-empty list of completion inputs",
-                           field="input")
-    return items
 
 
 def _consume_outcome(task: asyncio.Future[Generation]) -> None:

@@ -2,7 +2,8 @@
 
 ``POST {base_url}/completions`` (``/v1`` is appended to ``base_url`` when missing) with
 ``logprobs: 1`` and ``stream: true``: tokens are read from the server-sent events as they come
-(``data: {...}`` lines, then ``data: [DONE]``), so a deadline keeps what was generated
+(``data: {...}`` events, then ``data: [DONE]``; parsed by the tiers' own
+:class:`~cascade.contract.streaming.SseParser`), so a deadline keeps what was generated
 (``finish_reason="deadline"``) and a consumer that stops iterating closes the connection, which
 stops the server's generation (llama_cpp.server checks for a disconnect after every token).
 ``run`` drains the same stream.
@@ -32,7 +33,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -42,7 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from cascade.contract.deadline import Deadline
 from cascade.contract.outputs import CompletionInput, Generation, Output, TokenDelta
 from cascade.contract.retrying import MIN_ATTEMPT_MS, JitterBackoff, deadline_retrying
+from cascade.contract.streaming import SseParser
 from cascade.errors import InvalidInput, ModelError, ServiceUnavailable
+from cascade.runners.base import completion_inputs
 from cascade.runners.options import parse_options
 
 if TYPE_CHECKING:
@@ -134,12 +138,8 @@ class OpenAIRunner:
 
     async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
         """One :class:`Generation` per :class:`CompletionInput`, one after the other."""
-        items = [inputs] if isinstance(inputs, CompletionInput) else list(inputs)
-        if not items or not all(isinstance(item, CompletionInput) for item in items):
-            raise InvalidInput("a generative model takes a non-empty list of completion inputs",
-                               field="input")
         outputs: list[Output] = []
-        for item in items:
+        for item in completion_inputs(inputs):
             async for event in self.stream(item, deadline):
                 if isinstance(event, Generation):
                     outputs.append(event)
@@ -152,30 +152,38 @@ class OpenAIRunner:
         collected = _Collected(time.perf_counter())
         budget = deadline or Deadline.from_ms(self.options.timeout_s * 1000.0)
         response = await self._open(body, budget)
-        lines = response.aiter_lines()
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(budget.remaining_s()):
-                        line = await anext(lines)
-                except StopAsyncIteration:
-                    raise ServiceUnavailable(f"{self.url} ended its stream without [DONE]",
-                                             code="model_unavailable") from None
-                except TimeoutError:
-                    collected.finish_reason = "deadline"
-                    break
-                except httpx.TransportError as exc:
-                    raise ServiceUnavailable(f"{self.url} broke off its stream: {exc}",
-                                             code="model_unavailable") from exc
-                data = _sse_data(line)
-                if data == "[DONE]":
-                    break
-                if data is not None:
+            async with aclosing(self._events(response, budget, collected)) as events:
+                async for data in events:
                     for delta in collected.add(_chunk(data, self.url), self.url):
                         yield delta
         finally:
             await response.aclose()
         yield collected.generation()
+
+    async def _events(self, response: httpx.Response, deadline: Deadline,
+                      collected: _Collected) -> AsyncGenerator[str, None]:
+        """The ``data`` of each server-sent event until ``[DONE]``, or until the deadline
+        (then ``collected.finish_reason`` is ``deadline``)."""
+        parser = SseParser()
+        chunks = response.aiter_text()
+        while True:
+            try:
+                async with asyncio.timeout(deadline.remaining_s()):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                raise ServiceUnavailable(f"{self.url} ended its stream without [DONE]",
+                                         code="model_unavailable") from None
+            except TimeoutError:
+                collected.finish_reason = "deadline"
+                return
+            except httpx.TransportError as exc:
+                raise ServiceUnavailable(f"{self.url} broke off its stream: {exc}",
+                                         code="model_unavailable") from exc
+            for _event, data in parser.feed(chunk):
+                if data.strip() == "[DONE]":
+                    return
+                yield data
 
     def warmup(self) -> None:
         """Nothing to warm here: the server owns the model (and a tier must start even while
@@ -279,13 +287,6 @@ class OpenAIRunner:
 
     def __repr__(self) -> str:
         return f"OpenAIRunner({self.model_name!r}, {self.url!r})"
-
-
-def _sse_data(line: str) -> str | None:
-    """The payload of an SSE ``data:`` line; None for comments, other fields and blank lines."""
-    if not line.startswith("data:"):
-        return None
-    return line[5:].strip()
 
 
 def _chunk(data: str, url: str) -> Mapping[str, Any]:
