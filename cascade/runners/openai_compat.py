@@ -135,6 +135,7 @@ class OpenAIRunner:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._client: httpx.AsyncClient | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
         """One :class:`Generation` per :class:`CompletionInput`, one after the other."""
@@ -190,8 +191,16 @@ class OpenAIRunner:
         the server is still loading it)."""
 
     def close(self) -> None:
-        """Drop the connection pool (closing sockets needs the loop: see :meth:`aclose`)."""
-        self._client = None
+        """Close the connection pool: on the running event loop if there is one (the tier is
+        stopping inside it), else just drop it (its sockets close with it)."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._closing = loop.create_task(client.aclose())
 
     async def aclose(self) -> None:
         """Close pooled connections."""

