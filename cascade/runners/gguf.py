@@ -8,7 +8,8 @@ requests wait at once (more: 503 ``model_busy`` with a retry hint), and every wa
 
 A generation runs in its worker as a token loop over ``Llama.generate`` (llama.cpp's sampler,
 grammar and KV-cache reuse): each token's logprob is log-softmax of the logits that chose it
-(``logits_all=True`` keeps them), its bytes go through :class:`~cascade.runners.token_text.
+(the context's last row: no ``logits_all``, which would compute and keep a vocabulary-wide row
+for every prompt token, 1 MB each for Gemma 3), its bytes go through :class:`~cascade.runners.token_text.
 TokenText` (UTF-8 across tokens, stop sequences). The loop stops at the end of generation or a
 stop sequence (``stop``), at ``max_tokens`` (``length``), when the deadline passes
 (``deadline``, keeping what was generated) or when the request is abandoned (the consumer of
@@ -80,11 +81,13 @@ class GgufOptions(BaseModel):
 class _Llama(Protocol):
     """The part of ``llama_cpp.Llama`` this module uses."""
 
-    scores: npt.NDArray[np.float32]
-    n_tokens: int
-
     @property
     def model(self) -> Any: ...
+
+    @property
+    def ctx(self) -> Any: ...
+
+    def n_vocab(self) -> int: ...
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         ...
@@ -92,8 +95,6 @@ class _Llama(Protocol):
     def detokenize(self, tokens: list[int]) -> bytes: ...
 
     def generate(self, tokens: list[int], **kwargs: Any) -> Generator[int, Any, None]: ...
-
-    def create_completion(self, prompt: str, **kwargs: Any) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -103,9 +104,10 @@ def _open_context(path: Path, options: GgufOptions, n_threads: int) -> _Llama:
     from llama_cpp import Llama
 
     try:
+        # logits_all=False: the token loop reads the one row of logits it needs from the
+        # context; True would compute and copy a vocabulary-wide row per prompt token too.
         llama = Llama(model_path=str(path), n_ctx=options.n_ctx, n_batch=options.n_batch,
-                      n_threads=n_threads, n_threads_batch=n_threads,
-                      logits_all=True,  # token logprobs need every position's logits
+                      n_threads=n_threads, n_threads_batch=n_threads, logits_all=False,
                       verbose=False)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelError(f"llama.cpp cannot load the GGUF file {path}: {exc}",
@@ -274,6 +276,7 @@ class GgufRunner:
         request = job.request
         prompt_ids = self._prompt_ids(llama, request)
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        n_vocab = llama.n_vocab()
         text = TokenText(request.stop)
         tokens: list[str] = []
         logprobs: list[float] = []
@@ -296,8 +299,10 @@ class GgufRunner:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish_reason = "stop"
                     break
-                # the logits that chose `token`: the last evaluated position (logits_all=True)
-                logits = llama.scores[llama.n_tokens - 1]
+                # the logits that chose `token`: the context's last output row, untouched by
+                # the sampler chain (which works on a copy), so grammar or not they are raw
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, -1),
+                                               shape=(n_vocab,))
                 take(text.add(llama.detokenize([token]), _logprob(logits, token)))
                 if text.stopped:
                     finish_reason = "stop"

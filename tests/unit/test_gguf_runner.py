@@ -195,7 +195,9 @@ def test_unknown_option_is_named(smollm2: GgufFile) -> None:
 
 
 async def test_run_returns_text_with_token_logprobs_and_usage(
-        open_runner: Callable[..., RecordingRunner]) -> None:
+        smollm2: GgufFile, open_runner: Callable[..., RecordingRunner]) -> None:
+    from llama_cpp import Llama
+
     runner = open_runner()
     assert isinstance(runner, StreamingRunner)
     runner.warmup()
@@ -205,9 +207,18 @@ async def test_run_returns_text_with_token_logprobs_and_usage(
     assert generation.finish_reason in ("stop", "length")
     assert "Paris" in generation.text
 
-    # The prompt count is llama.cpp's own (its non-streamed usage) for the same prompt.
-    raw = runner.contexts[0].create_completion(QUESTION, max_tokens=1, temperature=0.0)
-    assert generation.prompt_tokens == raw["usage"]["prompt_tokens"]
+    # The same answer, prompt count and token logprobs as llama-cpp-python's own completion
+    # API reports (which needs logits_all and sorts the vocabulary per token to get them).
+    reference = Llama(model_path=str(smollm2.path), n_ctx=1024, n_threads=1, logits_all=True,
+                      verbose=False)
+    try:
+        raw = reference.create_completion(QUESTION, max_tokens=16, temperature=0.0, logprobs=1)
+    finally:
+        reference.close()
+    assert raw["choices"][0]["text"] == generation.text
+    assert raw["usage"]["prompt_tokens"] == generation.prompt_tokens
+    assert raw["choices"][0]["logprobs"]["token_logprobs"] == \
+        pytest.approx(list(generation.token_logprobs), abs=1e-4)
 
 
 async def test_stream_yields_the_tokens_then_the_same_generation(
