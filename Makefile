@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --find-links $(CASCADE_WHEELHOUSE) -e '.[build,test,bench,llm]'
 	touch $(STAMP)
 
-wheels:  ## compile llama-cpp-python's wheel into $$CASCADE_WHEELHOUSE once (minutes; then cached)
+wheels:  ## compile llama-cpp-python's wheel into the wheel cache once (minutes; then cached)
 	@test -n "$(LLAMA_CPP_VERSION)" || (echo "no llama-cpp-python[server]==X pin in pyproject.toml" >&2; exit 1)
 	$(if $(LLAMA_WHEEL),@echo "cached: $(notdir $(LLAMA_WHEEL))",\
 	  mkdir -p $(CASCADE_WHEELHOUSE) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
