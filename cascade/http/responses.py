@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -20,5 +21,10 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def error_response(exc: CascadeError) -> Response:
-    """The contract's error body for a :class:`CascadeError`."""
-    return json_response(exc.to_body(), exc.status)
+    """The contract's error body for a :class:`CascadeError`, with ``Retry-After`` (whole
+    seconds, at least 1) when the error knows when another try is likely to be accepted."""
+    response = json_response(exc.to_body(), exc.status)
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return response
