@@ -32,8 +32,12 @@ def run_tier(config: Path, *, port: int | None = None, host: str | None = None) 
         overrides["host"] = host
     try:
         settings = load_node_settings(config, **overrides)
-        configure_logging(settings.tier, settings.log_level, fmt=settings.log_format)
-        tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir)  # OTEL_* env
+        disk = settings.disk
+        configure_logging(settings.tier, settings.log_level, fmt=settings.log_format,
+                          file=settings.log_file, file_backups=disk.log_backups,
+                          file_max_bytes=disk.share_bytes("logs") // (disk.log_backups + 1))
+        tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir,  # + OTEL_* env
+                                trace_file_max_bytes=disk.share_bytes("traces") // 2)
         node = build_node(settings)  # fail fast, before binding the port
     except CascadeError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

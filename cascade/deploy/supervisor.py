@@ -162,6 +162,9 @@ class Chain:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{tier}.log"
+            # The tier writes and rotates this file itself (within disk.logs_mb); its output
+            # before logging is set up (a config error) reaches the same file through stdout.
+            child_env["CASCADE_LOG_FILE"] = str(log_path)
         # the child gets its own copy of the log's descriptor; ours closes once it is started
         with open(log_path, "ab") if log_path else nullcontext(subprocess.DEVNULL) as out:
             proc = subprocess.Popen(

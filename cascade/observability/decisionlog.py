@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cascade.observability.disk import StoreGauge, files_bytes
 from cascade.observability.outcome import RequestOutcome
 
 log = logging.getLogger("cascade.observability.decisionlog")
@@ -83,10 +84,14 @@ def resolve_path(template: str, tier: str) -> Path:
     return Path((os.environ.get(PATH_ENV) or template).replace("{tier}", tier)).expanduser()
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a decision log database."""
+def connect(path: Path, wal_limit_bytes: int = 4 << 20) -> sqlite3.Connection:
+    """Open (creating if needed) a decision log database; its WAL is checkpointed every
+    ``wal_limit_bytes`` and truncated back to that size."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False)
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # a new file only: freed pages can shrink it
+    conn.execute(f"PRAGMA journal_size_limit={int(wal_limit_bytes)}")
+    conn.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit_bytes // 4096)}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
@@ -98,18 +103,33 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class DecisionLog:
-    """Buffered writer of decision rows into one SQLite file (one per tier)."""
+    """Buffered writer of decision rows into one SQLite file (one per tier).
 
-    def __init__(self, path: Path, *, flush_interval_s: float = 0.25, max_pending: int = 20_000) -> None:
+    With a ``gauge`` (its share of the tier's disk budget) the writer thread also keeps the file
+    within it: rows older than ``retention_s`` go, and past 85% of the share the oldest rows
+    go down to 70% (:mod:`cascade.observability.disk`); freed pages are reused, and given back
+    to the disk when the file itself passes its share.
+    """
+
+    def __init__(self, path: Path, *, flush_interval_s: float = 0.25, max_pending: int = 20_000,
+                 gauge: StoreGauge | None = None, retention_s: float | None = None,
+                 upkeep_interval_s: float = 1.0) -> None:
         self.path = path
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
-        self.stats = {"recorded": 0, "written": 0, "dropped_full": 0, "write_errors": 0, "lost": 0}
+        self.gauge = gauge
+        self.retention_s = retention_s
+        self.upkeep_interval_s = upkeep_interval_s
+        self._next_upkeep = 0.0
+        self.stats = {"recorded": 0, "written": 0, "dropped_full": 0, "write_errors": 0, "lost": 0,
+                      "evicted": 0}
         self._pending: deque[tuple[Any, ...]] = deque()
         self._wake = threading.Event()
         self._stopping = False
         self._flushed = threading.Condition()
-        self._conn = connect(path)  # fail early (unwritable path) rather than in the thread
+        self.wal_limit = max(64 * 1024, gauge.budget_bytes // 8) if gauge else 4 << 20
+        # fail early (unwritable path) rather than in the thread
+        self._conn = connect(path, self.wal_limit)
         self._thread = threading.Thread(target=self._run, name=f"decisionlog:{path.name}", daemon=True)
         self._thread.start()
 
@@ -144,12 +164,56 @@ class DecisionLog:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
             self._drain()
+            if time.monotonic() >= self._next_upkeep:
+                self._next_upkeep = time.monotonic() + self.upkeep_interval_s
+                self._upkeep()
             with self._flushed:
                 self._flushed.notify_all()
             if self._stopping:
                 self._drain()
                 self._conn.close()
                 return
+
+    def _upkeep(self) -> None:
+        """Retention and the disk share (see the class docstring); never raises."""
+        if self.gauge is None:
+            return
+        try:
+            removed = 0
+            if self.retention_s is not None:
+                with self._conn:
+                    removed = self._conn.execute("DELETE FROM decisions WHERE ts < ?",
+                                                 (time.time() - self.retention_s,)).rowcount
+                self.gauge.evicted("retention", removed)
+            share = self.gauge.budget_bytes
+            live, on_disk, rows = self._space()
+            if rows and live > 0.85 * share:
+                n = min(rows, int((live - 0.70 * share) / (live / rows)) + 1)
+                with self._conn:
+                    gone = self._conn.execute(
+                        "DELETE FROM decisions WHERE id IN "
+                        "(SELECT id FROM decisions ORDER BY id LIMIT ?)", (n,)).rowcount
+                self.gauge.evicted("budget", gone)
+                self.stats["evicted"] += gone + removed
+                live, on_disk, rows = self._space()
+            if on_disk > share:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                self._conn.execute("PRAGMA incremental_vacuum").fetchall()
+                live, on_disk, rows = self._space()
+            self.gauge.set_used(on_disk)
+        except sqlite3.Error as exc:
+            log.warning("decision log %s: cannot keep it within its disk share: %s", self.path, exc)
+
+    def _space(self) -> tuple[int, int, int]:
+        """(live bytes, bytes on disk, rows) of the log file; live bytes reserve the WAL's
+        allowance and count the shared-memory index (see cascade.outbox.space.measure)."""
+        page_size, pages, free = (self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+                                  for name in ("page_size", "page_count", "freelist_count"))
+        wal = files_bytes([Path(f"{self.path}-wal")])
+        shm = files_bytes([Path(f"{self.path}-shm")])
+        on_disk = files_bytes([self.path]) + wal + shm
+        rows = self._conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+        return (pages - free) * page_size + max(wal, self.wal_limit) + shm, on_disk, rows
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Block until everything recorded so far is committed (tests, shutdown)."""
@@ -175,8 +239,12 @@ class DecisionRecorder:
     change the rate or the file); :meth:`observe` is the per-request hook.
     """
 
-    def __init__(self, tier: str) -> None:
+    def __init__(self, tier: str, *, gauge: StoreGauge | None = None,
+                 retention_s: float | None = None) -> None:
+        """``gauge``: the decision log's disk share (rows past it or ``retention_s`` go)."""
         self.tier = tier
+        self.gauge = gauge
+        self.retention_s = retention_s
         self.log: DecisionLog | None = None
 
     def configure(self, policy: Any) -> None:
@@ -188,7 +256,7 @@ class DecisionRecorder:
             self.log = None
         if path is not None and self.log is None:
             try:
-                self.log = DecisionLog(path)
+                self.log = DecisionLog(path, gauge=self.gauge, retention_s=self.retention_s)
             except (OSError, sqlite3.Error) as exc:
                 log.error("decision log %s cannot be opened, not logging: %s", path, exc)
 

@@ -59,6 +59,7 @@ __all__ = [
     "quiet_sdk_loggers",
     "read_span_records",
     "span_to_record",
+    "trace_file_exporters",
 ]
 
 
@@ -79,12 +80,19 @@ class _Registry:
     exporters: list[ExportStats] = field(default_factory=list)
     queue_dropped_spans: int = 0
     """Spans a batch processor dropped because its queue was full."""
+    trace_files: list[JsonLinesSpanExporter] = field(default_factory=list)
+    """The trace-file exporters of this process (their disk use is reported)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     # What the wrapped exporter last logged, per worker thread (each batch processor has one).
     last_message: threading.local = field(default_factory=threading.local)
 
 
 _REGISTRY = _Registry()
+
+
+def trace_file_exporters() -> list[JsonLinesSpanExporter]:
+    """The JSON-lines trace files this process writes."""
+    return list(_REGISTRY.trace_files)
 
 
 def export_stats() -> tuple[list[ExportStats], int]:
@@ -240,7 +248,22 @@ class JsonLinesSpanExporter(SpanExporter):
     def __init__(self, path: Path | str, *, max_bytes: int = DEFAULT_TRACE_FILE_MAX_BYTES) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.rotations = 0
+        self.on_rotate: Any = None
+        """Called with no argument after each rotation (the disk gauge counts evictions)."""
         self._lock = threading.Lock()
+        with _REGISTRY.lock:
+            _REGISTRY.trace_files.append(self)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the trace file and its rotated copy."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + ".1")):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         payload = b"".join(orjson.dumps(span_to_record(s), default=str) + b"\n" for s in spans)
@@ -252,6 +275,9 @@ class JsonLinesSpanExporter(SpanExporter):
                 size = 0
             if size and size + len(payload) > self.max_bytes:
                 os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                self.rotations += 1
+                if self.on_rotate is not None:
+                    self.on_rotate()
             # O_APPEND: whole-batch writes from one process never interleave mid-line.
             with open(self.path, "ab") as out:
                 out.write(payload)

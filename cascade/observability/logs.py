@@ -1,7 +1,7 @@
 """Structured logs: one JSON object per line, carrying the current trace and span ids.
 
-Every tier logs to stderr (``cascade up`` sends each tier's stream to ``var/logs/<tier>.log``).
-A line looks like::
+Every tier logs to stderr, or with ``log_file`` to that file, rotated within the tier's disk
+share (:class:`RotatingLogFile`; ``cascade up`` sets ``var/logs/<tier>.log``). A line looks like::
 
     {"ts": "2026-01-02T03:04:05.678Z", "level": "info", "logger": "cascade.access",
      "tier": "endpoint", "msg": "POST /v1/infer 200", "trace_id": "4bf9...", "span_id": "00f0...",
@@ -22,9 +22,11 @@ A crash can lose at most the last quarter second of info lines.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, Any, Final, Literal
 
 import orjson
@@ -37,7 +39,7 @@ LogFormat = Literal["json", "text"]
 
 __all__ = [
     "ACCESS_LOGGER", "THIRD_PARTY_LOGGERS", "BatchingStreamHandler", "JsonLogFormatter",
-    "LogFormat", "configure_logging", "log_fields",
+    "LogFormat", "RotatingLogFile", "configure_logging", "current_handler", "log_fields",
 ]
 
 _HANDLER_MARK: Final[str] = "_cascade_handler"
@@ -118,8 +120,11 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _write_pending(self) -> None:
         if self._pending:
             lines, self._pending = self._pending, []
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
+            self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
 
     def flush(self) -> None:
         """Write what is pending now."""
@@ -137,6 +142,78 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._stop.set()
         self.flush()
         super().close()
+
+
+class RotatingLogFile(BatchingStreamHandler):
+    """Batched lines appended to ``path``, rotated to ``path.1`` .. ``path.<backups>`` (the
+    oldest dropped) before the current file would pass ``max_bytes``.
+
+    The tier writes its own file rather than the supervisor rotating its redirected output: a
+    file the child holds open can only be rotated from outside by copying and truncating it,
+    which loses lines written in between, and a ``cascade serve`` under systemd or Docker gets
+    the same bound. File descriptors 1 and 2 follow the current file, so what bypasses logging
+    (a crash's traceback, a library printing) lands in it too and is rotated with it.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int, backups: int = 2,
+                 flush_interval_s: float = 0.25) -> None:
+        self.path = Path(path)
+        self.max_bytes = max(4096, max_bytes)
+        self.backups = backups
+        self.rotations = 0
+        self.on_rotate: Any = None
+        """Called with no argument after each rotation (the disk gauge counts evictions)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(self._open(), flush_interval_s)
+
+    def _open(self) -> IO[str]:
+        stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed on rotation
+        for fd in (1, 2):
+            try:
+                os.dup2(stream.fileno(), fd)
+            except OSError:  # pragma: no cover - no such descriptor in an embedded interpreter
+                pass
+        return stream
+
+    def files(self) -> list[Path]:
+        """The current file and its rotated copies."""
+        return [self.path, *(self.path.with_name(f"{self.path.name}.{i}")
+                             for i in range(1, self.backups + 1))]
+
+    def disk_bytes(self) -> int:
+        """Bytes of the current file and its rotated copies."""
+        total = 0
+        for path in self.files():
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def _write(self, text: str) -> None:
+        data_len = len(text.encode("utf-8", "replace"))
+        if self.stream.tell() + data_len > self.max_bytes and self.stream.tell() > 0:
+            self._rotate()
+        super()._write(text)
+
+    def _rotate(self) -> None:
+        self.stream.close()
+        files = self.files()
+        for older, newer in zip(reversed(files[1:]), reversed(files[:-1])):
+            if newer.exists():
+                os.replace(newer, older)
+        self.stream = self._open()
+        self.rotations += 1
+        if self.on_rotate is not None:
+            self.on_rotate()
+
+
+def current_handler() -> BatchingStreamHandler | None:
+    """The handler :func:`configure_logging` installed, if any."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, _HANDLER_MARK, False):
+            return handler  # type: ignore[return-value]
+    return None
 
 
 class _TextFormatter(logging.Formatter):
@@ -161,8 +238,12 @@ def configure_logging(
     fmt: LogFormat = "json",
     stream: IO[str] | None = None,
     flush_interval_s: float = 0.25,
+    file: Path | None = None,
+    file_max_bytes: int = 64 * 1024 * 1024,
+    file_backups: int = 2,
 ) -> BatchingStreamHandler:
-    """Send every log record (uvicorn's too) to ``stream`` (stderr) as JSON lines or text.
+    """Send every log record (uvicorn's too) to ``stream`` (stderr), or to ``file`` rotated at
+    ``file_max_bytes`` with ``file_backups`` copies, as JSON lines or text.
 
     Replaces a handler installed by an earlier call, so it is safe to call twice. Returns the
     handler (call its ``flush()`` to write pending lines now).
@@ -170,7 +251,12 @@ def configure_logging(
     for old in [h for h in logging.getLogger().handlers if getattr(h, _HANDLER_MARK, False)]:
         logging.getLogger().removeHandler(old)
         old.close()
-    handler = BatchingStreamHandler(stream or sys.stderr, flush_interval_s)
+    handler: BatchingStreamHandler
+    if file is not None:
+        handler = RotatingLogFile(file, max_bytes=file_max_bytes, backups=file_backups,
+                                  flush_interval_s=flush_interval_s)
+    else:
+        handler = BatchingStreamHandler(stream or sys.stderr, flush_interval_s)
     handler.setFormatter(JsonLogFormatter(tier) if fmt == "json" else _TextFormatter(tier))
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

@@ -245,6 +245,7 @@ class _ScrapeTimeCollector(Collector):
         yield from _upstream_families(tier, getattr(node, "upstream", None))
         yield from _queue_families(tier, getattr(node, "escalations", None), self._m._queue)
         yield from _drift_families(tier, getattr(node, "drift", None))
+        yield from _disk_families(tier, getattr(node, "disk", None))
         yield from _telemetry_families(tier)
 
 
@@ -369,6 +370,28 @@ def _drift_families(tier: str, monitor: Any) -> Iterator[Any]:
         alarms.add_metric([tier, task], det.alarms)
         window.add_metric([tier, task], float(det.samples))
     yield from (score, level, alarm, alarms, window)
+
+
+def _disk_families(tier: str, disk: Any) -> Iterator[Any]:
+    """Bytes used and allowed per local store, and what each evicted (``disk:`` budget)."""
+    if disk is None:
+        return
+    view = disk.view()["stores"]
+    used = GaugeMetricFamily("cascade_disk_used_bytes", "Bytes a local store takes on disk.",
+                             labels=["tier", "store"])
+    budget = GaugeMetricFamily("cascade_disk_budget_bytes", "A local store's share of the disk "
+                               "budget (disk.<store>_mb or its part of disk.budget_mb).",
+                               labels=["tier", "store"])
+    evictions = CounterMetricFamily(
+        "cascade_disk_evictions", "Rows or files a store removed to stay within its bounds, by "
+        "reason: budget (bytes), retention (time), rotation (log and trace files).",
+        labels=["tier", "store", "reason"])
+    for store, info in view.items():
+        used.add_metric([tier, store], float(info["used_bytes"]))
+        budget.add_metric([tier, store], float(info["budget_bytes"]))
+        for reason, n in sorted(info["evictions"].items()):
+            evictions.add_metric([tier, store, reason], n)
+    yield from (used, budget, evictions)
 
 
 def _telemetry_families(tier: str) -> Iterator[Any]:

@@ -25,8 +25,10 @@ from cascade.outbox.tables import SCHEMA_VERSION, meta, metadata
 log = logging.getLogger("cascade.outbox")
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
-WAL_AUTOCHECKPOINT_PAGES = 16_384
-"""Backstop only (64 MiB of WAL): the tier checkpoints every second in the background."""
+WAL_AUTOCHECKPOINT_PAGES = 4_096
+"""Backstop only (16 MiB of WAL): the tier checkpoints every second in the background."""
+DEFAULT_WAL_LIMIT_BYTES = 16 << 20
+"""``journal_size_limit``: a WAL reset by a checkpoint is truncated back to this size."""
 SUPPORTED = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
 
 
@@ -62,13 +64,14 @@ def sqlite_path(url: URL) -> Path | None:
 
 def create_outbox_engine(
     url: str | URL, *, synchronous: str = "full", create_dirs: bool = True, pool_size: int = 4,
-    sqlite_max_bytes: int | None = None,
+    sqlite_max_bytes: int | None = None, wal_limit_bytes: int = DEFAULT_WAL_LIMIT_BYTES,
 ) -> Engine:
     """An engine for the outbox database (no I/O yet except creating a SQLite file's directory).
 
     ``create_dirs=False`` (the operator CLI) refuses a SQLite file that does not exist rather
     than creating an empty database by mistake. ``sqlite_max_bytes`` bounds a SQLite file: past
     it, writes fail with SQLite's "database or disk is full", as on a full disk.
+    ``wal_limit_bytes``: the WAL is truncated to this size whenever a checkpoint resets it.
     """
     parsed = url if isinstance(url, URL) else parse_outbox_url(url)
     path = sqlite_path(parsed)
@@ -86,7 +89,7 @@ def create_outbox_engine(
             parsed, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_size=pool_size, max_overflow=4,
         )
-        _install_sqlite_hooks(engine, synchronous.upper(), sqlite_max_bytes)
+        _install_sqlite_hooks(engine, synchronous.upper(), sqlite_max_bytes, wal_limit_bytes)
         return engine
     try:
         import psycopg  # noqa: F401
@@ -96,7 +99,8 @@ def create_outbox_engine(
     return sa.create_engine(parsed, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
 
 
-def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | None) -> None:
+def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | None,
+                          wal_limit_bytes: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see module doc)
@@ -105,6 +109,13 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | Non
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            cursor.execute(f"PRAGMA journal_size_limit={int(wal_limit_bytes)}")
+            # Takes effect only on a new, empty file (before the first table): its freed pages
+            # can then be given back to the disk (cascade.outbox.space.shrink).
+            try:
+                cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            except Exception:  # noqa: BLE001, S110 - a read-only file keeps what it has
+                pass
             if max_bytes is not None:
                 (page_size,) = cursor.execute("PRAGMA page_size").fetchone()
                 cursor.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size)}")
@@ -121,9 +132,10 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | Non
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def checkpoint(conn: sa.Connection) -> None:
-    """Copy committed WAL frames into the database file without blocking the writer."""
-    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
+def checkpoint(conn: sa.Connection, *, truncate: bool = False) -> None:
+    """Copy committed WAL frames into the database file without blocking the writer; with
+    ``truncate``, wait for readers and writers (busy timeout) and empty the WAL file."""
+    conn.exec_driver_sql(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").all()
 
 
 def writer_connection(engine: Engine) -> sa.Connection:

@@ -19,16 +19,17 @@ import sqlalchemy as sa
 
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
-from cascade.outbox.background import BackgroundLoop
+from cascade.observability.disk import DiskUsage, StoreGauge
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
-    checkpoint,
+    DEFAULT_WAL_LIMIT_BYTES,
     create_outbox_engine,
     ensure_schema,
     parse_outbox_url,
     storage_unavailable,
 )
 from cascade.outbox.rules import to_json
+from cascade.outbox.space import wal_limit_bytes
 from cascade.outbox.store import (
     Claimed,
     ClaimedCallback,
@@ -52,7 +53,7 @@ T = TypeVar("T")
 
 RELAXED_KINDS = frozenset({
     "claim", "outcome", "claim_callbacks", "callback_outcome", "sweep", "recount",
-    "release_backoff", "release_leases",
+    "release_backoff", "release_leases", "evict", "shrink",
 })
 """Writes a power cut may undo harmlessly (see :mod:`cascade.outbox.writer`): the forwarder's
 bookkeeping. Enqueues, stored answers and operator actions are always flushed to disk."""
@@ -60,6 +61,7 @@ bookkeeping. Enqueues, stored answers and operator actions are always flushed to
 _STAT_KEYS = (
     "enqueued", "refused_queue_full", "storage_errors", "delivered", "dead", "expired",
     "callbacks_delivered", "callbacks_failed", "idempotent_replays", "idempotency_conflicts",
+    "evicted_budget", "refused_disk_budget",
 )
 
 
@@ -68,17 +70,27 @@ class Outbox:
 
     def __init__(
         self, url: str, *, tier: str, settings: OutboxSettings | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, gauge: StoreGauge | None = None,
+        idempotency_window_s: float = 600.0,
     ) -> None:
         """Open (creating if needed) the outbox database at ``url``; no threads start yet.
 
         ``clock`` (UNIX seconds) stamps rows and decides what is due; tests inject a fake one.
+        ``gauge``: the results store's disk share (:mod:`cascade.outbox.space` keeps the
+        database within it, never evicting answers younger than ``idempotency_window_s``).
         """
         self.tier = tier
         self.settings = settings or OutboxSettings()
         self.url = parse_outbox_url(url)
-        self.engine = create_outbox_engine(self.url, synchronous=self.settings.sqlite_synchronous,
-                                           sqlite_max_bytes=self.settings.sqlite_max_bytes)
+        self.gauge = gauge
+        self.idempotency_window_s = idempotency_window_s
+        self.full_reason: str | None = None
+        """Set while the store is over its disk share with nothing evictable (new work: 503)."""
+        self.engine = create_outbox_engine(
+            self.url, synchronous=self.settings.sqlite_synchronous,
+            sqlite_max_bytes=self.settings.sqlite_max_bytes,
+            wal_limit_bytes=wal_limit_bytes(gauge.budget_bytes) if gauge else
+            DEFAULT_WAL_LIMIT_BYTES)
         ensure_schema(self.engine)
         self.counters = HeldCounters()
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
@@ -100,10 +112,14 @@ class Outbox:
         self._started = False
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Outbox:
-        """The outbox a node config asks for (``outbox_url`` and the ``outbox:`` block)."""
+    def from_settings(cls, settings: Any, disk: DiskUsage | None = None) -> Outbox:
+        """The outbox a node config asks for (``outbox_url``, the ``outbox:`` block and, with
+        ``disk``, the results store's share of the ``disk:`` budget)."""
+        window = disk.settings.idempotency_window_s if disk is not None else 600.0
         return cls(settings.resolved_outbox_url, tier=settings.tier,
-                   settings=getattr(settings, "outbox", None))
+                   settings=getattr(settings, "outbox", None),
+                   gauge=disk.gauge("results") if disk is not None else None,
+                   idempotency_window_s=window)
 
     @property
     def is_sqlite(self) -> bool:
@@ -134,8 +150,9 @@ class Outbox:
             return
         from cascade.outbox.callbacks import CallbackSender
         from cascade.outbox.forwarder import Forwarder
+        from cascade.outbox.upkeep import Upkeep
 
-        self._workers = [CallbackSender(self), _Maintenance(self)]
+        self._workers = [CallbackSender(self), Upkeep(self)]
         if upstream is not None:
             self._workers.insert(0, Forwarder(self, upstream))
         for worker in self._workers:
@@ -174,6 +191,7 @@ class Outbox:
         if self.counters.rows >= self.settings.max_rows:  # fast refusal, no writer round trip
             self.stats["refused_queue_full"] += 1
             raise self.writes.queue_full_error(job)
+        self.check_room()
         state = await self._write("enqueue", job)
         if self.work_ready is not None:
             self.work_ready.set()
@@ -182,6 +200,13 @@ class Outbox:
             "reason": item.reason, "queued_at": iso(state.get("queued_at")),
             "expires_at": iso(state.get("expires_at")), "results_url": f"/v1/results/{item.id}",
         }
+
+    def check_room(self) -> None:
+        """503 ``storage_unavailable`` while the store is over its disk share and holds only
+        what may not be evicted (see :mod:`cascade.outbox.space`)."""
+        if self.full_reason is not None:
+            self.stats["refused_disk_budget"] += 1
+            raise ServiceUnavailable(self.full_reason, code="storage_unavailable")
 
     def depth(self) -> int:
         """Escalations still to deliver (queued or forwarding)."""
@@ -196,6 +221,7 @@ class Outbox:
     async def save_result(self, id_: str, task: str, request_hash: str | None,
                           response: dict[str, Any]) -> None:
         """Keep an answer under its idempotency key (group-committed)."""
+        self.check_room()
         await self._write("save_result", SaveResult(id_, task, request_hash,
                                                     to_json(response)))
 
@@ -210,7 +236,9 @@ class Outbox:
             raise NotFound(
                 f"tier {self.tier} has no result for id {id_!r}: it never saw it, it was answered "
                 "locally without an Idempotency-Key (such answers are not stored), or it is older "
-                f"than the retention ({self.settings.results_retention_s:g} s)", field="id")
+                f"than the retention ({self.settings.results_retention_s:g} s), or it was final, delivered "
+                f"and older than disk.idempotency_window_s ({self.idempotency_window_s:g} s) "
+                "when the tier made room within its disk budget", field="id")
         return {k: v for k, v in found.items() if not k.startswith("_")}
 
     # -- used by the forwarder and the callback sender ------------------------------------------
@@ -263,6 +291,7 @@ class Outbox:
             "commit_batches": self.writer.stats["batches"],
             "commit_jobs": self.writer.stats["jobs"],
             "last_storage_error": self.last_storage_error,
+            "disk": self.gauge.view() if self.gauge is not None else None,
         }
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -288,42 +317,3 @@ class Outbox:
             error = storage_unavailable(exc, reading=True, url=self.url)
             self.last_storage_error = error.message
             raise error from None
-
-
-class _Maintenance(BackgroundLoop):
-    """TTL expiry, retention and (SQLite) WAL checkpoints, off the request path.
-
-    SQLite's automatic checkpoint runs inside whichever commit crosses its threshold, adding its
-    fsyncs to that batch's latency; here a PASSIVE checkpoint runs every second from a reader
-    thread instead, concurrently with the writer (see ``engine.WAL_AUTOCHECKPOINT_PAGES``).
-    """
-
-    def __init__(self, outbox: Outbox) -> None:
-        super().__init__()
-        self.outbox = outbox
-
-    def start(self) -> None:
-        """Run the sweep loop as a background task of the current event loop."""
-        self._start_loop(self._run(), f"outbox-maintenance-{self.outbox.tier}")
-
-    async def stop(self) -> None:
-        """Stop sweeping."""
-        await self._stop_loop()
-
-    async def _run(self) -> None:
-        box = self.outbox
-        interval = min(1.0, box.settings.sweep_interval_s)
-        last_sweep = 0.0
-        while not self._stopping:
-            await asyncio.sleep(interval)
-            try:
-                if box.is_sqlite:
-                    await box._read(checkpoint)
-                if time.monotonic() - last_sweep >= box.settings.sweep_interval_s:
-                    last_sweep = time.monotonic()
-                    await box.sweep()
-            except ServiceUnavailable as exc:
-                log.error("outbox maintenance of %s: %s", box.tier, exc.message)
-            except Exception:
-                log.exception("outbox maintenance of %s: unexpected error", box.tier)
-

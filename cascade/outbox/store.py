@@ -19,7 +19,7 @@ import orjson
 import sqlalchemy as sa
 
 from cascade.errors import ServiceUnavailable
-from cascade.outbox import maintenance
+from cascade.outbox import maintenance, space
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.maintenance import chunks
 from cascade.outbox.tables import callbacks, outbox, results
@@ -201,6 +201,8 @@ class OutboxWrites:
             "replay": partial(maintenance.replay, self),
             "purge": partial(maintenance.purge, self),
             "recount": partial(maintenance.recount, self),
+            "evict": partial(space.evict, self),
+            "shrink": partial(space.shrink, self),
             "claim_callbacks": self.claim_callbacks,
             "callback_outcome": self.callback_outcome,
         }

@@ -22,6 +22,7 @@ from cascade.outbox import Outbox
 from cascade.policy import load_policy
 from cascade.runners.execution import BlockingCalls
 from cascade.runners.registry import load_runner
+from cascade.tier.disk import build_disk_usage
 from cascade.tier.node import Node, TaskRuntime
 from cascade.tier.settings import NodeSettings
 from cascade.upstream.breaker import CircuitBreaker
@@ -76,7 +77,11 @@ def build_node(settings: NodeSettings) -> Node:
     telemetry = TierTelemetry(settings.tier)
     tasks = build_tasks(settings, telemetry)
     policy = load_policy(settings.policy)
+    model_files = (getattr(rt.runner, "path", None) for rt in tasks.values())
+    disk = build_disk_usage(settings, (path for path in model_files if path is not None))
+    decisions = DecisionRecorder(settings.tier, gauge=disk.gauge("decisions"),
+                                 retention_s=settings.disk.decisions_retention_s)
     # The durable outbox also keeps idempotent results, so the top tier has one too.
     return Node(settings, tasks=tasks, policy=policy, upstream=build_upstream(settings),
-                escalations=Outbox.from_settings(settings), telemetry=telemetry,
-                decisions=DecisionRecorder(settings.tier), drift=DriftMonitor(settings.tier))
+                escalations=Outbox.from_settings(settings, disk), telemetry=telemetry,
+                decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk)

@@ -33,6 +33,7 @@ from cascade.gating.drift_monitor import DriftMonitor
 from cascade.gating.gate import Decision, decide
 from cascade.gating.scoring import assess_output
 from cascade.observability.decisionlog import DecisionRecorder
+from cascade.observability.disk import DiskUsage
 from cascade.observability.outcome import OutcomeObserver, RequestOutcome
 from cascade.observability.telemetry import TierTelemetry
 from cascade.policy import LoadedPolicy
@@ -129,6 +130,7 @@ class Node:
         telemetry: TierTelemetry | None = None,
         decisions: DecisionRecorder | None = None,
         drift: DriftMonitor | None = None,
+        disk: DiskUsage | None = None,
     ) -> None:
         """Collaborators are given, not built here (:func:`cascade.tier.compose.build_node`
         builds them from settings); the defaults suit a tier assembled by hand in a test."""
@@ -138,6 +140,7 @@ class Node:
         self._policy = policy
         self.upstream = upstream
         self.escalations: EscalationQueue = escalations or UnqueuedEscalations()
+        self.disk = disk  # bytes used per local store vs the disk budget (/readyz, /metrics)
         self.started_at = time.time()
         self.telemetry = telemetry or TierTelemetry(self.tier)  # spans + /metrics of this tier
         self.telemetry.metrics.bind_node(self)
@@ -350,6 +353,7 @@ class Node:
             else {"url": self.settings.upstream_url, "breaker": self.upstream.breaker.state},
             "queue_depth": self.escalations.depth(),
             "drift": self.drift.readiness(policy, list(self.tasks)),
+            "disk": self.disk.view() if self.disk is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 

@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from cascade.errors import ConfigError
+from cascade.observability.disk import DiskSettings
 from cascade.outbox.config import OutboxSettings
 from cascade.policy.schema import TIER_NAME
 
@@ -81,9 +82,19 @@ class NodeSettings(BaseSettings):
         default_factory=OutboxSettings,
         description="Outbox bounds and pacing (caps, TTL sweeps, forwarder, callbacks, retention).",
     )
+    disk: DiskSettings = Field(
+        default_factory=DiskSettings,
+        description="Disk budget of this tier's files, split across its stores (results, "
+        "decision log, logs, traces, models) and the idempotency window eviction respects.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field(
         "json", description="Log lines as JSON (with trace and span ids) or plain text."
+    )
+    log_file: Path | None = Field(
+        None,
+        description="Write this tier's log here, rotated within its disk share (disk.logs_mb, "
+        "disk.log_backups copies), instead of to stderr; `cascade up` sets var/logs/<tier>.log.",
     )
     trace_dir: Path | None = Field(
         None,

@@ -62,9 +62,11 @@ async def make_outbox(outbox_url: str) -> AsyncIterator[Callable[..., Any]]:
     opened: list[Outbox] = []
 
     async def make(tier: str = "endpoint", start: bool = True, clock: Any = None,
+                   gauge: Any = None, idempotency_window_s: float = 600.0,
                    **settings: Any) -> Outbox:
         extra = {"clock": clock} if clock is not None else {}
-        box = Outbox(outbox_url, tier=tier, settings=OutboxSettings(**settings), **extra)
+        box = Outbox(outbox_url, tier=tier, settings=OutboxSettings(**settings), gauge=gauge,
+                     idempotency_window_s=idempotency_window_s, **extra)
         if start:
             await box.start(background=False)
         opened.append(box)
