@@ -118,10 +118,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_1000 = {tier: {s: round((end[tier][s] - start[tier][s]) * 1000 / max(1, requests))
                        for s in STORES} for tier in tiers}
     totals = {s: sum(per_1000[t][s] for t in tiers) for s in STORES}
+    # The second half alone: with a budget, the stores have levelled off by then.
+    half = next((x for x in series if x["t_s"] >= args.minutes * 30), None)
+    steady = None
+    if half is not None:
+        later = requests * (1 - half["t_s"] / (args.minutes * 60))
+        steady = {s: round(sum(end[t][s] - half["bytes"][t][s] for t in tiers) * 1000
+                           / max(1.0, later)) for s in STORES}
     return {
         "budget_mb": args.budget_mb or None, "idempotency_window_s": args.window_s,
         "minutes": args.minutes, "load": load, "requests": requests,
         "bytes_per_1000_requests": {"per_tier": per_1000, "all_tiers": totals},
+        "second_half_bytes_per_1000_requests": steady,
         "end_bytes": end, "peak_results_wal_bytes": peak_wal,
         "peak_bytes": {tier: {s: max(x["bytes"][tier][s] for x in series) if series else 0
                               for s in (*STORES, "results_wal")} for tier in tiers},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from cascade.cli.disk_cmd import disk
 from cascade.cli.policy_cmd import policy_app
 from cascade.cli.queue_cmd import queue_app
 from cascade.cli.run_cmd import register_run_commands
@@ -28,6 +29,7 @@ register_run_commands(app)
 app.add_typer(policy_app, name="policy")
 app.command("traces")(traces)
 app.add_typer(queue_app, name="queue")
+app.command("disk")(disk)
 
 
 def _register_optional() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import NoReturn
+from collections.abc import Iterable
+from typing import Any, NoReturn
 
 from rich.console import Console, RenderableType
 
@@ -22,6 +24,19 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def fail_on(exc: CascadeError) -> NoReturn:
     """Exit cleanly on a cascade error: the message, no traceback."""
     fail(exc.message, 2)
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout, unstyled (for scripts: ``--json``)."""
+    sys.stdout.write(json.dumps(data, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def print_json_lines(rows: Iterable[Any]) -> None:
+    """One JSON document per line on stdout (for scripts: ``--json`` of a stream of records)."""
+    for row in rows:
+        sys.stdout.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def print_whole(out: Console, renderable: RenderableType) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cascade.cli.common import print_json, print_table
 from cascade.cli.register_cmd import register
 from cascade.errors import ModelError
 from cascade.models.manifest import Manifest
@@ -46,6 +48,9 @@ def build(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress or summary; warnings still show.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the written manifest (one JSON document).")
+    ] = False,
 ) -> None:
     """Train, export to ONNX, quantize and validate both model ladders.
 
@@ -73,15 +78,19 @@ def build(
 
     console = Console(stderr=True)
     try:
-        manifest = build_models(out, force=force, console=console, show_progress=not quiet)
+        manifest = build_models(out, force=force, console=console,
+                                show_progress=not quiet and not as_json)
     except ModelError as exc:
         console.print(f"[bold red]Model build failed:[/] {escape(exc.message)}")
         raise typer.Exit(1) from None
-    if not quiet:
-        Console().print(
-            f"Models in {manifest.root} (build key {manifest.build_key}):",
-            *manifest_tables(manifest),
-        )
+    if as_json:
+        print_json(json.loads((Path(manifest.root) / "manifest.json").read_text()))
+    elif not quiet:
+        stdout = Console(soft_wrap=True)
+        stdout.print(f"Models in {manifest.root} (build key {manifest.build_key}):",
+                     highlight=False)
+        for table in manifest_tables(manifest):
+            print_table(table, stdout)
 
 
 def manifest_tables(manifest: Manifest) -> list[Table]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cascade.cli.common import console, fail, print_table
+from cascade.cli.common import console, fail, print_json, print_table
 from cascade.errors import CascadeError, PolicyError
 
 policy_app = typer.Typer(
@@ -119,6 +119,8 @@ def calibrate(
     task: list[str] = typer.Option([], help="Only these tasks (default: every task in the "
                                    "manifest). Other tasks are kept from the base policy."),
     dry_run: bool = typer.Option(False, help="Print the result, write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (the fit of "
+                                 "each task, what was written, which tiers watch it)."),
 ) -> None:
     """Fit calibration and thresholds to an operator goal (calibration split).
 
@@ -172,7 +174,8 @@ def calibrate(
                                   (base_doc.get("tasks") or {}).get(name))
         except CascadeError as exc:  # a model that fails its checksum, a missing split file
             fail(exc.message)
-        _print_fit(fitted)
+        if not as_json:
+            _print_fit(fitted)
         fits.append(fitted)
     sections = {**(base_doc.get("tasks") or {}), **{f.task: f.section for f in fits}}
     doc = policy_document(out.stem, sections, base_doc)
@@ -181,7 +184,26 @@ def calibrate(
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(doc, sort_keys=False, width=100,
                                                                 default_flow_style=None)
     _validate_written(text, out)
+    _write_and_report(fits, text, out, dry_run=dry_run, as_json=as_json)
+
+
+def _write_and_report(fits: list, text: str, out: Path, *,  # type: ignore[type-arg]
+                      dry_run: bool, as_json: bool) -> None:
+    """Write the policy when every goal is met (atomically), then say what happened: which
+    goals were missed, and whether running tiers will load the file."""
     missed = [f for f in fits if not f.search.feasible]
+    written = not dry_run and not missed
+    if written:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)  # atomic: a running tier's watcher never reads half a file
+    if as_json:
+        from cascade.cli.policy_json import fit_summary
+
+        print_json({"tasks": [fit_summary(f) for f in fits], "out": str(out), "written": written,
+                    "watched_by": _watchers(), "policy": text if dry_run else None})
+        raise typer.Exit(1 if missed else 0)
     for f in missed:
         console.print(f"[red]✗ {f.task}: goal {f.resolved_goals.describe()} cannot be met on the "
                       f"calibration split; closest: {'; '.join(f.search.violations)}. Relax the "
@@ -192,13 +214,38 @@ def calibrate(
     elif missed:
         fail(f"{len(missed)} goal(s) not met; {out} not written", code=1)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)  # atomic: a running tier's watcher never reads half a file
-        console.print(f"[green]wrote {out}[/] (running tiers pick it up within a second)")
+        console.print(f"[green]wrote {out}[/]; {_who_picks_it_up(out)}", highlight=False)
     if missed:
         raise typer.Exit(1)
+
+
+def _watchers() -> dict[str, str]:
+    """Tier -> the policy file it watches, for the tiers of the local chain (their node
+    configs and ``CASCADE_POLICY``), so a written file can say whether they will load it."""
+    from cascade.deploy.supervisor import DEFAULT_CHAIN
+    from cascade.tier.settings import load_node_settings
+
+    watched = {}
+    for config in DEFAULT_CHAIN:
+        try:
+            node = load_node_settings(config)
+        except CascadeError:
+            continue
+        watched[node.tier] = str(node.policy)
+    return watched
+
+
+def _who_picks_it_up(out: Path) -> str:
+    """Which running tiers load ``out`` (within a second), or which file they watch instead."""
+    watched = _watchers()
+    mine = [tier for tier, path in watched.items() if Path(path).resolve() == out.resolve()]
+    if mine:
+        return f"running tiers that use it ({', '.join(mine)}) pick it up within a second"
+    if not watched:
+        return "no local node config found; a tier uses it once its policy: key names it"
+    files = sorted(set(watched.values()))
+    return (f"the local chain's tiers watch {', '.join(files)}, not {out}: set policy: {out} "
+            f"in their node configs (or CASCADE_POLICY={out}) for it to take effect")
 
 
 def _read_base(path: Path | None) -> dict:  # type: ignore[type-arg]
@@ -274,6 +321,8 @@ def replay(
     goal: list[str] = typer.Option(
         [], "--goal", "-g", help=GOAL_HELP + " Default: the candidate's own `goals:`."),
     task: list[str] = typer.Option([], help="Only these tasks."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per task (JSON "
+                                 "lines): live and candidate numbers, changed answers, goals."),
 ) -> None:
     """What-if: re-decide traffic under a candidate policy, no model run.
 
@@ -298,7 +347,6 @@ def replay(
           --log var/decisions-endpoint.db --log var/decisions-edge-node.db \\
           --log var/decisions-edge-server.db --log var/decisions-cloud.db
     """
-    from cascade.lab.replay import traffic_from_logs, traffic_from_split
     from cascade.policy import load_policy
 
     try:
@@ -308,6 +356,30 @@ def replay(
         fail(exc.message)
     if split not in ("test", "calibration"):
         fail(f"--split {split!r}: allowed: test, calibration")
+    traffic, source, goals = _replay_traffic(log, live_policy, cand, task, split, models_dir,
+                                             goal)
+    if not as_json:
+        console.print(f"Replaying {source}: live {live} ({live_policy.version}) vs candidate "
+                      f"{candidate} ({cand.version})", highlight=False)
+    broken = 0
+    for name, tt in traffic.items():
+        try:
+            broken += _replay_one(name, tt, live_policy, cand, goals[name], as_json)
+        except CascadeError as exc:
+            fail(exc.message)
+    if as_json:
+        raise typer.Exit(1 if broken else 0)
+    if broken:
+        console.print(f"[red]✗ the candidate breaks {broken} goal(s)[/]")
+        raise typer.Exit(1)
+    console.print("[green]✓ the candidate meets every stated goal[/]")
+
+
+def _replay_traffic(log: list[Path], live_policy, cand, task: list[str],  # type: ignore[no-untyped-def]
+                    split: str, models_dir: Path, goal: list[str]):
+    """The traffic to replay (decision logs or a held-out split), where it came from, the goals."""
+    from cascade.lab.replay import traffic_from_logs, traffic_from_split
+
     missing = [p for p in log if not p.is_file()]
     if missing:
         fail(f"--log {missing[0]}: no such decision log file")
@@ -330,18 +402,7 @@ def replay(
             t: cand.task(t).goals for t in traffic}
     except CascadeError as exc:
         fail(exc.message)
-    console.print(f"Replaying {source}: live {live} ({live_policy.version}) vs candidate "
-                  f"{candidate} ({cand.version})", highlight=False)
-    broken = 0
-    for name, tt in traffic.items():
-        try:
-            broken += _replay_one(name, tt, live_policy, cand, goals[name])
-        except CascadeError as exc:
-            fail(exc.message)
-    if broken:
-        console.print(f"[red]✗ the candidate breaks {broken} goal(s)[/]")
-        raise typer.Exit(1)
-    console.print("[green]✓ the candidate meets every stated goal[/]")
+    return traffic, source, goals
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -350,7 +411,8 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{x:.1%}" if pct else f"{x:.4f}"
 
 
-def _replay_one(name: str, traffic, live, cand, goals) -> int:  # type: ignore[no-untyped-def]
+def _replay_one(name: str, traffic, live, cand, goals,  # type: ignore[no-untyped-def]
+                as_json: bool = False) -> int:
     from rich.table import Table
 
     from cascade.lab.replay import changed_answers, replay_task
@@ -358,6 +420,16 @@ def _replay_one(name: str, traffic, live, cand, goals) -> int:  # type: ignore[n
 
     a, b = replay_task(traffic, live), replay_task(traffic, cand)
     tiers = traffic.tiers
+    checks = check_goals(goals, accuracy=b.accuracy, cloud_share=b.cloud_share_upper,
+                         escalation_rate={t: b.escalation_rate(t) for t in tiers},
+                         top_tier=tiers[-1], top_accuracy=a.top_accuracy)
+    if as_json:
+        from cascade.cli.common import print_json_lines
+        from cascade.cli.policy_json import replay_summary
+
+        print_json_lines([replay_summary(name, a, b, list(tiers), checks,
+                                         *changed_answers(a, b))])
+        return sum(c.met is False for c in checks)
     table = Table(title=f"{name}: {a.requests} requests", title_justify="left")
     for col in ("", "live", "candidate"):
         table.add_column(col, justify="left" if not col else "right")
@@ -385,9 +457,6 @@ def _replay_one(name: str, traffic, live, cand, goals) -> int:  # type: ignore[n
     if a.mismatched:
         console.print(f"[yellow]warning: {a.mismatched} recorded decisions differ from a replay under "
                       "the same policy version (were the models changed?)[/]")
-    checks = check_goals(goals, accuracy=b.accuracy, cloud_share=b.cloud_share_upper,
-                         escalation_rate={t: b.escalation_rate(t) for t in tiers},
-                         top_tier=tiers[-1], top_accuracy=a.top_accuracy)
     if not checks:
         console.print(f"{name}: no goals stated (pass --goal or add `goals:` to the candidate)")
     for c in checks:

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cascade.cli.common import print_table
+from cascade.cli.common import print_json, print_table
 from cascade.errors import ModelError
 from cascade.models.specs import INT8_MAX_ACCURACY_LOSS
 
@@ -44,6 +44,8 @@ def register(
     max_accuracy_loss: Annotated[float, typer.Option(
         "--max-accuracy-loss", help="Refuse when int8 loses more test accuracy than this "
         "(a fraction: 0.005 is half a point).", min=0.0, max=1.0)] = INT8_MAX_ACCURACY_LOSS,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the registered task's manifest entry (one JSON document).")] = False,
 ) -> None:
     """Validate a task folder, re-validate its models on your held-out data, register them.
 
@@ -106,6 +108,10 @@ def register(
         console.print(f"[bold red]Registration refused:[/] {escape(exc.message)}",
                       highlight=False)
         raise typer.Exit(1) from None
+    if as_json:
+        print_json({"task": loaded.name, "manifest": str(models_dir / "manifest.json"),
+                    "entry": entry.model_dump(mode="json")})
+        return
     table = Table(title=f"{loaded.name}: {len(entry.classes)} classes, {entry.input_kind} "
                   f"input, {entry.splits.calibration} calibration + {entry.splits.test} test "
                   "samples", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cascade.cli.common import console, fail, print_table, print_whole
+from cascade.cli.common import console, err_console, fail, print_json, print_table, print_whole
 from cascade.errors import CascadeError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
     from rich.table import Table
 
     from cascade.deploy.supervisor import Chain
@@ -54,6 +55,8 @@ def up(
         Path("var/traces"), help="Each tier writes its spans to <dir>/<tier>.jsonl (read them "
         "with `cascade traces`); OTEL_* variables add OTLP export."),
     trace_file: bool = typer.Option(True, help="Write the local trace files (--no-trace-file: don't)."),
+    as_json: bool = typer.Option(False, "--json", help="Once ready, print the tiers as one JSON "
+                                 "line (tier, url, pid, ready_s, log) instead of the table."),
 ) -> None:
     """Start the whole local chain (endpoint → edge-node → edge-server → cloud) and keep it up.
 
@@ -82,6 +85,17 @@ def up(
             chain.start()
     except (CascadeError, RuntimeError, TimeoutError) as exc:
         fail(f"{exc}; see the logs in {log_dir}/", 1)
+    if as_json:
+        print_json({"tiers": [{"tier": t.tier, "url": t.url, "pid": t.pid,
+                               "ready_s": round(chain.ready_s[t.tier], 3), "log": str(t.log_path)}
+                              for t in chain.tiers]})
+    else:
+        _print_chain(chain, tracing_env, trace_dir)
+    _watch_chain(chain, stopping, err_console if as_json else console)
+
+
+def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path) -> None:
+    """The table of tiers and what to try next."""
     print_whole(console, chain_table(chain))
     entry = chain.entry_url
     console.print("\nTry it (tier 1 answers, or escalates up the chain):", style="bold")
@@ -96,18 +110,22 @@ def up(
     if tracing_env:
         console.print(f"  Traces:   cascade traces {trace_dir}", highlight=False)
     console.print("\nCtrl-C stops every tier.", highlight=False)
+
+
+def _watch_chain(chain: Chain, stopping: dict[str, bool], out: Console) -> None:
+    """Wait until asked to stop or a tier exits, then stop every tier (news on ``out``)."""
     try:
         while not stopping["now"]:
             for t in chain.tiers:
                 if t.process.poll() is not None:
-                    console.print(f"[red]tier {t.tier} exited with code {t.process.returncode}; "
+                    out.print(f"[red]tier {t.tier} exited with code {t.process.returncode}; "
                                   f"stopping the chain (log: {t.log_path})[/]")
                     stopping["now"] = True
             time.sleep(0.2)
     finally:
-        console.print("stopping tiers...")
+        out.print("stopping tiers...")
         chain.stop()
-        console.print("all tiers stopped.")
+        out.print("all tiers stopped.")
 
 
 def chain_table(chain: Chain) -> Table:

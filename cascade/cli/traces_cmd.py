@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from cascade.cli.common import console, err_console, fail
+from cascade.cli.common import console, err_console, fail, print_json_lines
 
 BAR_WIDTH = 32
 TIER_COLOURS = ("cyan", "green", "yellow", "magenta", "blue", "red")
@@ -192,6 +192,8 @@ def traces(
                                          help="Only traces that took at least MS milliseconds."),
     escalated: bool = typer.Option(False, "--escalated", help="Only traces where a tier escalated."),
     limit: int = typer.Option(10, "--limit", "-n", min=1, help="How many recent traces to show."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document per trace (JSON lines): "
+                                 "id, duration, tiers, outcome and its span records."),
 ) -> None:
     """Show recent traces across tiers as waterfall trees, with durations and gate decisions.
 
@@ -217,7 +219,14 @@ def traces(
     if not chosen:
         if trace_id:
             fail(f"no trace {trace_id!r} in {path}", 1)
-        console.print(f"no traces in {path} match", highlight=False)
+        if not as_json:
+            console.print(f"no traces in {path} match", highlight=False)
+        return
+    if as_json:
+        print_json_lines({"trace_id": t.trace_id, "duration_ms": round(t.duration_ms, 3),
+                          "tiers": t.tiers, "escalated": t.escalated, "outcome": t.outcome(),
+                          "spans": sorted(t.spans, key=lambda s: int(s["start_ns"]))}
+                         for t in chosen)
         return
     for trace in chosen:
         console.print(trace_header(trace), soft_wrap=True, highlight=False)

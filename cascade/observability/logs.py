@@ -156,8 +156,11 @@ class RotatingLogFile(BatchingStreamHandler):
     """
 
     def __init__(self, path: Path, *, max_bytes: int, backups: int = 2,
-                 flush_interval_s: float = 0.25) -> None:
+                 flush_interval_s: float = 0.25, own_std_fds: bool = True) -> None:
+        """``own_std_fds``: point file descriptors 1 and 2 at the current file (a tier process;
+        not a test runner sharing the process)."""
         self.path = Path(path)
+        self.own_std_fds = own_std_fds
         self.max_bytes = max(4096, max_bytes)
         self.backups = backups
         self.rotations = 0
@@ -168,7 +171,7 @@ class RotatingLogFile(BatchingStreamHandler):
 
     def _open(self) -> IO[str]:
         stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed on rotation
-        for fd in (1, 2):
+        for fd in (1, 2) if self.own_std_fds else ():
             try:
                 os.dup2(stream.fileno(), fd)
             except OSError:  # pragma: no cover - no such descriptor in an embedded interpreter

@@ -108,7 +108,10 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | Non
         try:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
-            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            # SQLite's own checkpoint as a backstop at the WAL's limit (the tier's upkeep runs
+            # one every second, beside the writer, so commits seldom pay for it).
+            pages = max(16, min(WAL_AUTOCHECKPOINT_PAGES, wal_limit_bytes // 4096))
+            cursor.execute(f"PRAGMA wal_autocheckpoint={pages}")
             cursor.execute(f"PRAGMA journal_size_limit={int(wal_limit_bytes)}")
             # Takes effect only on a new, empty file (before the first table): its freed pages
             # can then be given back to the disk (cascade.outbox.space.shrink).

@@ -37,9 +37,9 @@ from cascade.outbox.writer import Batch
 if TYPE_CHECKING:  # pragma: no cover
     from cascade.outbox.store import OutboxWrites
 
-EVICT_ABOVE: Final[float] = 0.85
+EVICT_ABOVE: Final[float] = 0.80
 """Evict once live bytes pass this share of the budget..."""
-EVICT_DOWN_TO: Final[float] = 0.70
+EVICT_DOWN_TO: Final[float] = 0.65
 """...down to this share (hysteresis: one batch of evictions, then quiet for a while)."""
 MAX_EVICT_ROWS: Final[int] = 20_000
 """Most rows one eviction removes (one writer transaction stays short)."""

@@ -185,10 +185,16 @@ def exposed_metric_names() -> set[str]:
 
             return {"vision": DriftDetector(DriftReference((0.5,), (10, 10)), DriftSettings())}
 
+    from cascade.observability.disk import DiskUsage
+
+    tier_disk = DiskUsage("endpoint")
+    tier_disk.gauge("results").evicted("budget")
+
     class Node:
         upstream = UpstreamClient("http://up:1")
         escalations = Queue()
         drift = Drift()
+        disk = tier_disk
 
     metrics = TierMetrics("endpoint", process_metrics=False)
     metrics.bind_node(Node())
