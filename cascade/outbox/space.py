@@ -66,13 +66,15 @@ def wal_limit_bytes(share_bytes: int) -> int:
     return max(64 << 10, min(16 << 20, share_bytes // 8))
 
 
-def measure(conn: sa.Connection, path: Path | None, wal_allowance: int = 0) -> Space:
+def measure(conn: sa.Connection, path: Path | None, wal_allowance: int = 0,
+            count_above: int = 0) -> Space:
     """The :class:`Space` of the database behind ``conn`` (``path``: its SQLite file).
 
     SQLite's live bytes reserve ``wal_allowance`` for the WAL (and count the shared-memory
-    index), so the rows are evicted early enough for the WAL to grow up to its limit between
-    checkpoints without the files passing the share."""
-    rows = int(conn.execute(sa.select(sa.func.count()).select_from(results)).scalar() or 0)
+    index), so rows are evicted early enough for the WAL to grow up to its limit between
+    checkpoints without the files passing the share. The costlier parts (counting rows; on
+    PostgreSQL, summing the stored text) run only when the store is past ``count_above``
+    bytes, where an eviction may follow; below it ``rows`` is 0."""
     if conn.dialect.name == "sqlite":
         page_size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 4096
         pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
@@ -81,15 +83,23 @@ def measure(conn: sa.Connection, path: Path | None, wal_allowance: int = 0) -> S
         shm = _size(Path(f"{path}-shm")) if path else 0
         file_bytes = _size(path) if path else pages * page_size
         live = (pages - free) * page_size + max(wal, wal_allowance) + shm
+        rows = _count(conn) if live > count_above else 0
         return Space(file_bytes + wal + shm, live, file_bytes, wal, rows)
     on_disk = int(conn.execute(sa.text(
         "SELECT pg_total_relation_size('cascade_results') + pg_total_relation_size("
         "'cascade_outbox') + pg_total_relation_size('cascade_callbacks')")).scalar() or 0)
+    if on_disk <= count_above:  # relation sizes bound the live bytes from above
+        return Space(on_disk, on_disk, on_disk, 0, 0)
     text = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(
         sa.func.length(results.c.response)), 0))).scalar() or 0)
     body = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(outbox.c.size_bytes), 0)))
                .scalar() or 0)
+    rows = _count(conn)
     return Space(on_disk, text + body + rows * PG_ROW_OVERHEAD, on_disk, 0, rows)
+
+
+def _count(conn: sa.Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(results)).scalar() or 0)
 
 
 def rows_to_evict(space: Space, share_bytes: int) -> int:

@@ -24,7 +24,7 @@ from cascade.errors import ServiceUnavailable
 from cascade.observability.disk import MIB
 from cascade.outbox.background import BackgroundLoop
 from cascade.outbox.engine import checkpoint, sqlite_path
-from cascade.outbox.space import Space, measure, rows_to_evict, wal_limit_bytes
+from cascade.outbox.space import EVICT_ABOVE, Space, measure, rows_to_evict, wal_limit_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from cascade.outbox.outbox import Outbox
@@ -75,7 +75,8 @@ async def keep_within_budget(box: Outbox) -> Space | None:
         return None
     share = gauge.budget_bytes
     path, wal_limit = sqlite_path(box.url), wal_limit_bytes(share)
-    space = await box._read(lambda conn: measure(conn, path, wal_limit))
+    above = int(EVICT_ABOVE * share)
+    space = await box._read(lambda conn: measure(conn, path, wal_limit, above))
     wanted = rows_to_evict(space, share)
     if wanted:
         gone = await box._write("evict", (wanted, box.clock() - box.idempotency_window_s))
@@ -88,12 +89,12 @@ async def keep_within_budget(box: Outbox) -> Space | None:
         if space.file_bytes + space.wal_bytes > share:
             await box._write("shrink", None)  # the file shrinks at the next checkpoint
         if wanted or space.file_bytes + space.wal_bytes > share:
-            space = await box._read(lambda conn: measure(conn, path, wal_limit))
+            space = await box._read(lambda conn: measure(conn, path, wal_limit, above))
         if space.wal_bytes > wal_limit:  # readers kept frames pinned, or evictions wrote many
             await box._read(lambda conn: checkpoint(conn, truncate=True))
-            space = await box._read(lambda conn: measure(conn, path, wal_limit))
+            space = await box._read(lambda conn: measure(conn, path, wal_limit, above))
     elif wanted:
-        space = await box._read(lambda conn: measure(conn, path, wal_limit))
+        space = await box._read(lambda conn: measure(conn, path, wal_limit, above))
     gauge.set_used(space.on_disk_bytes)
     box.full_reason = _full_reason(box, space) if space.live_bytes > share else None
     return space

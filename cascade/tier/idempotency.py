@@ -57,6 +57,7 @@ async def serve_infer(
                     "use a new key for a new request", status=422, code="idempotency_key_reused")
             outbox.stats["idempotent_replays"] += 1
             return {k: v for k, v in stored.items() if not k.startswith("_")}, True
+        outbox.check_room()  # its answer could not be kept: refuse before computing it
         answered = await _compute(outbox, node, request,
                                   replace(ctx, request_id=key, request_hash=digest), events)
         body = answered.answer.to_wire()
