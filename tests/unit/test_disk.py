@@ -104,20 +104,22 @@ def test_log_file_rotates_within_its_share(tmp_path: Path) -> None:
     assert path.read_text().splitlines()[-1].startswith("line 01999")
 
 
-def test_trace_file_rotation_is_counted(tmp_path: Path, spans) -> None:
-    from opentelemetry import trace
+def test_trace_file_rotation_is_counted(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
     from cascade.observability.export import JsonLinesSpanExporter
 
     exporter = JsonLinesSpanExporter(tmp_path / "edge-node.jsonl", max_bytes=2000)
     rotated: list[int] = []
     exporter.on_rotate = lambda: rotated.append(1)
-    tracer = trace.get_tracer("test")
+    provider = TracerProvider()  # local: the process's global tracing stays untouched
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
     for i in range(40):
         with tracer.start_as_current_span(f"span-{i}"):
             pass
-    for span in spans.get_finished_spans():
-        exporter.export([span])
+    provider.shutdown()
     assert exporter.rotations == len(rotated) >= 3
     assert exporter.disk_bytes() <= 2 * 2000
 
