@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from cascade.cli.common import console, err_console, fail, print_json_lines
+from cascade.cli.common import console, err_console, fail, print_json_lines, print_table
 
 BAR_WIDTH = 32
 TIER_COLOURS = ("cyan", "green", "yellow", "magenta", "blue", "red")
@@ -230,5 +230,5 @@ def traces(
         return
     for trace in chosen:
         console.print(trace_header(trace), soft_wrap=True, highlight=False)
-        console.print(render_trace(trace))
+        print_table(render_trace(trace))
         console.print()

@@ -96,7 +96,14 @@ async def keep_within_budget(box: Outbox) -> Space | None:
     elif wanted:
         space = await box._read(lambda conn: measure(conn, path, wal_limit, above))
     gauge.set_used(space.on_disk_bytes)
-    box.full_reason = _full_reason(box, space) if space.live_bytes > share else None
+    full = _full_reason(box, space) if space.live_bytes > share else None
+    if full is not None and box.full_reason is None:
+        log.warning("disk: %s", full.replace("Nothing was stored; retry later",
+                                             "new work that needs storing gets 503"))
+    elif full is None and box.full_reason is not None:
+        log.warning("disk: tier %s's results store is back within its share; storing again",
+                    box.tier)
+    box.full_reason = full
     return space
 
 
