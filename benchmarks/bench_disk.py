@@ -69,6 +69,16 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _readyz_disk(url: str) -> Any:
+    """What the tier itself reports under ``disk`` on /readyz (None on older trees)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=10).json().get("disk")
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def bodies(models_dir: Path, n: int = 96) -> list[dict[str, Any]]:
     """Vision frames (most easy, some hard) and documents, interleaved."""
     from cascade.models.manifest import load_split
@@ -113,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             series.append({"t_s": round(time.monotonic() - t0, 1), "bytes": measure(var, tiers)})
         time.sleep(2.0)  # the tiers flush logs and decision rows
         end = measure(var, tiers)
+        reported = {t.tier: _readyz_disk(t.url) for t in chain.tiers}
         peak_wal = max([s["bytes"][t]["results_wal"] for s in series for t in tiers] or [0])
     requests = int(load["requests"])
     per_1000 = {tier: {s: round((end[tier][s] - start[tier][s]) * 1000 / max(1, requests))
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "minutes": args.minutes, "load": load, "requests": requests,
         "bytes_per_1000_requests": {"per_tier": per_1000, "all_tiers": totals},
         "second_half_bytes_per_1000_requests": steady,
-        "end_bytes": end, "peak_results_wal_bytes": peak_wal,
+        "end_bytes": end, "peak_results_wal_bytes": peak_wal, "tiers_report": reported,
         "peak_bytes": {tier: {s: max(x["bytes"][tier][s] for x in series) if series else 0
                               for s in (*STORES, "results_wal")} for tier in tiers},
         "series": series,
