@@ -127,7 +127,9 @@ class DecisionLog:
         self._wake = threading.Event()
         self._stopping = False
         self._flushed = threading.Condition()
-        self.wal_limit = max(64 * 1024, gauge.budget_bytes // 8) if gauge else 4 << 20
+        # An eighth of the share, 64 KiB..1 MiB: a few seconds of rows at most between the
+        # checkpoints SQLite runs at this size (its default, 4 MiB, outgrew small shares).
+        self.wal_limit = max(64 << 10, min(1 << 20, gauge.budget_bytes // 8)) if gauge else 1 << 20
         # fail early (unwritable path) rather than in the thread
         self._conn = connect(path, self.wal_limit)
         self._thread = threading.Thread(target=self._run, name=f"decisionlog:{path.name}", daemon=True)

@@ -27,7 +27,7 @@ log = logging.getLogger("cascade.outbox")
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 WAL_AUTOCHECKPOINT_PAGES = 4_096
 """Backstop only (16 MiB of WAL): the tier checkpoints every second in the background."""
-DEFAULT_WAL_LIMIT_BYTES = 16 << 20
+DEFAULT_WAL_LIMIT_BYTES = 4 << 20
 """``journal_size_limit``: a WAL reset by a checkpoint is truncated back to this size."""
 SUPPORTED = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
 

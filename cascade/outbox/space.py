@@ -62,8 +62,9 @@ class Space:
 
 
 def wal_limit_bytes(share_bytes: int) -> int:
-    """Largest WAL kept between checkpoints: an eighth of the share, 64 KiB..16 MiB."""
-    return max(64 << 10, min(16 << 20, share_bytes // 8))
+    """Largest WAL kept between checkpoints: an eighth of the share, 64 KiB..4 MiB (the tier
+    checkpoints every second, so a larger WAL would only hold pages already copied)."""
+    return max(64 << 10, min(4 << 20, share_bytes // 8))
 
 
 def measure(conn: sa.Connection, path: Path | None, wal_allowance: int = 0,

@@ -77,7 +77,7 @@ def test_rows_to_evict(live: int, rows: int, expected: int) -> None:
 def test_wal_limit_is_an_eighth_of_the_share_within_bounds() -> None:
     assert wal_limit_bytes(1 * MIB) == 128 * 1024
     assert wal_limit_bytes(100 * 1024) == 64 * 1024
-    assert wal_limit_bytes(1024 * MIB) == 16 * MIB
+    assert wal_limit_bytes(1024 * MIB) == 4 * MIB
 
 
 def test_log_file_rotates_within_its_share(tmp_path: Path) -> None:
