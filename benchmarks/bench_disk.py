@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            / max(1.0, later)) for s in STORES}
     return {
         "budget_mb": args.budget_mb or None, "idempotency_window_s": args.window_s,
+        "budget_label": f"{args.budget_mb:g} MiB" if args.budget_mb else
+        "default (1024 MiB; none before the disk block)",
         "minutes": args.minutes, "load": load, "requests": requests,
         "bytes_per_1000_requests": {"per_tier": per_1000, "all_tiers": totals},
         "second_half_bytes_per_1000_requests": steady,
@@ -152,7 +154,8 @@ def main() -> None:
     """Parse the options, run once, merge the section into ``reports/bench_disk.json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", required=True)
-    parser.add_argument("--budget-mb", type=float, default=0.0, help="0: no budget")
+    parser.add_argument("--budget-mb", type=float, default=0.0,
+                        help="0: the tiers' default (no CASCADE_DISK__* variables)")
     parser.add_argument("--window-s", type=float, default=30.0,
                         help="disk.idempotency_window_s with a budget")
     parser.add_argument("--minutes", type=float, default=5.0)
@@ -166,7 +169,41 @@ def main() -> None:
     report = json.loads(out.read_text()) if out.exists() else {}
     report[args.label] = section
     out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render_markdown(report))
     print(json.dumps({k: v for k, v in section.items() if k != "series"}, indent=1))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Per run: load, bytes per 1,000 requests and bytes at the end per store (all tiers)."""
+    mib = 1024 * 1024
+    lines = ["# Disk used by the four tiers under steady load (benchmarks/bench_disk.py)", "",
+             ("| run | disk budget per tier | requests (req/s) | per 1,000 requests: results / decisions / "
+              "logs / traces (KiB) | at the end, all tiers (MiB) | largest results WAL (MiB) |"),
+             "|---|---|---|---|---|---|"]
+    for label, run in report.items():
+        per = run["bytes_per_1000_requests"]["all_tiers"]
+        end = sum(v for tier in run["end_bytes"].values() for k, v in tier.items()
+                  if k != "results_wal")
+        lines.append(
+            f"| {label} | {run.get('budget_label') or run['budget_mb'] or 'none'} | "
+            f"{run['requests']} "
+            f"({run['load']['rps']:.0f}) | " + " / ".join(f"{per[s] / 1024:.0f}" for s in STORES)
+            + f" | {end / mib:.1f} | {run['peak_results_wal_bytes'] / mib:.2f} |")
+    for label, run in report.items():
+        if not run.get("budget_mb") or not run.get("tiers_report"):
+            continue
+        lines += ["", f"## {label}: largest size seen vs share, and evictions, per tier", "",
+                  "| tier | " + " | ".join(STORES) + " |", "|---|" + "---|" * len(STORES)]
+        for tier, view in run["tiers_report"].items():
+            cells = []
+            for store in STORES:
+                info = view["stores"].get(store, {})
+                evicted = ", ".join(f"{k} {v}" for k, v in sorted(info.get("evictions", {}).items()))
+                cells.append(f"{run['peak_bytes'][tier][store] / mib:.2f} / "
+                             f"{info.get('budget_bytes', 0) / mib:.2f} MiB"
+                             + (f" ({evicted})" if evicted else ""))
+            lines.append(f"| {tier} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
