@@ -149,7 +149,7 @@ def calibrate(
     import yaml
 
     from cascade.gating.gate import SIGNAL_NAMES
-    from cascade.lab.fit import FitOptions, fit_task, header_lines, policy_document
+    from cascade.lab.fit import FitOptions, header_lines, policy_document
     from cascade.policy.calibration import METHODS
 
     if signal not in (*SIGNAL_NAMES, "auto"):
@@ -164,19 +164,8 @@ def calibrate(
     base_doc = _read_base(base_path)
     options = FitOptions(signal=signal, calibration=calibration,  # type: ignore[arg-type]
                          per_class=per_class)
-    fits = []
-    for name in tasks:
-        tiers = list(manifest.tasks[name].tiers)
-        try:
-            with console.status(f"{name}: predicting the calibration split on {len(tiers)} "
-                                "tiers, fitting calibration, searching thresholds"):
-                fitted = fit_task(models_dir, name, tiers, goals[name], options,
-                                  (base_doc.get("tasks") or {}).get(name))
-        except CascadeError as exc:  # a model that fails its checksum, a missing split file
-            fail(exc.message)
-        if not as_json:
-            _print_fit(fitted)
-        fits.append(fitted)
+    fits = [_fit_one(models_dir, name, list(manifest.tasks[name].tiers), goals[name], options,
+                     (base_doc.get("tasks") or {}).get(name), quiet=as_json) for name in tasks]
     sections = {**(base_doc.get("tasks") or {}), **{f.task: f.section for f in fits}}
     doc = policy_document(out.stem, sections, base_doc)
     command = _command_line(goal, out, models_dir, signal, calibration, per_class, task)
@@ -185,6 +174,22 @@ def calibrate(
                                                                 default_flow_style=None)
     _validate_written(text, out)
     _write_and_report(fits, text, out, dry_run=dry_run, as_json=as_json)
+
+
+def _fit_one(models_dir: Path, name: str, tiers: list[str], goals, options,  # type: ignore[no-untyped-def]
+             base_section, *, quiet: bool):
+    """Fit one task (calibration split), printing its table unless ``quiet``."""
+    from cascade.lab.fit import fit_task
+
+    try:
+        with console.status(f"{name}: predicting the calibration split on {len(tiers)} "
+                            "tiers, fitting calibration, searching thresholds"):
+            fitted = fit_task(models_dir, name, tiers, goals, options, base_section)
+    except CascadeError as exc:  # a model that fails its checksum, a missing split file
+        fail(exc.message)
+    if not quiet:
+        _print_fit(fitted)
+    return fitted
 
 
 def _write_and_report(fits: list, text: str, out: Path, *,  # type: ignore[type-arg]

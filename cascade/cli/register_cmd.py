@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -108,11 +108,16 @@ def register(
         console.print(f"[bold red]Registration refused:[/] {escape(exc.message)}",
                       highlight=False)
         raise typer.Exit(1) from None
+    _report(loaded.name, entry, models_dir, as_json=as_json)
+
+
+def _report(name: str, entry: Any, models_dir: Path, *, as_json: bool) -> None:
+    """What was registered: its manifest entry as JSON, or a table of its tiers."""
     if as_json:
-        print_json({"task": loaded.name, "manifest": str(models_dir / "manifest.json"),
+        print_json({"task": name, "manifest": str(models_dir / "manifest.json"),
                     "entry": entry.model_dump(mode="json")})
         return
-    table = Table(title=f"{loaded.name}: {len(entry.classes)} classes, {entry.input_kind} "
+    table = Table(title=f"{name}: {len(entry.classes)} classes, {entry.input_kind} "
                   f"input, {entry.splits.calibration} calibration + {entry.splits.test} test "
                   "samples", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for column in ("tier", "model", "fp32", "int8", "KB", "p50 µs"):
@@ -124,4 +129,4 @@ def register(
                       f"{model.bytes / 1024:.1f}", f"{model.latency_ms_p50 * 1000:.0f}")
     out = Console(soft_wrap=True)
     print_table(table, out)
-    out.print(f"Registered {loaded.name!r} in {models_dir / 'manifest.json'}.", highlight=False)
+    out.print(f"Registered {name!r} in {models_dir / 'manifest.json'}.", highlight=False)

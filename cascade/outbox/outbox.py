@@ -86,11 +86,11 @@ class Outbox:
         self.idempotency_window_s = idempotency_window_s
         self.full_reason: str | None = None
         """Set while the store is over its disk share with nothing evictable (new work: 503)."""
+        self.wal_limit_bytes = (wal_limit_bytes(gauge.budget_bytes) if gauge else
+                                DEFAULT_WAL_LIMIT_BYTES)
         self.engine = create_outbox_engine(
             self.url, synchronous=self.settings.sqlite_synchronous,
-            sqlite_max_bytes=self.settings.sqlite_max_bytes,
-            wal_limit_bytes=wal_limit_bytes(gauge.budget_bytes) if gauge else
-            DEFAULT_WAL_LIMIT_BYTES)
+            sqlite_max_bytes=self.settings.sqlite_max_bytes, wal_limit_bytes=self.wal_limit_bytes)
         ensure_schema(self.engine)
         self.counters = HeldCounters()
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
@@ -99,7 +99,8 @@ class Outbox:
                                         max_batch=self.settings.commit_batch_max,
                                         name=f"outbox-writer-{tier}", clock=clock,
                                         relaxed_kinds=RELAXED_KINDS,
-                                        synchronous=self.settings.sqlite_synchronous)
+                                        synchronous=self.settings.sqlite_synchronous,
+                                        wal_limit_bytes=self.wal_limit_bytes)
         self.clock = clock
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"outbox-read-{tier}")
         self.last_storage_error: str | None = None

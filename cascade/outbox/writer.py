@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cascade.errors import ServiceUnavailable
-from cascade.outbox.engine import storage_unavailable, writer_connection
+from cascade.outbox.engine import SQLITE_BUSY_TIMEOUT_MS, storage_unavailable, writer_connection
 
 log = logging.getLogger("cascade.outbox")
 
@@ -57,6 +58,7 @@ Handler = Callable[[Batch, Sequence[Any]], list[Any]]
 refused without writing anything)."""
 
 _STOP = object()
+_WAL_WAIT_MS = 50
 
 
 @dataclass
@@ -74,8 +76,14 @@ class GroupCommitWriter:
         self, engine: Engine, handlers: dict[str, Handler], *, max_batch: int = 512,
         name: str = "outbox-writer", clock: Callable[[], float] = time.time,
         relaxed_kinds: frozenset[str] = frozenset(), synchronous: str = "full",
+        wal_limit_bytes: int | None = None,
     ) -> None:
+        """``wal_limit_bytes`` (SQLite): after a commit that left the WAL file larger, empty it
+        (a TRUNCATE checkpoint on the writer's connection). Under steady reads a PASSIVE
+        checkpoint never gets to restart the WAL, which then grows by every commit."""
         self._engine = engine
+        path = engine.url.database if engine.dialect.name == "sqlite" else None
+        self._wal = (Path(f"{path}-wal"), wal_limit_bytes) if path and wal_limit_bytes else None
         self._relaxed_kinds = relaxed_kinds
         self._synchronous = synchronous.upper()
         self._clock = clock
@@ -86,7 +94,7 @@ class GroupCommitWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stats = {"batches": 0, "relaxed_batches": 0, "jobs": 0, "largest_batch": 0,
-                      "failed_batches": 0}
+                      "failed_batches": 0, "wal_truncations": 0}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -195,11 +203,30 @@ class GroupCommitWriter:
                 _pragma(conn, f"synchronous={self._synchronous}")
         for fn in batch._after_commit:
             fn()
+        if self._wal is not None:
+            self._bound_wal(conn)
         self.stats["batches"] += 1
         self.stats["relaxed_batches"] += relaxed
         self.stats["jobs"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         return outcomes
+
+    def _bound_wal(self, conn: sa.Connection) -> None:
+        """Empty the WAL once it has passed its limit (never fails the committed batch)."""
+        assert self._wal is not None
+        wal, limit = self._wal
+        # Readers are waited for 50 ms at most: a busy WAL is tried again after the next commit
+        # rather than stalling every write behind a long read.
+        try:
+            if wal.stat().st_size > limit:
+                _pragma(conn, f"busy_timeout={_WAL_WAIT_MS}")
+                try:
+                    _pragma(conn, "wal_checkpoint(TRUNCATE)")
+                    self.stats["wal_truncations"] += 1
+                finally:
+                    _pragma(conn, f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        except Exception:
+            log.debug("WAL checkpoint after commit failed", exc_info=True)
 
     def _apply(self, batch: Batch, jobs: list[_Job], outcomes: list[Any]) -> None:
         """Hand consecutive jobs of one kind to their handler together."""

@@ -141,6 +141,22 @@ def _cut_and_queue(client: httpx.Client, proxy: Any, endpoint: Tier, hard: list[
     return keys
 
 
+def _owed_work_survived(endpoint: Tier, owed: set[str],
+                        receiver: CallbackReceiver) -> CallbackReceiver:
+    """The callbacks owed before the soak are exactly those owed after it (none evicted), with
+    their final answers; once the client's receiver is back they are delivered. Returns it."""
+    assert dict(endpoint.query("SELECT id, state FROM cascade_callbacks")) == \
+        dict.fromkeys(owed, "pending")
+    finals = dict(endpoint.query("SELECT id, response FROM cascade_results WHERE id LIKE "
+                                 "'owed-%'"))
+    assert set(finals) == owed and all('"final"' in v for v in finals.values())
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    receiver.close()
+    back = CallbackReceiver(port=port)
+    wait_for(lambda: {k for k, _ in back.received} >= owed, 60, "owed callbacks")
+    return back
+
+
 def test_small_budget_soak_keeps_every_store_within_its_share(
         tmp_path: Path, models_dir: Path, hard_images: list[Any], proxy_to: Any) -> None:
     policy = default_policy_copy(tmp_path / "policy.yaml")
@@ -198,16 +214,7 @@ def test_small_budget_soak_keeps_every_store_within_its_share(
         assert metric(samples, "cascade_disk_budget_bytes", tier="endpoint",
                       store="results") == SHARES["results"]
 
-        # Nothing owed was evicted: exactly the same callbacks, with their final answers.
-        assert dict(endpoint.query("SELECT id, state FROM cascade_callbacks")) == \
-            dict.fromkeys(owed, "pending")
-        finals = dict(endpoint.query("SELECT id, response FROM cascade_results WHERE id LIKE "
-                                     "'owed-%'"))
-        assert set(finals) == owed and all('"final"' in v for v in finals.values())
-        port = int(receiver.url.split(":")[2].split("/")[0])
-        receiver.close()
-        receiver = CallbackReceiver(port=port)  # the client's receiver is back
-        wait_for(lambda: {k for k, _ in receiver.received} >= owed, 60, "owed callbacks")
+        receiver = _owed_work_survived(endpoint, owed, receiver)
 
         # An offline backlog is still queued and drained after the soak.
         with httpx.Client() as client:
