@@ -1,9 +1,10 @@
 """A short soak of the four tiers under steady load with a tiny disk budget (issue 16).
 
 Real tier processes on 127.0.0.1 (endpoint → fault proxy → edge-node → edge-server → cloud),
-each with ``disk: {budget_mb: 2}`` (results 1 MiB, decision log 0.2, logs 0.3, traces 0.4) and a
-2 s idempotency window, so one minute of keyed load fills the results stores several times
-over. Before the load the endpoint is left owing work that must survive it: final answers whose
+each with ``disk: {budget_mb: 3}`` (results 1.5 MiB, decision log 0.3, logs 0.45, traces 0.6)
+and a 2 s idempotency window, so one minute of keyed load fills the results stores several times
+over. (At 1 MiB a burst of commits while readers keep the WAL busy can outgrow the WAL's
+allowance, an eighth of the share, before it is emptied.) Before the load the endpoint is left owing work that must survive it: final answers whose
 callbacks could not be delivered yet (the receiver refuses them). During the load:
 
 * every request gets a 200, every ``/v1/results`` lookup and every replay with the same key
@@ -39,7 +40,7 @@ from tests.fault.harness import (
 
 pytestmark = pytest.mark.integration
 
-DISK = {"budget_mb": 2, "idempotency_window_s": 2}
+DISK = {"budget_mb": 3, "idempotency_window_s": 2}
 SHARES = DiskSettings(**DISK).shares()
 SOAK_S = 60.0
 OWED_CALLBACKS = 12
