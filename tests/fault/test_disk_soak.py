@@ -2,10 +2,11 @@
 
 Real tier processes on 127.0.0.1 (endpoint → fault proxy → edge-node → edge-server → cloud),
 each with ``disk: {budget_mb: 3}`` (results 1.5 MiB, decision log 0.3, logs 0.45, traces 0.6)
-and a 2 s idempotency window, so one minute of keyed load fills the results stores several times
-over. (At 1 MiB a burst of commits while readers keep the WAL busy can outgrow the WAL's
-allowance, an eighth of the share, before it is emptied.) Before the load the endpoint is left owing work that must survive it: final answers whose
-callbacks could not be delivered yet (the receiver refuses them). During the load:
+and a 2 s idempotency window; keyed load runs in 20 s rounds until the endpoint's results share
+was filled three times over. (At 1 MiB a burst of commits while readers keep the WAL busy can
+outgrow the WAL's allowance, an eighth of the share, before it is emptied.) Before the load the
+endpoint is left owing work that must survive it: final answers whose callbacks could not be
+delivered yet (the receiver refuses them). During the load:
 
 * every request gets a 200, every ``/v1/results`` lookup and every replay with the same key
   inside the idempotency window gets the same answer;
@@ -42,7 +43,8 @@ pytestmark = pytest.mark.integration
 
 DISK = {"budget_mb": 3, "idempotency_window_s": 2}
 SHARES = DiskSettings(**DISK).shares()
-SOAK_S = 60.0
+SOAK_ROUND_S = 20.0
+SOAK_ROUNDS = 8
 OWED_CALLBACKS = 12
 
 
@@ -127,6 +129,30 @@ async def _soak(url: str, bodies: list[dict[str, Any]], seconds: float) -> dict[
     return stats
 
 
+def _evicted_and_held(endpoint: Tier) -> tuple[float, int]:
+    """Answers the endpoint evicted for room so far, and answers it holds now."""
+    evicted = metric(scrape(endpoint.url), "cascade_disk_evictions_total", tier="endpoint",
+                     store="results", reason="budget")
+    return evicted, endpoint.query("SELECT count(*) FROM cascade_results")[0][0]
+
+
+def _soak_until_filled(endpoint: Tier, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of load until the endpoint's results share was filled three times over (more
+    answers evicted than twice those it holds), at most ``SOAK_ROUNDS`` rounds: a loaded
+    machine answers fewer requests per round, so the rounds, not the bar, adapt."""
+    total: dict[str, Any] = {"codes": {}, "lookups": 0, "replays": 0, "mismatches": []}
+    for _ in range(SOAK_ROUNDS):
+        stats = asyncio.run(_soak(endpoint.url, bodies, SOAK_ROUND_S))
+        for code, n in stats["codes"].items():
+            total["codes"][code] = total["codes"].get(code, 0) + n
+        for key in ("lookups", "replays", "mismatches"):
+            total[key] += stats[key]
+        evicted, held = _evicted_and_held(endpoint)
+        if evicted > 2 * held:
+            break
+    return total
+
+
 def _cut_and_queue(client: httpx.Client, proxy: Any, endpoint: Tier, hard: list[Any],
                    prefix: str, n: int, callback_url: str | None = None) -> set[str]:
     """With the uplink cut, have the endpoint queue ``n`` hard requests; returns their keys."""
@@ -195,20 +221,18 @@ def test_small_budget_soak_keeps_every_store_within_its_share(
                   + [request_body("documents", d[:1500]) for d in docs[:40]])
         watcher = _Watcher(made, tmp_path, trace_dir)
         watcher.start()
-        stats = asyncio.run(_soak(endpoint.url, bodies, SOAK_S))
+        stats = _soak_until_filled(endpoint, bodies)
         watcher.stop_event.set()
         watcher.join()
 
         answered = stats["codes"].get(200, 0)
-        assert stats["codes"] == {200: answered} and answered > 2000, stats["codes"]
+        assert stats["codes"] == {200: answered} and answered > 1000, stats["codes"]
         assert stats["lookups"] > 50 and stats["mismatches"] == [], stats["mismatches"][:5]
         over = {k: (v, SHARES[k[1]]) for k, v in watcher.peak.items() if v > SHARES[k[1]]}
         assert over == {}, (f"stores past their share (peak, share): {over}; results files at "
                             f"their peak: {watcher.at_peak}")
         samples = scrape(endpoint.url)
-        evicted = metric(samples, "cascade_disk_evictions_total", tier="endpoint",
-                         store="results", reason="budget")
-        held = endpoint.query("SELECT count(*) FROM cascade_results")[0][0]
+        evicted, held = _evicted_and_held(endpoint)
         assert evicted > 2 * held, (evicted, held)  # the share was filled several times over
         assert metric(samples, "cascade_disk_evictions_total", tier="endpoint", store="logs",
                       reason="rotation") >= 2
