@@ -15,7 +15,7 @@ from rich.table import Table
 from cascade.cli.common import print_json, print_table
 from cascade.cli.register_cmd import register
 from cascade.errors import ModelError
-from cascade.models.manifest import Manifest
+from cascade.models.manifest import GenerativeTierEntry, Manifest, TaskEntry, TierEntry
 
 models_app = typer.Typer(
     name="models",
@@ -100,6 +100,9 @@ def manifest_tables(manifest: Manifest) -> list[Table]:
     """
     tables = []
     for task, entry in manifest.tasks.items():
+        if entry.generative:
+            tables.append(_generative_table(task, entry))
+            continue
         table = Table(
             title=f"{task}: {len(entry.classes)} classes, {entry.splits.test} test samples",
             box=box.SIMPLE_HEAD,
@@ -111,6 +114,7 @@ def manifest_tables(manifest: Manifest) -> list[Table]:
         for column in ("fp32", "int8", "KB", "p50 µs"):
             table.add_column(column, justify="right", no_wrap=True)
         for tier, model in entry.tiers.items():
+            assert isinstance(model, TierEntry)  # TaskEntry validates: classifier tiers
             int8 = "-" if model.int8_accuracy is None else f"{model.int8_accuracy:.2%}"
             if model.quantization_warning:
                 int8 = f"[bold red]{int8}![/]"
@@ -124,3 +128,21 @@ def manifest_tables(manifest: Manifest) -> list[Table]:
             )
         tables.append(table)
     return tables
+
+
+def _generative_table(task: str, entry: TaskEntry) -> Table:
+    """A generative task: per tier the model, its prompt, exact-match accuracy, size, latency."""
+    table = Table(title=f"{task}: generates {', '.join(entry.fields)}, "
+                  f"{entry.splits.test} test samples", box=box.SIMPLE_HEAD,
+                  title_justify="left", pad_edge=False)
+    for column in ("tier", "model", "runtime", "prompt", "exact", "MB", "p50 ms", "ttft ms"):
+        table.add_column(column, no_wrap=True,
+                         justify="left" if column in ("tier", "model", "runtime", "prompt")
+                         else "right")
+    for tier, model in entry.tiers.items():
+        assert isinstance(model, GenerativeTierEntry)  # TaskEntry validates: generative tiers
+        table.add_row(tier, f"{model.algorithm} {model.quantization}", model.runtime,
+                      model.prompt, f"{model.accuracy:.2%}", f"{model.bytes / 1e6:.0f}",
+                      f"{model.latency_ms_p50:.0f}",
+                      "-" if model.ttft_ms_p50 is None else f"{model.ttft_ms_p50:.0f}")
+    return table

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from cascade.cli.common import print_json, print_table
 from cascade.errors import ModelError
+from cascade.models.manifest import TierEntry
 from cascade.models.specs import INT8_MAX_ACCURACY_LOSS
 
 
@@ -124,6 +125,8 @@ def _report(name: str, entry: Any, models_dir: Path, *, as_json: bool) -> None:
         table.add_column(column, no_wrap=True, justify="left" if column in ("tier", "model")
                          else "right")
     for tier, model in entry.tiers.items():
+        if not isinstance(model, TierEntry):  # registration makes classifiers only
+            continue
         table.add_row(tier, model.algorithm, f"{model.fp32_accuracy:.2%}",
                       "-" if model.int8_accuracy is None else f"{model.int8_accuracy:.2%}",
                       f"{model.bytes / 1024:.1f}", f"{model.latency_ms_p50 * 1000:.0f}")

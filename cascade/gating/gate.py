@@ -3,7 +3,8 @@
 Both halves are pure functions over plain data so that a policy can be replayed offline on
 recorded scores (``cascade policy replay``) and gives exactly the decisions live serving gave.
 
-Signals, all computed from one probability vector ``p`` over ``K`` classes:
+Signals of a classification, all computed from one probability vector ``p`` over ``K``
+classes:
 
 - ``max_prob``: the top-1 probability, in [1/K, 1].
 - ``margin``: top-1 minus top-2 probability, in [0, 1].
@@ -12,6 +13,11 @@ Signals, all computed from one probability vector ``p`` over ``K`` classes:
 :func:`confidence` maps any signal onto one "higher is more confident" scale in [0, 1]
 (``entropy`` becomes ``1 - entropy``) so that every threshold reads the same way:
 answer when ``confidence >= threshold``.
+
+A generation's signals are token log-probabilities (:mod:`cascade.gating.logprobs`: mean and
+minimum over the answer and per field of a structured answer); its confidence under a signal
+is ``exp(value)``. Its raw gate input is the vector of those signals, so the one :func:`assess`
+serves, replays and benchmarks both kinds: the rule's signal says which kind it reads.
 
 A rule may carry a :class:`Calibration` (fitted by ``cascade policy calibrate``): a temperature
 applied to the probabilities before scoring, or an isotonic curve applied to the confidence
@@ -29,9 +35,19 @@ from enum import StrEnum
 from typing import Literal
 
 from cascade.contract.outputs import Probabilities
+from cascade.gating.logprobs import GENERATION_SIGNAL_NAMES, GenerationSignals, vector_confidence
 
-SignalName = Literal["max_prob", "margin", "entropy"]
-SIGNAL_NAMES: tuple[str, ...] = ("max_prob", "margin", "entropy")
+SignalName = Literal["max_prob", "margin", "entropy", "mean_logprob", "min_logprob",
+                     "field_mean_logprob", "field_min_logprob", "answer_logprob"]
+CLASSIFICATION_SIGNAL_NAMES: tuple[str, ...] = ("max_prob", "margin", "entropy")
+SIGNAL_NAMES: tuple[str, ...] = CLASSIFICATION_SIGNAL_NAMES
+"""The signals of a classification (``--signal auto`` of a classifier task chooses among them)."""
+ALL_SIGNAL_NAMES: tuple[str, ...] = (*CLASSIFICATION_SIGNAL_NAMES, *GENERATION_SIGNAL_NAMES)
+
+
+def is_generation_signal(signal: str) -> bool:
+    """True for the token log-probability signals of a generation."""
+    return signal in GENERATION_SIGNAL_NAMES
 
 
 class Decision(StrEnum):
@@ -94,7 +110,15 @@ def confidence(signals: Signals, signal: SignalName) -> float:
         return signals.margin
     if signal == "entropy":
         return 1.0 - signals.entropy
-    raise ValueError(f"unknown signal {signal!r}; allowed: {', '.join(SIGNAL_NAMES)}")
+    raise ValueError(f"unknown signal {signal!r}; allowed: {', '.join(CLASSIFICATION_SIGNAL_NAMES)}")
+
+
+def raw_confidence(raw: Probabilities, signal: SignalName) -> float:
+    """Uncalibrated confidence of one raw gate input (a classification's probabilities or a
+    generation's signal vector, as the signal's kind says)."""
+    if is_generation_signal(signal):
+        return vector_confidence(raw, signal)
+    return confidence(score(raw), signal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +126,7 @@ class Calibration:
     """How raw model output becomes calibrated confidence (plain data, fitted offline).
 
     ``temperature`` divides the log-probabilities before scoring (``p ** (1/T)``, renormalised;
-    never changes the predicted class). ``curve`` maps the chosen signal's confidence through
+    never changes the predicted class; for a generation, ``exp(logprob / T)``). ``curve`` maps the chosen signal's confidence through
     increasing ``(raw, calibrated)`` knots, linearly between them and flat beyond the ends.
     """
 
@@ -156,13 +180,20 @@ class GateRule:
         return self.threshold
 
 
-def assess(probabilities: Probabilities, rule: GateRule) -> tuple[Signals, float]:
+def assess(probabilities: Probabilities,
+           rule: GateRule) -> tuple[Signals | GenerationSignals, float]:
     """Signals of one model output and its (calibrated) confidence under ``rule``.
 
     The signals are those of the tempered probabilities; the predicted class is the same as
-    the raw output's.
+    the raw output's. Under a generation signal ``probabilities`` is the generation's signal
+    vector (:meth:`GenerationSignals.vector`).
     """
     cal = rule.calibration
+    if is_generation_signal(rule.signal):
+        temperature = 1.0 if cal is None else cal.temperature
+        conf = vector_confidence(probabilities, rule.signal, temperature)
+        generated = GenerationSignals.from_vector(probabilities)
+        return generated, conf if cal is None else map_confidence(conf, cal.curve)
     if cal is None:
         signals = score(probabilities)
         return signals, confidence(signals, rule.signal)

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from cascade.errors import ModelError
-from cascade.models.manifest import Manifest, TaskEntry, load_manifest, sha256_file
+from cascade.models.manifest import Manifest, TaskEntry, TierEntry, load_manifest, sha256_file
 from cascade.models.specs import CALIBRATION_FRACTION, LADDERS, SPLIT_SEED, TASKS, TEST_FRACTION
 
 BUILD_FORMAT = 1
@@ -97,6 +97,8 @@ def up_to_date_manifest(out_dir: Path, build_key: str) -> Manifest | None:
     for task in (manifest.tasks[name] for name in TASKS):
         expected = [(task.splits.file, task.splits.sha256)]
         for tier in task.tiers.values():
+            if not isinstance(tier, TierEntry):  # a built-in task's tiers are classifiers
+                return None
             expected += [(tier.file, tier.sha256), (tier.fp32_file, tier.fp32_sha256)]
         for file, sha256 in expected:
             path = manifest.root / file

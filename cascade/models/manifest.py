@@ -6,6 +6,10 @@ Layout::
     vision/<tier>.{fp32,int8}.onnx, documents/<tier>.{fp32,int8}.onnx
     data/vision.npz           X_calib, y_calib, X_test, y_test (float32 [N, 64], class names)
     data/documents.json       {"classes", "calibration": {"texts", "labels"}, "test": {...}}
+    extraction/<tier>.gguf, data/extraction.json
+                              the generative task (``cascade models build --generative``): GGUF
+                              models, splits of documents and their true answers (canonical
+                              JSON), ``data/extraction.predictions.json`` the recorded answers
     <task>/task.yaml, <task>/*.onnx, data/<task>.{npz,json}
                               a registered task (``cascade models register``): its declared
                               input is in the manifest, its splits hold decoded inputs
@@ -23,15 +27,17 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Annotated, Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -123,6 +129,60 @@ class TierEntry(_Strict):
         return value
 
 
+class GenerativeTierEntry(_Strict):
+    """One tier's generative model: a GGUF file served in process (``gguf``) or by an
+    OpenAI-compatible server that loads the same file (``openai``), and what it measured."""
+
+    file: str = Field(description="the GGUF file, relative to the models directory")
+    runtime: Literal["gguf", "openai"] = Field(
+        description="gguf: llama.cpp in the tier; openai: an OpenAI-compatible server")
+    sha256: str
+    bytes: int
+    algorithm: str = Field(description="the model, e.g. SmolLM2-135M-Instruct")
+    quantized: bool = True
+    quantization: str = Field(description="GGUF quantization type, e.g. Q4_1, Q4_K_M")
+    prompt: str = Field(description="prompt style (cascade.models.prompting)")
+    licence: str
+    source: str = Field(description="where the file comes from (package==version)")
+    context_tokens: int = Field(2048, ge=256, description="context window to load it with")
+    accuracy: float = Field(description="exact-match accuracy (every field) on the test split")
+    calibration_accuracy: float | None = None
+    field_accuracy: dict[str, float] = Field(
+        default_factory=dict, description="per field, share of test answers it matched")
+    valid_json: float = Field(1.0, description="share of test answers that parsed")
+    latency_ms_p50: float = Field(description="one request, whole answer, this machine")
+    latency_ms_p95: float
+    ttft_ms_p50: float | None = None
+    tokens_per_s: float | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _is_hex_digest(cls, value: str) -> str:
+        return TierEntry._is_hex_digest(value)
+
+    def runner_options(self) -> dict[str, Any]:
+        """What the runtime needs beyond the file (``ModelSpec.options``)."""
+        return {"prompt": self.prompt, "context_tokens": self.context_tokens}
+
+
+GENERATIVE_RUNTIMES = ("gguf", "openai")
+_TIER_TAGS = ("classifier", "generative")
+
+
+def _tier_kind(value: Any) -> str:
+    """Which tier schema an entry follows: its runtime says (generative ones run GGUF files)."""
+    runtime = value.get("runtime", "onnx") if isinstance(value, dict) else \
+        getattr(value, "runtime", "onnx")
+    return "generative" if runtime in GENERATIVE_RUNTIMES else "classifier"
+
+
+AnyTierEntry = Annotated[
+    Annotated[TierEntry, Tag("classifier")] | Annotated[GenerativeTierEntry, Tag("generative")],
+    Discriminator(_tier_kind),
+]
+"""A tier of either kind; errors name the fields of the kind its ``runtime`` picks."""
+
+
 class SplitInfo(_Strict):
     """The fixed held-out splits, shared by build, calibration and benchmark."""
 
@@ -137,16 +197,45 @@ class SplitInfo(_Strict):
 
 
 class TaskEntry(_Strict):
-    """One task's ladder, bottom tier first."""
+    """One task's ladder, bottom tier first.
 
-    classes: tuple[str, ...] = Field(min_length=2)
+    A classifier task lists its ``classes``; a generative task (``output: generation``) lists
+    the ``fields`` of its structured (JSON) answer instead, and its tiers are
+    :class:`GenerativeTierEntry`.
+    """
+
+    output: Literal["classification", "generation"] = "classification"
+    classes: tuple[str, ...] = ()
+    fields: tuple[str, ...] = Field(
+        (), description="generation: the keys every answer must carry (its JSON schema's)")
     input_kind: InputKind
     input: InputSpec | None = Field(
         None, description="the declared input of a registered task (task.yaml 'input:')")
     splits: SplitInfo
-    tiers: dict[str, TierEntry] = Field(min_length=1)
+    tiers: dict[str, AnyTierEntry] = Field(min_length=1)
     registered_from: str | None = Field(
         None, description="the task.yaml this entry was registered from (None: built in)")
+
+    @model_validator(mode="after")
+    def _output_kind(self) -> TaskEntry:
+        generative = self.output == "generation"
+        if not generative and len(self.classes) < 2:
+            raise ValueError("classes: a classifier task needs at least 2 classes")
+        if generative and (self.classes or not self.fields):
+            raise ValueError("a generative task lists its answer's fields, not classes")
+        if not generative and self.fields:
+            raise ValueError("fields: only a generative task (output: generation) has fields")
+        want = GenerativeTierEntry if generative else TierEntry
+        for name, tier in self.tiers.items():
+            if not isinstance(tier, want):
+                raise ValueError(  # noqa: TRY004 - pydantic reports ValueErrors, not TypeErrors
+                    f"tiers.{name}: a {self.output} task's tier must be a {want.__name__}")
+        return self
+
+    @property
+    def generative(self) -> bool:
+        """True for a task whose models generate text (``output: generation``)."""
+        return self.output == "generation"
 
     @model_validator(mode="after")
     def _declared_input(self) -> TaskEntry:
@@ -202,7 +291,7 @@ class Manifest(_Strict):
             )
         return entry
 
-    def tier(self, task: str, tier: str) -> TierEntry:
+    def tier(self, task: str, tier: str) -> AnyTierEntry:
         """The entry of one tier of ``task``; :class:`ModelError` names the tiers that exist."""
         entry = self.task(task).tiers.get(tier)
         if entry is None:
@@ -220,6 +309,8 @@ class Manifest(_Strict):
     def model_name(self, task: str, tier: str) -> str:
         """Display name such as ``vision/endpoint:MLP(16)-int8``."""
         entry = self.tier(task, tier)
+        if isinstance(entry, GenerativeTierEntry):
+            return f"{task}/{tier}:{entry.algorithm}-{entry.quantization}"
         return model_display_name(task, tier, entry.algorithm, quantized=entry.quantized)
 
 
@@ -282,7 +373,8 @@ def _describe(exc: ValidationError) -> str:
     """First few pydantic errors as ``key.path: message`` (the full list is rarely useful)."""
     parts = []
     for error in exc.errors()[:3]:
-        where = ".".join(str(part) for part in error["loc"]) or "(root)"
+        # a tier's schema tag (classifier, generative) is pydantic's, not a key of the file
+        where = ".".join(str(part) for part in error["loc"] if part not in _TIER_TAGS) or "(root)"
         parts.append(f"{where}: {error['msg']}")
     more = exc.error_count() - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

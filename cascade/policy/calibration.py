@@ -14,18 +14,23 @@ Two methods:
   accuracy (pool-adjacent-violators), stored as knots through the pooled blocks' centroids and
   interpolated linearly between them, so the map stays strictly increasing where the data allow.
 
+For a generation (a log-probability signal) the raw input is its signal vector and the
+target its correctness: the temperature then minimises the NLL of being right under
+``exp(logprob / T)``; isotonic works as for classes.
+
 Everything here is numpy on plain arrays; nothing is fitted at import or at serving time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from cascade.gating.gate import Calibration, GateRule, SignalName, assess
+from cascade.gating.gate import Calibration, GateRule, SignalName, assess, is_generation_signal
+from cascade.gating.logprobs import GENERATION_SIGNAL_NAMES, NO_EVIDENCE
 
 Method = Literal["none", "temperature", "isotonic"]
 METHODS: tuple[str, ...] = ("none", "temperature", "isotonic")
@@ -127,19 +132,42 @@ def fit_temperature(probabilities: np.ndarray, true_index: np.ndarray) -> float:
     probabilities, true_index = probabilities[known], true_index[known]
     if len(true_index) == 0:
         return 1.0
+    return _golden(lambda t: _nll(probabilities, true_index, t))
+
+
+def _binary_nll(logprob: np.ndarray, correct: np.ndarray, temperature: float) -> float:
+    p = np.clip(np.exp(logprob / temperature), 1e-12, 1.0 - 1e-12)
+    return float(-(correct * np.log(p) + (1.0 - correct) * np.log1p(-p)).mean())
+
+
+def fit_logprob_temperature(logprob: np.ndarray, correct: np.ndarray) -> float:
+    """The temperature ``T`` whose ``exp(logprob / T)`` best predicts correctness (binary NLL,
+    golden-section search on log T). Unusable answers (:data:`NO_EVIDENCE`) are left out: their
+    confidence is 0 whatever ``T``."""
+    logprob = np.asarray(logprob, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    usable = logprob > NO_EVIDENCE
+    logprob, correct = np.minimum(logprob[usable], 0.0), correct[usable]
+    if len(logprob) == 0 or correct.min() == correct.max():
+        return 1.0
+    return _golden(lambda t: _binary_nll(logprob, correct, t))
+
+
+def _golden(nll: Callable[[float], float]) -> float:
+    """Minimise a unimodal function of ``log T`` over the temperature bounds."""
     lo, hi = np.log(_T_BOUNDS[0]), np.log(_T_BOUNDS[1])
     ratio = (np.sqrt(5.0) - 1.0) / 2.0
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = _nll(probabilities, true_index, np.exp(a)), _nll(probabilities, true_index, np.exp(b))
+    fa, fb = nll(float(np.exp(a))), nll(float(np.exp(b)))
     for _ in range(80):
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = _nll(probabilities, true_index, np.exp(a))
+            fa = nll(float(np.exp(a)))
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = _nll(probabilities, true_index, np.exp(b))
+            fb = nll(float(np.exp(b)))
         if hi - lo < 1e-6:
             break
     return float(np.exp((lo + hi) / 2.0))
@@ -198,22 +226,33 @@ class CalibrationFit:
     """Cross-validated ECE of every method (``none`` is the raw confidence): honest numbers."""
 
 
+def answered_correctly(top: np.ndarray, target: np.ndarray, signal: SignalName) -> np.ndarray:
+    """Which samples a tier got right: its top class is the true class, or (a generation
+    signal) the target already says so."""
+    if is_generation_signal(signal):
+        return np.asarray(target).astype(bool)
+    return np.asarray(top == target)
+
+
 def _fit(method: Method, probabilities: np.ndarray, true_index: np.ndarray,
          signal: SignalName) -> Calibration | None:
     if method == "none":
         return None
     if method == "temperature":
+        if is_generation_signal(signal):
+            column = probabilities[:, GENERATION_SIGNAL_NAMES.index(signal)]
+            return Calibration(temperature=round(fit_logprob_temperature(column, true_index), 6))
         return Calibration(temperature=round(fit_temperature(probabilities, true_index), 6))
     rule = GateRule(signal=signal, threshold=0.0)
     top, conf = gate_confidences(probabilities, rule)
-    return Calibration(curve=fit_isotonic(conf, top == true_index))
+    return Calibration(curve=fit_isotonic(conf, answered_correctly(top, true_index, signal)))
 
 
 def _ece_under(calibration: Calibration | None, probabilities: np.ndarray,
                true_index: np.ndarray, signal: SignalName) -> float:
     rule = GateRule(signal=signal, threshold=0.0, calibration=calibration)
     top, conf = gate_confidences(probabilities, rule)
-    return expected_calibration_error(conf, top == true_index)
+    return expected_calibration_error(conf, answered_correctly(top, true_index, signal))
 
 
 def cross_validated_ece(method: Method, probabilities: np.ndarray, true_index: np.ndarray,
@@ -230,7 +269,7 @@ def cross_validated_ece(method: Method, probabilities: np.ndarray, true_index: n
         test = fold_of == k
         cal = _fit(method, probabilities[~test], true_index[~test], signal)
         top, c = gate_confidences(probabilities[test], GateRule(signal, 0.0, calibration=cal))
-        conf[test], ok[test] = c, top == true_index[test]
+        conf[test], ok[test] = c, answered_correctly(top, true_index[test], signal)
     return expected_calibration_error(conf, ok)
 
 
@@ -243,7 +282,9 @@ def fit_calibration(
 ) -> CalibrationFit:
     """Fit one tier's calibration on the calibration split.
 
-    ``true_index`` is the index of each sample's true class in the model's classes. ``auto``
+    ``true_index`` is the index of each sample's true class in the model's classes (for a
+    generation signal: each answer's correctness, 1 or 0, and ``probabilities`` the signal
+    vectors). ``auto``
     picks, among none, temperature and isotonic, the lowest cross-validated ECE (a calibration
     that does not help out of sample is not applied).
     """

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cascade.gating.drift import DriftReference, DriftSettings
-from cascade.gating.gate import Calibration, GateRule
+from cascade.gating.gate import Calibration, GateRule, SignalName, is_generation_signal
 from cascade.policy.goals import Goals
 
 TIER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -28,8 +28,9 @@ class CalibrationPolicy(_Strict):
     ``cascade policy calibrate``); thresholds then apply to the calibrated value."""
 
     method: Literal["none", "temperature", "isotonic"] = Field(
-        "none", description="none, temperature (scales the probabilities) or isotonic (maps "
-        "the signal's confidence through `curve`)."
+        "none", description="none, temperature (scales the probabilities; for a generation, "
+        "its log-probability: exp(logprob / T)) or isotonic (maps the signal's confidence "
+        "through `curve`)."
     )
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="Temperature, method temperature.")
     curve: tuple[tuple[float, float], ...] = Field(
@@ -153,8 +154,11 @@ class DriftPolicy(_Strict):
 class TierPolicy(_Strict):
     """How one tier gates one task."""
 
-    signal: Literal["max_prob", "margin", "entropy"] = Field(
-        "max_prob", description="Which confidence signal the threshold applies to."
+    signal: SignalName = Field(
+        "max_prob", description="Which confidence signal the threshold applies to: max_prob, "
+        "margin or entropy for a classifier; for a generative model its token log-probability "
+        "signals mean_logprob, min_logprob, field_mean_logprob, field_min_logprob or "
+        "answer_logprob (confidence exp(value))."
     )
     threshold: float = Field(
         ..., ge=0.0, le=1.0, description="Answer locally when confidence >= threshold."
@@ -183,6 +187,13 @@ class TierPolicy(_Strict):
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"threshold for class {label!r} is {t}; allowed: 0.0 to 1.0")
         return value
+
+    @model_validator(mode="after")
+    def _classes_of_classifiers(self) -> TierPolicy:
+        if self.class_thresholds and is_generation_signal(self.signal):
+            raise ValueError(f"class_thresholds apply to classifier signals; signal "
+                             f"{self.signal} scores generated answers, which have no classes")
+        return self
 
     def gate_rule(self) -> GateRule:
         """The plain-data rule the gate decides with."""
