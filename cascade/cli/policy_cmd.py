@@ -108,8 +108,10 @@ def calibrate(
         "decision log) to keep. Default: --out if it exists."),
     models_dir: Path = typer.Option(Path("models"), help="Models directory (manifest.json)."),
     signal: str = typer.Option(
-        "auto", help="Confidence signal: max_prob, margin, entropy, or auto (per task, the one "
-        "whose thresholds do best under 5-fold cross-validation on the calibration split)."),
+        "auto", help="Confidence signal: max_prob, margin, entropy (classifiers); mean_logprob, "
+        "min_logprob, field_mean_logprob, field_min_logprob, answer_logprob (generative "
+        "tasks); or auto (per task, the one of its kind whose thresholds do best under 5-fold "
+        "cross-validation on the calibration split)."),
     calibration: str = typer.Option(
         "auto", help="Confidence calibration per tier: temperature, isotonic, none, or auto "
         "(the lowest cross-validated calibration error)."),
@@ -148,12 +150,12 @@ def calibrate(
     """
     import yaml
 
-    from cascade.gating.gate import SIGNAL_NAMES
+    from cascade.gating.gate import ALL_SIGNAL_NAMES
     from cascade.lab.fit import FitOptions, header_lines, policy_document
     from cascade.policy.calibration import METHODS
 
-    if signal not in (*SIGNAL_NAMES, "auto"):
-        fail(f"--signal {signal!r}: allowed: auto, {', '.join(SIGNAL_NAMES)}")
+    if signal not in (*ALL_SIGNAL_NAMES, "auto"):
+        fail(f"--signal {signal!r}: allowed: auto, {', '.join(ALL_SIGNAL_NAMES)}")
     if calibration not in (*METHODS, "auto"):
         fail(f"--calibration {calibration!r}: allowed: auto, {', '.join(METHODS)}")
     manifest = _load_manifest(models_dir)

@@ -10,19 +10,25 @@ from typing import Any
 
 import numpy as np
 
-from cascade.gating.gate import GateRule, SignalName, assess, confidence, score
+from cascade.gating.gate import GateRule, SignalName, assess, raw_confidence
 
 
 @dataclass(frozen=True)
 class TierPredictions:
-    """One tier's outputs on one split: probabilities, predicted labels, correctness."""
+    """One tier's outputs on one split: raw gate inputs, predicted labels, correctness.
+
+    A classifier's ``probabilities`` are [N, K] over ``classes``; a generative tier's
+    (``output == "generation"``, no classes) are its answers' signal vectors [N, 5] and its
+    ``predicted`` labels the answers in canonical form (equal labels: equal answers).
+    """
 
     tier: str
     model_name: str
     classes: tuple[str, ...]
-    probabilities: np.ndarray  # [N, K]
+    probabilities: np.ndarray  # [N, K] or [N, 5]
     predicted: list[str]
     correct: np.ndarray  # [N] bool
+    output: str = "classification"
 
     @property
     def accuracy(self) -> float:
@@ -33,7 +39,7 @@ class TierPredictions:
         under a signal name, or the calibrated one under a policy's :class:`GateRule`."""
         if isinstance(signal, GateRule):
             return np.asarray([assess(row, signal)[1] for row in self.probabilities])
-        return np.asarray([confidence(score(row), signal) for row in self.probabilities])
+        return np.asarray([raw_confidence(row, signal) for row in self.probabilities])
 
 
 def predict_split(
@@ -46,8 +52,12 @@ def predict_split(
     activations dynamically over the whole input tensor, so a batched run gives (slightly)
     different probabilities than the single requests the gate actually sees.
     """
-    from cascade.models.manifest import load_split
+    from cascade.models.manifest import load_manifest, load_split
 
+    if load_manifest(models_dir).task(task).generative:
+        from cascade.lab.generative.predictions import predict_generative
+
+        return predict_generative(models_dir, task, tiers, split)
     inputs, labels = load_split(models_dir, task, split)
     return labels, predict_inputs(models_dir, task, tiers, inputs, labels, batch_size=batch_size)
 

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cascade.errors import PolicyError
 from cascade.gating.drift import DriftReference
 from cascade.gating.gate import SIGNAL_NAMES, GateRule, SignalName
+from cascade.gating.logprobs import GENERATION_SIGNAL_NAMES
 from cascade.policy.calibrate import CascadeOutcome, drift_references, oracle_escalations_for
 from cascade.policy.calibration import CalibrationFit, Method, fit_calibration, gate_confidences
 from cascade.policy.goals import Goals
@@ -93,14 +95,16 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
 
     labels, preds = predict_split(models_dir, task, list(tiers), options.split)
     correct = [preds[t].correct for t in tiers]
-    signals: tuple[SignalName, ...] = SIGNAL_NAMES if options.signal == "auto" \
-        else (options.signal,)  # type: ignore[assignment]
+    generative = preds[tiers[0]].output == "generation"
+    signals = _signals_to_try(options.signal, generative=generative, task=task)
     fitted_by_signal = {}
     for sig in signals:
         fits, conf = [], []
         for tier in tiers:
             p = preds[tier]
-            fit = fit_calibration(p.probabilities, true_indices(p.classes, labels), signal=sig,
+            # a generation's calibration target is its correctness (see fit_calibration)
+            target = p.correct.astype(int) if generative else true_indices(p.classes, labels)
+            fit = fit_calibration(p.probabilities, target, signal=sig,
                                   method=options.calibration)
             fits.append(fit)
             conf.append(gate_confidences(p.probabilities, GateRule(sig, 0.0, calibration=fit.calibration))[1])
@@ -112,11 +116,14 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
             signal_cv[sig] = tuple(round(float(v), 9) for v in key)
     chosen = min(signals, key=lambda s: (signal_cv.get(s, ()), signals.index(s)))
     reports_fit, conf = fitted_by_signal[chosen]
-    predicted = [preds[t].predicted for t in tiers] if options.per_class else None
+    # answers of a generation are not classes: no per-class thresholds
+    predicted = [preds[t].predicted for t in tiers] if options.per_class and not generative \
+        else None
     search = search_thresholds(tiers, conf, correct, goals, predicted=predicted, grid=options.grid,
                                class_min_support=options.class_min_support)
     per_sample = [per_sample_thresholds(search.thresholds[i], search.class_thresholds[i],
-                                        preds[t].predicted) for i, t in enumerate(tiers)]
+                                        preds[t].predicted if predicted else None)
+                  for i, t in enumerate(tiers)]
     references = drift_references(tiers, conf, per_sample, search.thresholds)
     reports = [
         TierReport(tier=t, model=preds[t].model_name, accuracy_alone=preds[t].accuracy, fit=f,
@@ -131,6 +138,18 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
         signal=chosen, signal_cv=signal_cv,
     )
     return TaskFit(**{**fitted.__dict__, "section": task_section(fitted, options, base_section)})
+
+
+def _signals_to_try(signal: str, *, generative: bool, task: str) -> tuple[SignalName, ...]:
+    """The signals ``--signal`` asks for on this task (``auto``: every one of its kind)."""
+    kind = GENERATION_SIGNAL_NAMES if generative else SIGNAL_NAMES
+    if signal == "auto":
+        return kind  # type: ignore[return-value]
+    if signal not in kind:
+        what = "generates text" if generative else "classifies"
+        raise PolicyError(f"--signal {signal}: task {task!r} {what}; its signals are "
+                          f"{', '.join(kind)} (or auto)", key="signal")
+    return (signal,)  # type: ignore[return-value]
 
 
 def _calibration_block(fit: CalibrationFit) -> dict[str, Any]:

@@ -44,13 +44,14 @@ _KEY_SOURCES = (
 
 
 def registered_tasks(out_dir: Path) -> dict[str, TaskEntry]:
-    """The registered (not built-in) tasks of an existing manifest, which a build keeps."""
+    """The tasks of an existing manifest that a build of the ONNX ladders keeps: registered
+    ones and generative ones (``cascade models build --generative`` made those)."""
     try:
         manifest = load_manifest(out_dir)
     except ModelError:
         return {}
     return {name: task for name, task in manifest.tasks.items()
-            if task.registered_from is not None and name not in TASKS}
+            if (task.registered_from is not None or task.generative) and name not in TASKS}
 
 
 def package_versions() -> dict[str, str]:

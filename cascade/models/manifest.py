@@ -144,7 +144,9 @@ class GenerativeTierEntry(_Strict):
     prompt: str = Field(description="prompt style (cascade.models.prompting)")
     licence: str
     source: str = Field(description="where the file comes from (package==version)")
-    context_tokens: int = Field(2048, ge=256, description="context window to load it with")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the runtime's options (ModelSpec.options), e.g. "
+        "n_ctx for gguf")
     accuracy: float = Field(description="exact-match accuracy (every field) on the test split")
     calibration_accuracy: float | None = None
     field_accuracy: dict[str, float] = Field(
@@ -159,10 +161,6 @@ class GenerativeTierEntry(_Strict):
     @classmethod
     def _is_hex_digest(cls, value: str) -> str:
         return TierEntry._is_hex_digest(value)
-
-    def runner_options(self) -> dict[str, Any]:
-        """What the runtime needs beyond the file (``ModelSpec.options``)."""
-        return {"prompt": self.prompt, "context_tokens": self.context_tokens}
 
 
 GENERATIVE_RUNTIMES = ("gguf", "openai")

@@ -1,13 +1,15 @@
 """The fields of the ``extraction`` task: what the answer holds, its JSON schema, and how an
 answer is compared with the truth (exact match of every field after normalisation).
 
-Every document kind (invoice, letter, shipping notice) answers the same five fields:
+Every document kind (invoice, letter, shipping notice) answers the same five fields, in this
+(alphabetical) order: JSON-schema grammars keep the schema's property order, and a runner that
+serialises the schema with sorted keys must not change what the prompts' examples show.
 
-- ``type``: ``invoice``, ``letter`` or ``shipping_notice``;
-- ``number``: the invoice number, the letter's own reference ("Our ref"), the tracking number;
-- ``date``: the document's date (of issue, of the letter, of dispatch), any common spelling;
+- ``amount``: the total due, the outstanding balance, the declared value (currency left out);
 - ``company``: who issued the invoice, the company that sent the letter, the carrier;
-- ``amount``: the total due, the outstanding balance, the declared value (currency left out).
+- ``date``: the document's date (of issue, of the letter, of dispatch), any common spelling;
+- ``number``: the invoice number, the letter's own reference ("Our ref"), the tracking number;
+- ``type``: ``invoice``, ``letter`` or ``shipping_notice``.
 
 Normalisation makes the comparison fair to spelling, not to content: a date in any of the
 spellings documents use becomes ISO, an amount loses its currency and thousands separators,
@@ -26,27 +28,26 @@ from typing import Any
 __all__ = ["DOC_TYPES", "FIELDS", "JSON_SCHEMA", "canonical", "field_matches", "is_correct",
            "normalise", "parse_answer"]
 
-FIELDS: tuple[str, ...] = ("type", "number", "date", "company", "amount")
+FIELDS: tuple[str, ...] = ("amount", "company", "date", "number", "type")
 DOC_TYPES: tuple[str, ...] = ("invoice", "letter", "shipping_notice")
 
 FIELD_HELP: dict[str, str] = {
-    "type": "invoice, letter or shipping_notice",
-    "number": "invoice number, the letter's own reference (Our ref) or the tracking number",
-    "date": "date of the invoice, of the letter or of dispatch",
+    "amount": "total due, outstanding balance or declared value, without currency",
     "company": "company that issued the invoice or sent the letter; for a shipping notice "
                "the carrier",
-    "amount": "total due, outstanding balance or declared value, without currency",
+    "date": "date of the invoice, of the letter or of dispatch",
+    "number": "invoice number, the letter's own reference (Our ref) or the tracking number",
+    "type": "invoice, letter or shipping_notice",
 }
 
-_STRING = {"type": "string", "maxLength": 64}
 JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
+        "amount": {"type": "string"},
+        "company": {"type": "string"},
+        "date": {"type": "string"},
+        "number": {"type": "string"},
         "type": {"type": "string", "enum": list(DOC_TYPES)},
-        "number": _STRING,
-        "date": _STRING,
-        "company": _STRING,
-        "amount": _STRING,
     },
     "required": list(FIELDS),
     "additionalProperties": False,
