@@ -21,14 +21,17 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from cascade.contract.inputs import documents_input
 from cascade.contract.outputs import CompletionInput
 from cascade.errors import ModelError
 
+if TYPE_CHECKING:
+    from cascade.models.manifest import Manifest
+
 __all__ = ["MAX_DOCUMENT_CHARS", "PROMPT_STYLES", "PromptStyle", "build_prompt",
-           "completion_decoder", "completion_input"]
+           "completion_decoder", "completion_input", "tier_decoder"]
 
 PromptStyle = Literal["chatml", "chatml-fewshot", "fewshot"]
 PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
@@ -124,6 +127,13 @@ def completion_decoder(style: str) -> Callable[..., list[CompletionInput]]:
     return decode
 
 
-def available_styles() -> tuple[str, ...]:
-    """The prompt styles a manifest may name."""
-    return PROMPT_STYLES
+def tier_decoder(manifest: Manifest, task: str, tier: str) -> Callable[..., list[CompletionInput]]:
+    """The input decoder of one tier of a generative task: its manifest entry names the prompt
+    style (:class:`ModelError` naming the task when it is not generative)."""
+    from cascade.models.manifest import GenerativeTierEntry
+
+    entry = manifest.tier(task, tier)
+    if not isinstance(entry, GenerativeTierEntry):
+        raise ModelError(f"task {task!r} is not generative: its tiers classify, they take no "
+                         "prompt", field="task")
+    return completion_decoder(entry.prompt)

@@ -55,7 +55,6 @@ def test_shipped_policies_are_valid():
         (VALID.replace("threshold: 0.8", "threshold: 1.5"), "tasks.vision.tiers.endpoint.threshold",
          "less than or equal to 1"),
         (VALID.replace("signal: margin", "signal: logits"), "tasks.vision.tiers.endpoint.signal",
-         "'max_prob', 'margin', 'entropy', 'mean_logprob', 'min_logprob', 'field_mean_logprob', "
          "'field_min_logprob' or 'answer_logprob'"),
         (VALID.replace("threshold: 0.8", "treshold: 0.8"), "tasks.vision.tiers.endpoint.treshold",
          "unknown key"),
