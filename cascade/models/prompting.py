@@ -51,8 +51,9 @@ def _instructions() -> str:
     from cascade.models.extraction.fields import FIELD_HELP
 
     lines = [f"- {name}: {help_}" for name, help_ in FIELD_HELP.items()]
+    template = ", ".join(f'"{name}": "..."' for name in FIELD_HELP)
     return ("Extract these fields from the document and answer with one JSON object "
-            "(copy values as written):\n" + "\n".join(lines))
+            "(copy values as written):\n" + "\n".join(lines) + f"\nAnswer: {{{template}}}")
 
 
 @functools.cache
