@@ -39,7 +39,8 @@ def gguf_generator(path: Path, *, n_ctx: int = 2048, n_threads: int = 1) -> Iter
     at every layer, and one thread is faster than two.
     """
     try:
-        from llama_cpp import Llama, LlamaGrammar
+        from llama_cpp import Llama
+        from llama_cpp.llama_grammar import LlamaGrammar
     except ImportError:
         raise ModelError("measuring a generative model needs llama-cpp-python: "
                          "pip install -e '.[llm]'", field="runtime") from None
