@@ -37,7 +37,7 @@ PromptStyle = Literal["chatml", "chatml-fewshot", "fewshot"]
 PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
 MAX_DOCUMENT_CHARS = 4_000
 """Longest document a tier takes (about 1,200 tokens: the prompt must fit the context)."""
-MAX_ANSWER_TOKENS = 128
+MAX_ANSWER_TOKENS = 96
 """The longest answer of the schema is about 70 tokens; a cut answer is not valid JSON."""
 SHOTS = {"chatml-fewshot": (1, 2, 4), "fewshot": (0, 3, 4, 1)}
 """Indices into the train split of each style's worked examples (kinds and difficulties mixed)."""
@@ -95,21 +95,23 @@ def build_prompt(style: PromptStyle, text: str) -> str:
                      field="prompt")
 
 
-def completion_input(style: PromptStyle, text: str) -> CompletionInput:
+def completion_input(style: PromptStyle, text: str,
+                     max_tokens: int | None = None) -> CompletionInput:
     """The runner's input for one (already validated) document under ``style``."""
     from cascade.models.extraction.fields import JSON_SCHEMA
 
     stop = ("<|im_end|>",) if style.startswith("chatml") else ("\n\n###", "\nDocument:")
-    return CompletionInput(prompt=build_prompt(style, text), max_tokens=MAX_ANSWER_TOKENS,
+    return CompletionInput(prompt=build_prompt(style, text),
+                           max_tokens=max_tokens or MAX_ANSWER_TOKENS,
                            json_schema=JSON_SCHEMA, stop=stop, temperature=0.0)
 
 
-def completion_decoder(style: str) -> Callable[..., list[CompletionInput]]:
+def completion_decoder(style: str) -> Callable[..., CompletionInput]:
     """The input decoder of a generative tier (plugs into ``TaskRuntime.decode``).
 
-    ``decode({"text": document}, max_text_chars=...)`` returns a batch of one
-    :class:`CompletionInput` (as every decoder returns a batch of one; a streaming caller takes
-    ``[0]``). A missing, non-string, empty or oversize text is a 422
+    ``decode({"text": document}, max_text_chars=..., max_tokens=...)`` returns the
+    :class:`CompletionInput` of the tier's prompt style (``max_tokens``: the request's, else
+    :data:`MAX_ANSWER_TOKENS`). A missing, non-string, empty or oversize text is a 422
     :class:`~cascade.errors.InvalidInput` naming ``input.text``; the limit is the tier's
     ``max_text_chars`` or :data:`MAX_DOCUMENT_CHARS`, whichever is smaller. An unknown style
     is a :class:`ModelError` when the decoder is made, not per request.
@@ -120,15 +122,15 @@ def completion_decoder(style: str) -> Callable[..., list[CompletionInput]]:
     chosen: PromptStyle = style  # type: ignore[assignment]
 
     def decode(value: dict[str, Any], *, max_text_chars: int = MAX_DOCUMENT_CHARS,
-               **_: Any) -> list[CompletionInput]:
+               max_tokens: int | None = None, **_: Any) -> CompletionInput:
         (text,) = documents_input(value, max_text_chars=min(max_text_chars, MAX_DOCUMENT_CHARS))
-        return [completion_input(chosen, text)]
+        return completion_input(chosen, text, max_tokens)
 
     decode.__name__ = f"completion_decoder_{style.replace('-', '_')}"
     return decode
 
 
-def tier_decoder(manifest: Manifest, task: str, tier: str) -> Callable[..., list[CompletionInput]]:
+def tier_decoder(manifest: Manifest, task: str, tier: str) -> Callable[..., CompletionInput]:
     """The input decoder of one tier of a generative task: its manifest entry names the prompt
     style (:class:`ModelError` naming the task when it is not generative)."""
     from cascade.models.manifest import GenerativeTierEntry

@@ -31,7 +31,7 @@ def test_splits_have_their_sizes_and_every_kind_easy_and_hard():
         docs = split_documents(split)
         assert len(docs) == size
     counts = Counter((d.kind, d.difficulty) for d in split_documents("calibration"))
-    assert counts == {(kind, level): 25 for kind in ("invoice", "letter", "shipping_notice")
+    assert counts == {(kind, level): SPLIT_SIZES["calibration"] // 6 for kind in ("invoice", "letter", "shipping_notice")
                       for level in ("easy", "hard")}
 
 

@@ -64,9 +64,10 @@ def test_completion_input_carries_schema_stops_and_greedy_decoding():
 
 def test_decoder_returns_one_completion_input():
     decode = completion_decoder("chatml-fewshot")
-    (item,) = decode({"text": DOC}, max_text_chars=100_000)
+    item = decode({"text": DOC}, max_text_chars=100_000, max_tokens=None)
     assert isinstance(item, CompletionInput)
     assert item == completion_input("chatml-fewshot", DOC)
+    assert decode({"text": DOC}, max_tokens=12).max_tokens == 12
 
 
 @pytest.mark.parametrize(("value", "message"), [
