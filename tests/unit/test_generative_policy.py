@@ -93,7 +93,7 @@ def test_fit_writes_a_generative_section_that_replay_reproduces(gen_dir):
 
 
 def test_an_unusable_answer_never_passes_a_threshold(gen_dir):
-    labels, preds = predict_split(gen_dir, "extraction", TIERS, "test")
+    _, preds = predict_split(gen_dir, "extraction", TIERS, "test")
     for p in preds.values():
         conf = p.confidences("field_min_logprob")
         unusable = p.probabilities.min(axis=1) <= -1e4
