@@ -28,7 +28,7 @@ def make_fixture(models_dir: Path, size: int, out: Path = FIXTURE) -> None:
     for name, tier in entry.tiers.items():
         key = f"{tier.sha256[:16]}:{tier.prompt}"  # type: ignore[union-attr]
         tiers[name] = tier.model_dump(mode="json")
-        kept[key] = {**runs[key], "split_sha256": {},
+        kept[key] = {**runs[key], "split_digest": {},
                      "splits": {s: runs[key]["splits"][s][:size] for s in ("calibration", "test")}}
     out.write_text(json.dumps({"size": size, "tiers": tiers, "runs": kept}, ensure_ascii=False))
 
@@ -36,6 +36,7 @@ def make_fixture(models_dir: Path, size: int, out: Path = FIXTURE) -> None:
 def generative_models_dir(root: Path) -> Path:
     """A models directory with only the extraction task, its splits cut to the fixture's size."""
     from cascade.lab.generative.build import SPLIT_FILE
+    from cascade.lab.generative.records import split_digest
     from cascade.models.extraction.documents import split_documents
     from cascade.models.extraction.fields import FIELDS
     from cascade.models.manifest import (
@@ -51,16 +52,18 @@ def generative_models_dir(root: Path) -> Path:
     fixture = json.loads(FIXTURE.read_text())
     size = fixture["size"]
     payload: dict[str, Any] = {"fields": list(FIELDS)}
+    digests = {}
     for split in ("calibration", "test"):
         docs = split_documents(split, size=size)  # the first documents of the real split
         payload[split] = {"texts": [d.text for d in docs], "labels": [d.label for d in docs]}
+        digests[split] = split_digest(payload[split]["texts"], payload[split]["labels"])
     split_path = root / SPLIT_FILE
     split_path.parent.mkdir(parents=True, exist_ok=True)
     split_path.write_text(json.dumps(payload), encoding="utf-8")
     digest = sha256_file(split_path)
     runs = fixture["runs"]
     for run in runs.values():
-        run["split_sha256"] = {"calibration": digest, "test": digest}
+        run["split_digest"] = digests
     (root / "data/extraction.predictions.json").write_text(
         json.dumps({"task": "extraction", "runs": runs}), encoding="utf-8")
     entry = TaskEntry(

@@ -34,6 +34,7 @@ from cascade.lab.generative.records import (
     Recordings,
     latency_summary,
     predictions_path,
+    split_digest,
 )
 from cascade.models.manifest import (
     MANIFEST_FILE,
@@ -131,7 +132,8 @@ def record_candidate(models_dir: Path, candidate: Candidate, located: LocatedMod
     path = predictions_path(models_dir, TASK)
     recordings = Recordings.load(path, TASK)
     run = recordings.run(located.sha256, candidate.prompt, MODELS[candidate.model].algorithm)
-    missing = [s for s in splits if run.records(s, split_info.sha256) is None]
+    digests = {s: split_digest(*_split_texts(models_dir, s)) for s in splits}
+    missing = [s for s in splits if run.records(s, digests[s]) is None]
     if missing:
         with gguf_generator(located.path) as generate:
             for split in missing:
@@ -140,7 +142,7 @@ def record_candidate(models_dir: Path, candidate: Candidate, located: LocatedMod
                 step = (lambda done, total, s=split: progress(f"{candidate.name} {s}", done,
                                                               total)) if progress else None
                 run.splits[split] = record_run(generate, requests, progress=step)
-                run.split_sha256[split] = split_info.sha256
+                run.split_digest[split] = digests[split]
                 recordings = _merge_save(path, run)  # resumable: each split saved when done
     return {s: run.splits[s] for s in splits}
 
@@ -162,16 +164,20 @@ class CandidateReport:
     latency: dict[str, float | None]
 
 
+Locate = Callable[[str], LocatedModel]
+
+
 def measure_candidates(models_dir: Path, candidates: Sequence[Candidate], *,
                        splits: Sequence[str] = ("calibration",),
-                       progress: Progress | None = None) -> list[CandidateReport]:
+                       progress: Progress | None = None,
+                       locate: Locate = locate_model) -> list[CandidateReport]:
     """Record and score candidates (model and prompt variants) to choose a ladder from."""
     from cascade.models.extraction.fields import FIELDS
 
     split_info = write_splits(models_dir)
     reports = []
     for candidate in candidates:
-        located = locate_model(candidate.model)
+        located = locate(candidate.model)
         records = record_candidate(models_dir, candidate, located, split_info,
                                    progress=progress, splits=splits)
         scored = {s: score_records(recs, _split_texts(models_dir, s)[1], FIELDS)
@@ -204,8 +210,10 @@ def _tier_entry(models_dir: Path, tier: LadderTier, located: LocatedModel,
 
 
 def build_generative(models_dir: Path, *, ladder: Sequence[LadderTier] = LADDER,
-                     progress: Progress | None = None, say: Say | None = None) -> TaskEntry:
-    """Build the generative task into ``models_dir`` and merge its manifest entry."""
+                     progress: Progress | None = None, say: Say | None = None,
+                     locate: Locate = locate_model) -> TaskEntry:
+    """Build the generative task into ``models_dir`` and merge its manifest entry
+    (``locate``: where each packaged model's file is; the installed packages by default)."""
     from cascade.models.extraction.fields import FIELDS
     from cascade.models.workspace import exclusive_build_lock
 
@@ -216,7 +224,7 @@ def build_generative(models_dir: Path, *, ladder: Sequence[LadderTier] = LADDER,
         f"test documents)")
     tiers: dict[str, GenerativeTierEntry] = {}
     for tier in ladder:
-        located = locate_model(tier.candidate.model)
+        located = locate(tier.candidate.model)
         records = record_candidate(models_dir, tier.candidate, located, split_info,
                                    progress=progress)
         tiers[tier.tier] = _tier_entry(models_dir, tier, located, records)

@@ -18,7 +18,7 @@ import numpy as np
 from cascade.errors import ModelError
 from cascade.gating.logprobs import generation_signals
 from cascade.lab.evaluation import TierPredictions
-from cascade.lab.generative.records import Record, Recordings, predictions_path
+from cascade.lab.generative.records import Record, Recordings, predictions_path, split_digest
 
 __all__ = ["ScoredAnswers", "predict_generative", "score_records"]
 
@@ -76,7 +76,8 @@ def predict_generative(models_dir: Path, task: str, tiers: Sequence[str],
 
     manifest = load_manifest(models_dir)
     entry = manifest.task(task)
-    _, labels = load_split(models_dir, task, split)
+    texts, labels = load_split(models_dir, task, split)
+    digest = split_digest(list(texts), labels)
     path = predictions_path(models_dir, task)
     recordings = Recordings.load(path, task)
     out: dict[str, TierPredictions] = {}
@@ -84,7 +85,7 @@ def predict_generative(models_dir: Path, task: str, tiers: Sequence[str],
         model = manifest.tier(task, tier)
         assert isinstance(model, GenerativeTierEntry)  # a generative task's tiers are
         run = recordings.find(model.sha256, model.prompt)
-        records = None if run is None else run.records(split, entry.splits.sha256)
+        records = None if run is None else run.records(split, digest)
         if records is None:
             raise ModelError(f"{path}: no recorded answers of {task}/{tier} ({model.algorithm}, "
                              f"prompt {model.prompt}) on the {split} split; record them with "

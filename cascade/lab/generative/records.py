@@ -5,7 +5,8 @@ milliseconds instead of running the models again (minutes on two cores).
 A run is one model file under one prompt style (tiers sharing both share the run); it holds,
 per split, one record per document in split order: the :class:`Generation` (text, token texts,
 log-probabilities, finish reason, token counts, time to first token) and the measured
-latency. A run is valid for a split only if it was recorded on the same split file (sha256).
+latency. A run is valid for a split only if it was recorded on the very same documents
+(:func:`split_digest` of their texts and true answers).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from cascade.contract.outputs import Generation
 from cascade.errors import ModelError
 
-__all__ = ["Record", "RecordedRun", "Recordings", "predictions_path", "run_key"]
+__all__ = ["Record", "RecordedRun", "Recordings", "predictions_path", "run_key", "split_digest"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,14 @@ class Record:
         return cls(generation, float(data["latency_ms"]))
 
 
+def split_digest(texts: Sequence[str], labels: Sequence[str]) -> str:
+    """Identity of one split's documents and answers (another split size: another digest)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([list(texts), list(labels)], ensure_ascii=False)
+                          .encode("utf-8")).hexdigest()
+
+
 def run_key(sha256: str, prompt: str) -> str:
     """The key of a run: the model file's digest (short) and the prompt style."""
     return f"{sha256[:16]}:{prompt}"
@@ -62,11 +71,11 @@ class RecordedRun:
     sha256: str
     prompt: str
     splits: dict[str, list[Record]] = field(default_factory=dict)
-    split_sha256: dict[str, str] = field(default_factory=dict)
+    split_digest: dict[str, str] = field(default_factory=dict)
 
-    def records(self, split: str, split_sha256: str) -> list[Record] | None:
-        """The records of ``split`` if they were made on this very split file."""
-        if self.split_sha256.get(split) != split_sha256:
+    def records(self, split: str, digest: str) -> list[Record] | None:
+        """The records of ``split`` if they were made on these very documents."""
+        if self.split_digest.get(split) != digest:
             return None
         return self.splits.get(split)
 
@@ -93,7 +102,7 @@ class Recordings:
         """A JSON-able form."""
         return {"task": self.task, "runs": {
             key: {"model": r.model, "sha256": r.sha256, "prompt": r.prompt,
-                  "split_sha256": r.split_sha256,
+                  "split_digest": r.split_digest,
                   "splits": {s: [rec.to_json() for rec in recs] for s, recs in r.splits.items()}}
             for key, r in self.runs.items()}}
 
@@ -108,7 +117,7 @@ class Recordings:
                 key: RecordedRun(r["model"], r["sha256"], r["prompt"],
                                  {s: [Record.from_json(x) for x in recs]
                                   for s, recs in r["splits"].items()},
-                                 dict(r.get("split_sha256", {})))
+                                 dict(r.get("split_digest", {})))
                 for key, r in data["runs"].items()
             }
         except (ValueError, KeyError, TypeError) as exc:

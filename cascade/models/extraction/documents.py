@@ -24,7 +24,7 @@ __all__ = ["Document", "generate", "split_documents"]
 
 _T = TypeVar("_T")
 Difficulty = Literal["easy", "hard"]
-SPLIT_SIZES: dict[str, int] = {"train": 24, "calibration": 60, "test": 60}
+SPLIT_SIZES: dict[str, int] = {"train": 24, "calibration": 48, "test": 30}
 """Train is the pool few-shot examples come from; calibration and test are held out."""
 
 _COMPANIES = (
