@@ -64,8 +64,8 @@ def test_a_classifier_task_is_unchanged(models_dir):
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda t: t.update(fields=[]), "a generative task lists its answer's fields, not classes"),
     (lambda t: t.update(classes=["a", "b"]), "a generative task lists its answer's fields"),
-    (lambda t: t["tiers"]["endpoint"].pop("prompt"), r"tasks\.extraction\.tiers\.endpoint\.prompt: "
-                                                     "Field required"),
+    (lambda t: t["tiers"]["endpoint"].pop("prompt"),
+     r"tasks\.extraction\.tiers\.endpoint\.prompt: Field required"),
     (lambda t: t["tiers"]["endpoint"].update(sha256="x"),
      r"tasks\.extraction\.tiers\.endpoint\.sha256: Value error, must be a lowercase hex"),
     (lambda t: t["tiers"].update(endpoint={"file": "a.onnx", "runtime": "onnx"}),
