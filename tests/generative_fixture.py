@@ -29,8 +29,14 @@ def make_fixture(models_dir: Path, size: int, out: Path = FIXTURE) -> None:
         key = f"{tier.sha256[:16]}:{tier.prompt}"  # type: ignore[union-attr]
         tiers[name] = tier.model_dump(mode="json")
         kept[key] = {**runs[key], "split_digest": {},
-                     "splits": {s: runs[key]["splits"][s][:size] for s in ("calibration", "test")}}
+                     "splits": {s: [_rounded(r) for r in runs[key]["splits"][s][:size]]
+                                for s in ("calibration", "test")}}
     out.write_text(json.dumps({"size": size, "tiers": tiers, "runs": kept}, ensure_ascii=False))
+
+
+def _rounded(record: dict[str, Any]) -> dict[str, Any]:
+    """A record with its log-probabilities to 6 decimals (a third of the file's size)."""
+    return {**record, "token_logprobs": [round(x, 6) for x in record["token_logprobs"]]}
 
 
 def generative_models_dir(root: Path) -> Path:
