@@ -31,6 +31,7 @@ from cascade.lab.generative.ladder import LADDER, MODELS, TASK, Candidate, Ladde
 from cascade.lab.generative.predictions import ScoredAnswers, score_records
 from cascade.lab.generative.records import (
     Record,
+    RecordedRun,
     Recordings,
     latency_summary,
     predictions_path,
@@ -143,14 +144,17 @@ def record_candidate(models_dir: Path, candidate: Candidate, located: LocatedMod
                                                               total)) if progress else None
                 run.splits[split] = record_run(generate, requests, progress=step)
                 run.split_digest[split] = digests[split]
-                recordings = _merge_save(path, run)  # resumable: each split saved when done
+                _merge_save(path, run, split)  # resumable: each split saved when done
     return {s: run.splits[s] for s in splits}
 
 
-def _merge_save(path: Path, run: Any) -> Recordings:
-    """Save one run into the predictions file (re-read first: another run may have landed)."""
+def _merge_save(path: Path, run: RecordedRun, split: str) -> Recordings:
+    """Save one split of one run into the predictions file, re-read first: other runs, and
+    other splits of this run, may have landed since (another process recording them)."""
     recordings = Recordings.load(path, TASK)
-    recordings.runs[f"{run.sha256[:16]}:{run.prompt}"] = run
+    saved = recordings.run(run.sha256, run.prompt, run.model)
+    saved.splits[split] = run.splits[split]
+    saved.split_digest[split] = run.split_digest[split]
     recordings.save(path)
     return recordings
 
