@@ -119,3 +119,23 @@ def test_the_served_runner_from_the_model_repository_through_the_scorer(tmp_path
     assert 0.0 < scored.confidence <= 1.0
     assert [f.name for f in scored.signals.fields] == list(FIELDS)
 
+
+
+def test_recorded_answers_are_what_the_served_runner_generates(answers):
+    """Offline numbers are the live ones: the measurement's generator and the gguf runtime give
+    the same text, the same tokens and the same log-probabilities (float noise aside)."""
+    import asyncio
+
+    from cascade.runners.registry import ModelSpec, load_runner
+
+    doc, recorded = answers[0]
+    runner = load_runner(ModelSpec(task="extraction", tier="endpoint", runtime="gguf",
+                                   model_name="smollm2", classes=(), input_kind="text",
+                                   path=smollm2_file(), data=b"",
+                                   options={"n_ctx": 2048, "n_threads": 1}))
+    try:
+        (served,) = asyncio.run(runner.run(completion_decoder("chatml-fewshot")({"text": doc.text})))
+    finally:
+        runner.close()
+    assert served.text == recorded.text and served.tokens == recorded.tokens
+    assert served.token_logprobs == pytest.approx(recorded.token_logprobs, abs=1e-5)

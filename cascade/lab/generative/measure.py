@@ -7,7 +7,9 @@ grammar), the same quantity a serving runtime reports as ``logprobs``. It is rea
 processor (one vectorised log-sum-exp per token) rather than through ``logits_all`` and
 ``create_completion(logprobs=1)``, which also computes every prompt position's logits and sorts
 the whole vocabulary in Python after each token: 10-100 times slower on these models, the same
-numbers. One context serves a whole run, so the prompt's fixed prefix (instructions and worked
+numbers. The answers are those of the ``gguf`` runtime a tier serves with: same text, tokens and
+log-probabilities to 1e-5 (``tests/integration/test_generative_gguf.py``). One context serves a
+whole run, so the prompt's fixed prefix (instructions and worked
 examples) is evaluated once and reused, as on a serving tier that keeps its context warm.
 """
 
