@@ -168,10 +168,13 @@ _TIER_TAGS = ("classifier", "generative")
 
 
 def _tier_kind(value: Any) -> str:
-    """Which tier schema an entry follows: its runtime says (generative ones run GGUF files)."""
-    runtime = value.get("runtime", "onnx") if isinstance(value, dict) else \
-        getattr(value, "runtime", "onnx")
-    return "generative" if runtime in GENERATIVE_RUNTIMES else "classifier"
+    """Which tier schema an entry follows: a classifier's (it has an fp32 twin, whatever its
+    runtime), else a generative one when its runtime runs GGUF files."""
+    if isinstance(value, dict):
+        runtime, twin = value.get("runtime", "onnx"), "fp32_file" in value
+    else:
+        runtime, twin = getattr(value, "runtime", "onnx"), isinstance(value, TierEntry)
+    return "generative" if runtime in GENERATIVE_RUNTIMES and not twin else "classifier"
 
 
 AnyTierEntry = Annotated[
