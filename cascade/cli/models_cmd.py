@@ -139,11 +139,12 @@ def _build_generative(out: Path, *, candidates: bool, quiet: bool, force: bool) 
             console.print(f"[bold red]Generative build failed:[/] {escape(exc.message)}")
             raise typer.Exit(1) from None
     if candidates:
-        Console().print(_candidates_table(reports))
+        print_table(_candidates_table(reports), Console(soft_wrap=True))
     elif not quiet:
         from cascade.models.manifest import load_manifest
 
-        Console().print(*manifest_tables(load_manifest(out)))
+        for table in manifest_tables(load_manifest(out)):
+            print_table(table, Console(soft_wrap=True))
 
 
 def _candidates_table(reports: list) -> Table:  # type: ignore[type-arg]
