@@ -15,6 +15,7 @@ from pathlib import Path
 from cascade.contract.inputs import input_decoder
 from cascade.gating.drift_monitor import DriftMonitor
 from cascade.models.manifest import load_manifest
+from cascade.models.prompting import tier_decoder
 from cascade.models.repository import model_spec
 from cascade.observability.decisionlog import DecisionRecorder
 from cascade.observability.telemetry import TierTelemetry, upstream_attempt
@@ -49,9 +50,14 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry) -> dict[str, T
         runner.warmup()  # measures it: auto mode now knows whether to offload
         metrics.set_runner_offloaded(task, not calls.inline)
         entry = manifest.task(task)
-        # A registered task's decoder is configured by its declared input; built-ins by kind.
-        decode = input_decoder(entry.input_kind, entry.input)
-        tasks[task] = TaskRuntime(name=task, runner=runner, decode=decode)
+        if entry.generative:
+            # The prompt style of this tier's model turns the request into its prompt.
+            decode = tier_decoder(manifest, task, model_tier)
+        else:
+            # A registered task's decoder is configured by its declared input; built-ins by kind.
+            decode = input_decoder(entry.input_kind, entry.input)
+        tasks[task] = TaskRuntime(name=task, runner=runner, decode=decode,
+                                  fields=entry.fields or None)
     return tasks
 
 

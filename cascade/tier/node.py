@@ -54,6 +54,8 @@ class TaskRuntime:
     name: str
     runner: Runner
     decode: InputDecoder
+    fields: tuple[str, ...] | None = None
+    """A structured generative task's answer keys (the gate checks every one is there)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +212,8 @@ class Node:
         output = await self._run_local(runner, x, deadline, events)
         inferred_ns = time.time_ns()
         rule = policy.rule(request.task, self.tier)
-        scored = assess_output(output, rule)  # calibrated confidence, as replay computes it
+        # calibrated confidence, as replay computes it
+        scored = assess_output(output, rule, fields=runtime.fields)
         conf, label = scored.confidence, scored.label
         # Feeds the drift window; while a `tighten` alarm is on, the stricter rule (also what
         # the decision log records, so replay re-decides with it).
