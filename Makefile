@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(MAKE) --no-print-directory wheels
-	$(PY) -m pip install -q --find-links $(CASCADE_WHEELHOUSE) -e '.[build,test,bench,llm]'
+	$(PY) -m pip install -q --find-links $(CASCADE_WHEELHOUSE) -e '.[build,test,bench,llm,ray]'
 	touch $(STAMP)
 
 wheels:  ## compile llama-cpp-python's wheel into the wheel cache once (minutes; then cached)
