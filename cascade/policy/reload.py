@@ -100,7 +100,6 @@ class PolicyReloader:
         Returns True when a new policy went live. Never raises: a bad file is logged and
         counted, and the old policy stays.
         """
-        stats = self.node.policy_reloads
         source = str(self.path)
         try:
             raw = self.path.read_bytes()
@@ -112,25 +111,43 @@ class PolicyReloader:
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self.node.policy.sha256 or digest == self._refused_sha256:
             return False  # touched, or the same bad file again: nothing new to apply or report
-        try:
-            new = load_policy_bytes(raw, source=source)
-            self.node.set_policy(new)
-        except CascadeError as exc:
-            self._refused_sha256 = digest
-            return self._reject(exc.message, reason)
-        self._refused_sha256 = None
-        stats["reloads"] += 1
-        stats["last_error"] = None
-        log.info("policy %s reloaded (%s): version %s", source, reason, new.version)
-        return True
+        applied = apply_policy_bytes(self.node, raw, source=source, reason=reason)
+        self._refused_sha256 = None if applied else digest
+        return applied
 
     def _reject(self, message: str, reason: str) -> bool:
-        stats = self.node.policy_reloads
-        stats["errors"] += 1
-        stats["last_error"] = message
-        log.error("policy reload (%s) refused, keeping version %s: %s", reason,
-                  self.node.policy.version, message)
-        return False
+        return refuse_policy(self.node, message, reason)
+
+
+def apply_policy_bytes(node: Any, raw: bytes, *, source: str, reason: str) -> bool:
+    """Validate ``raw`` (policy YAML from ``source``) and make it ``node``'s live policy.
+
+    The one way a running tier changes policy: the file watch, SIGHUP and a Ray Serve
+    ``reconfigure`` all come here. Never raises: an invalid policy (its error names ``source``
+    and the key) is logged and counted on ``/readyz`` and ``/metrics``, and the old one stays.
+    Returns True when the new policy went live.
+    """
+    try:
+        new = load_policy_bytes(raw, source=source)
+        node.set_policy(new)
+    except CascadeError as exc:
+        return refuse_policy(node, exc.message, reason)
+    stats = node.policy_reloads
+    stats["reloads"] += 1
+    stats["last_error"] = None
+    log.info("policy %s reloaded (%s): version %s", source, reason, new.version)
+    return True
+
+
+def refuse_policy(node: Any, message: str, reason: str) -> bool:
+    """Count and log a refused policy change (``message`` names its source and key); the old
+    policy stays live. Returns False, what the caller returns."""
+    stats = node.policy_reloads
+    stats["errors"] += 1
+    stats["last_error"] = message
+    log.error("policy reload (%s) refused, keeping version %s: %s", reason,
+              node.policy.version, message)
+    return False
 
 
 def _register_metrics(node: Any) -> None:

@@ -23,7 +23,8 @@ from cascade.errors import ModelError
 from cascade.runners.base import Runner
 from cascade.runners.execution import BlockingCalls
 
-__all__ = ["FileAccess", "ModelSpec", "file_access", "load_runner", "register_runtime", "runtime_names"]
+__all__ = ["FileAccess", "Loader", "ModelSpec", "file_access", "load_runner", "register_runtime",
+           "runtime_names"]
 
 
 @dataclass(frozen=True)

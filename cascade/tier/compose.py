@@ -22,7 +22,7 @@ from cascade.observability.telemetry import TierTelemetry, upstream_attempt
 from cascade.outbox import Outbox
 from cascade.policy import load_policy
 from cascade.runners.execution import BlockingCalls
-from cascade.runners.registry import load_runner
+from cascade.runners.registry import Loader, load_runner
 from cascade.tier.disk import build_disk_usage
 from cascade.tier.node import Node, TaskRuntime
 from cascade.tier.settings import NodeSettings
@@ -32,9 +32,13 @@ from cascade.upstream.client import UpstreamClient
 __all__ = ["build_node", "build_tasks", "build_upstream"]
 
 
-def build_tasks(settings: NodeSettings, telemetry: TierTelemetry) -> dict[str, TaskRuntime]:
+def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
+                load: Loader = load_runner) -> dict[str, TaskRuntime]:
     """Each served task's runner (by runtime, checksum verified, warmed up) and input decoder
-    (built from the task's declared input, or the built-in decoder of its kind)."""
+    (built from the task's declared input, or the built-in decoder of its kind).
+
+    ``load``: turns a model spec into a runner; by default the manifest's runtime, while a Ray
+    Serve ingress passes one that calls the task's model deployment."""
     manifest = load_manifest(Path(settings.models_dir))
     metrics = telemetry.metrics
     tasks: dict[str, TaskRuntime] = {}
@@ -45,8 +49,8 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry) -> dict[str, T
             offload_above_ms=settings.runner_offload_above_ms,
             on_wait=partial(metrics.observe_runner_wait, task),
         )
-        runner = load_runner(model_spec(manifest, task, model_tier,
-                                        verify_sha256=settings.verify_models, calls=calls))
+        runner = load(model_spec(manifest, task, model_tier,
+                                 verify_sha256=settings.verify_models, calls=calls))
         runner.warmup()  # measures it: auto mode now knows whether to offload
         metrics.set_runner_offloaded(task, not calls.inline)
         entry = manifest.task(task)
@@ -77,11 +81,12 @@ def build_upstream(settings: NodeSettings) -> UpstreamClient | None:
     )
 
 
-def build_node(settings: NodeSettings) -> Node:
+def build_node(settings: NodeSettings, *, load: Loader = load_runner) -> Node:
     """A tier ready to serve: raises a :class:`~cascade.errors.CascadeError` naming what is
-    wrong (model file, checksum, policy key, outbox URL) before any port is bound."""
+    wrong (model file, checksum, policy key, outbox URL) before any port is bound. ``load``:
+    see :func:`build_tasks`."""
     telemetry = TierTelemetry(settings.tier)
-    tasks = build_tasks(settings, telemetry)
+    tasks = build_tasks(settings, telemetry, load=load)
     policy = load_policy(settings.policy)
     model_files = (getattr(rt.runner, "path", None) for rt in tasks.values())
     disk = build_disk_usage(settings, (path for path in model_files if path is not None))

@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +36,36 @@ from cascade.outbox.config import OutboxSettings
 from cascade.policy.schema import TIER_NAME
 
 ENV_PREFIX = "CASCADE_"
+
+
+class RayServeSettings(BaseModel):
+    """How the tier runs as a Ray Serve application (``cascade.deploy.ray_serve``); ignored by
+    ``cascade serve``. See ``edge_nodes/README.md``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Most concurrent requests a model replica takes in one call.")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, le=10, description="How long a model replica waits to fill a batch.")
+    ingress_replicas: int = Field(
+        1, ge=1, le=64, description="Replicas of the HTTP ingress (the node: gate, outbox).")
+    ingress_max_ongoing_requests: int = Field(
+        64, ge=1, le=10_000, description="Requests one ingress replica serves at once.")
+    ingress_num_cpus: float = Field(0.25, gt=0, le=64, description="CPUs reserved per ingress replica.")
+    model_num_cpus: float = Field(0.25, gt=0, le=64, description="CPUs reserved per model replica.")
+    model_min_replicas: int = Field(1, ge=1, le=64, description="Autoscaling floor per task model.")
+    model_max_replicas: int = Field(1, ge=1, le=64, description="Autoscaling ceiling per task model.")
+    model_target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Autoscaling aims at this many requests in flight per model replica.")
+    route_prefix: str = Field("/", pattern=r"^/", description="Where the Serve proxy routes the tier.")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> RayServeSettings:
+        if self.model_min_replicas > self.model_max_replicas:
+            raise ValueError(f"model_min_replicas ({self.model_min_replicas}) must not exceed "
+                             f"model_max_replicas ({self.model_max_replicas})")
+        return self
 
 
 class NodeSettings(BaseSettings):
@@ -86,6 +124,10 @@ class NodeSettings(BaseSettings):
         default_factory=DiskSettings,
         description="Disk budget of this tier's files, split across its stores (results, "
         "decision log, logs, traces, models) and the idempotency window eviction respects.",
+    )
+    ray_serve: RayServeSettings = Field(
+        default_factory=RayServeSettings,
+        description="Ray Serve deployment: batching, replicas and CPUs (cascade.deploy.ray_serve).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field(

@@ -1,0 +1,298 @@
+"""One tier as a Ray Serve application: the only module of cascade that imports Ray.
+
+The application is two kinds of deployment, built from the tier's own node config
+(``edge_nodes/*.yaml``, ``cloud/cloud.yaml``; knobs under ``ray_serve:``)::
+
+    Serve HTTP proxy ─▶ <tier>-ingress ──DeploymentHandle──▶ <tier>-model-<task>  (one per task)
+                        the FastAPI app of                   the task's model, @serve.batch:
+                        cascade.http.app (same routes,       concurrent requests computed in
+                        errors, /readyz, /metrics,           one batch, each answer exactly
+                        OpenAPI); the Node, built in          as alone (cascade.runners.batching);
+                        the replica; policy = user_config    autoscaled (autoscaling_config)
+
+The ingress is the unchanged tier: idempotency, gate, escalation over HTTP to the upstream,
+outbox, traces and metrics. Its runners are :class:`ServeHandleRunner`, which call the model
+deployment through a ``DeploymentHandle``. ``user_config: {"policy": {...}}`` on the ingress is
+the tier's policy, applied live by ``reconfigure()`` through the same validation as a policy
+file's hot reload (an invalid one is refused, counted and logged naming its source and key;
+the old one stays).
+
+Run it with ``serve run cascade.deploy.ray_serve:app_builder config=cloud/cloud.yaml`` or a
+config file (``cloud/serve_config.yaml``), or from Python with :func:`deploy_tier`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import yaml
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from cascade.contract.deadline import Deadline
+from cascade.contract.outputs import Classification, Output
+from cascade.errors import CascadeError, ModelError, PolicyError, ServiceUnavailable
+from cascade.http.app import create_app
+from cascade.models.manifest import load_manifest, load_split
+from cascade.models.repository import model_spec
+from cascade.policy.loader import parse_policy
+from cascade.policy.reload import apply_policy_bytes, refuse_policy
+from cascade.runners.base import BatchClassifier, Runner
+from cascade.runners.batching import ExactBatcher, batching_is_exact
+from cascade.runners.execution import BlockingCalls
+from cascade.runners.registry import ModelSpec, load_runner
+from cascade.tier.compose import build_node
+from cascade.tier.node import Node
+from cascade.tier.settings import NodeSettings, load_node_settings
+
+__all__ = ["ServeHandleRunner", "TaskModel", "TierIngress", "app_builder", "build_tier_app",
+           "deploy_tier", "policy_user_config", "portable_settings", "validate_user_config"]
+
+log = logging.getLogger("cascade.deploy.ray_serve")
+
+EXACTNESS_SAMPLES = 64
+"""Held-out rows on which a model replica measures whether batching is exact."""
+
+_USER_CONFIG_KEYS = ("policy", "source")
+
+
+class ServeHandleRunner:
+    """A :class:`~cascade.runners.base.Runner` whose model runs in the task's model
+    deployment, reached through a ``DeploymentHandle`` (the call is bounded by the deadline)."""
+
+    def __init__(self, handle: DeploymentHandle[Any], *, task: str, model_name: str,
+                 classes: tuple[str, ...]) -> None:
+        self.task = task
+        self.model_name = model_name
+        self.classes = classes
+        self._handle = handle
+
+    async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
+        """One :class:`Classification` per input row, computed by a model replica."""
+        response = self._handle.predict.remote(inputs)
+        timeout = None if deadline is None else max(0.001, deadline.remaining_s())
+        try:
+            probabilities = await asyncio.wait_for(response, timeout)
+        except TimeoutError:
+            response.cancel()  # type: ignore[no-untyped-call]
+            raise ServiceUnavailable(f"model {self.model_name} did not answer before the "
+                                     "request's deadline", code="model_busy") from None
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise ServiceUnavailable(f"model {self.model_name} is unavailable: {exc}",
+                                     code="model_busy") from None
+        except RayTaskError as exc:
+            if isinstance(exc.cause, CascadeError):
+                raise exc.cause from None  # e.g. an input the model refuses: the same 4xx
+            raise ServiceUnavailable(f"model {self.model_name} failed: {exc.cause!r}",
+                                     code="model_error") from None
+        return [Classification(row, self.classes) for row in probabilities]
+
+    def warmup(self) -> None:
+        """Nothing here: each model replica warms its model when it starts."""
+
+    def close(self) -> None:
+        """Nothing to release: the handle belongs to Serve."""
+
+
+@serve.deployment
+class TaskModel:
+    """One task's model as a Serve deployment; concurrent calls are computed in batches that
+    answer each request exactly as alone (see :mod:`cascade.runners.batching`)."""
+
+    def __init__(self, settings: dict[str, Any], task: str) -> None:
+        """Load, verify and warm the model; measure whether vectorized batches are exact."""
+        node = NodeSettings.model_validate(settings)
+        knobs = node.ray_serve
+        manifest = load_manifest(Path(node.models_dir))
+        spec = model_spec(manifest, task, node.tasks[task], verify_sha256=node.verify_models,
+                          calls=BlockingCalls(name=f"{task}/{node.tasks[task]}", mode="inline"))
+        runner = load_runner(spec)
+        if not isinstance(runner, BatchClassifier):
+            raise ModelError(f"{spec.model_name}: runtime {spec.runtime!r} has no batch API "
+                             "(predict_proba); Ray Serve model deployments need one",
+                             field="runtime")
+        runner.warmup()
+        self.model_name = spec.model_name
+        vectorized = _exact_when_vectorized(runner, Path(node.models_dir), task,
+                                            knobs.max_batch_size)
+        self._batcher = ExactBatcher(runner.predict_proba, vectorized=vectorized)
+        self.predict.set_max_batch_size(knobs.max_batch_size)  # type: ignore[attr-defined]
+        self.predict.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            knobs.batch_wait_timeout_s)
+        log.info("model %s ready: batches of up to %d computed %s", spec.model_name,
+                 knobs.max_batch_size, "vectorized" if vectorized else "sample by sample")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def predict(self, batch: list[Any]) -> list[npt.NDArray[np.floating[Any]]]:
+        """Probabilities per request of ``batch`` (each caller sends one decoded input)."""
+        return self._batcher.run(batch)
+
+    def stats(self) -> dict[str, Any]:
+        """Batches, requests and samples computed by this replica, and how."""
+        return {"model": self.model_name, "vectorized": self._batcher.vectorized,
+                **self._batcher.stats.as_dict()}
+
+
+def _exact_when_vectorized(runner: BatchClassifier, models_dir: Path, task: str,
+                           max_batch_size: int) -> bool:
+    """Whether this model may compute batches as one tensor: only when it gives bit-identical
+    answers that way on held-out rows (no built-in model does; see cascade.runners.batching)."""
+    if max_batch_size < 2:
+        return False
+    try:
+        inputs, _labels = load_split(models_dir, task, "calib")
+    except (CascadeError, OSError) as exc:
+        log.info("%s: no held-out rows to measure batching on (%s): sample by sample",
+                 runner.model_name, exc)
+        return False
+    return batching_is_exact(runner.predict_proba, inputs[:EXACTNESS_SAMPLES],
+                             max_batch_size=max_batch_size)
+
+
+@serve.ingress()
+class TierIngress:
+    """The tier's FastAPI app (:func:`cascade.http.app.create_app`) as a Serve ingress."""
+
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle[Any]]) -> None:
+        """``models``: the handle of each task's model deployment."""
+        self._settings = NodeSettings.model_validate(settings)
+        self._models = models
+        self._node: Node | None = None
+        self._pending_user_config: dict[str, Any] | None = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Called by Serve in the replica; the app's lifespan then builds the node here."""
+        return create_app(self._build_node, max_body_bytes=self._settings.max_body_bytes)
+
+    def _build_node(self) -> Node:
+        from cascade.observability.telemetry import setup_tracing
+
+        setup_tracing(self._settings.tier, trace_dir=self._settings.trace_dir)
+        self._node = build_node(self._settings, load=self._handle_runner)
+        if self._pending_user_config is not None:  # arrived before the node existed
+            self.reconfigure(self._pending_user_config)
+        return self._node
+
+    def _handle_runner(self, spec: ModelSpec) -> Runner:
+        return ServeHandleRunner(self._models[spec.task], task=spec.task,
+                                 model_name=spec.model_name, classes=spec.classes)
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve's live update: apply ``user_config['policy']`` like a hot-reloaded file."""
+        if not user_config:
+            return
+        if self._node is None:
+            self._pending_user_config = user_config
+            return
+        self._pending_user_config = None
+        source = str(user_config.get("source") or "serve user_config")
+        problem = _user_config_problem(user_config)
+        if problem is not None:
+            refuse_policy(self._node, f"{source}: {problem}", "reconfigure")
+            return
+        raw = yaml.safe_dump(user_config["policy"], sort_keys=False).encode()
+        apply_policy_bytes(self._node, raw, source=f"{source} (user_config.policy)",
+                           reason="reconfigure")
+
+    def stats(self) -> dict[str, Any]:
+        """The node's readiness report (what ``/readyz`` shows), for tests and operators."""
+        return {} if self._node is None else self._node.readiness()
+
+
+def policy_user_config(path: Path | str) -> dict[str, Any]:
+    """The ingress ``user_config`` carrying the policy file at ``path``."""
+    data = yaml.safe_load(Path(path).read_text())
+    return {"policy": data, "source": str(path)}
+
+
+def _user_config_problem(user_config: Any) -> str | None:
+    """What is wrong with the shape of an ingress ``user_config`` (None: nothing)."""
+    if not isinstance(user_config, dict):
+        return f"user_config: must be a mapping with keys {', '.join(_USER_CONFIG_KEYS)}"
+    unknown = sorted(set(user_config) - set(_USER_CONFIG_KEYS))
+    if unknown:
+        return (f"user_config: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: "
+                f"{', '.join(_USER_CONFIG_KEYS)}")
+    if not isinstance(user_config.get("policy"), dict):
+        return "user_config.policy: missing or not a mapping (the policy YAML's content)"
+    return None
+
+
+def validate_user_config(user_config: Any) -> None:
+    """Raise :class:`PolicyError` (naming source and key) unless a replica would apply
+    ``user_config``: the check to run on a config file before it ships."""
+    source = str(user_config.get("source") or "serve user_config") \
+        if isinstance(user_config, dict) else "serve user_config"
+    problem = _user_config_problem(user_config)
+    if problem is not None:
+        raise PolicyError(f"{source}: {problem}", file=source, key="user_config")
+    parse_policy(user_config["policy"], source=f"{source} (user_config.policy)")
+
+
+def portable_settings(settings: NodeSettings) -> dict[str, Any]:
+    """``settings`` as plain data for the replicas, with every path made absolute (replicas
+    need not share the driver's working directory)."""
+    data = settings.model_dump(mode="json")
+    data["models_dir"] = str(Path(settings.models_dir).resolve())
+    data["policy"] = str(Path(settings.policy).resolve())
+    if settings.trace_dir is not None:
+        data["trace_dir"] = str(Path(settings.trace_dir).resolve())
+    url = settings.resolved_outbox_url
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        url = prefix + str(Path(url.removeprefix(prefix)).resolve())
+    data["outbox_url"] = url
+    return data
+
+
+def build_tier_app(settings: NodeSettings, *,
+                   user_config: dict[str, Any] | None = None) -> serve.Application:
+    """The Serve application of one tier: a model deployment per task and the ingress."""
+    knobs = settings.ray_serve
+    data = portable_settings(settings)
+    models = {}
+    for task in settings.tasks:
+        models[task] = TaskModel.options(  # type: ignore[attr-defined]
+            name=f"{settings.tier}-model-{task}",
+            ray_actor_options={"num_cpus": knobs.model_num_cpus},
+            max_ongoing_requests=2 * knobs.max_batch_size,  # one batch computing, one filling
+            autoscaling_config={
+                "min_replicas": knobs.model_min_replicas,
+                "max_replicas": knobs.model_max_replicas,
+                "target_ongoing_requests": knobs.model_target_ongoing_requests,
+            },
+        ).bind(data, task)
+    ingress = serve.deployment(TierIngress).options(  # type: ignore[attr-defined]
+        name=f"{settings.tier}-ingress", num_replicas=knobs.ingress_replicas,
+        ray_actor_options={"num_cpus": knobs.ingress_num_cpus},
+        max_ongoing_requests=knobs.ingress_max_ongoing_requests, user_config=user_config,
+    )
+    app: serve.Application = ingress.bind(data, models)
+    return app
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run`` / ``serve deploy``: ``args`` holds ``config``
+    (the node config file) and optionally ``policy_user_config`` (a policy file whose content
+    becomes the ingress's ``user_config``)."""
+    settings = load_node_settings(args["config"])
+    policy = args.get("policy_user_config")
+    return build_tier_app(settings, user_config=policy_user_config(policy) if policy else None)
+
+
+def deploy_tier(settings: NodeSettings, *, user_config: dict[str, Any] | None = None,
+                blocking: bool = False) -> DeploymentHandle[Any]:
+    """Start Serve's HTTP proxy on the tier's host and port (Ray must be initialised, or a
+    local instance is started) and run the tier's application; returns the ingress handle."""
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = build_tier_app(settings, user_config=user_config)
+    return serve.run(app, name=settings.tier, route_prefix=settings.ray_serve.route_prefix,
+                     blocking=blocking)
