@@ -1,0 +1,102 @@
+"""Fixtures for the Ray Serve tests: one small local Ray instance for the whole session (started
+once: a cold start takes 10-60 s on two cores), and the edge-server tier deployed on it as a
+Serve application whose upstream is a cloud tier process, beside a twin edge-server process
+(``cascade serve``) that must answer exactly as the Serve tier does.
+
+Ray is kept small for a shared two-core machine: ``num_cpus=2``, a pinned object store, no
+dashboard, fractional CPUs per replica; everything started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import free_port_block
+from tests.fault.conftest import hard_images
+from tests.fault.harness import Tier, default_policy_copy, wait_for
+
+__all__ = ["hard_images", "ray_instance", "serve_tier"]  # fixtures, found by name
+
+RAY_NUM_CPUS = 2
+OBJECT_STORE_BYTES = 80 * 1024 * 1024
+SERVE_KNOBS = {
+    # A wait long enough that concurrent requests meet in one batch on a loaded machine.
+    "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
+    "ingress_num_cpus": 0.2, "model_num_cpus": 0.2,
+}
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[None]:
+    """A local Ray instance for the session (no dashboard, small object store), then stopped."""
+    import ray
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False,
+             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@dataclass
+class ServeTier:
+    """The edge-server tier on Serve, its upstream, and its twin process."""
+
+    url: str
+    settings: Any
+    policy: Path
+    cloud: Tier
+    twin: Tier
+
+    def readiness(self) -> dict[str, Any]:
+        """The Serve tier's ``/readyz`` body."""
+        return httpx.get(f"{self.url}/readyz", timeout=10).json()  # type: ignore[no-any-return]
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.fixture(scope="session")
+def serve_tier(ray_instance: None, models_dir: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeTier]:
+    """The edge-server tier as a Serve application at ``/`` (proxy on a free port)."""
+    from cascade.deploy.ray_serve import deploy_tier
+    from cascade.tier.settings import load_node_settings
+
+    tmp = tmp_path_factory.mktemp("serve")
+    policy = default_policy_copy(tmp / "policy.yaml")
+    cloud = Tier(tmp / "processes", "cloud", models_dir, policy).start()
+    twin = Tier(tmp / "processes", "edge-server", models_dir, policy, upstream=cloud.url)
+    twin.start()
+    try:
+        port = free_port_block(1)
+        settings = load_node_settings(
+            Path(__file__).resolve().parents[2] / "edge_nodes/edge-server.yaml",
+            port=port, models_dir=models_dir, policy=policy, upstream_url=cloud.url,
+            outbox_url=f"sqlite:///{tmp / 'serve-edge-server.db'}", ray_serve=SERVE_KNOBS)
+        deploy_tier(settings)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _status(f"{url}/readyz") == 200, timeout_s=120,
+                 what="the Serve tier ready")
+        yield ServeTier(url, settings, policy, cloud, twin)
+    finally:
+        from ray import serve
+
+        serve.delete("edge-server")
+        twin.stop()
+        cloud.stop()
