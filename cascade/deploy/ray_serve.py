@@ -24,6 +24,8 @@ config file (``cloud/serve_config.yaml``), or from Python with :func:`deploy_tie
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -258,9 +260,10 @@ def build_tier_app(settings: NodeSettings, *,
     """The Serve application of one tier: a model deployment per task and the ingress."""
     knobs = settings.ray_serve
     data = portable_settings(settings)
+    version = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     models = {}
     for task in settings.tasks:
-        models[task] = TaskModel.options(  # type: ignore[attr-defined]
+        models[task] = _versioned(TaskModel, version).options(
             name=f"{settings.tier}-model-{task}",
             ray_actor_options={"num_cpus": knobs.model_num_cpus},
             max_ongoing_requests=2 * knobs.max_batch_size,  # one batch computing, one filling
@@ -270,13 +273,21 @@ def build_tier_app(settings: NodeSettings, *,
                 "target_ongoing_requests": knobs.model_target_ongoing_requests,
             },
         ).bind(data, task)
-    ingress = serve.deployment(TierIngress).options(  # type: ignore[attr-defined]
+    ingress = _versioned(serve.deployment(TierIngress), version).options(
         name=f"{settings.tier}-ingress", num_replicas=knobs.ingress_replicas,
         ray_actor_options={"num_cpus": knobs.ingress_num_cpus},
         max_ongoing_requests=knobs.ingress_max_ongoing_requests, user_config=user_config,
     )
     app: serve.Application = ingress.bind(data, models)
     return app
+
+
+def _versioned(deployment: Any, version: str) -> Any:
+    """``deployment`` with a fixed code version. The Python API gives each ``serve.run`` a
+    random one, which replaces every replica; with the same settings (same version) a redeploy
+    that changes only ``user_config`` reconfigures the running replicas in place, as a config
+    file deploy does. (Serve reserves ``version`` for itself, hence ``_internal``.)"""
+    return deployment.options(version=version, _internal=True)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

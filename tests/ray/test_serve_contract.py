@@ -14,10 +14,10 @@ pytest.importorskip("ray.serve")
 
 # The suites of the process tiers, collected here again with their target fixtures pointed at
 # the Serve tier.
-from tests.fault.test_answer_contract import (  # noqa: E402, F401
+from tests.fault.test_answer_contract import (  # noqa: F401
     test_the_openapi_document_names_the_typed_bodies,
 )
-from tests.integration.test_bad_input import (  # noqa: E402, F401
+from tests.integration.test_bad_input import (  # noqa: F401
     test_a_valid_png_is_accepted,
     test_bad_request_gets_a_precise_4xx,
     test_chunked_oversize_body_is_refused,
