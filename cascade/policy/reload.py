@@ -7,6 +7,9 @@ runs per request: a request reads the node's policy reference once, and a reload
 reference in one assignment on the event loop, so every request sees the old or the new policy,
 never a mix.
 
+The same validation applies to a policy given another way (:func:`apply_policy_bytes`: a Ray
+Serve ``reconfigure``); once such a policy is live, the file no longer replaces it.
+
 An invalid new file (bad YAML, a bad key, a tier it does not cover) is refused: the old policy
 stays live, the error naming file and key is logged, counted on ``/readyz``
 (``policy.reload``) and on ``/metrics`` (``cascade_policy_reloads_total{outcome="rejected"}``).
@@ -101,6 +104,12 @@ class PolicyReloader:
         counted, and the old policy stays.
         """
         source = str(self.path)
+        if Path(self.node.policy.path) != self.path:
+            # The live policy came from elsewhere (a Ray Serve user_config): it governs now,
+            # and a touch of the file must not silently undo it.
+            log.info("policy file %s not applied (%s): the live policy came from %s",
+                     source, reason, self.node.policy.path)
+            return False
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
