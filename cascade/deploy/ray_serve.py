@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ from cascade.tier.node import Node
 from cascade.tier.settings import NodeSettings, load_node_settings
 
 __all__ = ["ServeHandleRunner", "TaskModel", "TierIngress", "app_builder", "build_tier_app",
-           "deploy_tier", "policy_user_config", "portable_settings", "validate_user_config"]
+           "deploy_chain", "deploy_tier", "policy_user_config", "portable_settings",
+           "start_ray", "stop_ray", "validate_user_config"]
 
 log = logging.getLogger("cascade.deploy.ray_serve")
 
@@ -307,3 +309,55 @@ def deploy_tier(settings: NodeSettings, *, user_config: dict[str, Any] | None = 
     app = build_tier_app(settings, user_config=user_config)
     return serve.run(app, name=settings.tier, route_prefix=settings.ray_serve.route_prefix,
                      blocking=blocking)
+
+
+def chain_on_one_proxy(settings: Sequence[NodeSettings], *, host: str,
+                       port: int) -> list[NodeSettings]:
+    """Tiers (bottom to top) rewired to share one Serve proxy at ``host:port``: the bottom one
+    at ``/``, each other at ``/<tier>``, each upstream the next tier's prefix; the top keeps
+    its own ``upstream_url`` (none, for a cloud)."""
+    prefixes = ["/"] + [f"/{tier.tier}" for tier in settings[1:]]
+    wired = []
+    for i, tier in enumerate(settings):
+        upstream = (f"http://{host}:{port}{prefixes[i + 1]}" if i + 1 < len(settings)
+                    else tier.upstream_url)
+        knobs = tier.ray_serve.model_copy(update={"route_prefix": prefixes[i]})
+        wired.append(tier.model_copy(update={"host": host, "port": port,
+                                             "upstream_url": upstream, "ray_serve": knobs}))
+    return wired
+
+
+def deploy_chain(settings: Sequence[NodeSettings], *, host: str | None = None,
+                 port: int | None = None) -> list[NodeSettings]:
+    """Deploy tiers (bottom to top) as Serve applications behind one proxy (by default on the
+    bottom tier's host and port), top first so every upstream exists before its client.
+    Returns each tier's settings as deployed (what a later :func:`deploy_tier` with a new
+    ``user_config`` must be given, to reconfigure instead of replacing the replicas)."""
+    wired = chain_on_one_proxy(settings, host=host or settings[0].host,
+                               port=port or settings[0].port)
+    for tier in reversed(wired):
+        deploy_tier(tier)
+    return wired
+
+
+def start_ray(*, address: str | None = None, num_cpus: int | None = None,
+              object_store_bytes: int | None = None) -> None:
+    """Connect to a Ray cluster (``address``, e.g. ``auto``) or start a small local instance
+    (no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False,
+                 object_store_memory=object_store_bytes)
+
+
+def stop_ray() -> None:
+    """Delete every Serve application, stop Serve, and leave (or stop) the Ray instance."""
+    import ray
+
+    serve.shutdown()  # type: ignore[no-untyped-call]
+    ray.shutdown()

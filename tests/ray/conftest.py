@@ -1,7 +1,7 @@
 """Fixtures for the Ray Serve tests: one small local Ray instance for the whole session (started
-once: a cold start takes 10-60 s on two cores), and the edge-server tier deployed on it as a
-Serve application whose upstream is a cloud tier process, beside a twin edge-server process
-(``cascade serve``) that must answer exactly as the Serve tier does.
+once: a cold start takes 10-60 s on two cores), the edge-server and cloud tiers deployed on it
+as Serve applications behind one proxy, and a twin edge-server process (``cascade serve``)
+that must answer exactly as the Serve edge-server does.
 
 Ray is kept small for a shared two-core machine: ``num_cpus=2``, a pinned object store, no
 dashboard, fractional CPUs per replica; everything started here is stopped here.
@@ -51,12 +51,11 @@ def ray_instance() -> Iterator[None]:
 
 @dataclass
 class ServeTier:
-    """The edge-server tier on Serve, its upstream, and its twin process."""
+    """The edge-server tier on Serve (its upstream: cloud on Serve) and its twin process."""
 
     url: str
     settings: Any
     policy: Path
-    cloud: Tier
     twin: Tier
 
     def readiness(self) -> dict[str, Any]:
@@ -74,29 +73,33 @@ def _status(url: str) -> int | None:
 @pytest.fixture(scope="session")
 def serve_tier(ray_instance: None, models_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeTier]:
-    """The edge-server tier as a Serve application at ``/`` (proxy on a free port)."""
-    from cascade.deploy.ray_serve import deploy_tier
+    """The edge-server and cloud tiers as Serve applications behind one proxy on a free port
+    (edge-server at ``/``, escalating over HTTP to cloud at ``/cloud``), and a twin
+    edge-server process escalating to the same Serve cloud tier."""
+    from ray import serve
+
+    from cascade.deploy.ray_serve import deploy_chain
     from cascade.tier.settings import load_node_settings
 
     tmp = tmp_path_factory.mktemp("serve")
     policy = default_policy_copy(tmp / "policy.yaml")
-    cloud = Tier(tmp / "processes", "cloud", models_dir, policy).start()
-    twin = Tier(tmp / "processes", "edge-server", models_dir, policy, upstream=cloud.url)
-    twin.start()
+    root = Path(__file__).resolve().parents[2]
+    chain = [load_node_settings(root / config, models_dir=models_dir, policy=policy,
+                                outbox_url=f"sqlite:///{tmp / Path(config).stem}.db",
+                                ray_serve=SERVE_KNOBS)
+             for config in ("edge_nodes/edge-server.yaml", "cloud/cloud.yaml")]
+    port = free_port_block(1)
+    twin = None
     try:
-        port = free_port_block(1)
-        settings = load_node_settings(
-            Path(__file__).resolve().parents[2] / "edge_nodes/edge-server.yaml",
-            port=port, models_dir=models_dir, policy=policy, upstream_url=cloud.url,
-            outbox_url=f"sqlite:///{tmp / 'serve-edge-server.db'}", ray_serve=SERVE_KNOBS)
-        deploy_tier(settings)
+        edge_server, _cloud = deploy_chain(chain, host="127.0.0.1", port=port)
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _status(f"{url}/readyz") == 200, timeout_s=120,
-                 what="the Serve tier ready")
-        yield ServeTier(url, settings, policy, cloud, twin)
+        wait_for(lambda: _status(f"{url}/readyz") == 200 == _status(f"{url}/cloud/readyz"),
+                 timeout_s=120, what="the Serve tiers ready")
+        twin = Tier(tmp / "processes", "edge-server", models_dir, policy,
+                    upstream=edge_server.upstream_url).start()
+        yield ServeTier(url, edge_server, policy, twin)
     finally:
-        from ray import serve
-
-        serve.delete("edge-server")
-        twin.stop()
-        cloud.stop()
+        if twin is not None:
+            twin.stop()
+        for app in ("edge-server", "cloud"):
+            serve.delete(app)
