@@ -57,12 +57,17 @@ def up(
     trace_file: bool = typer.Option(True, help="Write the local trace files (--no-trace-file: don't)."),
     as_json: bool = typer.Option(False, "--json", help="Once ready, print the tiers as one JSON "
                                  "line (tier, url, pid, ready_s, log) instead of the table."),
+    ray: bool = typer.Option(False, "--ray", help="Run the top two tiers (edge-server, cloud) "
+                             "as Ray Serve applications behind one Serve proxy."),
+    ray_address: str | None = typer.Option(
+        None, help="--ray: join this Ray cluster (e.g. auto) instead of starting a local one."),
 ) -> None:
     """Start the whole local chain (endpoint → edge-node → edge-server → cloud) and keep it up.
 
     Starts each tier as a child process (top first), waits until it is ready, prints a table
     of tiers and a ready-to-paste curl example, then waits. Ctrl-C or SIGTERM stops them all;
-    children also die if this process is killed.
+    children also die if this process is killed. With --ray the top two tiers run on Ray Serve
+    instead (the proxy listens on the edge-server's port; cloud is under /cloud).
 
     Example: cascade up            (then: cascade infer documents "Shares rose after the rate cut")
     """
@@ -71,7 +76,16 @@ def up(
     # An explicit CASCADE_TRACE_DIR in the environment wins (Chain passes os.environ through).
     tracing_env = ({"CASCADE_TRACE_DIR": str(trace_dir)}
                    if trace_file and "CASCADE_TRACE_DIR" not in os.environ else {})
-    chain = Chain(configs or list(DEFAULT_CHAIN), base_port=base_port, log_dir=log_dir,
+    configs = configs or [Path(config) for config in DEFAULT_CHAIN]
+    on_serve = configs[-2:] if ray else []
+    configs = configs[:len(configs) - len(on_serve)]
+    serve_url = None
+    if on_serve:
+        port = None if base_port is None else base_port + len(configs)
+        serve_url = _start_serve_tiers(on_serve, port=port, address=ray_address,
+                                       trace_dir=Path(tracing_env["CASCADE_TRACE_DIR"])
+                                       if tracing_env else None)
+    chain = Chain(configs, base_port=base_port, log_dir=log_dir, top_upstream_url=serve_url,
                   ready_timeout_s=ready_timeout, env=tracing_env)
     stopping = {"now": False}
 
@@ -84,20 +98,27 @@ def up(
         with console.status("starting tiers (top first)..."):
             chain.start()
     except (CascadeError, RuntimeError, TimeoutError) as exc:
+        _stop_serve_tiers(on_serve)
         fail(f"{exc}; see the logs in {log_dir}/", 1)
     if as_json:
-        print_json({"tiers": [{"tier": t.tier, "url": t.url, "pid": t.pid,
-                               "ready_s": round(chain.ready_s[t.tier], 3), "log": str(t.log_path)}
-                              for t in chain.tiers]})
+        tiers = {"tiers": [{"tier": t.tier, "url": t.url, "pid": t.pid,
+                            "ready_s": round(chain.ready_s[t.tier], 3), "log": str(t.log_path)}
+                           for t in chain.tiers]}
+        print_json({**tiers, "ray_serve_url": serve_url} if serve_url else tiers)
     else:
-        _print_chain(chain, tracing_env, trace_dir)
-    _watch_chain(chain, stopping, err_console if as_json else console)
+        _print_chain(chain, tracing_env, trace_dir, serve_url)
+    _watch_chain(chain, stopping, err_console if as_json else console, on_serve)
 
 
-def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path) -> None:
-    """The table of tiers and what to try next."""
-    print_whole(console, chain_table(chain))
-    entry = chain.entry_url
+def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path,
+                 serve_url: str | None) -> None:
+    """The table of tiers (and where the Ray Serve tiers are) and what to try next."""
+    if chain.tiers:
+        print_whole(console, chain_table(chain))
+    if serve_url:
+        console.print(f"Ray Serve tiers (edge-server at /, cloud at /cloud): {serve_url}",
+                      highlight=False)
+    entry = chain.entry_url if chain.tiers else str(serve_url)
     console.print("\nTry it (tier 1 answers, or escalates up the chain):", style="bold")
     console.print(
         f"  curl -s {entry}/v1/infer -H 'Content-Type: application/json' "
@@ -112,8 +133,10 @@ def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path) -> 
     console.print("\nCtrl-C stops every tier.", highlight=False)
 
 
-def _watch_chain(chain: Chain, stopping: dict[str, bool], out: Console) -> None:
-    """Wait until asked to stop or a tier exits, then stop every tier (news on ``out``)."""
+def _watch_chain(chain: Chain, stopping: dict[str, bool], out: Console,
+                 on_serve: list[Path]) -> None:
+    """Wait until asked to stop or a tier exits, then stop every tier (news on ``out``),
+    Ray Serve's included."""
     try:
         while not stopping["now"]:
             for t in chain.tiers:
@@ -125,7 +148,33 @@ def _watch_chain(chain: Chain, stopping: dict[str, bool], out: Console) -> None:
     finally:
         out.print("stopping tiers...")
         chain.stop()
+        _stop_serve_tiers(on_serve)
         out.print("all tiers stopped.")
+
+
+def _start_serve_tiers(configs: list[Path], *, port: int | None, address: str | None,
+                       trace_dir: Path | None) -> str:
+    """Deploy ``configs`` (bottom to top) on Ray Serve behind one proxy; its entry URL."""
+    from cascade.deploy.ray_serve import deploy_chain, start_ray
+    from cascade.tier.settings import load_node_settings
+
+    overrides: dict[str, Any] = {} if trace_dir is None else {"trace_dir": trace_dir}
+    try:
+        settings = [load_node_settings(config, **overrides) for config in configs]
+        with console.status("starting Ray and the Serve tiers (a cold start takes up to a "
+                            "minute)..."):
+            start_ray(address=address)
+            wired = deploy_chain(settings, port=port)
+    except CascadeError as exc:
+        fail(exc.message, 2)
+    return f"http://{wired[0].host}:{wired[0].port}"
+
+
+def _stop_serve_tiers(configs: list[Path]) -> None:
+    if configs:
+        from cascade.deploy.ray_serve import stop_ray
+
+        stop_ray()
 
 
 def chain_table(chain: Chain) -> Table:
