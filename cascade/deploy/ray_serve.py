@@ -293,10 +293,13 @@ def _versioned(deployment: Any, version: str) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run`` / ``serve deploy``: ``args`` holds ``config``
-    (the node config file) and optionally ``policy_user_config`` (a policy file whose content
-    becomes the ingress's ``user_config``)."""
-    settings = load_node_settings(args["config"])
+    """Application builder for ``serve run`` / ``serve deploy`` (``cloud/serve_config.yaml``).
+
+    ``args``: ``config`` (the node config file), optionally ``overrides`` (node config keys,
+    as ``CASCADE_*`` variables would set them) and ``policy_user_config`` (a policy file whose
+    content becomes the ingress's ``user_config``: an edited policy redeployed with the same
+    config reconfigures the running replicas in place)."""
+    settings = load_node_settings(args["config"], **dict(args.get("overrides") or {}))
     policy = args.get("policy_user_config")
     return build_tier_app(settings, user_config=policy_user_config(policy) if policy else None)
 

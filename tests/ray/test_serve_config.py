@@ -1,0 +1,54 @@
+"""``cloud/serve_config.yaml`` is a valid Serve config whose applications build: its import
+paths resolve, its node configs and overrides validate, each ingress carries a user_config
+policy a replica would accept, and the edge-server escalates to where the cloud is routed.
+No Ray cluster is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray.serve")
+
+from ray._common.utils import import_attr
+from ray.serve.schema import ServeDeploySchema
+
+from cascade.deploy.ray_serve import validate_user_config
+from cascade.errors import PolicyError
+from cascade.tier.settings import load_node_settings
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "cloud/serve_config.yaml"
+
+
+def test_serve_config_builds_and_its_policies_validate(monkeypatch):
+    monkeypatch.chdir(ROOT)  # relative paths resolve against the project root, as documented
+    data = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(data)
+    assert {app.name for app in schema.applications} == {"edge-server", "cloud"}
+    proxy = f"http://{data['http_options']['host']}:{data['http_options']['port']}"
+    prefixes = {app.name: app.route_prefix for app in schema.applications}
+    for app in schema.applications:
+        application = import_attr(app.import_path)(app.args)
+        ingress = application._bound_deployment
+        assert ingress.name == f"{app.name}-ingress"
+        validate_user_config(ingress.user_config)  # raises, naming source and key, if not
+        assert ingress.user_config["source"] == app.args["policy_user_config"]
+        settings = load_node_settings(app.args["config"], **app.args.get("overrides", {}))
+        assert settings.tier == app.name
+        if settings.upstream_url is not None:  # it escalates through the same proxy
+            assert settings.upstream_url == proxy + prefixes["cloud"]
+
+
+def test_an_invalid_user_config_is_named():
+    with pytest.raises(PolicyError) as bad:
+        validate_user_config({"policy": {"tasks": {"vision": {"tiers": {"cloud": {
+            "threshold": 3}}}}}, "source": "x.yaml"})
+    assert "x.yaml (user_config.policy)" in bad.value.message
+    assert "tasks.vision.tiers.cloud.threshold" in bad.value.message
+    with pytest.raises(PolicyError, match="unknown key"):
+        validate_user_config({"policy": {}, "threshold": 1})
