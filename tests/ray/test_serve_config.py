@@ -52,3 +52,15 @@ def test_an_invalid_user_config_is_named():
     assert "tasks.vision.tiers.cloud.threshold" in bad.value.message
     with pytest.raises(PolicyError, match="unknown key"):
         validate_user_config({"policy": {}, "threshold": 1})
+
+
+def test_tiers_sharing_one_proxy_escalate_to_the_next_prefix():
+    from cascade.deploy.ray_serve import chain_on_one_proxy
+
+    chain = [load_node_settings(ROOT / config) for config in
+             ("edge_nodes/edge-node.yaml", "edge_nodes/edge-server.yaml", "cloud/cloud.yaml")]
+    wired = chain_on_one_proxy(chain, host="127.0.0.1", port=9300)
+    assert [t.ray_serve.route_prefix for t in wired] == ["/", "/edge-server", "/cloud"]
+    assert [t.upstream_url for t in wired] == [
+        "http://127.0.0.1:9300/edge-server", "http://127.0.0.1:9300/cloud", None]
+    assert {(t.host, t.port) for t in wired} == {("127.0.0.1", 9300)}
