@@ -8,6 +8,8 @@ same vision and documents bodies of the test split, at 1 and 16 connections:
   serve           cascade.deploy.ray_serve: Serve proxy -> ingress replica -> model replica
                   per task (DeploymentHandle), @serve.batch (max 8, wait 2 ms)
   serve-unbatched the same with max_batch_size 1 (each request its own model call)
+  serve-inline    ray_serve.model_deployments false: the models run in the ingress replica
+                  (one Ray hop less per request, no batching)
 
 Configurations run in interleaved rounds; reported are the medians over rounds. For the Serve
 runs, the model replicas' own counters give how many requests shared a model call. Ray is
@@ -38,6 +40,7 @@ from cascade.tier.settings import NodeSettings, load_node_settings
 CONNECTIONS = (1, 16)
 BATCHED = {"max_batch_size": 8, "batch_wait_timeout_s": 0.002}
 UNBATCHED = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+INLINE = {"model_deployments": False}
 CPUS = {"ingress_num_cpus": 0.2, "model_num_cpus": 0.2}
 
 
@@ -97,7 +100,7 @@ def run(models_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     base = free_port_block(2)
     raw: dict[str, list[dict[int, dict[str, Any]]]] = {
-        "process": [], "serve": [], "serve-unbatched": []}
+        "process": [], "serve": [], "serve-unbatched": [], "serve-inline": []}
     process_config = tmp / "cloud.yaml"
     process_config.write_text(json.dumps(
         _settings(tmp, base, models_dir, BATCHED).model_dump(mode="json", exclude={"ray_serve"})))
@@ -107,11 +110,13 @@ def run(models_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
         with Chain([process_config], log_dir=tmp / "logs") as chain:
             for _ in range(rounds):
                 raw["process"].append(_measure(chain.entry_url, bodies, duration_s, None))
-                for name, knobs in (("serve", BATCHED), ("serve-unbatched", UNBATCHED)):
+                for name, knobs in (("serve", BATCHED), ("serve-unbatched", UNBATCHED),
+                                    ("serve-inline", INLINE)):
                     settings = _settings(tmp, base + 1, models_dir, knobs)
                     deploy_tier(settings)
                     url = f"http://127.0.0.1:{base + 1}"
-                    raw[name].append(_measure(url, bodies, duration_s, "cloud"))
+                    counted = "cloud" if settings.ray_serve.model_deployments else None
+                    raw[name].append(_measure(url, bodies, duration_s, counted))
     finally:
         stop_ray()
     return raw

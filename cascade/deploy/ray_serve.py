@@ -180,7 +180,9 @@ class TierIngress:
         from cascade.observability.telemetry import setup_tracing
 
         setup_tracing(self._settings.tier, trace_dir=self._settings.trace_dir)
-        self._node = build_node(self._settings, load=self._handle_runner)
+        # Without model deployments the models load here, by their manifest runtime.
+        self._node = (build_node(self._settings, load=self._handle_runner) if self._models
+                      else build_node(self._settings))
         if self._pending_user_config is not None:  # arrived before the node existed
             self.reconfigure(self._pending_user_config)
         return self._node
@@ -264,7 +266,7 @@ def build_tier_app(settings: NodeSettings, *,
     data = portable_settings(settings)
     version = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     models = {}
-    for task in settings.tasks:
+    for task in settings.tasks if knobs.model_deployments else ():
         models[task] = _versioned(TaskModel, version).options(
             name=f"{settings.tier}-model-{task}",
             ray_actor_options={"num_cpus": knobs.model_num_cpus},

@@ -44,6 +44,9 @@ class RayServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    model_deployments: bool = Field(
+        True, description="Each task's model in its own batched, autoscaled deployment; false: "
+        "in the ingress replica (one Ray hop less per request, no batching).")
     max_batch_size: int = Field(
         8, ge=1, le=256, description="Most concurrent requests a model replica takes in one call.")
     batch_wait_timeout_s: float = Field(

@@ -64,3 +64,13 @@ def test_tiers_sharing_one_proxy_escalate_to_the_next_prefix():
     assert [t.upstream_url for t in wired] == [
         "http://127.0.0.1:9300/edge-server", "http://127.0.0.1:9300/cloud", None]
     assert {(t.host, t.port) for t in wired} == {("127.0.0.1", 9300)}
+
+
+def test_without_model_deployments_the_app_is_the_ingress_alone():
+    from cascade.deploy.ray_serve import build_tier_app
+
+    settings = load_node_settings(ROOT / "cloud/cloud.yaml")
+    split = build_tier_app(settings)._bound_deployment
+    assert set(split.init_args[1]) == {"vision", "documents"}  # a model deployment per task
+    inline = load_node_settings(ROOT / "cloud/cloud.yaml", ray_serve={"model_deployments": False})
+    assert build_tier_app(inline)._bound_deployment.init_args[1] == {}
