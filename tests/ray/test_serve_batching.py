@@ -51,8 +51,19 @@ def test_concurrent_bursts_are_batched_and_answer_exactly(serve_tier, models_dir
     after = _stats(handle)
     assert after["requests"] - before["requests"] == ROWS  # one model call per request
     assert after["samples"] - before["samples"] == ROWS
-    assert batched_bursts > 0, after  # at least one burst met in a batch (wait: 50 ms)
-    assert after["largest_batch"] > 1
+    # On a loaded machine a burst may trickle in slower than the 50 ms batch wait: more bursts
+    # of 8, until one has met in a batch (a poll with a bound, not a sleep).
+    for _ in range(10):
+        if batched_bursts:
+            break
+        batches_before = _stats(handle)["batches"]
+        responses = [handle.predict.remote(inputs[i:i + 1]) for i in range(8)]
+        for i, response in enumerate(responses):
+            assert np.array_equal(response.result(timeout_s=60),
+                                  local.predict_proba(inputs[i:i + 1]))
+        batched_bursts += _stats(handle)["batches"] - batches_before < 8
+    assert batched_bursts > 0, _stats(handle)
+    assert _stats(handle)["largest_batch"] > 1
 
 
 def test_http_requests_are_each_computed_once(serve_tier, models_dir):
