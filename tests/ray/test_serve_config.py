@@ -74,3 +74,26 @@ def test_without_model_deployments_the_app_is_the_ingress_alone():
     assert set(split.init_args[1]) == {"vision", "documents"}  # a model deployment per task
     inline = load_node_settings(ROOT / "cloud/cloud.yaml", ray_serve={"model_deployments": False})
     assert build_tier_app(inline)._bound_deployment.init_args[1] == {}
+
+
+def test_the_rayservice_runs_the_same_applications(monkeypatch):
+    import ray
+
+    monkeypatch.chdir(ROOT)
+    resource = yaml.safe_load((ROOT / "infra/k8s/rayservice.yaml").read_text())
+    assert (resource["apiVersion"], resource["kind"]) == ("ray.io/v1", "RayService")
+    assert resource["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    serve_config = yaml.safe_load(resource["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(serve_config)
+    prefixes = {app.name: app.route_prefix for app in schema.applications}
+    assert prefixes == {"edge-server": "/", "cloud": "/cloud"}
+    for app in schema.applications:
+        # /app in the image is the repository root here
+        args = yaml.safe_load(yaml.safe_dump(app.args).replace("/app/", f"{ROOT}/"))
+        ingress = import_attr(app.import_path)(args)._bound_deployment
+        validate_user_config(ingress.user_config)
+        settings = load_node_settings(args["config"], **args["overrides"])
+        assert settings.tier == app.name
+        assert Path(settings.models_dir) == ROOT / "models"
+        if settings.upstream_url is not None:  # KubeRay's Serve port, the cloud's prefix
+            assert settings.upstream_url == "http://127.0.0.1:8000" + prefixes["cloud"]
