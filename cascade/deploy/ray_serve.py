@@ -121,7 +121,8 @@ class TaskModel:
         runner = load_runner(spec)
         if not isinstance(runner, BatchClassifier):
             raise ModelError(f"{spec.model_name}: runtime {spec.runtime!r} has no batch API "
-                             "(predict_proba); Ray Serve model deployments need one",
+                             "(predict_proba), which a batching model deployment needs; "
+                             "serve it in the ingress (ray_serve.model_deployments: false)",
                              field="runtime")
         runner.warmup()
         self.model_name = spec.model_name
