@@ -30,7 +30,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 import yaml
@@ -56,7 +58,7 @@ from cascade.tier.compose import build_node
 from cascade.tier.node import Node
 from cascade.tier.settings import NodeSettings, load_node_settings
 
-__all__ = ["ServeHandleRunner", "TaskModel", "TierIngress", "app_builder", "build_tier_app",
+__all__ = ["HandleTransport", "ServeHandleRunner", "TaskModel", "TierIngress", "app_builder", "build_tier_app",
            "deploy_chain", "deploy_tier", "policy_user_config", "portable_settings",
            "start_ray", "stop_ray", "validate_user_config"]
 
@@ -104,6 +106,39 @@ class ServeHandleRunner:
 
     def close(self) -> None:
         """Nothing to release: the handle belongs to Serve."""
+
+
+class HandleTransport(httpx.AsyncBaseTransport):
+    """Carries the upstream client's HTTP requests to a tier's ingress on the same Serve
+    cluster through a ``DeploymentHandle`` (no proxy hop). The upstream client keeps doing
+    everything else as over HTTP: headers (``traceparent``, deadline, hop count, idempotency
+    key), retries, circuit breaker, outbox. A dead or unreachable ingress is a connect error,
+    a call past its timeout a read timeout, as the client expects of any transport."""
+
+    def __init__(self, handle: DeploymentHandle[Any], *, strip_prefix: str = "") -> None:
+        self._handle = handle
+        self._prefix = strip_prefix.rstrip("/")
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` to the ingress's :meth:`TierIngress.handle_http`."""
+        path = request.url.raw_path.decode()
+        if self._prefix and path.startswith(self._prefix):
+            path = path[len(self._prefix):] or "/"
+        body = await request.aread()
+        timeouts = request.extensions.get("timeout") or {}
+        timeout = timeouts.get("read")
+        response = self._handle.handle_http.remote(request.method, path,
+                                                   list(request.headers.items()), body)
+        try:
+            status, headers, content = await asyncio.wait_for(response, timeout)
+        except TimeoutError:
+            response.cancel()  # type: ignore[no-untyped-call]
+            raise httpx.ReadTimeout("the upstream ingress did not answer in time",
+                                    request=request) from None
+        except (RayTaskError, BackPressureError, DeploymentUnavailableError) as exc:
+            raise httpx.ConnectError(f"upstream ingress unreachable: {exc}",
+                                     request=request) from None
+        return httpx.Response(status, headers=headers, content=content, request=request)
 
 
 @serve.deployment
@@ -175,18 +210,36 @@ class TierIngress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve in the replica; the app's lifespan then builds the node here."""
-        return create_app(self._build_node, max_body_bytes=self._settings.max_body_bytes)
+        self._app = create_app(self._build_node, max_body_bytes=self._settings.max_body_bytes)
+        return self._app
+
+    async def handle_http(self, method: str, path: str, headers: list[tuple[str, str]],
+                          body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One HTTP request to this tier's app from a tier below on the same cluster (see
+        :class:`HandleTransport`): the same routes, middleware, errors and spans as over HTTP."""
+        transport = httpx.ASGITransport(app=self._app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tier") as client:
+            response = await client.request(method, path, headers=headers, content=body)
+        return response.status_code, list(response.headers.items()), response.content
 
     def _build_node(self) -> Node:
         from cascade.observability.telemetry import setup_tracing
 
         setup_tracing(self._settings.tier, trace_dir=self._settings.trace_dir)
         # Without model deployments the models load here, by their manifest runtime.
-        self._node = (build_node(self._settings, load=self._handle_runner) if self._models
-                      else build_node(self._settings))
+        load = self._handle_runner if self._models else load_runner
+        self._node = build_node(self._settings, load=load, upstream_transport=self._transport())
         if self._pending_user_config is not None:  # arrived before the node existed
             self.reconfigure(self._pending_user_config)
         return self._node
+
+    def _transport(self) -> HandleTransport | None:
+        """To the upstream tier's ingress by handle, when it is a Serve app of this cluster."""
+        app = self._settings.ray_serve.upstream_app
+        if app is None or not self._settings.upstream_url:
+            return None
+        return HandleTransport(serve.get_deployment_handle(f"{app}-ingress", app_name=app),
+                               strip_prefix=urlsplit(self._settings.upstream_url).path)
 
     def _handle_runner(self, spec: ModelSpec) -> Runner:
         return ServeHandleRunner(self._models[spec.task], task=spec.task,
@@ -317,30 +370,33 @@ def deploy_tier(settings: NodeSettings, *, user_config: dict[str, Any] | None = 
                      blocking=blocking)
 
 
-def chain_on_one_proxy(settings: Sequence[NodeSettings], *, host: str,
-                       port: int) -> list[NodeSettings]:
+def chain_on_one_proxy(settings: Sequence[NodeSettings], *, host: str, port: int,
+                       via_handles: bool = True) -> list[NodeSettings]:
     """Tiers (bottom to top) rewired to share one Serve proxy at ``host:port``: the bottom one
-    at ``/``, each other at ``/<tier>``, each upstream the next tier's prefix; the top keeps
-    its own ``upstream_url`` (none, for a cloud)."""
+    at ``/``, each other at ``/<tier>``, each upstream the next tier's prefix (reached through
+    a ``DeploymentHandle`` when ``via_handles``, else through the proxy); the top keeps its
+    own ``upstream_url`` (none, for a cloud)."""
     prefixes = ["/"] + [f"/{tier.tier}" for tier in settings[1:]]
     wired = []
     for i, tier in enumerate(settings):
-        upstream = (f"http://{host}:{port}{prefixes[i + 1]}" if i + 1 < len(settings)
-                    else tier.upstream_url)
-        knobs = tier.ray_serve.model_copy(update={"route_prefix": prefixes[i]})
+        has_next = i + 1 < len(settings)
+        upstream = f"http://{host}:{port}{prefixes[i + 1]}" if has_next else tier.upstream_url
+        knobs = tier.ray_serve.model_copy(update={
+            "route_prefix": prefixes[i],
+            "upstream_app": settings[i + 1].tier if has_next and via_handles else None})
         wired.append(tier.model_copy(update={"host": host, "port": port,
                                              "upstream_url": upstream, "ray_serve": knobs}))
     return wired
 
 
 def deploy_chain(settings: Sequence[NodeSettings], *, host: str | None = None,
-                 port: int | None = None) -> list[NodeSettings]:
+                 port: int | None = None, via_handles: bool = True) -> list[NodeSettings]:
     """Deploy tiers (bottom to top) as Serve applications behind one proxy (by default on the
     bottom tier's host and port), top first so every upstream exists before its client.
     Returns each tier's settings as deployed (what a later :func:`deploy_tier` with a new
     ``user_config`` must be given, to reconfigure instead of replacing the replicas)."""
     wired = chain_on_one_proxy(settings, host=host or settings[0].host,
-                               port=port or settings[0].port)
+                               port=port or settings[0].port, via_handles=via_handles)
     for tier in reversed(wired):
         deploy_tier(tier)
     return wired

@@ -12,6 +12,8 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import httpx
+
 from cascade.contract.inputs import input_decoder
 from cascade.gating.drift_monitor import DriftMonitor
 from cascade.models.manifest import load_manifest
@@ -65,8 +67,11 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
     return tasks
 
 
-def build_upstream(settings: NodeSettings) -> UpstreamClient | None:
-    """The client of the next tier (with its circuit breaker), or None at the top tier."""
+def build_upstream(settings: NodeSettings, *,
+                   transport: httpx.AsyncBaseTransport | None = None) -> UpstreamClient | None:
+    """The client of the next tier (with its circuit breaker), or None at the top tier.
+    ``transport``: how its requests travel (default: HTTP to ``upstream_url``; a Ray Serve
+    tier passes one that calls the next tier's ingress through a ``DeploymentHandle``)."""
     if not settings.upstream_url:
         return None
     return UpstreamClient(
@@ -77,14 +82,16 @@ def build_upstream(settings: NodeSettings) -> UpstreamClient | None:
         backoff_initial_ms=settings.upstream_backoff_initial_ms,
         backoff_max_ms=settings.upstream_backoff_max_ms,
         connect_timeout_ms=settings.upstream_connect_timeout_ms,
+        transport=transport,
         on_attempt=upstream_attempt,
     )
 
 
-def build_node(settings: NodeSettings, *, load: Loader = load_runner) -> Node:
+def build_node(settings: NodeSettings, *, load: Loader = load_runner,
+               upstream_transport: httpx.AsyncBaseTransport | None = None) -> Node:
     """A tier ready to serve: raises a :class:`~cascade.errors.CascadeError` naming what is
     wrong (model file, checksum, policy key, outbox URL) before any port is bound. ``load``:
-    see :func:`build_tasks`."""
+    see :func:`build_tasks`; ``upstream_transport``: see :func:`build_upstream`."""
     telemetry = TierTelemetry(settings.tier)
     tasks = build_tasks(settings, telemetry, load=load)
     policy = load_policy(settings.policy)
@@ -93,6 +100,7 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner) -> Node:
     decisions = DecisionRecorder(settings.tier, gauge=disk.gauge("decisions"),
                                  retention_s=settings.disk.decisions_retention_s)
     # The durable outbox also keeps idempotent results, so the top tier has one too.
-    return Node(settings, tasks=tasks, policy=policy, upstream=build_upstream(settings),
+    return Node(settings, tasks=tasks, policy=policy,
+                upstream=build_upstream(settings, transport=upstream_transport),
                 escalations=Outbox.from_settings(settings, disk), telemetry=telemetry,
                 decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk)

@@ -62,6 +62,10 @@ class RayServeSettings(BaseModel):
     model_target_ongoing_requests: float = Field(
         4.0, gt=0, description="Autoscaling aims at this many requests in flight per model replica.")
     route_prefix: str = Field("/", pattern=r"^/", description="Where the Serve proxy routes the tier.")
+    upstream_app: str | None = Field(
+        None, description="A Serve application on the same cluster that is the upstream tier: "
+        "escalate through a DeploymentHandle to its ingress instead of over HTTP "
+        "(upstream_url stays the tier's address for everything else).")
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> RayServeSettings:

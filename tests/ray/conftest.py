@@ -57,6 +57,7 @@ class ServeTier:
     settings: Any
     policy: Path
     twin: Tier
+    trace_dir: Path
 
     def readiness(self) -> dict[str, Any]:
         """The Serve tier's ``/readyz`` body."""
@@ -74,8 +75,9 @@ def _status(url: str) -> int | None:
 def serve_tier(ray_instance: None, models_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeTier]:
     """The edge-server and cloud tiers as Serve applications behind one proxy on a free port
-    (edge-server at ``/``, escalating over HTTP to cloud at ``/cloud``), and a twin
-    edge-server process escalating to the same Serve cloud tier."""
+    (edge-server at ``/``, escalating to cloud, at ``/cloud``, through a DeploymentHandle;
+    both write their spans under ``traces/``), and a twin edge-server process escalating over
+    HTTP to the same Serve cloud tier."""
     from ray import serve
 
     from cascade.deploy.ray_serve import deploy_chain
@@ -86,7 +88,7 @@ def serve_tier(ray_instance: None, models_dir: Path,
     root = Path(__file__).resolve().parents[2]
     chain = [load_node_settings(root / config, models_dir=models_dir, policy=policy,
                                 outbox_url=f"sqlite:///{tmp / Path(config).stem}.db",
-                                ray_serve=SERVE_KNOBS)
+                                ray_serve=SERVE_KNOBS, trace_dir=tmp / "traces")
              for config in ("edge_nodes/edge-server.yaml", "cloud/cloud.yaml")]
     port = free_port_block(1)
     twin = None
@@ -97,7 +99,7 @@ def serve_tier(ray_instance: None, models_dir: Path,
                  timeout_s=120, what="the Serve tiers ready")
         twin = Tier(tmp / "processes", "edge-server", models_dir, policy,
                     upstream=edge_server.upstream_url).start()
-        yield ServeTier(url, edge_server, policy, twin)
+        yield ServeTier(url, edge_server, policy, twin, tmp / "traces")
     finally:
         if twin is not None:
             twin.stop()

@@ -63,6 +63,9 @@ def test_tiers_sharing_one_proxy_escalate_to_the_next_prefix():
     assert [t.ray_serve.route_prefix for t in wired] == ["/", "/edge-server", "/cloud"]
     assert [t.upstream_url for t in wired] == [
         "http://127.0.0.1:9300/edge-server", "http://127.0.0.1:9300/cloud", None]
+    assert [t.ray_serve.upstream_app for t in wired] == ["edge-server", "cloud", None]
+    over_http = chain_on_one_proxy(chain, host="127.0.0.1", port=9300, via_handles=False)
+    assert [t.ray_serve.upstream_app for t in over_http] == [None, None, None]
     assert {(t.host, t.port) for t in wired} == {("127.0.0.1", 9300)}
 
 

@@ -1,9 +1,11 @@
 """The HTTP contract (architecture §2) holds for a tier run as a Ray Serve application: the
 bad-request and OpenAPI suites written for `cascade serve` tiers run unchanged against it, and
-it answers exactly as the same tier run as a process (same labels, confidences, hops)."""
+it answers exactly as the same tier run as a process (same labels, confidences, hops). Its
+escalations reach the cloud tier through a DeploymentHandle, in the same trace."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -85,3 +87,24 @@ def test_idempotency_probes_and_metrics(serve_tier):
         metrics = client.get(f"{url}/metrics")
         assert metrics.status_code == 200
         assert 'cascade_requests_total{' in metrics.text or "cascade_request_duration" in metrics.text
+
+
+def test_an_escalation_by_handle_is_one_trace_across_both_tiers(serve_tier, hard_images):
+    from cascade.observability.export import TraceFileError, read_span_records
+
+    body = {"task": "vision", "input": {"image": hard_images[0]}}
+    answer = httpx.post(f"{serve_tier.url}/v1/infer", json=body, timeout=60).json()
+    assert [hop["tier"] for hop in answer["hops"]] == ["edge-server", "cloud"]
+    trace_id = answer["trace_id"]
+
+    def servers_written() -> set[str]:
+        try:
+            records, _ = read_span_records(serve_tier.trace_dir)
+        except TraceFileError:  # no file yet
+            return set()
+        return {r["tier"] for r in records if r["trace_id"] == trace_id and r["kind"] == "SERVER"}
+
+    deadline = time.monotonic() + 60  # the exporters write in batches
+    while servers_written() != {"edge-server", "cloud"}:
+        assert time.monotonic() < deadline, f"SERVER spans written: {servers_written()}"
+        time.sleep(0.1)
