@@ -40,8 +40,9 @@ def test_serve_config_builds_and_its_policies_validate(monkeypatch):
         assert ingress.user_config["source"] == app.args["policy_user_config"]
         settings = load_node_settings(app.args["config"], **app.args.get("overrides", {}))
         assert settings.tier == app.name
-        if settings.upstream_url is not None:  # it escalates through the same proxy
+        if settings.upstream_url is not None:  # to the cloud app: by handle, else the proxy
             assert settings.upstream_url == proxy + prefixes["cloud"]
+            assert settings.ray_serve.upstream_app == "cloud"
 
 
 def test_an_invalid_user_config_is_named():
@@ -100,3 +101,4 @@ def test_the_rayservice_runs_the_same_applications(monkeypatch):
         assert Path(settings.models_dir) == ROOT / "models"
         if settings.upstream_url is not None:  # KubeRay's Serve port, the cloud's prefix
             assert settings.upstream_url == "http://127.0.0.1:8000" + prefixes["cloud"]
+            assert settings.ray_serve.upstream_app == "cloud"
