@@ -116,7 +116,7 @@ class HandleTransport(httpx.AsyncBaseTransport):
     a call past its timeout a read timeout, as the client expects of any transport."""
 
     def __init__(self, handle: DeploymentHandle[Any], *, strip_prefix: str = "") -> None:
-        self._handle = handle
+        self.handle = handle
         self._prefix = strip_prefix.rstrip("/")
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -127,7 +127,7 @@ class HandleTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         timeouts = request.extensions.get("timeout") or {}
         timeout = timeouts.get("read")
-        response = self._handle.handle_http.remote(request.method, path,
+        response = self.handle.handle_http.remote(request.method, path,
                                                    list(request.headers.items()), body)
         try:
             status, headers, content = await asyncio.wait_for(response, timeout)
@@ -228,10 +228,21 @@ class TierIngress:
         setup_tracing(self._settings.tier, trace_dir=self._settings.trace_dir)
         # Without model deployments the models load here, by their manifest runtime.
         load = self._handle_runner if self._models else load_runner
-        self._node = build_node(self._settings, load=load, upstream_transport=self._transport())
+        transport = self._transport()
+        self._node = build_node(self._settings, load=load, upstream_transport=transport)
+        # A handle's first call sets up its router (a second or more on a busy machine): do
+        # that now, not on the first request's deadline.
+        self._warmup = asyncio.get_running_loop().create_task(self._warm_handles(transport))
         if self._pending_user_config is not None:  # arrived before the node existed
             self.reconfigure(self._pending_user_config)
         return self._node
+
+    async def _warm_handles(self, transport: HandleTransport | None) -> None:
+        calls = [handle.stats.remote() for handle in self._models.values()]
+        if transport is not None:
+            calls.append(transport.handle.handle_http.remote("GET", "/healthz", [], b""))
+        # The upstream may not be up yet: a failed warm-up only means a cold first call.
+        await asyncio.gather(*calls, return_exceptions=True)
 
     def _transport(self) -> HandleTransport | None:
         """To the upstream tier's ingress by handle, when it is a Serve app of this cluster."""
