@@ -1,2 +1,3 @@
 """Running tiers: one tier as a uvicorn process (:mod:`~cascade.deploy.process`) and the
-local chain supervisor (:mod:`~cascade.deploy.supervisor`). Ray Serve will join here."""
+local chain supervisor (:mod:`~cascade.deploy.supervisor`), and one tier as a Ray Serve
+application (:mod:`~cascade.deploy.ray_serve`, the only module that imports Ray)."""

@@ -5,7 +5,7 @@ concurrent requests at once. Computing them as one tensor changes answers: an in
 quantizes its activations with one scale over the whole tensor, so a sample's probabilities
 depend on the other samples in the batch; and even an fp32 GEMM takes another path for N rows
 than for one, so the last bits differ. Measured on every built-in model over the test split
-(batches of 2..32): between 0 % and 84 % of rows were bit-identical to the single-sample
+(batches of 2..32): between 0 % and 88 % of rows were bit-identical to the single-sample
 answer, never 100 %. A tier's answer must not depend on who else asked at the same moment, so
 :class:`ExactBatcher` computes a batch sample by sample unless a measurement on the model
 itself showed batched and single answers identical (``vectorized``), and
