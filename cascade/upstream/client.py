@@ -111,10 +111,6 @@ class _Relay:
                 self.relayed += 1
         return None
 
-    def unfinished(self) -> Any:
-        """The stream closed without its final answer."""
-        raise self.failed(_Retryable("the upstream's stream closed before its answer"))
-
     def failed(self, retryable: _Retryable) -> _Retryable | _Final:
         """After events were relayed a retry would repeat them: the failure is final."""
         if not self.relayed:
@@ -317,7 +313,7 @@ class UpstreamClient:
                 final = relay.feed(chunk)
                 if final is not None:
                     return final
-        return 200, relay.unfinished()
+        raise relay.failed(_Retryable("the upstream's stream closed before its answer"))
 
     def _transport_failure(self, exc: BaseException, remaining_ms: int) -> _Retryable:
         """What a failed exchange means for retrying (``AttributeError``: see below)."""

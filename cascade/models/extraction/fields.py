@@ -25,6 +25,11 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from cascade.contract.answer import json_object
+
+parse_answer = json_object
+"""The model's answer as a mapping, or None when it is not a JSON object."""
+
 __all__ = ["DOC_TYPES", "FIELDS", "JSON_SCHEMA", "canonical", "field_matches", "is_correct",
            "normalise", "parse_answer"]
 
@@ -126,15 +131,6 @@ def canonical(answer: Mapping[str, Any], fields: tuple[str, ...] = FIELDS) -> st
     normalisation: compact JSON of the normalised fields in schema order."""
     return json.dumps({f: normalise(f, answer.get(f)) for f in fields}, ensure_ascii=False,
                       separators=(",", ":"))
-
-
-def parse_answer(text: str) -> dict[str, Any] | None:
-    """The model's answer as a mapping, or None when it is not a JSON object."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def field_matches(answer: Mapping[str, Any], truth: Mapping[str, Any]) -> dict[str, bool]:
