@@ -211,11 +211,17 @@ def _invoice(w: _Writer, difficulty: Difficulty) -> Document:
                   f"Please transfer {total_text} within 30 days."]
     footer = [f"{issuer} · Registered office: {_address(w)} · VAT ID {w.code('AA999999999')}",
               f"Payments to {issuer}, IBAN {w.code('AA99 9999 9999 9999 99')}"] if indirect else []
-    truth = {"type": "invoice", "number": number, "date": f"{ymd[0]}-{ymd[1]:02d}-{ymd[2]:02d}",
-             "company": issuer, "amount": f"{total:.2f}"}
+    truth = _truth("invoice", number, ymd, issuer, total)
     draft = _Draft(header, [meta, lines, totals], footer)
     return w.finish(draft, "invoice", truth, tricks, difficulty,
                     _written(number, date_text, issuer, total_text))
+
+
+def _truth(kind: str, number: str, ymd: tuple[int, int, int], company: str,
+           amount: float) -> dict[str, str]:
+    """A document's exact answers, in the form the normalised fields take."""
+    return {"type": kind, "number": number, "date": f"{ymd[0]}-{ymd[1]:02d}-{ymd[2]:02d}",
+            "company": company, "amount": f"{amount:.2f}"}
 
 
 def _letter(w: _Writer, difficulty: Difficulty) -> Document:
@@ -249,8 +255,7 @@ def _letter(w: _Writer, difficulty: Difficulty) -> Document:
     body.append("We kindly ask you to settle it within 14 days.")
     sign = ["Yours sincerely,", person,
             f"For and on behalf of {sender}" if indirect else sender]
-    truth = {"type": "letter", "number": number, "date": f"{ymd[0]}-{ymd[1]:02d}-{ymd[2]:02d}",
-             "company": sender, "amount": f"{balance:.2f}"}
+    truth = _truth("letter", number, ymd, sender, balance)
     draft = _Draft(header, [to, refs, body], sign)
     return w.finish(draft, "letter", truth, tricks, difficulty,
                     _written(number, date_text, sender, balance_text))
@@ -284,9 +289,7 @@ def _shipping(w: _Writer, difficulty: Difficulty) -> Document:
         facts.insert(0, f"Your parcel is on its way with our partner {carrier}; follow it with "
                         f"the code {number}.")
     body = [f"Dear customer, your order from {merchant} has been dispatched."]
-    truth = {"type": "shipping_notice", "number": number,
-             "date": f"{ymd[0]}-{ymd[1]:02d}-{ymd[2]:02d}", "company": carrier,
-             "amount": f"{value:.2f}"}
+    truth = _truth("shipping_notice", number, ymd, carrier, value)
     draft = _Draft(header, [body, facts], [f"{merchant} customer service"])
     return w.finish(draft, "shipping_notice", truth, tricks, difficulty,
                     _written(number, date_text, carrier, value_text))
