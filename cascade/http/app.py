@@ -40,6 +40,7 @@ from cascade.http.results import (
 from cascade.http.streaming import stream_infer, wants_stream
 from cascade.observability.metrics import metrics_response
 from cascade.observability.telemetry import RequestTelemetryMiddleware, fastapi_options
+from cascade.tier.audit import AUDIT_HEADER, AUDIT_REFERENCES
 from cascade.tier.lifecycle import run_tier_lifecycle
 from cascade.tier.node import CallContext, Node
 
@@ -166,8 +167,13 @@ def call_context(request: Request) -> CallContext:
     except ValueError:
         raise InvalidInput("X-Cascade-Hop and X-Cascade-Deadline-Ms must be integers",
                            field="X-Cascade-Hop") from None
+    audit = headers.get("x-cascade-audit")
+    if audit is not None and audit not in AUDIT_REFERENCES:
+        raise InvalidInput(f"{AUDIT_HEADER} must be one of {', '.join(AUDIT_REFERENCES)}; "
+                           f"got {audit!r}", field=AUDIT_HEADER)
     return CallContext(
-        request_id=key, hop_count=hop, deadline_ms=deadline, traceparent=headers.get("traceparent")
+        request_id=key, hop_count=hop, deadline_ms=deadline, traceparent=headers.get("traceparent"),
+        audit=audit,
     )
 
 
@@ -260,7 +266,7 @@ def _add_infer_route(app: FastAPI, state: dict[str, Node]) -> None:
         """Documented here for OpenAPI; served by the plain route below (same function)."""
         body = await parse_infer_request(request)
         ctx = call_context(request)
-        if wants_stream(body, request.headers.get("accept")):
+        if wants_stream(body, request.headers.get("accept")) and ctx.audit is None:
             return await stream_infer(state["node"], body, ctx)
         answer, replayed = await answer_infer(state["node"], body, ctx)
         response = json_response(answer)

@@ -34,7 +34,7 @@ async def answer_infer(
     """``POST /v1/infer`` through the idempotency layer; returns ``(body, replayed)``.
     ``events``: where a streamed answer's progress goes (``cascade.contract.streaming``)."""
     outbox = outbox_of(node)
-    if outbox is None:
+    if outbox is None or ctx.audit is not None:  # an audit stores nothing here
         return (await node.answer(request, ctx, events)).answer.to_wire(), False
     return await serve_infer(outbox, node, request, ctx, events)
 

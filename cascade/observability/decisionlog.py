@@ -24,6 +24,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,6 @@ CREATE INDEX IF NOT EXISTS decisions_request ON decisions (request_id);
 """
 # Columns added after the first release: (name, type), added to older files on open.
 _ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("drift_tightened", "INTEGER"),)
-_INSERT = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -84,9 +84,30 @@ def resolve_path(template: str, tier: str) -> Path:
     return Path((os.environ.get(PATH_ENV) or template).replace("{tier}", tier)).expanduser()
 
 
-def connect(path: Path, wal_limit_bytes: int = 4 << 20) -> sqlite3.Connection:
-    """Open (creating if needed) a decision log database; its WAL is checkpointed every
-    ``wal_limit_bytes`` and truncated back to that size."""
+@dataclass(frozen=True)
+class LogTable:
+    """The one table a :class:`DecisionLog` writes: its name, schema, columns in insert order
+    and columns added after its first release (added to older files on open)."""
+
+    name: str
+    schema: str
+    columns: tuple[str, ...]
+    added_columns: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def insert(self) -> str:
+        """The INSERT statement of one row."""
+        return (f"INSERT INTO {self.name} ({', '.join(self.columns)}) "
+                f"VALUES ({', '.join('?' * len(self.columns))})")
+
+
+DECISIONS = LogTable("decisions", _SCHEMA, COLUMNS, _ADDED_COLUMNS)
+
+
+def connect(path: Path, wal_limit_bytes: int = 4 << 20,
+            table: LogTable = DECISIONS) -> sqlite3.Connection:
+    """Open (creating if needed) a decision log database (or another :class:`LogTable`'s);
+    its WAL is checkpointed every ``wal_limit_bytes`` and truncated back to that size."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False)
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # a new file only: freed pages can shrink it
@@ -94,11 +115,11 @@ def connect(path: Path, wal_limit_bytes: int = 4 << 20) -> sqlite3.Connection:
     conn.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit_bytes // 4096)}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(_SCHEMA)
-    have = {row[1] for row in conn.execute("PRAGMA table_info(decisions)")}
-    for name, kind in _ADDED_COLUMNS:
+    conn.executescript(table.schema)
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table.name})")}
+    for name, kind in table.added_columns:
         if name not in have:
-            conn.execute(f"ALTER TABLE decisions ADD COLUMN {name} {kind}")
+            conn.execute(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}")
     return conn
 
 
@@ -113,8 +134,13 @@ class DecisionLog:
 
     def __init__(self, path: Path, *, flush_interval_s: float = 0.25, max_pending: int = 20_000,
                  gauge: StoreGauge | None = None, retention_s: float | None = None,
-                 upkeep_interval_s: float = 1.0) -> None:
+                 upkeep_interval_s: float = 1.0, table: LogTable = DECISIONS,
+                 max_rows: int | None = None) -> None:
+        """``table``: what rows are (the decisions by default); ``max_rows``: the oldest rows
+        past this many go at each upkeep."""
         self.path = path
+        self.table = table
+        self.max_rows = max_rows
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
         self.gauge = gauge
@@ -131,7 +157,7 @@ class DecisionLog:
         # checkpoints SQLite runs at this size (its default, 4 MiB, outgrew small shares).
         self.wal_limit = max(64 << 10, min(1 << 20, gauge.budget_bytes // 8)) if gauge else 1 << 20
         # fail early (unwritable path) rather than in the thread
-        self._conn = connect(path, self.wal_limit)
+        self._conn = connect(path, self.wal_limit, table)
         self._thread = threading.Thread(target=self._run, name=f"decisionlog:{path.name}", daemon=True)
         self._thread.start()
 
@@ -141,8 +167,9 @@ class DecisionLog:
         if len(self._pending) >= self.max_pending:
             self.stats["dropped_full"] += 1
             return
-        if len(row) < len(COLUMNS):
-            row = (*row, *(None,) * (len(COLUMNS) - len(row)))
+        width = len(self.table.columns)
+        if len(row) < width:
+            row = (*row, *(None,) * (width - len(row)))
         self._pending.append(row)
         self.stats["recorded"] += 1
 
@@ -154,7 +181,7 @@ class DecisionLog:
             return
         try:
             with self._conn:
-                self._conn.executemany(_INSERT, batch)
+                self._conn.executemany(self.table.insert, batch)
             self.stats["written"] += len(batch)
         except sqlite3.Error as exc:
             self.stats["write_errors"] += 1
@@ -178,13 +205,19 @@ class DecisionLog:
 
     def _upkeep(self) -> None:
         """Retention and the disk share (see the class docstring); never raises."""
-        if self.gauge is None:
-            return
+        table = self.table.name
         try:
+            if self.max_rows is not None:
+                with self._conn:
+                    self.stats["evicted"] += self._conn.execute(
+                        f"DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?",
+                        (self.max_rows,)).rowcount
+            if self.gauge is None:
+                return
             removed = 0
             if self.retention_s is not None:
                 with self._conn:
-                    removed = self._conn.execute("DELETE FROM decisions WHERE ts < ?",
+                    removed = self._conn.execute(f"DELETE FROM {table} WHERE ts < ?",
                                                  (time.time() - self.retention_s,)).rowcount
                 self.gauge.evicted("retention", removed)
             share = self.gauge.budget_bytes
@@ -193,8 +226,8 @@ class DecisionLog:
                 n = min(rows, int((live - 0.70 * share) / (live / rows)) + 1)
                 with self._conn:
                     gone = self._conn.execute(
-                        "DELETE FROM decisions WHERE id IN "
-                        "(SELECT id FROM decisions ORDER BY id LIMIT ?)", (n,)).rowcount
+                        f"DELETE FROM {table} WHERE id IN "
+                        f"(SELECT id FROM {table} ORDER BY id LIMIT ?)", (n,)).rowcount
                 self.gauge.evicted("budget", gone)
                 self.stats["evicted"] += gone + removed
                 live, on_disk, rows = self._space()
@@ -204,7 +237,7 @@ class DecisionLog:
                 live, on_disk, rows = self._space()
             self.gauge.set_used(on_disk)
         except sqlite3.Error as exc:
-            log.warning("decision log %s: cannot keep it within its disk share: %s", self.path, exc)
+            log.warning("log %s: cannot keep it within its bounds: %s", self.path, exc)
 
     def _space(self) -> tuple[int, int, int]:
         """(live bytes, bytes on disk, rows) of the log file; live bytes reserve the WAL's
@@ -214,7 +247,7 @@ class DecisionLog:
         wal = files_bytes([Path(f"{self.path}-wal")])
         shm = files_bytes([Path(f"{self.path}-shm")])
         on_disk = files_bytes([self.path]) + wal + shm
-        rows = self._conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+        rows = self._conn.execute(f"SELECT count(*) FROM {self.table.name}").fetchone()[0]
         return (pages - free) * page_size + max(wal, self.wal_limit) + shm, on_disk, rows
 
     def flush(self, timeout_s: float = 5.0) -> None:

@@ -133,6 +133,11 @@ class TierMetrics:
             "Tokens read (type=input: prompts) and written (type=output) by local models.",
             ["tier", "task", "model", "type"], registry=r,
         )
+        self.audits_served = Counter(
+            "cascade_audit_requests_served",
+            "Shadow audits from a lower tier answered here (X-Cascade-Audit): not traffic, so "
+            "absent from the request, answer and decision metrics.", ["tier", "task"], registry=r,
+        )
         info = Gauge("cascade_tier_info", "Always 1; labels describe this tier.", ["tier"], registry=r)
         info.labels(tier).set(1)
         self._node: Any = None
@@ -188,6 +193,10 @@ class TierMetrics:
                 self._child(self.tpot_seconds, task, model).observe(per_token)
         self._child(self.gen_tokens, task, model, "input").inc(input_tokens)
         self._child(self.gen_tokens, task, model, "output").inc(output_tokens)
+
+    def count_audit_served(self, task: str) -> None:
+        """One shadow audit answered for a lower tier."""
+        self._child(self.audits_served, task).inc()
 
     def observe_runner_wait(self, task: str, seconds: float) -> None:
         """One wait for a free slot of an offloaded model."""
@@ -246,6 +255,9 @@ class _ScrapeTimeCollector(Collector):
         yield from _queue_families(tier, getattr(node, "escalations", None), self._m._queue)
         yield from _drift_families(tier, getattr(node, "drift", None))
         yield from _disk_families(tier, getattr(node, "disk", None))
+        field = getattr(getattr(node, "auditor", None), "metric_families", None)
+        if callable(field):  # shadow audits and hard examples (cascade.tier.audit)
+            yield from field()
         yield from _telemetry_families(tier)
 
 

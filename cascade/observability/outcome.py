@@ -42,6 +42,8 @@ class RequestOutcome:
     """This tier committed the answer with an escalation to its own queue."""
     payload: Any = None
     """The request's input (the decision log keeps it only when the policy says so)."""
+    traceparent: str | None = None
+    """The request's span at this tier (a shadow audit of it links there)."""
 
 
 OutcomeObserver = Callable[[RequestOutcome], None]

@@ -179,8 +179,8 @@ def drain_span(tier: str, *, traceparent: str | None, request_id: str, task: str
 class RequestRecord:
     """What a request turned into, filled by the node and read when the response is done."""
 
-    __slots__ = ("answered_by", "decision", "parent", "request_id", "scope", "span", "started_ns",
-                 "status", "task", "trace_id", "tracer")
+    __slots__ = ("answered_by", "audit", "decision", "parent", "request_id", "scope", "span",
+                 "started_ns", "status", "task", "trace_id", "tracer")
 
     def __init__(self, scope: Any, tracer: trace.Tracer | None) -> None:
         self.scope = scope
@@ -196,6 +196,7 @@ class RequestRecord:
         self.answered_by: str | None = None
         self.trace_id: str | None = None
         self.request_id: str | None = None
+        self.audit = False  # a shadow audit: not traffic (request metrics skip it)
 
 
 _RECORD: ContextVar[RequestRecord | None] = ContextVar("cascade_request_record", default=None)
@@ -276,7 +277,7 @@ class TierTelemetry:
     def record_local(self, *, task: str, model: str, started_ns: int, inferred_ns: int,
                      gated_ns: int, confidence: float, decision: str, signal: str,
                      incoming: str | None = None,
-                     generation: Generation | None = None) -> RequestTrace:
+                     generation: Generation | None = None, audit: bool = False) -> RequestTrace:
         """The local model ran (``started_ns``..``inferred_ns``) and the gate decided (..``gated_ns``).
 
         Starts the request's SERVER span now that the decision is known (the sampler keeps every
@@ -285,18 +286,15 @@ class TierTelemetry:
         spans are made after the fact with those times, and only when the request is sampled.
         ``incoming`` is the caller's ``traceparent``, kept when tracing is off. ``generation``:
         a generative model's output (token metrics; GenAI attributes on the inference span).
-        """
+        ``audit``: a lower tier's shadow audit, counted apart from traffic."""
         confidence = float(confidence)  # numpy scalars are not valid span attribute values
-        self.metrics.observe_inference(task, model, (inferred_ns - started_ns) / 1e9)
-        if generation is not None:
-            self.metrics.observe_generation(
-                task, model, ttft_s=None if generation.ttft_ms is None else generation.ttft_ms / 1e3,
-                total_s=(inferred_ns - started_ns) / 1e9, input_tokens=generation.prompt_tokens,
-                output_tokens=generation.completion_tokens)
-        self.metrics.count_decision(task, decision)
+        if audit:
+            self.metrics.count_audit_served(task)
+        else:
+            self._count_local(task, model, (inferred_ns - started_ns) / 1e9, decision, generation)
         record = _RECORD.get()
         if record is not None:
-            record.task, record.decision = task, decision
+            record.task, record.decision, record.audit = task, decision, audit
             tracer = record.tracer
         else:
             tracer = sdk_tracer()
@@ -340,6 +338,16 @@ class TierTelemetry:
                               attributes={**gate_attrs, "cascade.signal": signal}).end(gated_ns)
         return RequestTrace(f"{ctx.trace_id:032x}", _traceparent_of(ctx),
                             span if record is not None else None)
+
+    def _count_local(self, task: str, model: str, seconds: float, decision: str,
+                     generation: Generation | None) -> None:
+        self.metrics.observe_inference(task, model, seconds)
+        if generation is not None:
+            self.metrics.observe_generation(
+                task, model, ttft_s=None if generation.ttft_ms is None else generation.ttft_ms / 1e3,
+                total_s=seconds, input_tokens=generation.prompt_tokens,
+                output_tokens=generation.completion_tokens)
+        self.metrics.count_decision(task, decision)
 
     def record_outcome(self, outcome: RequestOutcome) -> None:
         """The node's answer is ready (an outcome observer)."""
@@ -469,7 +477,7 @@ class RequestTelemetryMiddleware:
         telemetry = self._get_telemetry()
         if telemetry is not None:
             telemetry.metrics.count_response(route, code)
-            if route == "/v1/infer":
+            if route == "/v1/infer" and not record.audit:
                 task = record.task or NO_TASK
                 telemetry.metrics.observe_request(task, seconds)
                 if record.decision == "escalate" and record.status is None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from cascade.gating.drift import DriftReference, DriftSettings
 from cascade.gating.gate import Calibration, GateRule, SignalName, is_generation_signal
+from cascade.policy.field import AuditPolicy, HardExamplesPolicy
 from cascade.policy.goals import Goals
 
 TIER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -230,6 +231,10 @@ class TaskPolicy(_Strict):
     )
     drift: DriftPolicy = Field(default_factory=DriftPolicy,
                                description="The drift alarm of every tier of this task.")
+    audit: AuditPolicy = Field(default_factory=AuditPolicy,
+                               description="Shadow audits: live field accuracy per tier.")
+    hard_examples: HardExamplesPolicy = Field(
+        default_factory=HardExamplesPolicy, description="Hard examples kept for retraining.")
     tiers: dict[str, TierPolicy] = Field(..., min_length=1)
 
     @field_validator("tiers")

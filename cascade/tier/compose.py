@@ -20,11 +20,13 @@ from cascade.models.manifest import load_manifest
 from cascade.models.prompting import tier_decoder
 from cascade.models.repository import model_spec
 from cascade.observability.decisionlog import DecisionRecorder
+from cascade.observability.examples import HardExampleStore
 from cascade.observability.telemetry import TierTelemetry, upstream_attempt
 from cascade.outbox import Outbox
 from cascade.policy import load_policy
 from cascade.runners.execution import BlockingCalls
 from cascade.runners.registry import Loader, load_runner
+from cascade.tier.audit import Auditor
 from cascade.tier.disk import build_disk_usage
 from cascade.tier.node import Node, TaskRuntime
 from cascade.tier.settings import NodeSettings
@@ -99,8 +101,12 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
     disk = build_disk_usage(settings, (path for path in model_files if path is not None))
     decisions = DecisionRecorder(settings.tier, gauge=disk.gauge("decisions"),
                                  retention_s=settings.disk.decisions_retention_s)
+    # Audits get their own client: their failures never open the traffic's breaker.
+    auditor = Auditor(settings.tier, upstream=build_upstream(settings, transport=upstream_transport),
+                      examples=HardExampleStore(settings.tier))
     # The durable outbox also keeps idempotent results, so the top tier has one too.
     return Node(settings, tasks=tasks, policy=policy,
                 upstream=build_upstream(settings, transport=upstream_transport),
                 escalations=Outbox.from_settings(settings, disk), telemetry=telemetry,
-                decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk)
+                decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk,
+                auditor=auditor)

@@ -32,6 +32,8 @@ async def run_tier_lifecycle(node: Node) -> AsyncIterator[Node]:
         await outbox.start(node.upstream)
     reloader = PolicyReloader(node)  # nothing per request
     await reloader.start()
+    # Shadow audits: workers enough for the most demanding task of the policy at start.
+    await node.auditor.start(max(t.audit.concurrency for t in node.policy.policy.tasks.values()))
     try:
         yield node
     finally:

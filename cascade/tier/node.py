@@ -34,10 +34,12 @@ from cascade.gating.gate import Decision, decide
 from cascade.gating.scoring import assess_output
 from cascade.observability.decisionlog import DecisionRecorder
 from cascade.observability.disk import DiskUsage
+from cascade.observability.examples import HardExampleStore
 from cascade.observability.outcome import OutcomeObserver, RequestOutcome
 from cascade.observability.telemetry import TierTelemetry
 from cascade.policy import LoadedPolicy
 from cascade.runners.base import Runner, StreamingRunner
+from cascade.tier.audit import AUDIT_HEADER, Auditor
 from cascade.tier.settings import NodeSettings
 from cascade.upstream.base import Upstream
 
@@ -68,6 +70,9 @@ class CallContext:
     traceparent: str | None = None
     request_hash: str | None = None
     """Set by the idempotency layer: kept with a queued escalation so a reused key is caught."""
+    audit: str | None = None
+    """A lower tier's shadow audit (``X-Cascade-Audit``: next_tier or chain): not traffic, no
+    drift window, no observers, never queued; escalated online only under ``chain``."""
 
 
 @dataclass(slots=True)
@@ -133,6 +138,7 @@ class Node:
         decisions: DecisionRecorder | None = None,
         drift: DriftMonitor | None = None,
         disk: DiskUsage | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         """Collaborators are given, not built here (:func:`cascade.tier.compose.build_node`
         builds them from settings); the defaults suit a tier assembled by hand in a test."""
@@ -153,8 +159,13 @@ class Node:
         self.policy_reloads: dict[str, Any] = {"reloads": 0, "errors": 0, "last_error": None}
         self.drift = drift or DriftMonitor(self.tier)  # drift alarm per task
         self.drift.prime(policy, list(tasks))
+        # Shadow audits and hard examples (cascade.tier.audit), following the live policy.
+        self.auditor = auditor or Auditor(self.tier, upstream=None,
+                                          examples=HardExampleStore(self.tier))
+        self.auditor.configure(policy)
         self._observers: tuple[OutcomeObserver, ...] = (
-            self.decisions.record_outcome, self.telemetry.record_outcome)
+            self.decisions.record_outcome, self.telemetry.record_outcome,
+            self.auditor.record_outcome)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -165,6 +176,7 @@ class Node:
         for runtime in self.tasks.values():
             runtime.runner.close()
         self.decisions.close()
+        await self.auditor.aclose()
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -182,6 +194,7 @@ class Node:
         self._check_policy_covers(policy)
         self._policy = policy  # one reference swap: requests see old or new, never a mix
         self.decisions.configure(policy)
+        self.auditor.configure(policy)
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -217,13 +230,16 @@ class Node:
         conf, label = scored.confidence, scored.label
         # Feeds the drift window; while a `tighten` alarm is on, the stricter rule (also what
         # the decision log records, so replay re-decides with it).
-        rule = self.drift.observe(policy, request.task, conf, label, rule)
-        decision = decide(conf, label, rule, has_upstream=self.upstream is not None)
+        if ctx.audit is None:  # an audit is not traffic: it stays out of the drift window
+            rule = self.drift.observe(policy, request.task, conf, label, rule)
+        decision = decide(conf, label, rule, has_upstream=self.upstream is not None
+                          and ctx.audit != "next_tier")
         request_trace = self.telemetry.record_local(  # starts the SERVER span, decision known
             task=request.task, model=runner.model_name, started_ns=started_ns,
             inferred_ns=inferred_ns, gated_ns=time.time_ns(), confidence=conf,
             decision=decision.value, signal=rule.signal, incoming=ctx.traceparent,
             generation=output if isinstance(output, Generation) else None,
+            audit=ctx.audit is not None,
         )
         hop = Hop(tier=self.tier, model=runner.model_name, label=label,
                   confidence=round(conf, 6), decision=decision.value, ms=0.0)
@@ -250,11 +266,13 @@ class Node:
                 answer, queued = await self._escalate(request, ctx, answer, deadline,
                                                       request_trace.traceparent, task_policy,
                                                       events)
+        if ctx.audit is not None:
+            return Answered(answer, queued)
         outcome = RequestOutcome(
             tier=self.tier, task=request.task, hop=ctx.hop_count, model=runner.model_name,
             policy=policy, rule=rule, assessment=scored, decision=decision.value,
             has_upstream=self.upstream is not None, answer=answer, queued=queued,
-            payload=request.input,
+            payload=request.input, traceparent=request_trace.traceparent,
         )
         for observe in self._observers:
             observe(outcome)
@@ -319,7 +337,8 @@ class Node:
                 deadline=deadline,
                 hop_count=ctx.hop_count + 1,
                 idempotency_key=answer.id,
-                headers={"traceparent": traceparent},
+                headers={"traceparent": traceparent} if ctx.audit is None
+                else {"traceparent": traceparent, AUDIT_HEADER: ctx.audit},
                 events=events,
             )
         except UpstreamRejected as exc:
@@ -328,6 +347,9 @@ class Node:
             reason = str(exc)
         else:
             return merge_upstream(answer, upstream), False
+        if ctx.audit is not None:  # an audit is never queued: its caller counts it as failed
+            answer.status = "provisional"
+            return answer, False
         if task_policy.offline == "reject":
             raise ServiceUnavailable(
                 f"upstream unavailable and the policy for {request.task!r} says reject: {reason}",
@@ -356,6 +378,7 @@ class Node:
             else {"url": self.settings.upstream_url, "breaker": self.upstream.breaker.state},
             "queue_depth": self.escalations.depth(),
             "drift": self.drift.readiness(policy, list(self.tasks)),
+            "audit": self.auditor.readiness(list(self.tasks)),
             "disk": self.disk.view() if self.disk is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
