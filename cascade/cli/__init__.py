@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from cascade.cli.disk_cmd import disk
+from cascade.cli.field_cmd import audit_app, examples_app
 from cascade.cli.policy_cmd import policy_app
 from cascade.cli.queue_cmd import queue_app
 from cascade.cli.run_cmd import register_run_commands
@@ -30,6 +31,8 @@ app.add_typer(policy_app, name="policy")
 app.command("traces")(traces)
 app.add_typer(queue_app, name="queue")
 app.command("disk")(disk)
+app.add_typer(audit_app, name="audit")
+app.add_typer(examples_app, name="examples")
 
 
 def _register_optional() -> None:
