@@ -55,6 +55,17 @@ def build(
         bool, typer.Option("--generative", help="Build the generative extraction task (GGUF "
                            "ladder, splits, recorded answers) instead of the ONNX ladders.")
     ] = False,
+    extra_data: Annotated[
+        list[Path] | None, typer.Option(
+            "--extra-data", help="Also train on this dataset of labelled requests (what `cascade "
+            "examples export` writes: hard examples labelled by upper tiers); repeatable. Joins "
+            "the training split only: calibration and test splits stay the same.")
+    ] = None,
+    extra_tier: Annotated[
+        list[str] | None, typer.Option(
+            "--extra-tier", help="Only these tiers train with --extra-data (default: all); "
+            "repeatable, e.g. --extra-tier endpoint.")
+    ] = None,
     candidates: Annotated[
         bool, typer.Option("--candidates", help="With --generative: measure every candidate "
                            "model and prompt on the calibration split and print the table "
@@ -89,7 +100,12 @@ def build(
     exact-match accuracy and latency. Slow (tens of minutes on 2 cores) but
     resumable: answers already recorded are kept (--force answers again).
 
+    With --extra-data: the hard examples tiers kept in the field (cascade
+    examples export) join the training split of their task, so the models
+    learn the inputs they got wrong; the build key includes the files.
+
     Examples: cascade models build --out models
+              cascade models build --extra-data var/hard.jsonl --extra-tier endpoint
               cascade models build --generative --candidates
     """
     if generative:
@@ -100,7 +116,8 @@ def build(
     console = Console(stderr=True)
     try:
         manifest = build_models(out, force=force, console=console,
-                                show_progress=not quiet and not as_json)
+                                show_progress=not quiet and not as_json,
+                                extra_data=extra_data or (), extra_tiers=extra_tier or None)
     except ModelError as exc:
         console.print(f"[bold red]Model build failed:[/] {escape(exc.message)}")
         raise typer.Exit(1) from None

@@ -7,6 +7,7 @@ actually runs, so the up-to-date check takes well under a second.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +63,7 @@ from cascade.runners.onnx import OnnxRunner
 
 if TYPE_CHECKING:
     from cascade.models.datasets import Dataset, Splits
+    from cascade.models.extra import ExtraData
 
 # The ONNX graph must reproduce scikit-learn: same argmax almost everywhere, same probabilities
 # up to float32 rounding. A silent tokenizer or formula difference fails the build.
@@ -87,6 +89,8 @@ def build_models(
     force: bool = False,
     console: Console | None = None,
     show_progress: bool = True,
+    extra_data: Sequence[Path] = (),
+    extra_tiers: Sequence[str] | None = None,
 ) -> Manifest:
     """Build both model ladders into ``out_dir`` and return the written manifest.
 
@@ -95,10 +99,17 @@ def build_models(
     (the later ones usually find it up to date), and readers keep loading the previous build
     until the new files are moved into place. Progress goes to ``console`` (stderr by default);
     quantization warnings are printed even when ``show_progress`` is off.
+
+    ``extra_data``: datasets of labelled requests (``cascade examples export``) added to the
+    training split of their task, for the ``extra_tiers`` (default: every tier); they are part
+    of the build key, so the same files give an up-to-date build.
     """
     console = console or Console(stderr=True)
     out_dir = Path(out_dir).resolve()
+    extra = _extra(extra_data, extra_tiers)
     build_key = compute_build_key()
+    if extra.digest:
+        build_key = f"{build_key[:12]}+{extra.digest[:11]}"
 
     def up_to_date() -> Manifest | None:
         existing = None if force else up_to_date_manifest(out_dir, build_key)
@@ -120,7 +131,7 @@ def build_models(
         if (existing := up_to_date()) is not None:
             return existing
         with staging_dir(out_dir) as stage:
-            manifest = _build_into(stage, build_key, console, show_progress)
+            manifest = _build_into(stage, build_key, console, show_progress, extra)
             # Tasks registered into this directory stay registered across rebuilds.
             kept = registered_tasks(out_dir)
             manifest = manifest.model_copy(update={"tasks": {**manifest.tasks, **kept}})
@@ -133,7 +144,20 @@ def build_models(
     return manifest
 
 
-def _build_into(stage: Path, build_key: str, console: Console, show_progress: bool) -> Manifest:
+def _extra(paths: Sequence[Path], tiers: Sequence[str] | None) -> ExtraData:
+    from cascade.models.extra import ExtraData, load_extra_data
+
+    if not paths:
+        return ExtraData()
+    known = {spec.tier for ladder in LADDERS.values() for spec in ladder}
+    if bad := sorted(set(tiers or ()) - known):
+        raise ModelError(f"--extra-tier {bad[0]!r} is not a tier of the built-in ladders; "
+                         f"allowed: {', '.join(sorted(known))}")
+    return load_extra_data(paths, tiers=tiers)
+
+
+def _build_into(stage: Path, build_key: str, console: Console, show_progress: bool,
+                extra: ExtraData) -> Manifest:
     started = time.perf_counter()
     steps = sum(1 + len(LADDERS[task]) for task in TASKS)
     progress = Progress(
@@ -148,7 +172,7 @@ def _build_into(stage: Path, build_key: str, console: Console, show_progress: bo
     )
     with progress:
         step = progress.add_task("starting", total=steps)
-        builder = _Builder(stage, progress, step, console, show_progress)
+        builder = _Builder(stage, progress, step, console, show_progress, extra)
         tasks: dict[str, TaskEntry] = {task: builder.build_task(task) for task in TASKS}
     return Manifest(
         schema_version=SCHEMA_VERSION,
@@ -167,6 +191,7 @@ class _Builder:
     step: Any
     console: Console
     verbose: bool
+    extra: ExtraData
 
     def build_task(self, task: TaskName) -> TaskEntry:
         from cascade.models.datasets import load_dataset, split_dataset
@@ -174,6 +199,7 @@ class _Builder:
         self._status(f"{task}: loading data and splitting")
         dataset = load_dataset(task)
         splits = split_dataset(dataset)
+        self.extra.check_classes(task, dataset.classes)
         split_path = self._save_splits(dataset, splits)
         self.progress.advance(self.step)
         test_inputs = _runner_inputs(dataset, splits.test)
@@ -212,7 +238,8 @@ class _Builder:
 
         task, name = dataset.task, f"{dataset.task}/{spec.tier}"
         self._status(f"{name}: training {spec.algorithm}")
-        trained = train_tier(task, spec, dataset.inputs[splits.train], dataset.labels[splits.train])
+        trained = train_tier(task, spec, *self.extra.stack(
+            task, spec.tier, dataset.inputs[splits.train], dataset.labels[splits.train]))
         if trained.classes != dataset.classes:
             raise ModelError(
                 f"{name} learned classes {trained.classes}, expected "

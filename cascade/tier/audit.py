@@ -65,6 +65,9 @@ class _Audit:
     local_label: str
     local_confidence: float
     low_confidence: bool
+    sampled: bool
+    """Drawn at the audit rate: only these feed the agreement (a forced low-confidence audit
+    would bias the estimate towards the hard cases)."""
     traceparent: str | None
     reference: Literal["next_tier", "chain"]
     deadline_ms: int
@@ -140,11 +143,12 @@ class Auditor:
         audit = task_policy.audit
         low = hard.enabled and hard.confidence_floor is not None \
             and outcome.assessment.confidence < hard.confidence_floor
-        if not low and not sampled(answer.id, audit.rate):
+        drawn = sampled(answer.id, audit.rate)
+        if not low and not drawn:
             return
         self._admit(_Audit(
             answer.id, outcome.task, {"task": outcome.task, "input": outcome.payload},
-            outcome.hop, answer.label, outcome.assessment.confidence, low,
+            outcome.hop, answer.label, outcome.assessment.confidence, low, drawn,
             outcome.traceparent, audit.reference, audit.deadline_ms), audit)
 
     def _admit(self, item: _Audit, audit: Any) -> None:
@@ -207,10 +211,11 @@ class Auditor:
             counts["inconclusive"] += 1
             return
         agreed = answer.label == item.local_label
-        counts["agreed" if agreed else "disagreed"] += 1
         window = self.windows.get(item.task)
-        if window is not None:
-            window.observe(agreed)
+        if item.sampled:
+            counts["agreed" if agreed else "disagreed"] += 1
+            if window is not None:
+                window.observe(agreed)
         self._keep(item, answer.label, answer.answered_by, agreed)
 
     def _keep(self, item: _Audit, label: str, label_tier: str, agreed: bool) -> None:

@@ -113,6 +113,36 @@ def _typo(word: str, rng: np.random.Generator) -> str:
     return word[:i] + (near[int(rng.integers(0, len(near)))] if near else word[i]) + word[i + 1:]
 
 
+FIELD_FAMILIES = ("translate", "blur", "gain")
+"""Camera-frame corruptions no built-in tier trains on (``corrupt_frames``): ``translate``
+(the frame moved by one pixel in a random direction: a knocked camera mount), ``blur`` (a
+3x3 box blur mixed in: focus drift, motion), ``gain`` (per frame, contrast scaled down and an
+offset added: exposure and sensor gain drift)."""
+
+
+def corrupt_frames(images: np.ndarray, families: Sequence[str], *, severity: float = 1.0,
+                   seed: int = SHIFT_SEED) -> np.ndarray:
+    """Copies of 8x8 images (rows of 64 values in 0..16) with the :data:`FIELD_FAMILIES`
+    named applied in order; ``severity`` (0..1) scales blur and gain."""
+    if bad := [f for f in families if f not in FIELD_FAMILIES]:
+        raise ValueError(f"unknown corruption family {bad[0]!r}; allowed: {FIELD_FAMILIES}")
+    rng = np.random.default_rng(seed)
+    x = np.asarray(images, dtype=np.float64).reshape(-1, 8, 8).copy()
+    for family in families:
+        if family == "translate":
+            for i, (dr, dc) in enumerate(rng.choice([(0, 1), (0, -1), (1, 0), (-1, 0)],
+                                                    size=len(x))):
+                x[i] = np.roll(x[i], (int(dr), int(dc)), axis=(0, 1))
+        elif family == "blur":
+            padded = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
+            box = sum(padded[:, r:r + 8, c:c + 8] for r in range(3) for c in range(3)) / 9.0
+            x = (1.0 - 0.6 * severity) * x + 0.6 * severity * box
+        else:  # gain: per frame, contrast down by up to 50% and an offset of up to 4 of 16
+            contrast = 1.0 - 0.5 * severity * rng.uniform(0.5, 1.0, (len(x), 1, 1))
+            x = x * contrast + 4.0 * severity * rng.uniform(0.5, 1.0, (len(x), 1, 1))
+    return np.clip(np.round(x), 0.0, 16.0).reshape(-1, 64).astype(np.float32)
+
+
 def corrupt_texts(texts: Sequence[str], spec: ShiftSpec, seed: int = SHIFT_SEED) -> list[str]:
     """Truncated copies of ``texts`` with typos."""
     rng = np.random.default_rng(seed)
