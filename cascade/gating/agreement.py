@@ -10,6 +10,13 @@ and small classes over plain data with injectable clocks:
 - :func:`wilson_interval`: the confidence interval of a proportion that behaves at 0 and 1
   and at small n (the normal approximation does not);
 - :class:`TokenBucket`: the audit budget per second (bursts up to the bucket's size);
+- :func:`stratified_accuracy`: the live accuracy of the tier's *model* on all its traffic,
+  from two strata: the requests it answered (agreement from audits, a sample) and the ones it
+  escalated (agreement of its own label with the upper tier's answer, known for every
+  escalation answered online: no audit needed), weighted by their shares of the traffic
+  (:class:`ShareWindow`). The hard escalated stratum is fully observed, so the interval is
+  much narrower than the audits alone give: this is the number to compare with the
+  calibration split's accuracy;
 - :class:`AgreementWindow`: the last ``window`` audit verdicts of one task, their agreement
   with its interval, and the **disagreement alarm** (the field-accuracy twin of the drift
   alarm) with hysteresis: on when the interval's upper bound falls below ``min_agreement``
@@ -28,7 +35,8 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
-__all__ = ["AgreementSettings", "AgreementWindow", "TokenBucket", "wilson_interval"]
+__all__ = ["AgreementSettings", "AgreementWindow", "ShareWindow", "TokenBucket",
+           "stratified_accuracy", "wilson_interval"]
 
 log = logging.getLogger("cascade.gating.agreement")
 
@@ -46,6 +54,49 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     centre = (p + z2n / 2.0) / (1.0 + z2n)
     half = z * math.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n)) / (1.0 + z2n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def stratified_accuracy(local: tuple[int, int], escalated: tuple[int, int], local_share: float,
+                        confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """(estimate, low, high) of a model's accuracy over all its traffic from ``local``
+    (agreed, audits) on the share ``local_share`` it answered and ``escalated`` (agreed,
+    verdicts) on the rest; the bounds weight each stratum's Wilson bounds (conservative).
+    None until every stratum with traffic has a verdict."""
+    strata = [(local_share, *local), (1.0 - local_share, *escalated)]
+    if any(weight > 0 and n == 0 for weight, _, n in strata):
+        return None
+    estimate = low = high = 0.0
+    for weight, agreed, n in strata:
+        if weight <= 0:
+            continue
+        lo, hi = wilson_interval(agreed, n, confidence)
+        estimate, low, high = estimate + weight * agreed / n, low + weight * lo, high + weight * hi
+    return estimate, low, high
+
+
+class ShareWindow:
+    """The share of ``True`` among the last ``size`` observations (a byte ring: O(1) each)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self._ring = bytearray(self.size)
+        self._next = 0
+        self.seen = 0
+        self.ones = 0
+
+    def observe(self, flag: bool) -> None:
+        """One observation."""
+        if self.seen >= self.size:
+            self.ones -= self._ring[self._next]
+        else:
+            self.seen += 1
+        self._ring[self._next] = flag
+        self.ones += flag
+        self._next = (self._next + 1) % self.size
+
+    def share(self) -> float | None:
+        """Share of ``True`` in the window (None before any observation)."""
+        return self.ones / self.seen if self.seen else None
 
 
 class TokenBucket:

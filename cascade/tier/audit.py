@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 from opentelemetry import context as otel_context
@@ -31,7 +31,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cascade.contract.deadline import Deadline
 from cascade.errors import UpstreamError
-from cascade.gating.agreement import AgreementWindow, TokenBucket
+from cascade.gating.agreement import (
+    AgreementWindow,
+    ShareWindow,
+    TokenBucket,
+    stratified_accuracy,
+)
 from cascade.observability.decisionlog import sampled
 from cascade.observability.examples import HardExample, HardExampleStore
 from cascade.observability.outcome import RequestOutcome
@@ -83,6 +88,11 @@ class Auditor:
         self.upstream = upstream
         self.examples = examples
         self.windows: dict[str, AgreementWindow] = {}
+        """Per task: audits of answers given here (agreement: accuracy of own answers)."""
+        self.escalated: dict[str, AgreementWindow] = {}
+        """Per task: own label vs the upper tier's answer, for every escalation answered."""
+        self.local_share: dict[str, ShareWindow] = {}
+        """Per task: share of the recent traffic answered here (the strata's weights)."""
         self.counts: dict[str, dict[str, int]] = {}
         self._buckets: dict[str, tuple[float, TokenBucket]] = {}
         self._pending: dict[str, int] = {}
@@ -98,10 +108,16 @@ class Auditor:
         self._policy = policy
         self.examples.configure(policy)
         for task, task_policy in policy.policy.tasks.items():
-            settings = task_policy.audit.agreement_settings()
+            audit = task_policy.audit
+            settings = audit.agreement_settings()
             window = self.windows.get(task)
             if window is None or window.settings != settings:
                 self.windows[task] = AgreementWindow(settings, tier=self.tier, task=task)
+                # The same horizon for both strata: as many decisions as `window` audits take.
+                horizon = min(1_000_000, int(audit.window / max(audit.rate, audit.window / 1e6)))
+                self.escalated[task] = AgreementWindow(
+                    replace(settings, min_agreement=None, window=horizon))
+                self.local_share[task] = ShareWindow(horizon)
 
     async def start(self, concurrency: int) -> None:
         """Start ``concurrency`` workers (nothing to do without an upstream)."""
@@ -130,9 +146,18 @@ class Auditor:
         """Audit a sample of the answers given here; keep the escalated ones as examples."""
         answer, task_policy = outcome.answer, outcome.policy.task(outcome.task)
         hard = task_policy.hard_examples
+        if outcome.has_upstream and outcome.decision in ("answer", "escalate"):
+            share = self.local_share.get(outcome.task)
+            if share is not None:
+                share.observe(outcome.decision == "answer")
         if outcome.decision == "escalate":
-            if hard.enabled and hard.escalated and answer.answered_by != self.tier \
-                    and answer.status == "final" and answer.label is not None:
+            if answer.answered_by == self.tier or answer.status != "final" \
+                    or answer.label is None:
+                return  # no upper answer (yet): nothing learned
+            escalated = self.escalated.get(outcome.task)
+            if escalated is not None:
+                escalated.observe(answer.label == outcome.assessment.label)
+            if hard.enabled and hard.escalated:
                 self.examples.add(HardExample(
                     answer.id, outcome.task, "escalated", outcome.payload,
                     outcome.assessment.label, outcome.assessment.confidence, answer.label,
@@ -244,10 +269,27 @@ class Auditor:
             out[task] = {
                 "upstream": self.upstream is not None, "rate": rate,
                 **(window.describe() if window is not None else {}),
+                "model_accuracy": self.model_accuracy(task),
                 "counts": dict(self._counts(task)),
                 "hard_examples": dict(self.examples.kept.get(task, {})),
             }
         return out
+
+    def model_accuracy(self, task: str) -> dict[str, Any] | None:
+        """The model's live accuracy over all this tier's traffic (both strata), or None."""
+        window, escalated, share = (self.windows.get(task), self.escalated.get(task),
+                                    self.local_share.get(task))
+        if window is None or escalated is None or share is None or share.share() is None:
+            return None
+        local_share = share.share() or 0.0
+        found = stratified_accuracy((window.agreed, window.audits),
+                                    (escalated.agreed, escalated.audits), local_share,
+                                    window.settings.confidence)
+        if found is None:
+            return None
+        estimate, low, high = found
+        return {"estimate": round(estimate, 4), "interval": [round(low, 4), round(high, 4)],
+                "local_share": round(local_share, 4), "escalation_verdicts": escalated.audits}
 
     def metric_families(self) -> Iterator[Any]:
         """``/metrics``: audit counters, agreement and its interval, alarm, hard examples."""
@@ -268,6 +310,10 @@ class Auditor:
         alarm = GaugeMetricFamily(
             "cascade_audit_alarm", "1 while the field-accuracy alarm is on (agreement's upper "
             "bound below audit.min_agreement).", labels=["tier", "task"])
+        model = GaugeMetricFamily(
+            "cascade_audit_model_accuracy", "Live accuracy of this tier's model over all its "
+            "traffic: audited answers and escalations (own label vs the upper tier's answer), "
+            "weighted by their shares; bound=estimate|low|high.", labels=["tier", "task", "bound"])
         kept = CounterMetricFamily(
             "cascade_hard_examples", "Hard examples kept, by reason (escalated, disagreed, "
             "low_confidence).", labels=["tier", "task", "reason"])
@@ -282,11 +328,16 @@ class Auditor:
                 bounds.add_metric([tier, task, "low"], low)
                 bounds.add_metric([tier, task, "high"], high)
             window.add_metric([tier, task], float(win.audits))
+            found = self.model_accuracy(task)
+            if found is not None:
+                for bound, value in zip(("estimate", "low", "high"),
+                                        (found["estimate"], *found["interval"])):
+                    model.add_metric([tier, task, bound], value)
             alarm.add_metric([tier, task], 1.0 if win.alarm else 0.0)
         for task, reasons in sorted(self.examples.kept.items()):
             for reason, n in sorted(reasons.items()):
                 kept.add_metric([tier, task, reason], n)
-        yield from (events, agreement, bounds, window, alarm, kept)
+        yield from (events, agreement, bounds, window, alarm, model, kept)
 
 
 @contextlib.contextmanager
