@@ -53,7 +53,10 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     z2n = z * z / n
     centre = (p + z2n / 2.0) / (1.0 + z2n)
     half = z * math.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n)) / (1.0 + z2n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exactly 0 and 1 at the extremes (the formula gives them only up to rounding).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def stratified_accuracy(local: tuple[int, int], escalated: tuple[int, int], local_share: float,
