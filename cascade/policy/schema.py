@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from cascade.gating.drift import DriftReference, DriftSettings
 from cascade.gating.gate import Calibration, GateRule, SignalName, is_generation_signal
-from cascade.policy.field import AuditPolicy, HardExamplesPolicy
+from cascade.policy.field import AuditPolicy, CachePolicy, HardExamplesPolicy, PressurePolicy
 from cascade.policy.goals import Goals
 
 TIER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -180,6 +180,8 @@ class TierPolicy(_Strict):
         None, description="Calibration-split confidence histogram for the drift alarm (fitted "
         "by calibrate; without it this tier has no drift alarm)."
     )
+    pressure: PressurePolicy = Field(default_factory=PressurePolicy,
+                                     description="Fallbacks when this tier's model gets slow.")
 
     @field_validator("class_thresholds")
     @classmethod
@@ -235,6 +237,8 @@ class TaskPolicy(_Strict):
                                description="Shadow audits: live field accuracy per tier.")
     hard_examples: HardExamplesPolicy = Field(
         default_factory=HardExamplesPolicy, description="Hard examples kept for retraining.")
+    cache: CachePolicy = Field(default_factory=CachePolicy,
+                               description="Answers to repeated inputs, from memory.")
     tiers: dict[str, TierPolicy] = Field(..., min_length=1)
 
     @field_validator("tiers")

@@ -52,8 +52,8 @@ __all__ = ["AUDIT_HEADER", "AUDIT_REFERENCES", "Auditor"]
 log = logging.getLogger("cascade.tier.audit")
 
 AUDIT_HEADER: Final[str] = "X-Cascade-Audit"
-"""Marks a shadow audit; its value is the policy's ``audit.reference`` (next_tier, chain)."""
-AUDIT_REFERENCES: Final[tuple[str, ...]] = ("next_tier", "chain")
+"""Marks a shadow audit; its value is the policy's ``audit.reference`` (next_tier, chain, top)."""
+AUDIT_REFERENCES: Final[tuple[str, ...]] = ("next_tier", "chain", "top")
 _COUNTERS: Final[tuple[str, ...]] = (
     "sampled", "sent", "agreed", "disagreed", "inconclusive", "failed", "dropped_budget",
     "dropped_queue_full")
@@ -74,7 +74,7 @@ class _Audit:
     """Drawn at the audit rate: only these feed the agreement (a forced low-confidence audit
     would bias the estimate towards the hard cases)."""
     traceparent: str | None
-    reference: Literal["next_tier", "chain"]
+    reference: Literal["next_tier", "chain", "top"]
     deadline_ms: int
 
 

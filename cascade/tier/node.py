@@ -234,6 +234,8 @@ class Node:
             rule = self.drift.observe(policy, request.task, conf, label, rule)
         decision = decide(conf, label, rule, has_upstream=self.upstream is not None
                           and ctx.audit != "next_tier")
+        if ctx.audit == "top" and self.upstream is not None:
+            decision = Decision.ESCALATE  # the top tier judges this audit
         request_trace = self.telemetry.record_local(  # starts the SERVER span, decision known
             task=request.task, model=runner.model_name, started_ns=started_ns,
             inferred_ns=inferred_ns, gated_ns=time.time_ns(), confidence=conf,
