@@ -114,6 +114,9 @@ class Answer:
     escalation: dict[str, Any] | None = None
     generated: GeneratedText | None = None
     """Generative tasks: the answer's text, fields and token usage."""
+    reason: str | None = None
+    """Why the answer is ``unknown`` when no model could give one (a tier under pressure
+    with nowhere to send the request); on the wire only when set."""
 
     def to_wire(self) -> dict[str, Any]:
         """The contract's JSON body (``escalation`` only when there is one; ``text``,
@@ -128,6 +131,8 @@ class Answer:
             body.update(self.generated.to_wire())
         if self.escalation is not None:
             body["escalation"] = self.escalation
+        if self.reason is not None:
+            body["reason"] = self.reason
         return body
 
     @classmethod
@@ -144,7 +149,7 @@ class Answer:
                 answered_by=str(data.get("answered_by", "upstream")),
                 hops=[Hop.from_wire(h) for h in data.get("hops") or ()],
                 trace_id=data.get("trace_id"), escalation=data.get("escalation"),
-                generated=GeneratedText.from_wire(data),
+                generated=GeneratedText.from_wire(data), reason=data.get("reason"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UpstreamUnavailable(f"the answer is not a valid cascade answer: {exc}") from None
@@ -174,4 +179,4 @@ def merge_upstream(own: Answer, upstream: Answer) -> Answer:
     return replace(own, label=upstream.label, confidence=upstream.confidence,
                    status=upstream.status, answered_by=upstream.answered_by,
                    hops=[*own.hops[:1], *upstream.hops], escalation=upstream.escalation,
-                   generated=generated)
+                   generated=generated, reason=upstream.reason)

@@ -121,6 +121,9 @@ class InferResponse(_Exact):
         None, description="Generative tasks asking for JSON: the answer's fields (null when "
                           "the text is not a JSON object).")
     usage: Usage | None = Field(None, description="Generative tasks: tokens of every hop.")
+    reason: str | None = Field(
+        None, description="When status is 'unknown' because no model could answer in time "
+        "(a tier under pressure with nowhere to send the request): why.")
     escalation: EscalationView | None = Field(
         None, description="When provisional: the state of the queued escalation."
     )

@@ -255,9 +255,10 @@ class _ScrapeTimeCollector(Collector):
         yield from _queue_families(tier, getattr(node, "escalations", None), self._m._queue)
         yield from _drift_families(tier, getattr(node, "drift", None))
         yield from _disk_families(tier, getattr(node, "disk", None))
-        field = getattr(getattr(node, "auditor", None), "metric_families", None)
-        if callable(field):  # shadow audits and hard examples (cascade.tier.audit)
-            yield from field()
+        for part in ("auditor", "pressure"):  # cascade.tier.audit, cascade.tier.pressure
+            families = getattr(getattr(node, part, None), "metric_families", None)
+            if callable(families):
+                yield from families()
         yield from _telemetry_families(tier)
 
 

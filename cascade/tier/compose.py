@@ -23,17 +23,19 @@ from cascade.observability.decisionlog import DecisionRecorder
 from cascade.observability.examples import HardExampleStore
 from cascade.observability.telemetry import TierTelemetry, upstream_attempt
 from cascade.outbox import Outbox
-from cascade.policy import load_policy
+from cascade.policy import LoadedPolicy, load_policy
+from cascade.runners.base import Runner
 from cascade.runners.execution import BlockingCalls
 from cascade.runners.registry import Loader, load_runner
 from cascade.tier.audit import Auditor
 from cascade.tier.disk import build_disk_usage
 from cascade.tier.node import Node, TaskRuntime
+from cascade.tier.pressure import PressureGuard
 from cascade.tier.settings import NodeSettings
 from cascade.upstream.breaker import CircuitBreaker
 from cascade.upstream.client import UpstreamClient
 
-__all__ = ["build_node", "build_tasks", "build_upstream"]
+__all__ = ["build_fallbacks", "build_node", "build_tasks", "build_upstream"]
 
 
 def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
@@ -69,6 +71,29 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
     return tasks
 
 
+def build_fallbacks(settings: NodeSettings, policy: LoadedPolicy, telemetry: TierTelemetry, *,
+                    load: Loader = load_runner) -> dict[str, dict[str, Runner]]:
+    """The fallback models the policy names for this tier (``tasks.<task>.tiers.<tier>.
+    pressure.fallback_model``), loaded like the task's own model (checksum, warm-up)."""
+    manifest = load_manifest(Path(settings.models_dir))
+    out: dict[str, dict[str, Runner]] = {}
+    for task in settings.tasks:
+        tier_policy = policy.policy.tasks[task].tiers.get(settings.tier)
+        name = tier_policy.pressure.fallback_model if tier_policy is not None else None
+        if name is None:
+            continue
+        calls = BlockingCalls(
+            name=f"{task}/{name} (fallback)", mode=settings.runner_offload,
+            max_concurrency=settings.runner_concurrency,
+            offload_above_ms=settings.runner_offload_above_ms,
+            on_wait=partial(telemetry.metrics.observe_runner_wait, task))
+        runner = load(model_spec(manifest, task, name, verify_sha256=settings.verify_models,
+                                 calls=calls))
+        runner.warmup()
+        out.setdefault(task, {})[name] = runner
+    return out
+
+
 def build_upstream(settings: NodeSettings, *,
                    transport: httpx.AsyncBaseTransport | None = None) -> UpstreamClient | None:
     """The client of the next tier (with its circuit breaker), or None at the top tier.
@@ -97,6 +122,7 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
     telemetry = TierTelemetry(settings.tier)
     tasks = build_tasks(settings, telemetry, load=load)
     policy = load_policy(settings.policy)
+    pressure = PressureGuard(settings.tier, build_fallbacks(settings, policy, telemetry, load=load))
     model_files = (getattr(rt.runner, "path", None) for rt in tasks.values())
     disk = build_disk_usage(settings, (path for path in model_files if path is not None))
     decisions = DecisionRecorder(settings.tier, gauge=disk.gauge("decisions"),
@@ -109,4 +135,4 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
                 upstream=build_upstream(settings, transport=upstream_transport),
                 escalations=Outbox.from_settings(settings, disk), telemetry=telemetry,
                 decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk,
-                auditor=auditor)
+                auditor=auditor, pressure=pressure)

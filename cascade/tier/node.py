@@ -36,10 +36,11 @@ from cascade.observability.decisionlog import DecisionRecorder
 from cascade.observability.disk import DiskUsage
 from cascade.observability.examples import HardExampleStore
 from cascade.observability.outcome import OutcomeObserver, RequestOutcome
-from cascade.observability.telemetry import TierTelemetry
+from cascade.observability.telemetry import TierTelemetry, outgoing_trace_context
 from cascade.policy import LoadedPolicy
 from cascade.runners.base import Runner, StreamingRunner
 from cascade.tier.audit import AUDIT_HEADER, Auditor
+from cascade.tier.pressure import Plan, PressureGuard
 from cascade.tier.settings import NodeSettings
 from cascade.upstream.base import Upstream
 
@@ -139,6 +140,7 @@ class Node:
         drift: DriftMonitor | None = None,
         disk: DiskUsage | None = None,
         auditor: Auditor | None = None,
+        pressure: PressureGuard | None = None,
     ) -> None:
         """Collaborators are given, not built here (:func:`cascade.tier.compose.build_node`
         builds them from settings); the defaults suit a tier assembled by hand in a test."""
@@ -163,6 +165,9 @@ class Node:
         self.auditor = auditor or Auditor(self.tier, upstream=None,
                                           examples=HardExampleStore(self.tier))
         self.auditor.configure(policy)
+        # Answer cache and fallbacks under latency pressure (cascade.tier.pressure).
+        self.pressure = pressure or PressureGuard(self.tier)
+        self.pressure.configure(policy)
         self._observers: tuple[OutcomeObserver, ...] = (
             self.decisions.record_outcome, self.telemetry.record_outcome,
             self.auditor.record_outcome)
@@ -176,6 +181,7 @@ class Node:
         for runtime in self.tasks.values():
             runtime.runner.close()
         self.decisions.close()
+        self.pressure.close()
         await self.auditor.aclose()
 
     # -- policy -------------------------------------------------------------------------------
@@ -195,6 +201,7 @@ class Node:
         self._policy = policy  # one reference swap: requests see old or new, never a mix
         self.decisions.configure(policy)
         self.auditor.configure(policy)
+        self.pressure.configure(policy)
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -219,12 +226,38 @@ class Node:
         deadline_ms = ctx.deadline_ms or request.deadline_ms or task_policy.deadline_ms
         deadline = Deadline.from_ms(deadline_ms)
         request_id = ctx.request_id or request.request_id or new_request_id()
+        if ctx.audit is not None:  # an audit is judged by the model itself, never the cache
+            plan = Plan(runtime.runner, self.tier, measure=False)
+        else:
+            cached = self.pressure.lookup(request.task, request.input, request_id,
+                                          outgoing_trace_context(ctx.traceparent)[0])
+            if cached is not None:
+                self.telemetry.record_answer(cached, escalated=False)
+                return Answered(cached, False)
+            plan = self.pressure.plan(request.task, runtime.runner)
+        if plan.runner is None:
+            answered = await self._escalate_early(request, ctx, request_id, deadline,
+                                                  runtime.runner.model_name, plan)
+        else:
+            answered = await self._answer_with(plan, runtime, request, ctx, x, deadline,
+                                               request_id, started, events)
+        if ctx.audit is None:
+            self.pressure.remember(request.task, request.input, answered.answer)
+        return answered
 
-        runner = runtime.runner
+    async def _answer_with(self, plan: Plan, runtime: TaskRuntime, request: InferRequest,
+                           ctx: CallContext, x: Any, deadline: Deadline, request_id: str,
+                           started: float, events: EventSink | None) -> Answered:
+        """Run ``plan``'s model, gate its output, escalate if the gate says so."""
+        policy = self._policy
+        runner = plan.runner
+        assert runner is not None
         started_ns = time.time_ns()
         output = await self._run_local(runner, x, deadline, events)
         inferred_ns = time.time_ns()
-        rule = policy.rule(request.task, self.tier)
+        if plan.measure:
+            self.pressure.observe(request.task, (inferred_ns - started_ns) / 1e6)
+        rule = policy.rule(request.task, plan.rule_tier)
         # calibrated confidence, as replay computes it
         scored = assess_output(output, rule, fields=runtime.fields)
         conf, label = scored.confidence, scored.label
@@ -266,8 +299,8 @@ class Node:
                               f"{rule.threshold_for(label):.3f} of tier {self.tier}"})
             with request_trace.current():  # CLIENT and PRODUCER spans are its children
                 answer, queued = await self._escalate(request, ctx, answer, deadline,
-                                                      request_trace.traceparent, task_policy,
-                                                      events)
+                                                      request_trace.traceparent,
+                                                      policy.task(request.task), events)
         if ctx.audit is not None:
             return Answered(answer, queued)
         outcome = RequestOutcome(
@@ -279,6 +312,33 @@ class Node:
         for observe in self._observers:
             observe(outcome)
         return Answered(answer, queued)
+
+    async def _escalate_early(self, request: InferRequest, ctx: CallContext, request_id: str,
+                              deadline: Deadline, model: str, plan: Plan) -> Answered:
+        """Under pressure with no fallback: send the request up without running the model;
+        when there is no upstream or it fails, ``unknown`` with the reason (nothing queued:
+        there is no answer of ours to give provisionally)."""
+        trace_id, traceparent = outgoing_trace_context(ctx.traceparent)
+        hop = Hop(tier=self.tier, model=model, label=None, confidence=0.0, decision="escalate",
+                  ms=0.0)
+        answer = Answer(id=request_id, task=request.task, label=None, confidence=0.0,
+                        status="unknown", answered_by=self.tier, hops=[hop], trace_id=trace_id)
+        reason = f"{plan.reason} and it has no upstream"
+        if self.upstream is not None:
+            try:
+                upstream = await self.upstream.escalate(
+                    upstream_body(request), deadline=deadline, hop_count=ctx.hop_count + 1,
+                    idempotency_key=request_id, headers={"traceparent": traceparent})
+            except UpstreamError as exc:
+                reason = f"{plan.reason} and its upstream failed: {exc}"
+            else:
+                answer = merge_upstream(answer, upstream)
+                self.telemetry.record_answer(answer, escalated=True)
+                return Answered(answer, False)
+        answer.reason = reason
+        self.pressure.gave_up(request.task)
+        self.telemetry.record_answer(answer, escalated=False)
+        return Answered(answer, False)
 
     def _runtime_for(self, request: InferRequest, ctx: CallContext) -> TaskRuntime:
         """The served task's runtime; refuses unknown tasks and requests past the hop limit."""
@@ -381,6 +441,7 @@ class Node:
             "queue_depth": self.escalations.depth(),
             "drift": self.drift.readiness(policy, list(self.tasks)),
             "audit": self.auditor.readiness(list(self.tasks)),
+            "pressure": self.pressure.readiness(list(self.tasks)),
             "disk": self.disk.view() if self.disk is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
