@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="traffic draws per severity")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=0.05, help="audit rate")
-    parser.add_argument("--reference", default="chain", choices=["chain", "next_tier"])
+    parser.add_argument("--reference", default="top", choices=["top", "chain", "next_tier"])
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/field.json")
     args = parser.parse_args()
