@@ -15,10 +15,17 @@ an offset: exposure drift; no tier trains on it). Per severity and seed:
    measured, old and new, on a fresh draw (the test split, never sent, its own corruption seed):
    recovered share = (new - old) / (clean - old).
 
-    python -m benchmarks.bench_field [--severity 1.3 --severity 1.0] [--seeds 3]
+3. **Fallbacks under pressure** (``--phase fallback``): one endpoint process serving the
+   vision ladder's big model (``--primary``, the cloud's SVC) answers everything locally; a
+   twin has the pressure block (``--budget-ms`` on the model's p95, fallback to ``--fallback``,
+   the endpoint's MLP). Each is loaded in turn (closed loop, ``--seconds`` per round,
+   alternating, ``--rounds``) with and without a CPU hog (2 busy processes per core, started
+   and stopped by this script): the endpoint's p99 side by side.
 
-Writes ``reports/field.json`` and ``reports/field.md``. (The fallback benchmark lives in
-``benchmarks/bench_fallback.py`` when present.)
+    python -m benchmarks.bench_field [--phase audits|fallback|all] [--severity 1.3 ...]
+
+Writes ``reports/field.json`` and ``reports/field.md`` (a phase run alone keeps the other
+phase's section).
 """
 
 from __future__ import annotations
@@ -157,6 +164,68 @@ def retrain(models_dir: Path, severity: float, work: Path) -> dict[str, Any]:
     }
 
 
+def _hog(stop_at: float) -> None:
+    while time.monotonic() < stop_at:
+        pass
+
+
+def fallback_phase(args: argparse.Namespace, models_dir: Path) -> dict[str, Any]:
+    """p99 of an endpoint with and without the fallback, with and without a CPU hog."""
+    import multiprocessing
+
+    from cascade.lab.bench.load import run_load
+    from tests.fault.harness import Tier, write_policy
+
+    work = Path(tempfile.mkdtemp(prefix="bench-fallback-"))
+    plain = write_policy(work / "plain.yaml", escalating=())
+    policy = yaml.safe_load(plain.read_text())
+    policy["tasks"]["vision"]["tiers"]["endpoint"]["pressure"] = {
+        "latency_budget_ms": args.budget_ms, "window": 50, "min_runs": 20,
+        "action": "fallback", "fallback_model": args.fallback, "probe_every": 10}
+    guarded = work / "guarded.yaml"
+    guarded.write_text(yaml.safe_dump(policy))
+    inputs, _ = load_split(models_dir, "vision", "test")
+    bodies = bodies_for(models_dir, "vision", inputs)
+    tiers = {name: Tier(work / name, "endpoint", models_dir, path, tasks={"vision": args.primary},
+                        fast=False).start()
+             for name, path in (("without fallback", plain), ("with fallback", guarded))}
+    rows: list[dict[str, Any]] = []
+    try:
+        for rnd in range(args.rounds):
+            for hogged in (False, True):
+                for name, tier in tiers.items():
+                    hogs = []
+                    if hogged:
+                        stop_at = time.monotonic() + args.seconds + 5
+                        hogs = [multiprocessing.Process(target=_hog, args=(stop_at,), daemon=True)
+                                for _ in range(2 * (os.cpu_count() or 1))]
+                        for hog in hogs:
+                            hog.start()
+                        time.sleep(1.0)
+                    result = run_load(f"{tier.url}/v1/infer", bodies, connections=4,
+                                      duration_s=args.seconds)
+                    for hog in hogs:
+                        hog.terminate()
+                        hog.join(10)
+                    view = httpx.get(f"{tier.url}/readyz", timeout=30).json()["pressure"]["vision"]
+                    rows.append({"round": rnd, "hog": hogged, "config": name,
+                                 **result.as_dict(), "pressure": view})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for tier in tiers.values():
+            tier.stop()
+    summary: dict[str, Any] = {}
+    for hogged in (False, True):
+        for name in tiers:
+            mine = [r for r in rows if r["hog"] == hogged and r["config"] == name]
+            summary[f"{'hog' if hogged else 'idle'}, {name}"] = {
+                "p99_ms_median": float(np.median([r["p99_ms"] for r in mine])),
+                "p50_ms_median": float(np.median([r["p50_ms"] for r in mine])),
+                "rps_median": float(np.median([r["rps"] for r in mine]))}
+    return {"primary": args.primary, "fallback": args.fallback, "budget_ms": args.budget_ms,
+            "seconds": args.seconds, "rounds": args.rounds, "rows": rows, "summary": summary}
+
+
 def report(results: dict[str, Any]) -> str:
     """reports/field.md."""
     lines = ["# Field accuracy and hard-example retraining under shift", "",
@@ -202,6 +271,17 @@ def report(results: dict[str, Any]) -> str:
             f"{r['shifted_accuracy_new']:.3f} | {r['lost_points']:.1f} | "
             f"{r['recovered_points']:.1f} | {'-' if share is None else f'{share:.0%}'} | "
             f"{r['build_seconds']} |")
+    fallback = results.get("fallback")
+    if fallback:
+        lines += ["", "## Fallbacks under pressure: the endpoint's latency under a CPU hog", "",
+                  (f"Primary model: vision `{fallback['primary']}`; fallback: `{fallback['fallback']}` "
+                  f"when the model's p95 passes {fallback['budget_ms']} ms. {fallback['rounds']} "
+                  f"alternating rounds of {fallback['seconds']} s, 4 connections; medians over "
+                  "rounds. Hog: 2 busy processes per core."), "",
+                  "| load | p50 ms | p99 ms | requests/s |", "|---|---|---|---|"]
+        for name, row in fallback["summary"].items():
+            lines.append(f"| {name} | {row['p50_ms_median']:.2f} | {row['p99_ms_median']:.2f} | "
+                         f"{row['rps_median']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +296,14 @@ def main() -> None:
     parser.add_argument("--reference", default="top", choices=["top", "chain", "next_tier"])
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/field.json")
+    parser.add_argument("--phase", default="all", choices=["audits", "fallback", "all"])
+    parser.add_argument("--primary", default="cloud", help="fallback phase: the big model")
+    parser.add_argument("--fallback", default="endpoint", help="fallback phase: the small one")
+    parser.add_argument("--budget-ms", type=float, default=1.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     severities = args.severity or [1.3, 1.0]
     models_dir = args.models_dir.resolve()
     results: dict[str, Any] = {
@@ -224,6 +311,10 @@ def main() -> None:
         "requests": args.requests, "command": " ".join(["python -m benchmarks.bench_field",
                                                         *sys.argv[1:]]),
         "runs": [], "retraining": {}}
+    if args.phase == "fallback":
+        results = {**previous, "fallback": fallback_phase(args, models_dir)}
+        _write(args.out, results)
+        return
     for severity in severities:
         for seed in range(args.seeds):
             work = Path(tempfile.mkdtemp(prefix=f"bench-field-{severity}-{seed}-"))
@@ -233,9 +324,17 @@ def main() -> None:
             if seed == 0:
                 results["retraining"][str(severity)] = retrain(models_dir, severity, work)
                 print(json.dumps(results["retraining"][str(severity)]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str))
-    args.out.with_suffix(".md").write_text(report(results))
+    if args.phase == "all":
+        results["fallback"] = fallback_phase(args, models_dir)
+    elif "fallback" in previous:
+        results["fallback"] = previous["fallback"]
+    _write(args.out, results)
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    out.with_suffix(".md").write_text(report(results))
     print(report(results))
 
 
