@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cascade.cli import app
 from cascade.gating.agreement import wilson_interval
 from cascade.lab.bench.run import bodies_for
-from cascade.lab.evaluation import predict_inputs
+from cascade.lab.evaluation import predict_inputs, predict_split
 from cascade.models.manifest import load_split
 from cascade.observability.examples import read_examples
 from tests.fault.harness import metric, scrape, wait_for, write_policy
@@ -54,7 +54,7 @@ def audit_view(url: str) -> dict[str, Any]:
 
 
 def test_audits_measure_agreement_and_are_not_traffic_upstream(tiers, tmp_path, images,
-                                                                monkeypatch):
+                                                                monkeypatch, models_dir):
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1")  # keep every routine answer's span
     monkeypatch.setenv("CASCADE_TRACE_ROUTINE_PER_S", "none")
     monkeypatch.setenv("CASCADE_EXAMPLES_PATH", str(tmp_path / "examples-{tier}.db"))
@@ -79,6 +79,9 @@ def test_audits_measure_agreement_and_are_not_traffic_upstream(tiers, tmp_path, 
     assert (view["agreed"], view["disagreements_total"]) == (agreed, N - agreed)
     assert view["interval"] == [round(b, 4) for b in wilson_interval(agreed, N)]
     assert view["counts"]["sent"] == N and view["counts"]["dropped_budget"] == 0
+    # Everything answered here: the model's accuracy over all traffic is the agreement.
+    assert view["model_accuracy"]["estimate"] == round(agreed / N, 4)
+    assert view["model_accuracy"]["local_share"] == 1.0
     ep = scrape(endpoint.url)
     assert metric(ep, "cascade_audit_agreement", tier="endpoint", task="vision") == \
         pytest.approx(agreed / N)
@@ -99,6 +102,16 @@ def test_audits_measure_agreement_and_are_not_traffic_upstream(tiers, tmp_path, 
         if e != c:
             assert (by_id[rid]["reason"], by_id[rid]["label"], by_id[rid]["local_label"]) == \
                 ("disagreed", c, e)
+    # The report: the live numbers next to the endpoint's calibration-split accuracy (the
+    # test policy answers everything at the endpoint: its accuracy on the whole split).
+    result = CliRunner().invoke(app, ["audit", "report", "--url", endpoint.url,
+                                      "--models-dir", str(models_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    labels, pred = predict_split(models_dir, "vision", ["endpoint"])
+    assert row["calibration"]["accuracy"] == pytest.approx(pred["endpoint"].accuracy)
+    assert row["calibration"]["answered"] == len(labels)
+    assert row["live"]["agreed"] == agreed
     # Each audit span links to the span of the request it audited.
     from cascade.observability.export import read_span_records
 
@@ -149,6 +162,11 @@ def test_escalated_inputs_are_kept_as_hashes_and_export_skips_them(tiers, tmp_pa
                     and list(read_examples([store])), what="5 examples")
     assert [(r["reason"], r["label"], r["payload"]) for r in rows] == \
         [("escalated", c, None) for c in images["cloud"][:5]]
+    # Every escalation is a verdict on the endpoint's own label: the model's live accuracy.
+    model = httpx.get(f"{endpoint.url}/readyz").json()["audit"]["vision"]["model_accuracy"]
+    agreed = sum(e == c for e, c in zip(images["endpoint"][:5], images["cloud"][:5]))
+    assert (model["estimate"], model["local_share"], model["escalation_verdicts"]) == \
+        (round(agreed / 5, 4), 0.0, 5)
     out = tmp_path / "dataset.jsonl"
     result = CliRunner().invoke(app, ["examples", "export", str(store), "--out", str(out),
                                       "--json"])
