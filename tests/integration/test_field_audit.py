@@ -145,6 +145,34 @@ def test_budget_and_queue_drop_and_count(tiers, tmp_path, images):
     assert view["counts"]["sent"] == 1
 
 
+def test_low_confidence_answers_are_audited_for_labels_not_for_the_estimate(
+        tiers, tmp_path, images, monkeypatch):
+    monkeypatch.setenv("CASCADE_EXAMPLES_PATH", str(tmp_path / "examples-{tier}.db"))
+    policy = field_policy(  # rate 0: no audit is drawn; the floor forces them
+        tmp_path / "policy.yaml", audit={"rate": 0.0, "per_second": 10_000, "queue_size": 1_000},
+        hard_examples={"enabled": True, "include_payloads": True, "confidence_floor": 1.0})
+    cloud = tiers("cloud", policy_path=policy, tasks={"vision": "cloud"})
+    endpoint = tiers("endpoint", policy_path=policy, tasks={"vision": "endpoint"},
+                     upstream=cloud.url)
+    with httpx.Client(timeout=10) as client:
+        for body in images["bodies"][:10]:
+            assert client.post(f"{endpoint.url}/v1/infer", json=body).status_code == 200
+    # (the answer's confidence is rounded: which answers were below 1.0 is the tier's to say)
+    view = wait_for(lambda: (v := audit_view(endpoint.url))["counts"]["sampled"] > 0
+                    and v["counts"]["sent"] == v["counts"]["sampled"] and v,
+                    what="the forced audits answered")
+    forced = view["counts"]["sent"]
+    assert (view["audits"], view["counts"]["agreed"], view["counts"]["disagreed"]) == (0, 0, 0)
+    store = tmp_path / "examples-endpoint.db"
+    rows = wait_for(lambda: store.exists() and len(list(read_examples([store]))) == forced
+                    and list(read_examples([store])), what="low-confidence examples")
+    assert {r["reason"] for r in rows} == {"low_confidence"}
+    cloud_label = dict(zip([json.dumps(b["input"], sort_keys=True) for b in images["bodies"]],
+                           images["cloud"]))
+    assert all(r["label"] == cloud_label[json.dumps(json.loads(r["payload"]), sort_keys=True)]
+               for r in rows)
+
+
 def test_escalated_inputs_are_kept_as_hashes_and_export_skips_them(tiers, tmp_path, images,
                                                                    monkeypatch):
     monkeypatch.setenv("CASCADE_EXAMPLES_PATH", str(tmp_path / "examples-{tier}.db"))
