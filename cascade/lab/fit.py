@@ -5,7 +5,8 @@ tier's confidence calibration, search thresholds (and per-class thresholds where
 them) that meet the goal with the fewest escalations, predict the outcome, and record each
 tier's drift reference (its confidence histogram on the samples that reach it). Settings the
 search does not touch (deadlines, offline behaviour, queue bounds, floor actions, drift alarm
-settings, decision log) are kept from a base policy.
+settings, audits, hard examples, answer cache, pressure fallbacks, decision log) are kept from
+a base policy.
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ def task_section(fitted: TaskFit, options: FitOptions, base: dict[str, Any] | No
     goals = fitted.goals.model_dump(exclude_none=True)
     if goals:
         section["goals"] = goals
-    if base.get("drift"):
-        section["drift"] = base["drift"]  # operator settings of the drift alarm
+    for key in ("drift", "audit", "hard_examples", "cache"):  # operator settings, not fitted
+        if base.get(key):
+            section[key] = base[key]
     section["tiers"] = {}
     for i, report in enumerate(fitted.tiers):
         tier: dict[str, Any] = {"signal": fitted.signal,
@@ -197,9 +199,9 @@ def task_section(fitted: TaskFit, options: FitOptions, base: dict[str, Any] | No
         if report.class_thresholds:
             tier["class_thresholds"] = {k: _round_threshold(v)
                                         for k, v in sorted(report.class_thresholds.items())}
-        floor = (base_tiers.get(report.tier) or {}).get("floor_action")
-        if floor:
-            tier["floor_action"] = floor
+        for key in ("floor_action", "pressure"):
+            if (base_tiers.get(report.tier) or {}).get(key):
+                tier[key] = base_tiers[report.tier][key]
         tier["calibration"] = _calibration_block(report.fit)
         if report.drift_reference is not None:
             tier["drift_reference"] = drift_reference_block(report.drift_reference, options.split)

@@ -46,3 +46,20 @@ def test_calibrate_writes_a_drift_reference_per_tier_and_keeps_drift_settings(mo
     assert refs["endpoint"].escalation_rate == pytest.approx(outcome.escalation_rate["endpoint"], abs=1e-6)
     assert refs["edge-node"].samples == round(fitted.samples * outcome.escalation_rate["endpoint"])
     assert policy.drift("vision", "endpoint")[0].action == "tighten"
+
+
+def test_calibrate_keeps_field_operation_settings(models_dir):
+    options = FitOptions(signal="max_prob", calibration="none", per_class=False)
+    pressure = {"latency_budget_ms": 5.0, "action": "escalate"}
+    base = {"audit": {"rate": 0.05, "reference": "top"},
+            "hard_examples": {"enabled": True, "include_payloads": True},
+            "cache": {"ttl_s": 30}, "tiers": {"edge-node": {"pressure": pressure}}}
+    fitted = fit_task(models_dir, "vision", ["endpoint", "edge-node", "edge-server", "cloud"],
+                      Goals(max_cloud_share=0.1), options, base)
+    section = fitted.section
+    assert {k: section[k] for k in ("audit", "hard_examples", "cache")} == \
+        {k: base[k] for k in ("audit", "hard_examples", "cache")}
+    assert section["tiers"]["edge-node"]["pressure"] == pressure
+    assert "pressure" not in section["tiers"]["endpoint"]
+    text = yaml.safe_dump(policy_document("t", {"vision": section}, None))
+    assert load_policy_bytes(text.encode(), source="t.yaml").task("vision").audit.rate == 0.05
