@@ -282,6 +282,16 @@ def report(results: dict[str, Any]) -> str:
         for name, row in fallback["summary"].items():
             lines.append(f"| {name} | {row['p50_ms_median']:.2f} | {row['p99_ms_median']:.2f} | "
                          f"{row['rps_median']:.0f} |")
+        lines += ["", ("Every round (pressure state and plan counters at its end; counters are "
+                  "cumulative):"), "", ("| round | hog | config | p50 ms | p99 ms | requests | "
+                  "pressure on | model p95 ms | own+probe / fallback |"), "|---|---|---|---|---|---|---|---|---|"]
+        for r in fallback["rows"]:
+            c = r["pressure"]["counts"]
+            lines.append(
+                f"| {r['round']} | {'yes' if r['hog'] else 'no'} | {r['config']} | "
+                f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['requests']} | "
+                f"{'yes' if r['pressure']['on'] else 'no'} | {r['pressure'].get('p95_ms')} | "
+                f"{c.get('own', 0) + c.get('probe', 0)} / {c.get('fallback', 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +306,9 @@ def main() -> None:
     parser.add_argument("--reference", default="top", choices=["top", "chain", "next_tier"])
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/field.json")
-    parser.add_argument("--phase", default="all", choices=["audits", "fallback", "all"])
+    parser.add_argument("--phase", default="all",
+                        choices=["audits", "fallback", "all", "render"],
+                        help="render: rewrite the .md from the .json only")
     parser.add_argument("--primary", default="cloud", help="fallback phase: the big model")
     parser.add_argument("--fallback", default="endpoint", help="fallback phase: the small one")
     parser.add_argument("--budget-ms", type=float, default=1.0)
@@ -311,6 +323,9 @@ def main() -> None:
         "requests": args.requests, "command": " ".join(["python -m benchmarks.bench_field",
                                                         *sys.argv[1:]]),
         "runs": [], "retraining": {}}
+    if args.phase == "render":
+        _write(args.out, previous)
+        return
     if args.phase == "fallback":
         results = {**previous, "fallback": fallback_phase(args, models_dir)}
         _write(args.out, results)
