@@ -285,10 +285,10 @@ class TierTelemetry:
         for the answer and the upstream. Timestamps are ``time.time_ns()``; the inference and gate
         spans are made after the fact with those times, and only when the request is sampled.
         ``incoming`` is the caller's ``traceparent``, kept when tracing is off. ``generation``:
-        a generative model's output (token metrics; GenAI attributes on the inference span).
-        ``audit``: a lower tier's shadow audit, counted apart from traffic."""
+        a generative model's output (token metrics; GenAI attributes on the inference span);
+        ``audit``: a lower tier's shadow audit."""
         confidence = float(confidence)  # numpy scalars are not valid span attribute values
-        if audit:
+        if audit:  # not traffic: counted apart
             self.metrics.count_audit_served(task)
         else:
             self._count_local(task, model, (inferred_ns - started_ns) / 1e9, decision, generation)
@@ -343,10 +343,10 @@ class TierTelemetry:
                      generation: Generation | None) -> None:
         self.metrics.observe_inference(task, model, seconds)
         if generation is not None:
+            ttft_s = None if generation.ttft_ms is None else generation.ttft_ms / 1e3
             self.metrics.observe_generation(
-                task, model, ttft_s=None if generation.ttft_ms is None else generation.ttft_ms / 1e3,
-                total_s=seconds, input_tokens=generation.prompt_tokens,
-                output_tokens=generation.completion_tokens)
+                task, model, ttft_s=ttft_s, total_s=seconds,
+                input_tokens=generation.prompt_tokens, output_tokens=generation.completion_tokens)
         self.metrics.count_decision(task, decision)
 
     def record_outcome(self, outcome: RequestOutcome) -> None:
