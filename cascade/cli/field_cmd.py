@@ -27,11 +27,14 @@ def report(
         None, help="Which ladder model the tier runs (default: the tier's own name)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Per task: the tier's live agreement with its upper tier (shadow audits, Wilson interval)
-    next to the accuracy of its own answers on the calibration split.
+    """Per task: the tier's live accuracy next to the calibration split's. Own answers: the
+    agreement of the upper tier with the answers the tier gave itself (shadow audits, Wilson
+    interval) vs the accuracy of the calibration samples its gate answers. Model, all
+    traffic: audited answers and escalations weighted by their shares vs the model's accuracy
+    on the whole split.
 
-    A live estimate well below the calibration accuracy is the field telling you the model
-    no longer sees the data it was trained for: export the hard examples and retrain.
+    A live estimate well below the calibration accuracy is the field telling you the model no
+    longer sees the data it was trained for: export the hard examples and retrain.
 
     Examples:
       cascade audit report --url http://127.0.0.1:8101
@@ -63,26 +66,29 @@ def report(
     _print_report(rows)
 
 
+def _pct(value: float | None, interval: list[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%}" + ("" if interval is None else f" ({interval[0]:.1%}..{interval[1]:.1%})")
+
+
 def _print_report(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    table = Table(title="field accuracy: live agreement with the upper tier vs the calibration "
+    table = Table(title="field accuracy: live (shadow audits, escalations) vs the calibration "
                   "split", title_justify="left")
-    for col in ("tier", "task", "audits", "live agreement", "interval", "alarm",
-                "calibration accuracy", "dropped"):
+    for col in ("tier", "task", "audits", "own answers: live", "calibration",
+                "model, all traffic: live", "calibration ", "alarm", "dropped"):
         table.add_column(col, justify="left" if col in ("tier", "task", "alarm") else "right")
     for row in rows:
         live, offline = row["live"], row["calibration"]
-        counts = live.get("counts", {})
-        agreement = live.get("agreement")
-        low, high = live.get("interval", [0.0, 1.0])
-        accuracy = offline["accuracy"]
+        counts, model = live.get("counts", {}), live.get("model_accuracy") or {}
         table.add_row(
             row["tier"], row["task"], str(live.get("audits", 0)),
-            "-" if agreement is None else f"{agreement:.1%}",
-            "-" if agreement is None else f"{low:.1%}..{high:.1%}",
-            "ON" if live.get("alarm") else "off",
-            "-" if accuracy is None else f"{accuracy:.1%} of {offline['answered']}",
+            _pct(live.get("agreement"), live.get("interval")),
+            f"{_pct(offline['accuracy'])} of {offline['answered']}",
+            _pct(model.get("estimate"), model.get("interval")),
+            _pct(offline["accuracy_all"]), "ON" if live.get("alarm") else "off",
             str(counts.get("dropped_budget", 0) + counts.get("dropped_queue_full", 0)))
     print_table(table)
 

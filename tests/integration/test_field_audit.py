@@ -112,6 +112,11 @@ def test_audits_measure_agreement_and_are_not_traffic_upstream(tiers, tmp_path, 
     assert row["calibration"]["accuracy"] == pytest.approx(pred["endpoint"].accuracy)
     assert row["calibration"]["answered"] == len(labels)
     assert row["live"]["agreed"] == agreed
+    table = CliRunner().invoke(app, ["audit", "report", "--url", endpoint.url,
+                                     "--models-dir", str(models_dir)])
+    assert table.exit_code == 0, table.output
+    assert f"{agreed / N:.1%}" in table.output and f"{pred['endpoint'].accuracy:.1%}" in \
+        table.output
     # Each audit span links to the span of the request it audited.
     from cascade.observability.export import read_span_records
 
