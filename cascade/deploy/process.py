@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def run_tier(config: Path, *, port: int | None = None, host: str | None = None) 
     from cascade.observability.logs import configure_logging
     from cascade.observability.telemetry import setup_tracing
     from cascade.tier.compose import build_node
+    from cascade.tier.optional_tasks import optional_task_gaps
     from cascade.tier.settings import load_node_settings
 
     overrides: dict[str, Any] = {}
@@ -36,6 +38,9 @@ def run_tier(config: Path, *, port: int | None = None, host: str | None = None) 
         configure_logging(settings.tier, settings.log_level, fmt=settings.log_format,
                           file=settings.log_file, file_backups=disk.log_backups,
                           file_max_bytes=disk.share_bytes("logs") // (disk.log_backups + 1))
+        for task, why in optional_task_gaps(settings).items():
+            logging.getLogger("cascade.deploy.process").warning(
+                "optional task %s not served: %s", task, why)
         tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir,  # + OTEL_* env
                                 trace_file_max_bytes=disk.share_bytes("traces") // 2)
         node = build_node(settings)  # fail fast, before binding the port

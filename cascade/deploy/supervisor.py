@@ -2,7 +2,9 @@
 
 Used by ``cascade up``, the integration tests and ``cascade bench``. Children are started top
 tier first (so every upstream exists before its client), each with ``PR_SET_PDEATHSIG`` on
-Linux so that they die with the supervisor even if it is SIGKILLed: no orphans.
+Linux so that they die with the supervisor even if it is SIGKILLed: no orphans. A tier whose
+node config lists ``model_servers`` gets its local model servers started (and waited for)
+just before it, and stopped after every tier (``cascade.deploy.model_server``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Self
 import httpx
 import yaml
 
+from cascade.deploy.model_server import ModelServer, ModelServerPlan, plan_model_servers
 from cascade.errors import ConfigError
 
 DEFAULT_CHAIN: tuple[str, ...] = (
@@ -142,19 +145,42 @@ class Chain:
         self.ready_timeout_s = ready_timeout_s
         self.python = python
         self.tiers: list[TierProcess] = []
+        self.model_servers: list[ModelServer] = []
         self.ready_s: dict[str, float] = {}
 
     def start(self) -> Self:
         """Start every tier, top first, each waited for until ready (again after :meth:`stop`)."""
         self.tiers = []
+        self.model_servers = []
         try:
             for tier, cfg, port, env in reversed(self.plan):
+                for server in self._model_server_plans(cfg, env):
+                    self.model_servers.append(ModelServer(
+                        server, log_dir=self.log_dir, python=self.python,
+                        preexec_fn=_die_with_parent).start())
                 self.tiers.insert(0, self._spawn(tier, cfg, port, env))
                 self.ready_s[tier] = wait_ready(self.tiers[0].url, self.tiers[0].process, self.ready_timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _model_server_plans(self, cfg: Path, env: dict[str, str]) -> list[ModelServerPlan]:
+        """The model servers the tier's settings ask for, read as the tier will read them
+        (its environment included); none unless its config or environment names any."""
+        child_env = {**os.environ, **self.extra_env, **env}
+        if "model_servers" not in cfg.read_text() and not any(
+                k.startswith("CASCADE_MODEL_SERVERS") for k in child_env):
+            return []
+        from cascade.tier.settings import load_node_settings
+
+        saved = dict(os.environ)
+        os.environ.update(child_env)  # pydantic-settings reads the process environment
+        try:
+            return plan_model_servers(load_node_settings(cfg))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
     def _spawn(self, tier: str, cfg: Path, port: int, env: dict[str, str]) -> TierProcess:
         child_env = {**os.environ, **self.extra_env, **env}
@@ -188,6 +214,8 @@ class Chain:
             except subprocess.TimeoutExpired:
                 t.process.kill()
                 t.process.wait()
+        for server in self.model_servers:  # after the tiers: they are its clients
+            server.stop(max(0.1, deadline - time.monotonic()))
 
     def __enter__(self) -> Self:
         return self.start()

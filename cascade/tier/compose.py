@@ -56,7 +56,8 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
             on_wait=partial(metrics.observe_runner_wait, task),
         )
         runner = load(model_spec(manifest, task, model_tier,
-                                 verify_sha256=settings.verify_models, calls=calls))
+                                 verify_sha256=settings.verify_models, calls=calls,
+                                 options=settings.model_options.get(task)))
         runner.warmup()  # measures it: auto mode now knows whether to offload
         metrics.set_runner_offloaded(task, not calls.inline)
         entry = manifest.task(task)

@@ -75,6 +75,19 @@ class RayServeSettings(BaseModel):
         return self
 
 
+class ModelServerSettings(BaseModel):
+    """A local OpenAI-compatible server for one task's model (``python -m llama_cpp.server``),
+    started by ``cascade up`` before the tier (``cascade.deploy.model_server``). See
+    ``edge_nodes/README.md``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_threads: int = Field(1, ge=1, le=256, description="llama.cpp threads of the server.")
+    n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context size (tokens).")
+    ready_timeout_s: float = Field(
+        180.0, gt=0, description="How long to wait for the server's /v1/models to answer.")
+
+
 class NodeSettings(BaseSettings):
     """Everything one tier process needs to know. See ``edge_nodes/README.md`` for each knob."""
 
@@ -87,9 +100,25 @@ class NodeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8101, ge=0, le=65535, description="Port to listen on (0: any free port).")
     tasks: dict[str, str] = Field(
-        ...,
+        default_factory=dict,
         description="Task -> which model of the manifest serves it here (a tier name of the "
         "ladder); a list of task names serves each with this tier's own model.",
+    )
+    optional_tasks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Like tasks, but served only when the models directory has the task and the "
+        "policy covers it (e.g. the generative extraction task, built by `cascade models build "
+        "--generative`); skipped otherwise, with the reason logged.",
+    )
+    model_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Task -> runtime options merged over the manifest's (e.g. the openai "
+        "runtime's base_url, model, api_key_env: point a tier at another server).",
+    )
+    model_servers: dict[str, ModelServerSettings] = Field(
+        default_factory=dict,
+        description="Task -> a local llama_cpp.server that `cascade up` starts for the task's "
+        "model (the manifest's GGUF file) at its options' base_url, before this tier.",
     )
     models_dir: Path = Field(Path("models"), description="Directory holding manifest.json.")
     verify_models: bool = Field(True, description="Refuse to load a model whose sha256 differs.")
@@ -167,7 +196,7 @@ class NodeSettings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("tasks", mode="before")
+    @field_validator("tasks", "optional_tasks", mode="before")
     @classmethod
     def _task_list(cls, value: Any, info: ValidationInfo) -> Any:
         # ["wine", "vision"]: each task served by the model of this tier's own name.
@@ -178,12 +207,11 @@ class NodeSettings(BaseSettings):
             return dict.fromkeys(value, tier)
         return value
 
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, value: dict[str, str]) -> dict[str, str]:
-        if not value:
-            raise ValueError("at least one task must be served")
-        return value
+    @model_validator(mode="after")
+    def _some_task(self) -> NodeSettings:
+        if not self.tasks and not self.optional_tasks:
+            raise ValueError("tasks: at least one task must be served (tasks or optional_tasks)")
+        return self
 
     @property
     def resolved_outbox_url(self) -> str:
@@ -261,4 +289,9 @@ def load_node_settings(config_path: Path | str | None, **overrides: Any) -> Node
         raise ConfigError(message) from None
     except Exception as exc:  # noqa: BLE001 - YAML syntax and read errors surface from the source
         raise ConfigError(f"{path}: cannot read node config: {exc}") from None
-    return NodeSettings.model_validate(settings.model_dump())
+    validated = NodeSettings.model_validate(settings.model_dump())
+    if not validated.optional_tasks:
+        return validated
+    from cascade.tier.optional_tasks import with_optional_tasks  # reads manifest and policy
+
+    return with_optional_tasks(validated)[0]
