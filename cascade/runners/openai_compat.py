@@ -24,13 +24,18 @@ Options (``ModelSpec.options``)::
     backoff_initial_ms  default 20;   backoff_max_ms  default 500
     json_constraint     how a json_schema is sent: ``grammar`` (a GBNF ``grammar`` field:
                         llama.cpp servers) or ``response_format`` (OpenAI's json_schema)
-    stream_usage        ask for usage in the stream (``stream_options.include_usage``);
-                        servers that ignore it (llama_cpp.server) leave ``prompt_tokens`` 0
+    stream_usage        ask for usage in the stream (``stream_options.include_usage``)
+    count_prompt_tokens when a stream carried no usage (llama_cpp.server sends none in
+                        streams), count the prompt with the server's ``POST
+                        /extras/tokenize/count`` (llama_cpp.server's own endpoint; the same
+                        tokenization its usage reports), after the last token; a server
+                        without it leaves ``prompt_tokens`` 0 (said once in the log) default true
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -54,6 +59,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAIOptions", "OpenAIRunner", "load_openai"]
 
+log = logging.getLogger("cascade.runners.openai")
+
 
 class OpenAIOptions(BaseModel):
     """The ``openai`` runtime's options; unknown keys are refused (errors name the key)."""
@@ -70,6 +77,7 @@ class OpenAIOptions(BaseModel):
     backoff_max_ms: float = Field(500.0, ge=0)
     json_constraint: Literal["grammar", "response_format"] = "grammar"
     stream_usage: bool = True
+    count_prompt_tokens: bool = True
 
 
 class _Retryable(Exception):
@@ -85,6 +93,7 @@ class _Collected:
         self.logprobs: list[float] = []
         self.finish_reason = "length"
         self.prompt_tokens = 0
+        self.usage_seen = False
         self.first_token_s: float | None = None
 
     def add(self, chunk: Mapping[str, Any], where: str) -> list[TokenDelta]:
@@ -92,6 +101,7 @@ class _Collected:
         usage = chunk.get("usage")
         if isinstance(usage, Mapping):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.usage_seen = True
         deltas: list[TokenDelta] = []
         for choice in chunk.get("choices") or ():
             if choice.get("finish_reason"):
@@ -131,6 +141,8 @@ class OpenAIRunner:
         self.options = options
         base = options.base_url.rstrip("/")
         self.url = f"{base if base.endswith('/v1') else base + '/v1'}/completions"
+        self._count_url: str | None = (f"{base.removesuffix('/v1')}/extras/tokenize/count"
+                                       if options.count_prompt_tokens else None)
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -160,7 +172,29 @@ class OpenAIRunner:
                         yield delta
         finally:
             await response.aclose()
+        if not collected.usage_seen and self._count_url is not None:
+            collected.prompt_tokens = await self._count_prompt_tokens(inputs.prompt, budget)
         yield collected.generation()
+
+    async def _count_prompt_tokens(self, prompt: str, deadline: Deadline) -> int:
+        """The prompt's token count from the server's tokenizer (0 when it cannot say: a
+        missing endpoint is not asked again). Never fails the generation."""
+        assert self._count_url is not None
+        body: dict[str, Any] = {"input": prompt}
+        if self.options.model:
+            body["model"] = self.options.model
+        try:
+            response = await self._get_client().post(
+                self._count_url, content=orjson.dumps(body), headers=self._headers,
+                timeout=max(0.05, min(deadline.remaining_s(), 5.0)))
+            if response.status_code in (404, 405, 501):
+                log.warning("%s answered HTTP %d: prompt tokens of %s are not counted",
+                            self._count_url, response.status_code, self.model_name)
+                self._count_url = None
+                return 0
+            return int(response.json()["count"]) if response.status_code == 200 else 0
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return 0
 
     async def _events(self, response: httpx.Response, deadline: Deadline,
                       collected: _Collected) -> AsyncGenerator[str, None]:

@@ -121,7 +121,14 @@ async def test_run_and_stream_against_llama_cpp_server(
     assert isinstance(generation, Generation)
     check_generation(generation, 16)
     assert "Paris" in generation.text
-    assert generation.prompt_tokens == 0  # llama_cpp.server sends no usage in streams
+    # llama_cpp.server streams no usage: the runner asks its tokenizer, which counts what a
+    # plain (non-streamed) completion reports as usage.
+    plain = httpx.post(f"{llama_server.url}/v1/completions", timeout=120,
+                       json={"prompt": QUESTION, "max_tokens": 1}).json()
+    assert generation.prompt_tokens == plain["usage"]["prompt_tokens"] > 10
+    [uncounted] = await open_runner(base_url=llama_server.url, count_prompt_tokens=False).run(
+        [CompletionInput(QUESTION, max_tokens=2)])
+    assert isinstance(uncounted, Generation) and uncounted.prompt_tokens == 0
 
     *deltas, final = [event async for event in runner.stream(CompletionInput(QUESTION, 16))]
     assert isinstance(final, Generation) and final.text == generation.text  # greedy
