@@ -37,15 +37,20 @@ class Hop:
     """Generative hops: time to this tier's first token."""
     tokens: int | None = None
     """Generative hops: tokens this tier's model generated."""
+    finish_reason: str | None = None
+    """Generative hops: why generation ended (``stop``, ``length``, ``deadline``, ...)."""
 
     def to_wire(self) -> dict[str, Any]:
-        """The hop as JSON (``ttft_ms`` and ``tokens`` on generative hops only)."""
+        """The hop as JSON (``ttft_ms``, ``tokens`` and ``finish_reason`` on generative hops
+        only)."""
         body: dict[str, Any] = {"tier": self.tier, "model": self.model, "label": self.label,
                                 "confidence": self.confidence, "decision": self.decision,
                                 "ms": self.ms}
         if self.tokens is not None:
             body["ttft_ms"] = self.ttft_ms
             body["tokens"] = self.tokens
+            if self.finish_reason is not None:
+                body["finish_reason"] = self.finish_reason
         return body
 
     @classmethod
@@ -56,7 +61,8 @@ class Hop:
                    label=data.get("label"), confidence=float(data.get("confidence", 0.0)),
                    decision=str(data.get("decision", "answer")), ms=float(data.get("ms", 0.0)),
                    ttft_ms=None if ttft is None else float(ttft),
-                   tokens=None if tokens is None else int(tokens))
+                   tokens=None if tokens is None else int(tokens),
+                   finish_reason=data.get("finish_reason"))
 
 
 @dataclass(slots=True)

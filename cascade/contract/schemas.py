@@ -74,6 +74,9 @@ class Hop(_Exact):
     ms: float
     ttft_ms: float | None = Field(None, description="Generative hops: time to the first token.")
     tokens: int | None = Field(None, description="Generative hops: tokens generated here.")
+    finish_reason: str | None = Field(
+        None, description="Generative hops: why generation ended: stop (the answer is whole), "
+        "length (max_tokens), deadline (the request's deadline cut it).")
 
 
 class Usage(_Exact):

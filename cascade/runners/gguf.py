@@ -327,9 +327,11 @@ class GgufRunner:
         and ``max_tokens``, do not fit the context window."""
         ids = llama.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
         if len(ids) >= self.n_ctx:
-            raise InvalidInput(f"the prompt is {len(ids)} tokens long; {self.model_name} reads "
-                               f"at most {self.n_ctx - 1} (its context window, n_ctx, is "
-                               f"{self.n_ctx})", field="prompt", code="prompt_too_long")
+            # Named after what the client sent: a tier's prompt is made of its input.text.
+            raise InvalidInput(f"the prompt made of input.text is {len(ids)} tokens long; "
+                               f"{self.model_name} reads at most {self.n_ctx - 1} (its context "
+                               f"window, n_ctx, is {self.n_ctx}): send a shorter text",
+                               field="input.text", code="prompt_too_long")
         if len(ids) + request.max_tokens > self.n_ctx:
             raise InvalidInput(f"max_tokens {request.max_tokens} does not fit: the prompt takes "
                                f"{len(ids)} of the {self.n_ctx} tokens of {self.model_name}'s "

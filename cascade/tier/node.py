@@ -287,6 +287,7 @@ class Node:
         )
         if isinstance(output, Generation):
             hop.tokens, hop.ttft_ms = output.completion_tokens, _round_ms(output.ttft_ms)
+            hop.finish_reason = output.finish_reason
             answer.generated = GeneratedText.of(output)
         hop.ms = round((time.perf_counter() - started) * 1000, 3)  # this tier's own time
         queued = False

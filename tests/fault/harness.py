@@ -70,8 +70,9 @@ class Tier:
     def __init__(self, tmp: Path, tier: str, models_dir: Path, policy: Path, *,
                  upstream: str | None = None, tasks: dict[str, str] | None = None,
                  outbox: dict[str, Any] | None = None, db_dir: Path | None = None,
-                 fast: bool = True, **knobs: Any) -> None:
-        """``fast``: test timers (short polls, backoffs, breaker); False keeps the defaults."""
+                 fast: bool = True, ready_timeout_s: float = 30.0, **knobs: Any) -> None:
+        """``fast``: test timers (short polls, backoffs, breaker); False keeps the defaults.
+        ``ready_timeout_s``: longer for tiers that load a language model on a loaded machine."""
         self.tier = tier
         self.dir = tmp / tier
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ class Tier:
         }
         self.config.write_text(yaml.safe_dump(config))
         self.upstream = upstream
+        self.ready_timeout_s = ready_timeout_s
         self.chain: Chain | None = None
 
     def start(self, port: int | None = None) -> Tier:
@@ -94,7 +96,8 @@ class Tier:
         for attempt in range(1, 4):
             logged = len(self.log())
             chain = Chain([self.config], base_port=port or free_port(), env=env,
-                          log_dir=self.dir / "logs", top_upstream_url=self.upstream)
+                          log_dir=self.dir / "logs", top_upstream_url=self.upstream,
+                          ready_timeout_s=self.ready_timeout_s)
             try:
                 self.chain = chain.start()
                 return self

@@ -283,7 +283,7 @@ async def test_input_limits_are_422_naming_the_field(
     with pytest.raises(InvalidInput) as too_long:
         await runner.run([CompletionInput(long_prompt, max_tokens=8)])
     assert (too_long.value.status, too_long.value.field, too_long.value.code) == \
-        (422, "prompt", "prompt_too_long")
+        (422, "input.text", "prompt_too_long")
     with pytest.raises(InvalidInput) as no_room:
         await runner.run([CompletionInput(QUESTION, max_tokens=60)])
     assert no_room.value.field == "max_tokens" and "leaving" in no_room.value.message
