@@ -123,8 +123,9 @@ async def test_run_and_stream_against_llama_cpp_server(
     assert "Paris" in generation.text
     # llama_cpp.server streams no usage: the runner asks its tokenizer, which counts what a
     # plain (non-streamed) completion reports as usage.
-    plain = httpx.post(f"{llama_server.url}/v1/completions", timeout=120,
-                       json={"prompt": QUESTION, "max_tokens": 1}).json()
+    async with httpx.AsyncClient(timeout=120) as client:
+        plain = (await client.post(f"{llama_server.url}/v1/completions",
+                                   json={"prompt": QUESTION, "max_tokens": 1})).json()
     assert generation.prompt_tokens == plain["usage"]["prompt_tokens"] > 10
     [uncounted] = await open_runner(base_url=llama_server.url, count_prompt_tokens=False).run(
         [CompletionInput(QUESTION, max_tokens=2)])
