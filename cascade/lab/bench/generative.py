@@ -236,7 +236,8 @@ def summarise_chain(tiers: list[str], answers: list[dict[str, Any]], labels: lis
                      for s in ("final", "provisional", "unknown")},
         "ttft_ms": {t: {"n": len(v), "p50": _pct(v, 50), "p95": _pct(v, 95)}
                     for t, v in ttft.items()},
-        "prompt_tokens_mean": statistics.fmean(prompt_tokens) if prompt_tokens else None,
+        "prompt_tokens_per_hop_mean": (statistics.fmean(prompt_tokens) if prompt_tokens
+                                       else None),
         "client_ms_p50": _pct([a["_client_ms"] for a in answers], 50),
     }
 
@@ -252,10 +253,16 @@ def offline_phase(cfg: GenerativeBenchConfig, live: dict[str, Any] | None) -> di
 
     _, preds = predict_split(cfg.models_dir, cfg.task, analysis.tiers, "test")
     out["tier_alone_accuracy"] = {t: float(preds[t].accuracy) for t in analysis.tiers}
+    if live is not None:  # each tier alone on exactly the documents the live chain answered
+        n = int(live["documents"])
+        out["tier_alone_accuracy_live_documents"] = {
+            t: float(np.mean(preds[t].correct[:n])) for t in analysis.tiers}
     try:
         figure = cfg.out_dir / f"tradeoff-{cfg.task}.png"
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        plot_tradeoff(analysis, live, figure)
+        # the live point belongs on the curve only when it answered the same documents
+        plot_tradeoff(analysis, live if live and live["documents"] == analysis.summary[
+            "samples"] else None, figure)
         out["figure"] = figure.name
     except ImportError:
         out["figure_missing"] = "matplotlib is not installed: pip install -e '.[bench]'"
@@ -278,10 +285,10 @@ def run_generative_bench(cfg: GenerativeBenchConfig) -> dict[str, Any]:
     overhead = overhead_phase(cfg, state, texts)
     cfg.log(f"{cfg.task}: chain phase ({len(texts)} test documents through the live chain)")
     chain = chain_phase(cfg, state, texts, labels)
-    live = {"accuracy": chain["accuracy"],
+    live = {"accuracy": chain["accuracy"], "documents": chain["documents"],
             "escalations_per_request": chain["escalations_per_request"]}
     cfg.log(f"{cfg.task}: offline phase (recorded answers, policy simulated, figure)")
-    offline = offline_phase(cfg, live if chain["documents"] == offline_size(cfg) else None)
+    offline = offline_phase(cfg, live)
     return {
         "task": cfg.task,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -296,9 +303,3 @@ def run_generative_bench(cfg: GenerativeBenchConfig) -> dict[str, Any]:
         "offline": offline,
     }
 
-
-def offline_size(cfg: GenerativeBenchConfig) -> int:
-    """Documents of the recorded test split (the live point is drawn only on the same set)."""
-    from cascade.models.manifest import load_split
-
-    return len(load_split(cfg.models_dir, cfg.task, "test")[1])
