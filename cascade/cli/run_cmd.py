@@ -65,7 +65,9 @@ def up(
     """Start the whole local chain (endpoint → edge-node → edge-server → cloud) and keep it up.
 
     Starts each tier as a child process (top first), waits until it is ready, prints a table
-    of tiers and a ready-to-paste curl example, then waits. Ctrl-C or SIGTERM stops them all;
+    of tiers and a ready-to-paste curl example, then waits. A tier whose config lists
+    model_servers (the cloud, once `cascade models build --generative` built the extraction
+    task) gets its local python -m llama_cpp.server started and ready-checked before it. Ctrl-C or SIGTERM stops them all;
     children also die if this process is killed. With --ray the top two tiers run on Ray Serve
     instead (the proxy listens on the edge-server's port; cloud is under /cloud).
 
@@ -101,9 +103,16 @@ def up(
         _stop_serve_tiers(on_serve)
         fail(f"{exc}; see the logs in {log_dir}/", 1)
     if as_json:
-        tiers = {"tiers": [{"tier": t.tier, "url": t.url, "pid": t.pid,
-                            "ready_s": round(chain.ready_s[t.tier], 3), "log": str(t.log_path)}
-                           for t in chain.tiers]}
+        tiers: dict[str, Any] = {"tiers": [
+            {"tier": t.tier, "url": t.url, "pid": t.pid,
+             "ready_s": round(chain.ready_s[t.tier], 3), "log": str(t.log_path)}
+            for t in chain.tiers]}
+        if chain.model_servers:
+            tiers["model_servers"] = [
+                {"tier": m.plan.tier, "task": m.plan.task, "url": m.plan.url,
+                 "pid": m.process.pid if m.process else None,
+                 "ready_s": round(m.ready_s or 0.0, 3), "log": str(m.log_path)}
+                for m in chain.model_servers]
         print_json({**tiers, "ray_serve_url": serve_url} if serve_url else tiers)
     else:
         _print_chain(chain, tracing_env, trace_dir, serve_url)
@@ -186,6 +195,11 @@ def chain_table(chain: Chain) -> Table:
         table.add_column(col, no_wrap=True)
     for t in chain.tiers:
         table.add_row(t.tier, t.url, str(t.pid), f"{chain.ready_s[t.tier]:.2f} s", str(t.log_path))
+    for server in chain.model_servers:
+        assert server.process is not None
+        table.add_row(f"{server.plan.tier} model ({server.plan.task})", server.plan.url,
+                      str(server.process.pid), f"{server.ready_s or 0.0:.2f} s",
+                      str(server.log_path))
     return table
 
 
