@@ -177,10 +177,13 @@ class Chain:
         saved = dict(os.environ)
         os.environ.update(child_env)  # pydantic-settings reads the process environment
         try:
-            return plan_model_servers(load_node_settings(cfg))
+            settings = load_node_settings(cfg)
+        except ConfigError:
+            return []  # the tier itself reports its bad config (exit code 2, in its log)
         finally:
             os.environ.clear()
             os.environ.update(saved)
+        return plan_model_servers(settings)
 
     def _spawn(self, tier: str, cfg: Path, port: int, env: dict[str, str]) -> TierProcess:
         child_env = {**os.environ, **self.extra_env, **env}

@@ -141,8 +141,10 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
         "policy": str(policy.resolve()), "outbox_url": f"sqlite:///{state / 'overhead.db'}",
         "model_options": {cfg.task: {"n_threads": cfg.threads, "workers": 1}}}))
     first = decode({"text": prompts[0]})
+    # The tier's gguf runner reads prompts with n_threads too (llama-cpp-python's default
+    # n_threads_batch is every core: not the same work).
     llama = Llama(model_path=str(manifest.model_path(cfg.task, tier)), n_ctx=n_ctx,
-                  n_threads=cfg.threads, verbose=False)
+                  n_threads=cfg.threads, n_threads_batch=cfg.threads, verbose=False)
     grammar = LlamaGrammar.from_json_schema(json.dumps(first.json_schema), verbose=False)
     service: list[dict[str, float]] = []
     raw: list[dict[str, float]] = []
