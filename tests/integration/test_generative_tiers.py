@@ -51,13 +51,15 @@ def chain(models: Path, tmp_path: Path):
     policy.write_text(yaml.safe_dump({
         "version": 1, "name": "generative-test",
         "decision_log": {"sample_rate": 1.0, "path": str(tmp_path / "decisions-{tier}.db")},
-        "tasks": {TASK: {"deadline_ms": 120_000, "tiers": tiers}}}))
+        "tasks": {TASK: {"deadline_ms": 600_000, "tiers": tiers}}}))
     made = []
     try:
-        cloud = Tier(tmp_path, "cloud", models, policy, tasks={TASK: "edge-node"}).start()
+        # Loading a language model on a loaded machine can take minutes: generous waits.
+        cloud = Tier(tmp_path, "cloud", models, policy, tasks={TASK: "edge-node"},
+                     ready_timeout_s=300).start()
         made.append(cloud)
         endpoint = Tier(tmp_path, "endpoint", models, policy, tasks={TASK: "endpoint"},
-                        upstream=cloud.url).start()
+                        upstream=cloud.url, ready_timeout_s=300).start()
         made.append(endpoint)
         yield endpoint, cloud
     finally:
@@ -68,7 +70,7 @@ def chain(models: Path, tmp_path: Path):
 def test_generative_answers_plain_and_streamed_across_two_tiers(chain) -> None:
     endpoint, _ = chain
     body = {"task": TASK, "input": {"text": DOCUMENT}, "max_tokens": 64}
-    with httpx.Client(timeout=180) as client:
+    with httpx.Client(timeout=900) as client:
         plain = client.post(f"{endpoint.url}/v1/infer", json=body)
         assert plain.status_code == 200, plain.text
         answer = plain.json()
