@@ -6,7 +6,8 @@ Callers catch what they can handle; everything derives from :class:`CascadeError
     ├── ConfigError                 node config / settings invalid (names source and key)
     │   └── PolicyError             policy YAML invalid (names file, key path, allowed values)
     ├── ModelError                  a model file is missing, corrupt or fails its checksum
-    │   └── RegistrationError       a task folder cannot be registered (names file and key)
+    │   ├── RegistrationError       a task folder cannot be registered (names file and key)
+    │   └── BundleRejected          422: a model bundle failed its signature, hashes or probe
     ├── RequestError                a client request is unacceptable (maps to a 4xx)
     │   ├── InvalidInput            422: wrong shape, type, range, empty text...
     │   ├── UnknownTask             422: task not served by this tier
@@ -84,6 +85,17 @@ class RegistrationError(ModelError):
         super().__init__(message, field=key)
         self.file = file
         self.key = key
+
+
+class BundleRejected(ModelError):
+    """A signed model bundle was refused (``cascade.models.bundle``, the tier's installer):
+    unsigned, signed by an untrusted key, a hash or signature that does not match, a truncated
+    file, or a probe set the model fails. ``code`` says which (``bundle_unsigned``,
+    ``bundle_untrusted_key``, ``bundle_bad_signature``, ``bundle_hash_mismatch``,
+    ``bundle_truncated``, ``bundle_invalid``, ``probe_accuracy``, ``probe_latency``...)."""
+
+    status = 422
+    code = "bundle_rejected"
 
 
 class RequestError(CascadeError):

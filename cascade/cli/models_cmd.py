@@ -1,4 +1,5 @@
-"""``cascade models ...``: build the model ladders every tier serves."""
+"""``cascade models ...``: build the model ladders every tier serves, and ship them as signed
+bundles (keygen, pack, pull, rollback, status: :mod:`cascade.cli.bundles_cmd`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cascade.cli.bundles_cmd import register_bundle_commands
 from cascade.cli.common import print_json, print_table
 from cascade.cli.register_cmd import register
 from cascade.errors import ModelError
@@ -19,15 +21,18 @@ from cascade.models.manifest import GenerativeTierEntry, Manifest, TaskEntry, Ti
 
 models_app = typer.Typer(
     name="models",
-    help="Build the built-in ONNX model ladders, or register your own (one model per tier).",
+    help="Build the built-in ONNX model ladders, or register your own (one model per tier); "
+    "ship models to running tiers as signed bundles (keygen, pack, pull, rollback, status).",
     no_args_is_help=True,
 )
 models_app.command("register")(register)
+register_bundle_commands(models_app)
 
 
 @models_app.callback()
 def models() -> None:
-    """Build the built-in ONNX model ladders, or register your own (one model per tier)."""
+    """Build the built-in ONNX model ladders, or register your own (one model per tier); ship
+    models to running tiers as signed bundles (keygen, pack, pull, rollback, status)."""
 
 
 @models_app.command("build")

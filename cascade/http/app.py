@@ -31,6 +31,7 @@ from cascade.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from cascade.http.model_routes import PUSH_PATH, register_model_routes
 from cascade.http.responses import error_response, json_response
 from cascade.http.results import (
     REPLAYED_HEADER,
@@ -38,6 +39,7 @@ from cascade.http.results import (
     register_outbox_routes,
 )
 from cascade.http.streaming import stream_infer, wants_stream
+from cascade.models.bundle import MAX_BUNDLE_BYTES
 from cascade.observability.metrics import metrics_response
 from cascade.observability.telemetry import RequestTelemetryMiddleware, fastapi_options
 from cascade.tier.audit import AUDIT_HEADER, AUDIT_REFERENCES
@@ -69,8 +71,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        # A pushed model bundle is checked by its signature, not held to a request's size.
+        max_bytes = MAX_BUNDLE_BYTES if scope["path"] == PUSH_PATH else self.max_bytes
         too_large = PayloadTooLarge(
-            f"request body is larger than {self.max_bytes} bytes", field="body"
+            f"request body is larger than {max_bytes} bytes", field="body"
         )
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -79,7 +83,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     await error_response(MalformedBody("bad Content-Length header"))(scope, receive, send)
                     return
-                if declared > self.max_bytes:
+                if declared > max_bytes:
                     await error_response(too_large)(scope, receive, send)
                     return
         received = 0
@@ -89,7 +93,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise _BodyTooLarge()
             return message
 
@@ -205,6 +209,7 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
     _add_infer_route(app, state)
     _add_probe_routes(app, state)
     register_outbox_routes(app, lambda: state.get("node"))
+    register_model_routes(app, lambda: state.get("node"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     # Outermost: sees every response (413s included) and times the whole request.
     app.add_middleware(RequestTelemetryMiddleware,

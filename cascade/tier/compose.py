@@ -16,9 +16,10 @@ import httpx
 
 from cascade.contract.inputs import input_decoder
 from cascade.gating.drift_monitor import DriftMonitor
-from cascade.models.manifest import load_manifest
+from cascade.models.manifest import Manifest, load_manifest
 from cascade.models.prompting import tier_decoder
 from cascade.models.repository import model_spec
+from cascade.models.versions import InstalledVersion, VersionStore
 from cascade.observability.decisionlog import DecisionRecorder
 from cascade.observability.examples import HardExampleStore
 from cascade.observability.telemetry import TierTelemetry, upstream_attempt
@@ -28,38 +29,37 @@ from cascade.runners.base import Runner
 from cascade.runners.execution import BlockingCalls
 from cascade.runners.registry import Loader, load_runner
 from cascade.tier.audit import Auditor
+from cascade.tier.bundle_source import BundleSource
+from cascade.tier.canary import MeteredRunner, metered
 from cascade.tier.disk import build_disk_usage
 from cascade.tier.node import Node, TaskRuntime
 from cascade.tier.pressure import PressureGuard
+from cascade.tier.rollout import MANIFEST_VERSION, Rollout, RolloutCollector, TaskModelLoader
 from cascade.tier.settings import NodeSettings
 from cascade.upstream.breaker import CircuitBreaker
 from cascade.upstream.client import UpstreamClient
 
-__all__ = ["build_fallbacks", "build_node", "build_tasks", "build_upstream"]
+__all__ = ["build_fallbacks", "build_node", "build_tasks", "build_upstream",
+           "open_version_store", "task_model_loader"]
 
 
 def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
-                load: Loader = load_runner) -> dict[str, TaskRuntime]:
-    """Each served task's runner (by runtime, checksum verified, warmed up) and input decoder
-    (built from the task's declared input, or the built-in decoder of its kind).
+                load: Loader = load_runner,
+                store: VersionStore | None = None) -> dict[str, TaskRuntime]:
+    """Each served task's runner (by runtime, checksum verified, warmed up, metered) and input
+    decoder (built from the task's declared input, or the built-in decoder of its kind).
 
     ``load``: turns a model spec into a runner; by default the manifest's runtime, while a Ray
-    Serve ingress passes one that calls the task's model deployment."""
+    Serve ingress passes one that calls the task's model deployment. ``store``: installed model
+    versions (signed bundles); a task with an active version serves it instead of the models
+    directory's model."""
     manifest = load_manifest(Path(settings.models_dir))
-    metrics = telemetry.metrics
+    load_version = task_model_loader(settings, telemetry, manifest, load)
     tasks: dict[str, TaskRuntime] = {}
     for task, model_tier in settings.tasks.items():
-        calls = BlockingCalls(
-            name=f"{task}/{model_tier}", mode=settings.runner_offload,
-            max_concurrency=settings.runner_concurrency,
-            offload_above_ms=settings.runner_offload_above_ms,
-            on_wait=partial(metrics.observe_runner_wait, task),
-        )
-        runner = load(model_spec(manifest, task, model_tier,
-                                 verify_sha256=settings.verify_models, calls=calls,
-                                 options=settings.model_options.get(task)))
-        runner.warmup()  # measures it: auto mode now knows whether to offload
-        metrics.set_runner_offloaded(task, not calls.inline)
+        active = store.state(task).active if store is not None else None
+        installed = store.installed(task, active) if store is not None and active else None
+        runner = load_version(task, installed)
         entry = manifest.task(task)
         if entry.generative:
             # The prompt style of this tier's model turns the request into its prompt.
@@ -95,6 +95,34 @@ def build_fallbacks(settings: NodeSettings, policy: LoadedPolicy, telemetry: Tie
     return out
 
 
+def task_model_loader(settings: NodeSettings, telemetry: TierTelemetry, manifest: Manifest,
+                      load: Loader) -> TaskModelLoader:
+    """How this tier loads a task's model, from the models directory or an installed version:
+    its blocking-call executor, checksum, warm-up (auto mode measures it here) and meter."""
+    metrics = telemetry.metrics
+
+    def load_version(task: str, installed: InstalledVersion | None) -> MeteredRunner:
+        model_tier = settings.tasks[task]
+        calls = BlockingCalls(
+            name=f"{task}/{model_tier}", mode=settings.runner_offload,
+            max_concurrency=settings.runner_concurrency,
+            offload_above_ms=settings.runner_offload_above_ms,
+            on_wait=partial(metrics.observe_runner_wait, task),
+        )
+        if installed is None:
+            spec = model_spec(manifest, task, model_tier, verify_sha256=settings.verify_models,
+                              calls=calls, options=settings.model_options.get(task))
+        else:
+            spec = installed.spec(task, calls=calls)
+        runner = load(spec)
+        runner.warmup()  # measures it: auto mode now knows whether to offload
+        metrics.set_runner_offloaded(task, not calls.inline)
+        return metered(runner, MANIFEST_VERSION if installed is None
+                       else installed.meta.version)
+
+    return load_version
+
+
 def build_upstream(settings: NodeSettings, *,
                    transport: httpx.AsyncBaseTransport | None = None) -> UpstreamClient | None:
     """The client of the next tier (with its circuit breaker), or None at the top tier.
@@ -121,7 +149,8 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
     wrong (model file, checksum, policy key, outbox URL) before any port is bound. ``load``:
     see :func:`build_tasks`; ``upstream_transport``: see :func:`build_upstream`."""
     telemetry = TierTelemetry(settings.tier)
-    tasks = build_tasks(settings, telemetry, load=load)
+    store = open_version_store(settings)
+    tasks = build_tasks(settings, telemetry, load=load, store=store)
     policy = load_policy(settings.policy)
     pressure = PressureGuard(settings.tier, build_fallbacks(settings, policy, telemetry, load=load))
     model_files = (getattr(rt.runner, "path", None) for rt in tasks.values())
@@ -132,8 +161,25 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
     auditor = Auditor(settings.tier, upstream=build_upstream(settings, transport=upstream_transport),
                       examples=HardExampleStore(settings.tier))
     # The durable outbox also keeps idempotent results, so the top tier has one too.
-    return Node(settings, tasks=tasks, policy=policy,
+    node = Node(settings, tasks=tasks, policy=policy,
                 upstream=build_upstream(settings, transport=upstream_transport),
                 escalations=Outbox.from_settings(settings, disk), telemetry=telemetry,
                 decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk,
                 auditor=auditor, pressure=pressure)
+    if store is not None:
+        manifest = load_manifest(Path(settings.models_dir))
+        rollout = Rollout(settings, store, manifest,
+                          task_model_loader(settings, telemetry, manifest, load))
+        rollout.source = BundleSource(rollout, settings.upstream_url)
+        rollout.bind(node)
+        telemetry.metrics.registry.register(RolloutCollector(settings.tier, rollout))
+    return node
+
+
+def open_version_store(settings: NodeSettings) -> VersionStore | None:
+    """The tier's installed model versions, when it takes signed bundles (``bundles.
+    trusted_keys`` or ``bundles.store_dir`` set); unfinished installs are dropped here."""
+    bundles = settings.bundles
+    if not bundles.trusted_keys and bundles.store_dir is None:
+        return None
+    return VersionStore.open(bundles.store_dir or Path("var") / f"models-{settings.tier}")

@@ -1,13 +1,14 @@
 """A tier's life around serving: what starts before the first request and stops after the last.
 
-Start: the outbox (writer thread, forwarder when there is an upstream, callbacks, maintenance)
-and the policy reloader (file watch + SIGHUP). Stop, in reverse: the reloader, the outbox (stop
+Start: the outbox (writer thread, forwarder when there is an upstream, callbacks, maintenance),
+the policy reloader (file watch + SIGHUP) and scheduled model bundle pulls. Stop, in reverse: the reloader, the outbox (stop
 sending, commit pending writes, close the database), then the node (upstream connections, model
 threads, decision log). The HTTP layer only calls :func:`run_tier_lifecycle`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,10 +35,23 @@ async def run_tier_lifecycle(node: Node) -> AsyncIterator[Node]:
     await reloader.start()
     # Shadow audits: workers enough for the most demanding task of the policy at start.
     await node.auditor.start(max(t.audit.concurrency for t in node.policy.policy.tasks.values()))
+    pulls = _scheduled_pulls(node)
     try:
         yield node
     finally:
+        if pulls is not None:
+            pulls.cancel()
+            await asyncio.gather(pulls, return_exceptions=True)
         await reloader.stop()
         if outbox is not None:
             await outbox.aclose()
         await node.aclose()
+
+
+def _scheduled_pulls(node: Node) -> asyncio.Task[None] | None:
+    """The tier's scheduled bundle pulls (``bundles.pull_interval_s``), if it has them."""
+    rollout = node.rollout
+    source = getattr(rollout, "source", None)
+    if source is None or rollout.config.pull_interval_s <= 0:
+        return None
+    return asyncio.get_running_loop().create_task(source.run_schedule(), name="bundle-pulls")

@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from cascade.observability.telemetry import TierTelemetry, outgoing_trace_contex
 from cascade.policy import LoadedPolicy
 from cascade.runners.base import Runner, StreamingRunner
 from cascade.tier.audit import AUDIT_HEADER, Auditor
+from cascade.tier.canary import Canary
 from cascade.tier.pressure import Plan, PressureGuard
 from cascade.tier.settings import NodeSettings
 from cascade.upstream.base import Upstream
@@ -59,6 +61,13 @@ class TaskRuntime:
     decode: InputDecoder
     fields: tuple[str, ...] | None = None
     """A structured generative task's answer keys (the gate checks every one is there)."""
+    canary: Canary | None = None
+    """A newly installed model version answering its share of requests (cascade.tier.canary)."""
+
+    def pick_runner(self) -> Runner:
+        """The runner that answers this request: the canary's on its share, else the task's."""
+        canary = self.canary
+        return canary.runner if canary is not None and canary.take() else self.runner
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +180,13 @@ class Node:
         self._observers: tuple[OutcomeObserver, ...] = (
             self.decisions.record_outcome, self.telemetry.record_outcome,
             self.auditor.record_outcome)
+        # Extra sections of /readyz by name, e.g. "model_versions" (cascade.tier.rollout).
+        self.readiness_sections: dict[str, Callable[[], Any]] = {}
+        self.rollout: Any = None  # cascade.tier.rollout.Rollout when it takes signed bundles
+
+    def add_observer(self, observe: OutcomeObserver) -> None:
+        """Also hand every request's outcome to ``observe`` (e.g. the canary's guards)."""
+        self._observers = (*self._observers, observe)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -234,7 +250,7 @@ class Node:
             if cached is not None:
                 self.telemetry.record_answer(cached, escalated=False)
                 return Answered(cached, False)
-            plan = self.pressure.plan(request.task, runtime.runner)
+            plan = self.pressure.plan(request.task, runtime.pick_runner())
         if plan.runner is None:
             answered = await self._escalate_early(request, ctx, request_id, deadline,
                                                   runtime.runner.model_name, plan)
@@ -445,6 +461,7 @@ class Node:
             "pressure": self.pressure.readiness(list(self.tasks)),
             "disk": self.disk.view() if self.disk is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
+            **{name: section() for name, section in self.readiness_sections.items()},
         }
 
 

@@ -34,6 +34,7 @@ from cascade.errors import ConfigError
 from cascade.observability.disk import DiskSettings
 from cascade.outbox.config import OutboxSettings
 from cascade.policy.schema import TIER_NAME
+from cascade.tier.rollout_settings import BundleSettings
 
 ENV_PREFIX = "CASCADE_"
 
@@ -160,6 +161,11 @@ class NodeSettings(BaseSettings):
         default_factory=DiskSettings,
         description="Disk budget of this tier's files, split across its stores (results, "
         "decision log, logs, traces, models) and the idempotency window eviction respects.",
+    )
+    bundles: BundleSettings = Field(
+        default_factory=BundleSettings,
+        description="Signed model bundles: trusted keys, where to pull them, install checks, "
+        "canary and rollback (docs/model-updates.md).",
     )
     ray_serve: RayServeSettings = Field(
         default_factory=RayServeSettings,

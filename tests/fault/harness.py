@@ -227,8 +227,10 @@ def post(client: httpx.Client, url: str, body: dict[str, Any], key: str | None =
     return client.post(f"{url}/v1/infer", json=body, headers=headers, timeout=timeout)
 
 
-def hardest_images(models_dir: Path, n: int = 200) -> list[list[list[float]]]:
-    """Vision test images on which the endpoint model is least sure (they always escalate)."""
+def hardest_images(models_dir: Path, n: int = 200, *,
+                   easiest: bool = False) -> list[list[list[float]]]:
+    """Vision test images on which the endpoint model is least sure (they always escalate);
+    ``easiest``: the ones it is surest of (it answers them itself)."""
     import numpy as np
 
     from cascade.contract.inputs import image_grid
@@ -237,7 +239,8 @@ def hardest_images(models_dir: Path, n: int = 200) -> list[list[list[float]]]:
 
     inputs, _ = load_split(models_dir, "vision", "test")
     _, preds = predict_split(models_dir, "vision", ["endpoint"], "test")
-    order = np.argsort(preds["endpoint"].confidences("max_prob"))[:n]
+    confidences = preds["endpoint"].confidences("max_prob")
+    order = np.argsort(-confidences if easiest else confidences)[:n]
     return [image_grid(inputs[i]) for i in order]
 
 
