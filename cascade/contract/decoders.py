@@ -135,6 +135,8 @@ def _photo(data: Any, spec: ImageInput) -> npt.NDArray[np.float32]:
 def _raw_bytes(data: Any, shape: Any, spec: ImageInput) -> npt.NDArray[np.float32]:
     if shape is None:
         raise InvalidInput("raw_base64 needs 'shape': [H, W] or [H, W, C]", field="input.shape")
+    if isinstance(shape, list):  # 3.0 is the integer 3 in JSON
+        shape = [int(v) if type(v) is float and v.is_integer() else v for v in shape]
     if (not isinstance(shape, list) or len(shape) not in (2, 3)
             or any(type(v) is not int or v < 1 for v in shape)
             or shape[0] > spec.max_side or shape[1] > spec.max_side
@@ -236,7 +238,10 @@ def _fast_nested(value: Any, ndims: tuple[int, ...], shape: tuple[int, ...] | No
         flat = itertools.chain.from_iterable(flat)
     # type() rather than isinstance(): bool is an int subclass and must be refused.
     kinds = set(map(type, flat))
-    if not kinds <= _NUMBER_TYPES or (integers and kinds != {int}):
+    if not kinds <= _NUMBER_TYPES:
+        return None
+    # JSON has one number type: 3.0 is an integer (as JSON Schema says), 3.5 is not.
+    if integers and kinds != {int} and not bool(np.all(array == np.floor(array))):
         return None
     if not np.isfinite(array).all():
         return None
@@ -265,7 +270,7 @@ def _walk(value: Any, field: str, *, depth: int, ndim: int, expected: list[int],
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(f"must be a finite number; got {value!r}", field=field)
-    if integers and not isinstance(value, int):
+    if integers and not (isinstance(value, int) or float(value).is_integer()):
         raise InvalidInput(f"must be an integer; got {value!r}", field=field)
     if (low is not None and value < low) or (high is not None and value > high):
         raise InvalidInput(f"must be between {low:g} and {high:g}; got {value!r}", field=field)

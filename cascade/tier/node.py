@@ -59,6 +59,8 @@ class TaskRuntime:
     decode: InputDecoder
     fields: tuple[str, ...] | None = None
     """A structured generative task's answer keys (the gate checks every one is there)."""
+    input_schema: dict[str, Any] | None = None
+    """JSON Schema of what ``decode`` accepts (the OpenAPI document's request body)."""
 
 
 @dataclass(frozen=True, slots=True)
