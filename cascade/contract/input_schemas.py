@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from cascade.contract.decoders import DTYPE_RANGE, FLOAT32_MAX
 from cascade.contract.input_spec import FeaturesInput, ImageInput, InputSpec, TensorInput
 from cascade.contract.inputs import IMAGE_SIDE, MAX_PNG_BYTES, MAX_PNG_SIDE, PIXEL_MAX
 
@@ -110,23 +111,18 @@ def _declared_image(spec: ImageInput) -> JsonSchema:
     ]}
 
 
-_INT_RANGES = {"uint8": (0, 255), "int32": (-(2**31), 2**31 - 1),
-               "int64": (-(2**63), 2**63 - 1)}
-
-
 def _tensor(spec: TensorInput) -> JsonSchema:
-    if spec.dtype in _INT_RANGES:
-        low, high = _INT_RANGES[spec.dtype]
-        item: JsonSchema = {"type": "integer", "minimum": low, "maximum": high}
-    else:
-        item = {"type": "number"}
+    item: JsonSchema = {"type": "number" if spec.dtype.startswith("float") else "integer"}
+    if spec.dtype in DTYPE_RANGE:
+        low, high = DTYPE_RANGE[spec.dtype]
+        item |= {"minimum": low, "maximum": high}
     shape = "x".join(map(str, spec.shape))
     return _object({"tensor": _grid(spec.shape, item)}, required=["tensor"],
                    description=f"{{'tensor': {shape} nested lists of {spec.dtype}}}")
 
 
 def _features(spec: FeaturesInput) -> JsonSchema:
-    number = {"type": "number"}
+    number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
     listed: JsonSchema = {"type": "array", "items": number, "minItems": spec.length,
                           "maxItems": spec.length}
     features = listed

@@ -12,41 +12,24 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import itertools
 import re
 import uuid
 from typing import Any
 
 import schemathesis
-from hypothesis import strategies as st
 
 from cascade.contract.input_schemas import PHOTO_BASE64, PNG_BASE64
 from cascade.contract.schemas import REQUEST_ID_PATTERN
+from tests.helpers import picture_base64
 
 _KEY = re.compile(REQUEST_ID_PATTERN)
 _calls = itertools.count()
 _RUN = uuid.uuid4().hex[:8]  # unique across runs too (a tier's store outlives a run)
 
 
-@st.composite
-def _picture(draw: st.DrawFn, formats: tuple[str, ...]) -> str:
-    import numpy as np
-    from PIL import Image
-
-    side_h, side_w = draw(st.integers(1, 24)), draw(st.integers(1, 24))
-    mode = draw(st.sampled_from(("L", "RGB")))
-    shape = (side_h, side_w) if mode == "L" else (side_h, side_w, 3)
-    seed = draw(st.integers(0, 2**32 - 1))
-    pixels = np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, mode).save(out, format=draw(st.sampled_from(formats)))
-    return base64.b64encode(out.getvalue()).decode()
-
-
-schemathesis.openapi.format(PNG_BASE64, _picture(("PNG",)))
-schemathesis.openapi.format(PHOTO_BASE64, _picture(("PNG", "JPEG")))
+schemathesis.openapi.format(PNG_BASE64, picture_base64(("PNG",)))
+schemathesis.openapi.format(PHOTO_BASE64, picture_base64(("PNG", "JPEG")))
 
 
 def _unique(key: Any) -> Any:
