@@ -52,3 +52,16 @@ def picture_base64(formats: tuple[str, ...]) -> Any:
         return base64.b64encode(out.getvalue()).decode()
 
     return draw_picture()
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of the live processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
