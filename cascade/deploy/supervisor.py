@@ -166,8 +166,10 @@ class Chain:
         state_dir: Path | None = None,
         top_upstream_url: str | None = None,
         restart: RestartPolicy | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
-        """``restart``: what :meth:`supervise` does when a tier dies (None: nothing)."""
+        """``restart``: what :meth:`supervise` does when a tier dies (None: nothing).
+        ``launcher``: a command prefix for every tier (e.g. ``ip netns exec NAME``)."""
         self.plan = plan_chain(
             configs, base_port=base_port, host=host, top_upstream_url=top_upstream_url
         )
@@ -183,6 +185,7 @@ class Chain:
         self.tiers: list[TierProcess] = []
         self.ready_s: dict[str, float] = {}
         self.restart = restart
+        self.launcher = tuple(launcher)
 
     def start(self) -> Self:
         """Start every tier, top first, each waited for until ready (again after :meth:`stop`)."""
@@ -208,7 +211,8 @@ class Chain:
         # the child gets its own copy of the log's descriptor; ours closes once it is started
         with open(log_path, "ab") if log_path else nullcontext(subprocess.DEVNULL) as out:
             proc = subprocess.Popen(
-                [self.python, "-m", "cascade.deploy.process", "--config", str(cfg)],
+                [*self.launcher, self.python, "-m", "cascade.deploy.process", "--config",
+                 str(cfg)],
                 env=child_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

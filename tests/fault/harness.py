@@ -70,8 +70,11 @@ class Tier:
     def __init__(self, tmp: Path, tier: str, models_dir: Path, policy: Path, *,
                  upstream: str | None = None, tasks: dict[str, str] | None = None,
                  outbox: dict[str, Any] | None = None, db_dir: Path | None = None,
-                 fast: bool = True, **knobs: Any) -> None:
-        """``fast``: test timers (short polls, backoffs, breaker); False keeps the defaults."""
+                 fast: bool = True, host: str = "127.0.0.1", launcher: tuple[str, ...] = (),
+                 **knobs: Any) -> None:
+        """``fast``: test timers (short polls, backoffs, breaker); False keeps the defaults.
+        ``host``/``launcher``: where it listens and the command prefix that starts it (a tier
+        in a network namespace: its address there, ``ip netns exec NAME``)."""
         self.tier = tier
         self.dir = tmp / tier
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,7 @@ class Tier:
         }
         self.config.write_text(yaml.safe_dump(config))
         self.upstream = upstream
+        self.host, self.launcher = host, launcher
         self.chain: Chain | None = None
 
     def start(self, port: int | None = None) -> Tier:
@@ -94,7 +98,9 @@ class Tier:
         for attempt in range(1, 4):
             logged = len(self.log())
             chain = Chain([self.config], base_port=port or free_port(), env=env,
-                          log_dir=self.dir / "logs", top_upstream_url=self.upstream)
+                          log_dir=self.dir / "logs", top_upstream_url=self.upstream,
+                          host=self.host, launcher=self.launcher,
+                          ready_timeout_s=120)  # generous: a loaded machine loads slowly
             try:
                 self.chain = chain.start()
                 return self
