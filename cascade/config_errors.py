@@ -41,7 +41,16 @@ def validation_lines(exc: ValidationError, *, source: str,
 def key_path(loc: tuple[Any, ...], root: type[BaseModel] | None = None) -> str:
     """``('tasks', 'vision', 'floor')`` -> ``tasks.vision.floor``; union tags left out."""
     parts = loc if root is None else _walk(loc, root)[0]
-    return ".".join(str(part) for part in parts) or "(root)"
+    return ".".join(_key_name(part) for part in parts) or "(root)"
+
+
+def _key_name(part: Any) -> str:
+    """A key as the path shows it; quoted when it would not read as one key (empty, blank,
+    with a dot or spaces around it), so an odd key in a file is still named."""
+    text = str(part)
+    if isinstance(part, str) and (not text.strip() or "." in text or text != text.strip()):
+        return repr(part)
+    return text
 
 
 def describe_error(error: dict[str, Any], root: type[BaseModel]) -> str:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
     from rich.table import Table
 
+    from cascade.deploy.restarts import RestartPolicy
     from cascade.deploy.supervisor import Chain
 
 CONFIG_HELP = "Node config YAML (e.g. edge_nodes/endpoint.yaml); CASCADE_* env vars override it."
@@ -61,13 +62,26 @@ def up(
                              "as Ray Serve applications behind one Serve proxy."),
     ray_address: str | None = typer.Option(
         None, help="--ray: join this Ray cluster (e.g. auto) instead of starting a local one."),
+    restart: bool = typer.Option(True, help="Restart a tier that dies while the others keep "
+                                 "serving (--no-restart: stop the whole chain instead)."),
+    restart_backoff: float = typer.Option(1.0, help="Seconds before a dead tier's first "
+                                          "restart; doubled for each further restart."),
+    restart_backoff_max: float = typer.Option(30.0, help="Longest wait before a restart."),
+    restart_budget: int = typer.Option(5, help="Restarts allowed per tier within "
+                                       "--restart-window; past it the tier stays down."),
+    restart_window: float = typer.Option(300.0, help="Seconds over which --restart-budget "
+                                         "counts restarts."),
 ) -> None:
     """Start the whole local chain (endpoint → edge-node → edge-server → cloud) and keep it up.
 
     Starts each tier as a child process (top first), waits until it is ready, prints a table
-    of tiers and a ready-to-paste curl example, then waits. A tier whose config lists
-    model_servers (the cloud, once `cascade models build --generative` built the extraction
-    task) gets its local python -m llama_cpp.server started and ready-checked before it. Ctrl-C or SIGTERM stops them all;
+    of tiers and a ready-to-paste curl example, then supervises: a tier that dies is restarted
+    (same port and config) after 1, 2, 4... s, at most --restart-budget times per
+    --restart-window, and every restart is printed and logged (<log-dir>/supervisor.log). The
+    other tiers keep serving meanwhile: below a dead tier, answers are provisional and their
+    escalations wait in the outbox until it is back. A tier whose config lists model_servers
+    (the cloud, once `cascade models build --generative` built the extraction task) gets its
+    local python -m llama_cpp.server started and ready-checked before it. Ctrl-C or SIGTERM stops them all;
     children also die if this process is killed. With --ray the top two tiers run on Ray Serve
     instead (the proxy listens on the edge-server's port; cloud is under /cloud).
 
@@ -87,8 +101,10 @@ def up(
         serve_url = _start_serve_tiers(on_serve, port=port, address=ray_address,
                                        trace_dir=Path(tracing_env["CASCADE_TRACE_DIR"])
                                        if tracing_env else None)
+    policy = _restart_policy(restart, restart_backoff, restart_backoff_max, restart_budget,
+                             restart_window)
     chain = Chain(configs, base_port=base_port, log_dir=log_dir, top_upstream_url=serve_url,
-                  ready_timeout_s=ready_timeout, env=tracing_env)
+                  ready_timeout_s=ready_timeout, env=tracing_env, restart=policy)
     stopping = {"now": False}
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -119,6 +135,23 @@ def up(
     _watch_chain(chain, stopping, err_console if as_json else console, on_serve)
 
 
+def _restart_policy(restart: bool, backoff_s: float, backoff_max_s: float, budget: int,
+                    window_s: float) -> RestartPolicy | None:
+    """``cascade up``'s restart options as a policy (None: --no-restart); exit 2 naming the
+    option when one is out of range."""
+    from cascade.deploy.restarts import RestartPolicy
+
+    if not restart:
+        return None
+    options = {"initial_delay_s": "--restart-backoff", "max_delay_s": "--restart-backoff-max",
+               "budget": "--restart-budget", "window_s": "--restart-window"}
+    try:
+        return RestartPolicy(initial_delay_s=backoff_s, max_delay_s=backoff_max_s,
+                             budget=budget, window_s=window_s)
+    except CascadeError as exc:
+        fail(f"{options.get(exc.field or '', 'restart options')}: {exc.message}", 2)
+
+
 def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path,
                  serve_url: str | None) -> None:
     """The table of tiers (and where the Ray Serve tiers are) and what to try next."""
@@ -144,14 +177,15 @@ def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path,
 
 def _watch_chain(chain: Chain, stopping: dict[str, bool], out: Console,
                  on_serve: list[Path]) -> None:
-    """Wait until asked to stop or a tier exits, then stop every tier (news on ``out``),
-    Ray Serve's included."""
+    """Supervise until asked to stop (news of dead and restarted tiers on ``out``), then stop
+    every tier, Ray Serve's included. Without a restart policy a dead tier stops the chain."""
+    styles = {"exited": "red", "gave_up": "bold red", "restarted": "yellow", "ready": "green"}
     try:
         while not stopping["now"]:
-            for t in chain.tiers:
-                if t.process.poll() is not None:
-                    out.print(f"[red]tier {t.tier} exited with code {t.process.returncode}; "
-                                  f"stopping the chain (log: {t.log_path})[/]")
+            for event in chain.supervise():
+                out.print(f"[{styles.get(event.kind, 'red')}]{event.message}[/]", highlight=False)
+                if chain.restart is None:
+                    out.print("[red]stopping the chain (--no-restart)[/]")
                     stopping["now"] = True
             time.sleep(0.2)
     finally:

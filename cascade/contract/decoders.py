@@ -69,7 +69,8 @@ def sample_input(spec: InputSpec, sample: Any) -> dict[str, Any]:
     return {"text": str(sample)}
 
 
-def _only_keys(value: Any, allowed: tuple[str, ...], hint: str) -> None:
+def only_keys(value: Any, allowed: tuple[str, ...], hint: str) -> None:
+    """:class:`InvalidInput` unless ``value`` is an object with no key outside ``allowed``."""
     if not isinstance(value, dict):
         raise InvalidInput(f"input must be an object; {hint}", field="input")
     extra = sorted(set(value) - set(allowed))
@@ -93,7 +94,7 @@ def image_input(value: Any, *, spec: ImageInput, **_: Any) -> npt.NDArray[np.flo
     hint = (f"an image takes one of {{'image': HxW or HxWxC nested lists of 0..255}}, "
             f"{{'image_base64': PNG or JPEG}}, {{'raw_base64': uint8 bytes, 'shape': [H, W(, C)]}}"
             f"; the model sees {height}x{width}x{channels}")
-    _only_keys(value, ("image", "image_base64", "raw_base64", "shape"), hint)
+    only_keys(value, ("image", "image_base64", "raw_base64", "shape"), hint)
     key = _one_of(value, ("image", "image_base64", "raw_base64"), hint)
     if "shape" in value and key != "raw_base64":
         raise InvalidInput(f"'shape' goes with 'raw_base64' only; {hint}", field="input.shape")
@@ -135,6 +136,8 @@ def _photo(data: Any, spec: ImageInput) -> npt.NDArray[np.float32]:
 def _raw_bytes(data: Any, shape: Any, spec: ImageInput) -> npt.NDArray[np.float32]:
     if shape is None:
         raise InvalidInput("raw_base64 needs 'shape': [H, W] or [H, W, C]", field="input.shape")
+    if isinstance(shape, list):  # 3.0 is the integer 3 in JSON
+        shape = [int(v) if type(v) is float and v.is_integer() else v for v in shape]
     if (not isinstance(shape, list) or len(shape) not in (2, 3)
             or any(type(v) is not int or v < 1 for v in shape)
             or shape[0] > spec.max_side or shape[1] > spec.max_side
@@ -236,7 +239,10 @@ def _fast_nested(value: Any, ndims: tuple[int, ...], shape: tuple[int, ...] | No
         flat = itertools.chain.from_iterable(flat)
     # type() rather than isinstance(): bool is an int subclass and must be refused.
     kinds = set(map(type, flat))
-    if not kinds <= _NUMBER_TYPES or (integers and kinds != {int}):
+    if not kinds <= _NUMBER_TYPES:
+        return None
+    # JSON has one number type: 3.0 is an integer (as JSON Schema says), 3.5 is not.
+    if integers and kinds != {int} and not bool(np.all(array == np.floor(array))):
         return None
     if not np.isfinite(array).all():
         return None
@@ -265,7 +271,7 @@ def _walk(value: Any, field: str, *, depth: int, ndim: int, expected: list[int],
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(f"must be a finite number; got {value!r}", field=field)
-    if integers and not isinstance(value, int):
+    if integers and not (isinstance(value, int) or float(value).is_integer()):
         raise InvalidInput(f"must be an integer; got {value!r}", field=field)
     if (low is not None and value < low) or (high is not None and value > high):
         raise InvalidInput(f"must be between {low:g} and {high:g}; got {value!r}", field=field)
@@ -273,21 +279,31 @@ def _walk(value: Any, field: str, *, depth: int, ndim: int, expected: list[int],
 
 # -- tensor, features, text ----------------------------------------------------------------
 
-_DTYPE_RANGE: dict[str, tuple[float, float]] = {
-    "uint8": (0, 255), "int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Largest float32: a bigger number would reach the model as infinity."""
+DTYPE_RANGE: dict[str, tuple[float, float]] = {
+    "uint8": (0, 255), "int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1),
+    "float32": (-FLOAT32_MAX, FLOAT32_MAX)}
+"""The values each declared tensor dtype holds (float64: every finite number)."""
 
 
 def tensor_input(value: Any, *, spec: TensorInput, **_: Any) -> npt.NDArray[Any]:
     """``{'tensor': nested lists of exactly shape}`` -> [1, *shape] of the declared dtype."""
     shape_text = "x".join(map(str, spec.shape))
     hint = f"this task takes {{'tensor': {shape_text} nested lists of {spec.dtype}}}"
-    _only_keys(value, ("tensor",), hint)
+    only_keys(value, ("tensor",), hint)
     if "tensor" not in value:
         raise InvalidInput(f"'tensor' is missing; {hint}", field="input.tensor")
-    low, high = _DTYPE_RANGE.get(spec.dtype, (None, None))
+    low, high = DTYPE_RANGE.get(spec.dtype, (None, None))
     integers = not spec.dtype.startswith("float")
     array = _nested_numbers(value["tensor"], "input.tensor", ndims=(len(spec.shape),), shape=spec.shape,
                             low=low, high=high, integers=integers)
+    if integers:  # exactly, from the JSON integers (float64 would round big int64 values)
+        try:
+            return np.array(value["tensor"], dtype=object).astype(spec.dtype)[np.newaxis]
+        except OverflowError:  # within float64's rounding of the bounds, past the exact ones
+            raise InvalidInput(f"values must fit {spec.dtype}; {hint}",
+                               field="input.tensor") from None
     return array.astype(spec.dtype)[np.newaxis]
 
 
@@ -295,7 +311,7 @@ def features_input(value: Any, *, spec: FeaturesInput, **_: Any) -> npt.NDArray[
     """``{'features': [v, ...]}`` or, with declared names, ``{'features': {name: v}}``."""
     named = " or an object of " + ", ".join(spec.names) if spec.names else ""
     hint = f"this task takes {{'features': a list of {spec.length} numbers{named}}}"
-    _only_keys(value, ("features",), hint)
+    only_keys(value, ("features",), hint)
     if "features" not in value:
         raise InvalidInput(f"'features' is missing; {hint}", field="input.features")
     data = value["features"]
@@ -323,13 +339,16 @@ def features_input(value: Any, *, spec: FeaturesInput, **_: Any) -> npt.NDArray[
     for field, v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise InvalidInput(f"must be a finite number; got {v!r}", field=field)
+        if abs(v) > FLOAT32_MAX:
+            raise InvalidInput(f"must be within the float32 range (±{FLOAT32_MAX:.7g}); got "
+                               f"{v!r}", field=field)
     return np.asarray([[v for _, v in items]], dtype=np.float32)
 
 
 def text_input(value: Any, *, spec: TextInput, max_text_chars: int = 100_000,
                **_: Any) -> list[str]:
     """``{'text': str}`` -> a one-element list; the graph tokenizes it."""
-    _only_keys(value, ("text",), "this task takes {'text': '...'}")
+    only_keys(value, ("text",), "this task takes {'text': '...'}")
     if "text" not in value:
         raise InvalidInput("this task takes {'text': '...'}; 'text' is missing",
                            field="input.text")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cascade.contract.decoders import decoder_for, sample_input
+from cascade.contract.decoders import decoder_for, only_keys, sample_input
 from cascade.contract.input_spec import InputSpec
 from cascade.errors import InvalidInput, ModelError
 
@@ -26,16 +26,10 @@ MAX_PNG_BYTES = 512 * 1024
 MAX_PNG_SIDE = 1024
 
 
-def _only_keys(value: dict[str, Any], allowed: tuple[str, ...], hint: str) -> None:
-    extra = sorted(set(value) - set(allowed))
-    if extra:
-        raise InvalidInput(f"unknown key {extra[0]!r}; {hint}", field=f"input.{extra[0]}")
-
-
 def vision_input(value: dict[str, Any], **_: Any) -> np.ndarray:
     """An 8x8 grid of 0..16 (nested lists) or a base64 PNG → float32 array of shape (1, 64)."""
     hint = "vision takes {'image': 8x8 nested lists of 0..16} or {'png_base64': '...'}"
-    _only_keys(value, ("image", "png_base64"), hint)
+    only_keys(value, ("image", "png_base64"), hint)
     if ("image" in value) == ("png_base64" in value):
         raise InvalidInput(f"give exactly one of 'image' or 'png_base64'; {hint}", field="input")
     if "png_base64" in value:
@@ -122,7 +116,7 @@ def _decode_png(data: Any) -> np.ndarray:
 
 def documents_input(value: dict[str, Any], *, max_text_chars: int = 100_000, **_: Any) -> list[str]:
     """``{'text': str}`` → a one-element list of the text."""
-    _only_keys(value, ("text",), "documents takes {'text': '...'}")
+    only_keys(value, ("text",), "documents takes {'text': '...'}")
     if "text" not in value:
         raise InvalidInput("documents takes {'text': '...'}; 'text' is missing", field="input.text")
     text = value["text"]

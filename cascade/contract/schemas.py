@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_TOKENS_LIMIT = 4096
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: ``5.0`` is the integer 5 (as JSON Schema says), ``5.5`` and
+    ``true`` are not integers (the strict check after this refuses them)."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integer fields as JSON Schema reads them (5 and 5.0, not "5", 5.5 or true); the bounds come
+# first so that the document states them (as minimum and maximum).
+DeadlineMs = Annotated[int, Field(ge=1, le=600_000), BeforeValidator(_integral)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), BeforeValidator(_integral)]
 
 
 class InferRequest(BaseModel):
@@ -15,6 +31,7 @@ class InferRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # exactly the JSON types the document names: no "5" or 0 for 5 or false
         json_schema_extra={
             "examples": [
                 {"task": "documents", "input": {"text": "Shares rose after the bank cut rates."}},
@@ -31,8 +48,8 @@ class InferRequest(BaseModel):
             "documents: {'text': str}."
         ),
     )
-    deadline_ms: int | None = Field(
-        None, ge=1, le=600_000, description="End-to-end deadline; default from the policy."
+    deadline_ms: DeadlineMs | None = Field(
+        None, description="End-to-end deadline; default from the policy."
     )
     callback_url: str | None = Field(
         None,
@@ -45,8 +62,8 @@ class InferRequest(BaseModel):
         pattern=REQUEST_ID_PATTERN,
         description="Idempotency key (the Idempotency-Key header takes precedence).",
     )
-    max_tokens: int | None = Field(
-        None, ge=1, le=MAX_TOKENS_LIMIT,
+    max_tokens: MaxTokens | None = Field(
+        None,
         description="Generative tasks: most tokens to generate (default from the task); each "
                     "tier also caps it by its model's context.",
     )
@@ -55,6 +72,36 @@ class InferRequest(BaseModel):
         description="Generative tasks: answer with Server-Sent Events as tokens are produced "
                     "(also with 'Accept: text/event-stream').",
     )
+
+
+def infer_request_schema(inputs: Mapping[str, dict[str, Any]],
+                         ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The JSON Schema of a ``POST /v1/infer`` body at a tier serving ``inputs`` (task -> the
+    JSON Schema of its ``input``), and the OpenAPI components it refers to: one variant per
+    task, told apart by ``task`` (a discriminator), so the document says exactly which
+    ``input`` each task accepts."""
+    base = InferRequest.model_json_schema()
+    if not inputs:
+        return base, {}
+    components: dict[str, dict[str, Any]] = {}
+    mapping: dict[str, str] = {}
+    for task, input_schema in sorted(inputs.items()):
+        name = "InferRequest_" + re.sub(r"[^A-Za-z0-9._-]", "_", task)
+        properties = {**base["properties"],
+                      "task": {"type": "string", "const": task, "title": "Task"},
+                      "input": {**input_schema, "title": "Input"}}
+        components[name] = {"type": "object", "title": f"InferRequest ({task})",
+                            "properties": properties, "required": base["required"],
+                            "additionalProperties": False}
+        mapping[task] = f"#/components/schemas/{name}"
+    schema = {
+        "title": "InferRequest", "description": base.get("description", ""),
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "task", "mapping": mapping},
+        "examples": [example for example in base.get("examples", [])
+                     if example["task"] in inputs],
+    }
+    return schema, components
 
 
 class _Exact(BaseModel):

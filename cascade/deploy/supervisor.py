@@ -5,11 +5,20 @@ tier first (so every upstream exists before its client), each with ``PR_SET_PDEA
 Linux so that they die with the supervisor even if it is SIGKILLed: no orphans. A tier whose
 node config lists ``model_servers`` gets its local model servers started (and waited for)
 just before it, and stopped after every tier (``cascade.deploy.model_server``).
+
+With a :class:`~cascade.deploy.restarts.RestartPolicy`, :meth:`Chain.supervise` restarts a
+tier that died (same port, config and log) after its backoff, within its budget, while the
+other tiers keep serving: a tier whose upstream is down answers provisionally and queues the
+escalation, which its outbox delivers once the upstream is back. Every restart is a
+:class:`ChainEvent`, logged (``cascade.deploy.supervisor``, and ``<log_dir>/supervisor.log``
+as JSON lines) and returned for the caller to show.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -25,7 +34,10 @@ import httpx
 import yaml
 
 from cascade.deploy.model_server import ModelServer, ModelServerPlan, plan_model_servers
+from cascade.deploy.restarts import RestartHistory, RestartPolicy
 from cascade.errors import ConfigError
+
+log = logging.getLogger("cascade.deploy.supervisor")
 
 DEFAULT_CHAIN: tuple[str, ...] = (
     "edge_nodes/endpoint.yaml",
@@ -57,10 +69,28 @@ class TierProcess:
     process: subprocess.Popen[bytes]
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    state: str = "up"
+    """``up``, ``waiting`` (dead, restart due at ``restart_at``), ``starting`` (restarted, not
+    ready yet) or ``failed`` (dead, restart budget spent)."""
+    restart_at: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+    history: RestartHistory | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    """Something the supervisor did or saw: ``exited``, ``restarted``, ``ready``, ``gave_up``."""
+
+    tier: str
+    kind: str
+    message: str
+    pid: int | None = None
+    exit_code: int | None = None
+    delay_s: float | None = None
 
 
 def plan_chain(
@@ -116,6 +146,13 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> 
             time.sleep(0.05)
 
 
+def _answers_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 class Chain:
     """A running chain of tier processes (a context manager that always stops them)."""
 
@@ -131,7 +168,11 @@ class Chain:
         python: str = sys.executable,
         state_dir: Path | None = None,
         top_upstream_url: str | None = None,
+        restart: RestartPolicy | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
+        """``restart``: what :meth:`supervise` does when a tier dies (None: nothing).
+        ``launcher``: a command prefix for every tier (e.g. ``ip netns exec NAME``)."""
         self.plan = plan_chain(
             configs, base_port=base_port, host=host, top_upstream_url=top_upstream_url
         )
@@ -147,6 +188,8 @@ class Chain:
         self.tiers: list[TierProcess] = []
         self.model_servers: list[ModelServer] = []
         self.ready_s: dict[str, float] = {}
+        self.restart = restart
+        self.launcher = tuple(launcher)
 
     def start(self) -> Self:
         """Start every tier, top first, each waited for until ready (again after :meth:`stop`)."""
@@ -197,13 +240,77 @@ class Chain:
         # the child gets its own copy of the log's descriptor; ours closes once it is started
         with open(log_path, "ab") if log_path else nullcontext(subprocess.DEVNULL) as out:
             proc = subprocess.Popen(
-                [self.python, "-m", "cascade.deploy.process", "--config", str(cfg)],
+                [*self.launcher, self.python, "-m", "cascade.deploy.process", "--config",
+                 str(cfg)],
                 env=child_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl and setpgrp, no locks
             )
         return TierProcess(tier, cfg, port, f"http://{self.host}:{port}", proc, log_path, env)
+
+    def supervise(self, now: float | None = None) -> list[ChainEvent]:
+        """One supervision pass (call it every fraction of a second): notice tiers that died,
+        restart those whose backoff is over, notice restarted tiers that are ready. Without a
+        restart policy, a dead tier is only reported (``exited``)."""
+        now = time.monotonic() if now is None else now
+        events: list[ChainEvent] = []
+        for i, tier in enumerate(self.tiers):
+            if tier.state in ("up", "starting") and tier.process.poll() is not None:
+                events.append(self._died(tier, now))
+            elif tier.state == "waiting" and now >= tier.restart_at:
+                self.tiers[i] = tier = self._respawn(tier, now)
+                events.append(ChainEvent(tier.tier, "restarted", f"tier {tier.tier} restarted "
+                                         f"(pid {tier.pid}, log: {tier.log_path})", pid=tier.pid))
+            elif tier.state == "starting" and _answers_ready(tier.url):
+                tier.state = "up"
+                events.append(ChainEvent(tier.tier, "ready", f"tier {tier.tier} is ready again "
+                                         f"({now - tier.started_at:.1f} s after its restart)",
+                                         pid=tier.pid))
+        for event in events:
+            self._note(event)
+        return events
+
+    def _died(self, tier: TierProcess, now: float) -> ChainEvent:
+        code = tier.process.returncode
+        policy = self.restart
+        delay = None
+        if policy is not None:
+            tier.history = tier.history or RestartHistory(policy)
+            delay = tier.history.next_delay_s(now)
+        if delay is None:
+            tier.state = "failed"
+            why = ("no restart policy" if policy is None else
+                   f"restart budget spent: {policy.budget} restarts within {policy.window_s:g} s")
+            return ChainEvent(tier.tier, "gave_up" if policy else "exited",
+                              f"tier {tier.tier} exited with code {code}; {why}; it stays down "
+                              f"(log: {tier.log_path})", pid=tier.pid, exit_code=code)
+        assert tier.history is not None and policy is not None
+        tier.state, tier.restart_at = "waiting", now + delay
+        return ChainEvent(tier.tier, "exited",
+                          f"tier {tier.tier} exited with code {code}; restarting in {delay:.1f} s "
+                          f"(restart {tier.history.recent(now) + 1} of {policy.budget} allowed "
+                          f"within {policy.window_s:g} s; log: {tier.log_path})",
+                          pid=tier.pid, exit_code=code, delay_s=delay)
+
+    def _respawn(self, dead: TierProcess, now: float) -> TierProcess:
+        assert dead.history is not None
+        dead.history.record(now)
+        tier = self._spawn(dead.tier, dead.config, dead.port, dead.env)
+        tier.state, tier.history = "starting", dead.history
+        return tier
+
+    def _note(self, event: ChainEvent) -> None:
+        """Log ``event`` and append it to ``<log_dir>/supervisor.log`` (one JSON line)."""
+        log.warning(event.message, extra={"tier_event": event.kind, "tier_name": event.tier})
+        if self.log_dir is None:
+            return
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **asdict(event)}
+        try:
+            with open(self.log_dir / "supervisor.log", "a") as out:
+                out.write(json.dumps(record) + "\n")
+        except OSError:
+            log.exception("cannot write %s", self.log_dir / "supervisor.log")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every tier (bottom first, so no new work flows up), then SIGKILL stragglers."""

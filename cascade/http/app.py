@@ -23,7 +23,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cascade.contract.schemas import REQUEST_ID_PATTERN, ErrorBody, InferRequest, InferResponse
+from cascade.contract.schemas import (
+    REQUEST_ID_PATTERN,
+    ErrorBody,
+    InferRequest,
+    InferResponse,
+    infer_request_schema,
+)
+from cascade.contract.streaming import EVENT_ANSWER, EVENT_ERROR, EVENT_ESCALATE, EVENT_TOKEN
 from cascade.errors import (
     CascadeError,
     InvalidInput,
@@ -57,6 +64,16 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "Invalid input, unknown task, or idempotency key reused with another body",
         503: "Cannot take the work now (upstream down with a reject policy, queue full)",
     }.items()
+}
+
+
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object", "required": ["event", "data"],
+    "description": "One Server-Sent Event; data is one JSON object (answer: the 200 body)",
+    "properties": {
+        "event": {"enum": [EVENT_TOKEN, EVENT_ESCALATE, EVENT_ANSWER, EVENT_ERROR]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
 }
 
 
@@ -206,6 +223,7 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
         **fastapi_options(),  # our middleware makes the SERVER span (cheaper); no second one
     )
     _install_error_handlers(app)
+    _document_served_inputs(app, state)
     _add_infer_route(app, state)
     _add_probe_routes(app, state)
     register_outbox_routes(app, lambda: state.get("node"))
@@ -215,6 +233,32 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
     app.add_middleware(RequestTelemetryMiddleware,
                        telemetry=lambda: getattr(state.get("node"), "telemetry", None))
     return app
+
+
+def _document_served_inputs(app: FastAPI, state: dict[str, Node]) -> None:
+    """The OpenAPI document's request body of ``POST /v1/infer`` is one variant per task this
+    tier serves, each with exactly the ``input`` its decoder accepts (built once the node is
+    loaded: the document is made on its first request, after the lifespan started)."""
+
+    generic = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = generic()  # FastAPI's document, cached in app.openapi_schema
+        node = state.get("node")
+        if node is None:  # not serving yet: the generic body, not kept
+            app.openapi_schema = None
+            return document
+        inputs = {name: task.input_schema for name, task in node.tasks.items()
+                  if task.input_schema is not None}
+        schema, components = infer_request_schema(inputs)
+        body = document["paths"]["/v1/infer"]["post"]["requestBody"]
+        body["content"]["application/json"]["schema"] = schema
+        document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -233,7 +277,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
+        response = json_response({"error": {"code": code, "message": str(exc.detail)}},
+                                 exc.status_code)
+        response.headers.update(exc.headers or {})  # 405: Allow, the methods the path takes
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
@@ -256,7 +303,7 @@ def _add_infer_route(app: FastAPI, state: dict[str, Node]) -> None:
                 "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
             },
             "responses": {"200": {"content": {"text/event-stream": {
-                "schema": {"type": "string"},
+                "schema": _SSE_EVENT,
                 "description": "With \"stream\": true (generative tasks): events token, "
                                "escalate, then one answer (or error); see architecture §2"}}}},
             "parameters": [
@@ -299,6 +346,9 @@ def _add_probe_routes(app: FastAPI, state: dict[str, Node]) -> None:
             return json_response({"ready": False}, 503)
         return json_response(node.readiness())
 
-    @app.get("/metrics", summary="Prometheus metrics of this tier (text exposition format)")
+    @app.get("/metrics", summary="Prometheus metrics of this tier (text exposition format)",
+             response_class=Response, responses={200: {
+                 "description": "Prometheus text exposition format",
+                 "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return await metrics_response(state.get("node"))

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Path
 
 from cascade.contract.schemas import REQUEST_ID_PATTERN, ErrorBody, ResultResponse
 from cascade.errors import InvalidInput, ServiceUnavailable
@@ -52,7 +52,9 @@ def register_outbox_routes(app: FastAPI, get_node: Callable[[], Node | None]) ->
         responses={404: {"model": ErrorBody, "description": "Unknown id (or past retention)"},
                    503: {"model": ErrorBody, "description": "Outbox database unavailable"}},
     )
-    async def get_result(request_id: str) -> Any:
+    async def get_result(request_id: str = Path(pattern=REQUEST_ID_PATTERN,
+                                                description="The request's id (its "
+                                                "Idempotency-Key or request_id)")) -> Any:
         if not pattern.match(request_id):
             raise InvalidInput("id must be 1-128 characters of letters, digits and ._:-",
                                field="id")

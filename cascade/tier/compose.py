@@ -14,10 +14,11 @@ from pathlib import Path
 
 import httpx
 
+from cascade.contract.input_schemas import input_json_schema
 from cascade.contract.inputs import input_decoder
 from cascade.gating.drift_monitor import DriftMonitor
 from cascade.models.manifest import Manifest, load_manifest
-from cascade.models.prompting import tier_decoder
+from cascade.models.prompting import MAX_DOCUMENT_CHARS, tier_decoder
 from cascade.models.repository import model_spec
 from cascade.models.versions import InstalledVersion, VersionStore
 from cascade.observability.decisionlog import DecisionRecorder
@@ -61,14 +62,17 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
         installed = store.installed(task, active) if store is not None and active else None
         runner = load_version(task, installed)
         entry = manifest.task(task)
+        max_chars = settings.max_text_chars
         if entry.generative:
             # The prompt style of this tier's model turns the request into its prompt.
             decode = tier_decoder(manifest, task, model_tier)
+            max_chars = min(max_chars, MAX_DOCUMENT_CHARS)
         else:
             # A registered task's decoder is configured by its declared input; built-ins by kind.
             decode = input_decoder(entry.input_kind, entry.input)
+        schema = input_json_schema(entry.input_kind, entry.input, max_text_chars=max_chars)
         tasks[task] = TaskRuntime(name=task, runner=runner, decode=decode,
-                                  fields=entry.fields or None)
+                                  fields=entry.fields or None, input_schema=schema)
     return tasks
 
 

@@ -63,6 +63,8 @@ class TaskRuntime:
     """A structured generative task's answer keys (the gate checks every one is there)."""
     canary: Canary | None = None
     """A newly installed model version answering its share of requests (cascade.tier.canary)."""
+    input_schema: dict[str, Any] | None = None
+    """JSON Schema of what ``decode`` accepts (the OpenAPI document's request body)."""
 
     def pick_runner(self) -> Runner:
         """The runner that answers this request: the canary's on its share, else the task's."""

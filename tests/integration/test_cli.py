@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port_block
+from tests.helpers import children_of
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,18 +26,6 @@ def cascade(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "cascade", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=120, check=False, **kw)
-
-
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def alive(pid: int) -> bool:
