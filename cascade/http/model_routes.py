@@ -20,6 +20,7 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from cascade.contract.schemas import ErrorBody
 from cascade.errors import InvalidInput, MalformedBody, NotFound
 from cascade.http.responses import json_response
 from cascade.tier.node import Node
@@ -27,6 +28,23 @@ from cascade.tier.node import Node
 __all__ = ["PUSH_PATH", "register_model_routes"]
 
 PUSH_PATH = "/v1/models/pull"
+
+_DISABLED: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "This tier takes no signed model bundles "
+          "(bundles_disabled: no bundles.trusted_keys), or no such bundle or task"}}
+_TAR: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The bundle file", "content": {"application/x-tar": {
+        "schema": {"type": "string", "format": "binary"}}}}, **_DISABLED}
+_ROLLBACK_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["task"],
+        "properties": {"task": {"type": "string", "description": "A task this tier serves"},
+                       "version": {"type": "string",
+                                   "description": "An installed version (default: stop the "
+                                                  "canary, else the previous version)"}}}}}}}
+_PULL_BODY: dict[str, Any] = {"requestBody": {"required": False, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "A bundle file to install"}}}}}
 
 
 def _rollout(node: Node | None) -> Any:
@@ -40,18 +58,21 @@ def _rollout(node: Node | None) -> Any:
 def register_model_routes(app: FastAPI, node_of: Callable[[], Node | None]) -> None:
     """Add the ``/v1/models`` routes to ``app``."""
 
-    @app.get("/v1/models/bundles", summary="Signed model bundles this tier can hand out")
+    @app.get("/v1/models/bundles", summary="Signed model bundles this tier can hand out",
+             responses=_DISABLED)
     async def list_bundles() -> Response:
         rollout = _rollout(node_of())
         return json_response({"bundles": await rollout.source.available()})
 
-    @app.get("/v1/models/bundles/{name}", summary="One signed model bundle (a tar file)")
+    @app.get("/v1/models/bundles/{name}", summary="One signed model bundle (a tar file)",
+             response_class=Response, responses=_TAR)
     async def get_bundle(name: str) -> Response:
         data = await _rollout(node_of()).source.fetch(name)
         return Response(data, media_type="application/x-tar",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
-    @app.post(PUSH_PATH, summary="Pull bundles from the source now, or install the one sent")
+    @app.post(PUSH_PATH, summary="Pull bundles from the source now, or install the one sent",
+              responses=_DISABLED, openapi_extra=_PULL_BODY)
     async def pull(request: Request) -> Response:
         rollout = _rollout(node_of())
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
@@ -62,7 +83,8 @@ def register_model_routes(app: FastAPI, node_of: Callable[[], Node | None]) -> N
         return json_response({"tier": rollout.settings.tier,
                               "results": await rollout.source.pull()})
 
-    @app.post("/v1/models/rollback", summary="Stop a canary, or serve a previous version")
+    @app.post("/v1/models/rollback", summary="Stop a canary, or serve a previous version",
+              responses=_DISABLED, openapi_extra=_ROLLBACK_BODY)
     async def rollback(request: Request) -> Response:
         rollout = _rollout(node_of())
         body = await _json_object(request)
@@ -73,7 +95,8 @@ def register_model_routes(app: FastAPI, node_of: Callable[[], Node | None]) -> N
             raise InvalidInput("version must be a string", field="version")
         return json_response(await rollout.rollback(task, version))
 
-    @app.get("/v1/models/status", summary="Model versions per task: serving, canary, previous")
+    @app.get("/v1/models/status", summary="Model versions per task: serving, canary, previous",
+             responses=_DISABLED)
     async def status() -> Response:
         rollout = _rollout(node_of())
         return json_response({"tier": rollout.settings.tier, "tasks": rollout.readiness()})
