@@ -44,6 +44,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cascade.contract.deadline import Deadline
 from cascade.contract.outputs import Classification, Output
+from cascade.deploy.replicas import ReplicaHeaderMiddleware
 from cascade.errors import CascadeError, ModelError, PolicyError, ServiceUnavailable
 from cascade.http.app import create_app
 from cascade.models.manifest import load_manifest, load_split
@@ -207,10 +208,12 @@ class TierIngress:
         self._models = models
         self._node: Node | None = None
         self._pending_user_config: dict[str, Any] | None = None
+        self.replica = serve.get_replica_context().replica_tag
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve in the replica; the app's lifespan then builds the node here."""
         self._app = create_app(self._build_node, max_body_bytes=self._settings.max_body_bytes)
+        self._app.add_middleware(ReplicaHeaderMiddleware, replica=self.replica)
         return self._app
 
     async def handle_http(self, method: str, path: str, headers: list[tuple[str, str]],
@@ -229,7 +232,8 @@ class TierIngress:
         # Without model deployments the models load here, by their manifest runtime.
         load = self._handle_runner if self._models else load_runner
         transport = self._transport()
-        self._node = build_node(self._settings, load=load, upstream_transport=transport)
+        self._node = build_node(self._settings, load=load, upstream_transport=transport,
+                                replica=self.replica)
         # A handle's first call sets up its router (a second or more on a busy machine): do
         # that now, not on the first request's deadline.
         self._warmup = asyncio.get_running_loop().create_task(self._warm_handles(transport))

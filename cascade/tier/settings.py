@@ -178,6 +178,20 @@ class NodeSettings(BaseSettings):
             return dict.fromkeys(value, tier)
         return value
 
+    @field_validator("ray_serve")
+    @classmethod
+    def _replicas_share_a_database(cls, value: RayServeSettings,
+                                   info: ValidationInfo) -> RayServeSettings:
+        # One process owns a SQLite outbox (it voids others' leases at start, and keeps the
+        # idempotency keys it computes in memory): replicas need a database they can share.
+        url = info.data.get("outbox_url") or "sqlite:"
+        if value.ingress_replicas > 1 and url.startswith("sqlite"):
+            raise ValueError(
+                f"ingress_replicas: {value.ingress_replicas} replicas cannot share a SQLite "
+                "outbox (one process owns a SQLite file); set outbox_url to a PostgreSQL URL "
+                "(postgresql+psycopg://user@host/db) or use 1 ingress replica")
+        return value
+
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, value: dict[str, str]) -> dict[str, str]:
