@@ -19,10 +19,12 @@ import httpx
 import pytest
 
 from tests.conftest import free_port_block
+from tests.contract.conftest import postgres_server
 from tests.fault.conftest import hard_images
 from tests.fault.harness import Tier, default_policy_copy, wait_for
 
-__all__ = ["hard_images", "ray_instance", "serve_tier"]  # fixtures, found by name
+__all__ = ["hard_images", "postgres_server", "ray_instance", "replicated_cloud",  # fixtures
+           "serve_proxy", "serve_tier"]
 
 RAY_NUM_CPUS = 2
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
@@ -49,6 +51,17 @@ def ray_instance() -> Iterator[None]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_proxy(ray_instance: None) -> str:
+    """Serve's HTTP proxy on a free port (one per Ray cluster: every app of the session is
+    routed by it); returns its base URL."""
+    from ray import serve
+
+    port = free_port_block(1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
 @dataclass
 class ServeTier:
     """The edge-server tier on Serve (its upstream: cloud on Serve) and its twin process."""
@@ -72,7 +85,7 @@ def _status(url: str) -> int | None:
 
 
 @pytest.fixture(scope="session")
-def serve_tier(ray_instance: None, models_dir: Path,
+def serve_tier(serve_proxy: str, models_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeTier]:
     """The edge-server and cloud tiers as Serve applications behind one proxy on a free port
     (edge-server at ``/``, escalating to cloud, at ``/cloud``, through a DeploymentHandle;
@@ -90,11 +103,11 @@ def serve_tier(ray_instance: None, models_dir: Path,
                                 outbox_url=f"sqlite:///{tmp / Path(config).stem}.db",
                                 ray_serve=SERVE_KNOBS, trace_dir=tmp / "traces")
              for config in ("edge_nodes/edge-server.yaml", "cloud/cloud.yaml")]
-    port = free_port_block(1)
+    port = int(serve_proxy.rsplit(":", 1)[1])
     twin = None
     try:
         edge_server, _cloud = deploy_chain(chain, host="127.0.0.1", port=port)
-        url = f"http://127.0.0.1:{port}"
+        url = serve_proxy
         wait_for(lambda: _status(f"{url}/readyz") == 200 == _status(f"{url}/cloud/readyz"),
                  timeout_s=120, what="the Serve tiers ready")
         twin = Tier(tmp / "processes", "edge-server", models_dir, policy,
@@ -105,3 +118,40 @@ def serve_tier(ray_instance: None, models_dir: Path,
             twin.stop()
         for app in ("edge-server", "cloud"):
             serve.delete(app)
+
+
+@dataclass
+class ReplicatedTier:
+    """The cloud tier as a Serve app with two ingress replicas on one PostgreSQL outbox."""
+
+    url: str
+    app: str
+    outbox_url: str
+
+
+@pytest.fixture(scope="session")
+def replicated_cloud(serve_proxy: str, models_dir: Path, postgres_server: Any,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicatedTier]:
+    """Cloud as app ``cloud-replicas`` at ``/replicas``: 2 ingress replicas sharing a fresh
+    PostgreSQL database as their outbox, one model replica per task."""
+    from ray import serve
+
+    from cascade.deploy.ray_serve import build_tier_app
+    from cascade.tier.settings import load_node_settings
+
+    tmp = tmp_path_factory.mktemp("replicas")
+    outbox_url = postgres_server.create_database("cloud_replicas")
+    root = Path(__file__).resolve().parents[2]
+    settings = load_node_settings(root / "cloud/cloud.yaml", models_dir=models_dir,
+                                  policy=default_policy_copy(tmp / "policy.yaml"),
+                                  outbox_url=outbox_url,
+                                  ray_serve={**SERVE_KNOBS, "ingress_replicas": 2})
+    app, prefix = "cloud-replicas", "/replicas"
+    try:
+        serve.run(build_tier_app(settings), name=app, route_prefix=prefix)
+        url = f"{serve_proxy}{prefix}"
+        wait_for(lambda: _status(f"{url}/readyz") == 200, timeout_s=120,
+                 what="the replicated cloud tier ready")
+        yield ReplicatedTier(url, app, outbox_url)
+    finally:
+        serve.delete(app)
