@@ -41,10 +41,11 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from ray.util.metrics import Gauge
 
 from cascade.contract.deadline import Deadline
 from cascade.contract.outputs import Classification, Output
-from cascade.deploy.replicas import ReplicaHeaderMiddleware
+from cascade.deploy.replicas import MetricsMirror, ReplicaHeaderMiddleware
 from cascade.errors import CascadeError, ModelError, PolicyError, ServiceUnavailable
 from cascade.http.app import create_app
 from cascade.models.manifest import load_manifest, load_split
@@ -236,7 +237,11 @@ class TierIngress:
                                 replica=self.replica)
         # A handle's first call sets up its router (a second or more on a busy machine): do
         # that now, not on the first request's deadline.
-        self._warmup = asyncio.get_running_loop().create_task(self._warm_handles(transport))
+        loop = asyncio.get_running_loop()
+        self._warmup = loop.create_task(self._warm_handles(transport))
+        interval_s = self._settings.ray_serve.metrics_export_interval_s
+        if interval_s > 0:
+            self._metrics_export = loop.create_task(self._export_metrics(self._node, interval_s))
         if self._pending_user_config is not None:  # arrived before the node existed
             self.reconfigure(self._pending_user_config)
         return self._node
@@ -247,6 +252,15 @@ class TierIngress:
             calls.append(transport.handle.handle_http.remote("GET", "/healthz", [], b""))
         # The upstream may not be up yet: a failed warm-up only means a cold first call.
         await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _export_metrics(self, node: Node, interval_s: float) -> None:
+        """Copy this replica's metrics into Ray's every ``interval_s`` (see MetricsMirror)."""
+        mirror = MetricsMirror(_ray_gauge, replica=self.replica)
+        metrics = node.telemetry.metrics
+        while True:
+            await metrics.refresh()
+            mirror.export(metrics.registry)
+            await asyncio.sleep(interval_s)
 
     def _transport(self) -> HandleTransport | None:
         """To the upstream tier's ingress by handle, when it is a Serve app of this cluster."""
@@ -280,6 +294,11 @@ class TierIngress:
     def stats(self) -> dict[str, Any]:
         """The node's readiness report (what ``/readyz`` shows), for tests and operators."""
         return {} if self._node is None else self._node.readiness()
+
+
+def _ray_gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> Gauge:
+    """A Ray gauge (exported by each node's metrics agent as ``ray_<name>``)."""
+    return Gauge(name, description=description, tag_keys=tag_keys)
 
 
 def policy_user_config(path: Path | str) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class RayServeSettings(BaseModel):
     model_target_ongoing_requests: float = Field(
         4.0, gt=0, description="Autoscaling aims at this many requests in flight per model replica.")
     route_prefix: str = Field("/", pattern=r"^/", description="Where the Serve proxy routes the tier.")
+    metrics_export_interval_s: float = Field(
+        5.0, ge=0, le=3600, description="How often each ingress replica copies its /metrics "
+        "into Ray's metrics (ray.util.metrics, tagged with the replica; served by every node's "
+        "metrics agent, see infra/README.md); 0: not at all.")
     upstream_app: str | None = Field(
         None, description="A Serve application on the same cluster that is the upstream tier: "
         "escalate through a DeploymentHandle to its ingress instead of over HTTP "

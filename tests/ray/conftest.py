@@ -32,27 +32,39 @@ SERVE_KNOBS = {
     # A wait long enough that concurrent requests meet in one batch on a loaded machine.
     "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
     "ingress_num_cpus": 0.2, "model_num_cpus": 0.2,
+    "metrics_export_interval_s": 1.0,
 }
 
 
+@dataclass
+class RayInstance:
+    """The session's Ray: its temp dir and where its metrics agent serves Prometheus text."""
+
+    temp_dir: str
+    metrics_url: str
+
+
 @pytest.fixture(scope="session")
-def ray_instance() -> Iterator[None]:
-    """A local Ray instance for the session (no dashboard, small object store), then stopped."""
+def ray_instance() -> Iterator[RayInstance]:
+    """A local Ray instance for the session (no dashboard, small object store, the metrics
+    agent on a free port), then stopped."""
     import ray
     from ray import serve
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    metrics_port = free_port_block(1)
     ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False,
-             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp_dir, log_to_driver=False)
+             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp_dir, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     try:
-        yield
+        yield RayInstance(temp_dir, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def serve_proxy(ray_instance: None) -> str:
+def serve_proxy(ray_instance: RayInstance) -> str:
     """Serve's HTTP proxy on a free port (one per Ray cluster: every app of the session is
     routed by it); returns its base URL."""
     from ray import serve
