@@ -66,8 +66,10 @@ def test_every_replicas_counts_appear_in_one_scrape(replicated_cloud, ray_instan
         last["mirrored"] = mirrored
         return all(mirrored.get(replica) == n for replica, n in local.items())
 
-    wait_for(exported_as_reported, timeout_s=120,
-             what=f"each replica's count {local} in one scrape of Ray's metrics agent "
-                  f"(last: {last.get('mirrored')})")
+    try:
+        wait_for(exported_as_reported, timeout_s=120,
+                 what=f"each replica's count {local} in one scrape of Ray's metrics agent")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last mirrored counts: {last.get('mirrored')}") from None
     # Histograms come through as well (bucket series keep their le label).
     assert 'ray_cascade_request_duration_seconds_bucket{' in last["text"]
