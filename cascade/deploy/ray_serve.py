@@ -41,6 +41,7 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from ray.util import get_node_ip_address
 from ray.util.metrics import Gauge
 
 from cascade.contract.deadline import Deadline
@@ -209,7 +210,8 @@ class TierIngress:
         self._models = models
         self._node: Node | None = None
         self._pending_user_config: dict[str, Any] | None = None
-        self.replica = serve.get_replica_context().replica_tag
+        # Serve's replica id and its node's address: which replica, and where it runs.
+        self.replica = f"{serve.get_replica_context().replica_tag}@{get_node_ip_address()}"
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve in the replica; the app's lifespan then builds the node here."""

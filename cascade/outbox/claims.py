@@ -13,25 +13,21 @@ i.e. crashed): on PostgreSQL a concurrent second insert waits for the first to c
 finds the live lease and gets nothing. The claim is deleted in the same transaction that
 stores the answer (:mod:`cascade.outbox.store`), so a later claim of the key always finds the
 stored answer; a computation that fails releases it, and a crashed holder's claim lapses after
-its lease (the deadline of its request plus :data:`LEASE_GRACE_S`).
+its lease (the deadline of its request plus ``outbox.claim_grace_s``, 60 s by default).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import sqlalchemy as sa
 
 from cascade.outbox.tables import claims
 from cascade.outbox.writer import Batch
 
-__all__ = ["LEASE_GRACE_S", "ClaimJob", "claim_keys", "drop_claims", "release_claims",
-           "sweep_claims"]
-
-LEASE_GRACE_S: Final[float] = 60.0
-"""How long past its request's deadline a claim holds, so a slow holder is not overtaken."""
+__all__ = ["ClaimJob", "claim_keys", "drop_claims", "release_claims", "sweep_claims"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
 from cascade.observability.disk import DiskUsage, StoreGauge
-from cascade.outbox.claims import LEASE_GRACE_S, ClaimJob
+from cascade.outbox.claims import ClaimJob
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
     DEFAULT_WAL_LIMIT_BYTES,
@@ -241,11 +241,11 @@ class Outbox:
         """Claim idempotency key ``id_`` for this process while it computes the answer; False
         if another process sharing the database holds it (see :mod:`cascade.outbox.claims`).
         The claim ends when the answer is stored, on :meth:`release_key`, or
-        ``LEASE_GRACE_S`` after ``deadline_s``. Without a shared database: always True (the
+        ``outbox.claim_grace_s`` after ``deadline_s``. Without a shared database: always True (the
         caller's in-memory guard is the whole story)."""
         if not self.shared:
             return True
-        lease_s = max(deadline_s or 0.0, 0.0) + LEASE_GRACE_S
+        lease_s = max(deadline_s or 0.0, 0.0) + self.settings.claim_grace_s
         claimed: bool = await self._write("claim_keys", ClaimJob(id_, self.holder, lease_s))
         return claimed
 

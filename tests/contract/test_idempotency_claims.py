@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-from cascade.outbox.claims import LEASE_GRACE_S
 from cascade.outbox.tables import claims, results
 from tests.contract.test_outbox_contract import FINAL, Clock, pending, rows
 
@@ -52,12 +51,13 @@ async def test_a_released_or_lapsed_claim_can_be_taken(make_outbox, outbox_url):
     await a.release_key("k2")
     assert await b.claim_key("k2", 5.0)
     # b "crashes": its claim holds for the request's deadline plus the grace, then lapses
-    clock.now += 5.0 + LEASE_GRACE_S - 1
+    grace_s = a.settings.claim_grace_s
+    clock.now += 5.0 + grace_s - 1
     assert not await a.claim_key("k2", 1.0)
     clock.now += 2
     assert await a.claim_key("k2", 1.0)
     assert [r.holder for r in rows(outbox_url, claims)] == [a.holder]
-    clock.now += 1.0 + LEASE_GRACE_S + 1
+    clock.now += 1.0 + grace_s + 1
     await a.sweep()  # lapsed claims are swept
     assert rows(outbox_url, claims) == []
 

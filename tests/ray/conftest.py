@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import free_port_block
 from tests.contract.conftest import postgres_server
@@ -34,6 +35,14 @@ SERVE_KNOBS = {
     "ingress_num_cpus": 0.2, "model_num_cpus": 0.2,
     "metrics_export_interval_s": 1.0,
 }
+
+
+def escalate_everything(policy: dict[str, Any], tier: str = "edge-server") -> dict[str, Any]:
+    """``policy`` with ``tier`` sending every request up (threshold 1.0, max_prob)."""
+    changed = yaml.safe_load(yaml.safe_dump(policy))
+    for task in changed["tasks"].values():
+        task["tiers"][tier] = {"signal": "max_prob", "threshold": 1.0}
+    return changed
 
 
 @dataclass
