@@ -211,7 +211,8 @@ class TierIngress:
         self._node: Node | None = None
         self._pending_user_config: dict[str, Any] | None = None
         # Serve's replica id and its node's address: which replica, and where it runs.
-        self.replica = f"{serve.get_replica_context().replica_tag}@{get_node_ip_address()}"
+        node_ip = get_node_ip_address()  # type: ignore[no-untyped-call]
+        self.replica = f"{serve.get_replica_context().replica_tag}@{node_ip}"
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve in the replica; the app's lifespan then builds the node here."""
