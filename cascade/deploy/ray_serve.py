@@ -366,6 +366,8 @@ def build_tier_app(settings: NodeSettings, *,
                 "min_replicas": knobs.model_min_replicas,
                 "max_replicas": knobs.model_max_replicas,
                 "target_ongoing_requests": knobs.model_target_ongoing_requests,
+                "upscale_delay_s": knobs.model_upscale_delay_s,
+                "downscale_delay_s": knobs.model_downscale_delay_s,
             },
         ).bind(data, task)
     ingress = _versioned(serve.deployment(TierIngress), version).options(

@@ -61,6 +61,12 @@ class RayServeSettings(BaseModel):
     model_max_replicas: int = Field(1, ge=1, le=64, description="Autoscaling ceiling per task model.")
     model_target_ongoing_requests: float = Field(
         4.0, gt=0, description="Autoscaling aims at this many requests in flight per model replica.")
+    model_upscale_delay_s: float = Field(
+        30.0, ge=0, le=3600, description="How long the load must stay above target before "
+        "autoscaling adds a model replica.")
+    model_downscale_delay_s: float = Field(
+        600.0, ge=0, le=86_400, description="How long the load must stay below target before "
+        "autoscaling removes a model replica.")
     route_prefix: str = Field("/", pattern=r"^/", description="Where the Serve proxy routes the tier.")
     metrics_export_interval_s: float = Field(
         5.0, ge=0, le=3600, description="How often each ingress replica copies its /metrics "
