@@ -48,30 +48,33 @@ async def serve_infer(
         return (await _compute(outbox, node, request, ctx, events)).answer.to_wire(), False
     digest = request_hash(request.task, request.input)
     if key in outbox.inflight:
-        outbox.stats["idempotency_conflicts"] += 1
-        raise IdempotencyConflict(
-            f"a request with Idempotency-Key {key!r} is still being processed by tier "
-            f"{outbox.tier}; retry once it has been answered", status=409,
-            code="idempotency_in_flight")
+        raise _in_flight(outbox, key, "")
     outbox.inflight.add(key)  # before any await: a concurrent duplicate must see it
     try:
         # Processes sharing the outbox (Serve replicas on PostgreSQL) claim the key in it
         # first, then look for a stored answer: a claim is dropped only in the transaction
         # that stores the answer, so a claim that succeeds finds any answer already stored.
-        claimed = await outbox.claim_key(key, _deadline_s(node, request, ctx))
-        if not claimed:
-            outbox.stats["idempotency_conflicts"] += 1
-            raise IdempotencyConflict(
-                f"a request with Idempotency-Key {key!r} is still being processed by tier "
-                f"{outbox.tier} (another replica); retry once it has been answered",
-                status=409, code="idempotency_in_flight")
+        if not await outbox.claim_key(key, _deadline_s(node, request, ctx)):
+            raise _in_flight(outbox, key, " (another replica)")
         try:
-            return await _answer_once(outbox, node, request, ctx, key, digest, events)
+            body, replayed = await _answer_once(outbox, node, request, ctx, key, digest, events)
         except BaseException:
             await _release_quietly(outbox, key)
             raise
+        if replayed:  # nothing stored: the claim is not dropped by a write, release it
+            await _release_quietly(outbox, key)
+        return body, replayed
     finally:
         outbox.inflight.discard(key)
+
+
+def _in_flight(outbox: Outbox, key: str, where: str) -> IdempotencyConflict:
+    """The 409 for a key whose first request is still being computed (``where``: by whom)."""
+    outbox.stats["idempotency_conflicts"] += 1
+    return IdempotencyConflict(
+        f"a request with Idempotency-Key {key!r} is still being processed by tier "
+        f"{outbox.tier}{where}; retry once it has been answered", status=409,
+        code="idempotency_in_flight")
 
 
 async def _answer_once(
@@ -81,7 +84,6 @@ async def _answer_once(
     """The stored answer for ``key``, or a new one computed and stored (the key is ours)."""
     stored = await outbox.lookup(key)
     if stored is not None:
-        await outbox.release_key(key)
         if stored["_request_hash"] not in (None, digest):
             outbox.stats["idempotency_conflicts"] += 1
             raise IdempotencyConflict(
