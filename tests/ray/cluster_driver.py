@@ -2,7 +2,6 @@
 
     python -m tests.ray.cluster_driver nodes <address>
     python -m tests.ray.cluster_driver deploy <address> <settings.json> <port>
-    python -m tests.ray.cluster_driver status <address> <app>
 
 Each prints one JSON line. ``deploy`` leaves the application running (Serve's controller
 outlives the driver).
@@ -38,23 +37,11 @@ def deploy(settings_file: str, port: str) -> Any:
     return {"deployed": "cloud"}
 
 
-def status(app: str) -> Any:
-    """Per deployment of ``app``: its status and how many replicas are in each state."""
-    from ray import serve
-
-    found = serve.status().applications.get(app)
-    if found is None:
-        return {}
-    return {name: {"status": str(d.status), "replicas": {str(k): v for k, v in
-                                                          d.replica_states.items()}}
-            for name, d in found.deployments.items()}
-
-
 def main(argv: list[str]) -> None:
     command, address, *args = argv
     ray.init(address=address, log_to_driver=False)
     try:
-        out = {"nodes": nodes, "deploy": deploy, "status": status}[command](*args)
+        out = {"nodes": nodes, "deploy": deploy}[command](*args)
     finally:
         ray.shutdown()
     print(json.dumps(out))

@@ -176,11 +176,19 @@ def test_replicas_on_two_nodes_survive_the_loss_of_one(cluster, cluster_postgres
     finally:
         edge.stop()
 
-    # Serve replaced the lost replica (on the surviving node).
-    wait_for(lambda: cluster.driver("status", "cloud").get("cloud-ingress", {})
-             .get("replicas", {}).get("RUNNING") == 2, timeout_s=240,
-             what="two running ingress replicas again")
-    assert [n["ip"] for n in cluster.alive_nodes()] == [cluster.head_ip]
+    # The cluster sees the worker node dead, and Serve replaces its replica on the head: two
+    # replicas answer again, both from the head node.
+    wait_for(lambda: [n["ip"] for n in cluster.alive_nodes()] == [cluster.head_ip],
+             timeout_s=180, what="the worker node seen dead")
+    after: dict[str, str] = {}
+
+    def replaced() -> bool:  # asks once; the replicas seen answering since the node died
+        return _replica_nodes(cloud_url, after) == {cluster.head_ip} and len(after) == 2
+
+    try:
+        wait_for(replaced, timeout_s=240, what="two replicas answering from the head node")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; replicas that answered: {after}") from None
     engine = sa.create_engine(outbox_url)
     try:
         with engine.connect() as conn:
