@@ -41,9 +41,12 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from ray.util import get_node_ip_address
+from ray.util.metrics import Gauge
 
 from cascade.contract.deadline import Deadline
 from cascade.contract.outputs import Classification, Output
+from cascade.deploy.replicas import MetricsMirror, ReplicaHeaderMiddleware
 from cascade.errors import CascadeError, ModelError, PolicyError, ServiceUnavailable
 from cascade.http.app import create_app
 from cascade.models.manifest import load_manifest, load_split
@@ -207,10 +210,14 @@ class TierIngress:
         self._models = models
         self._node: Node | None = None
         self._pending_user_config: dict[str, Any] | None = None
+        # Serve's replica id and its node's address: which replica, and where it runs.
+        node_ip = get_node_ip_address()  # type: ignore[no-untyped-call]
+        self.replica = f"{serve.get_replica_context().replica_tag}@{node_ip}"
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve in the replica; the app's lifespan then builds the node here."""
         self._app = create_app(self._build_node, max_body_bytes=self._settings.max_body_bytes)
+        self._app.add_middleware(ReplicaHeaderMiddleware, replica=self.replica)
         return self._app
 
     async def handle_http(self, method: str, path: str, headers: list[tuple[str, str]],
@@ -229,10 +236,15 @@ class TierIngress:
         # Without model deployments the models load here, by their manifest runtime.
         load = self._handle_runner if self._models else load_runner
         transport = self._transport()
-        self._node = build_node(self._settings, load=load, upstream_transport=transport)
+        self._node = build_node(self._settings, load=load, upstream_transport=transport,
+                                replica=self.replica)
         # A handle's first call sets up its router (a second or more on a busy machine): do
         # that now, not on the first request's deadline.
-        self._warmup = asyncio.get_running_loop().create_task(self._warm_handles(transport))
+        loop = asyncio.get_running_loop()
+        self._warmup = loop.create_task(self._warm_handles(transport))
+        interval_s = self._settings.ray_serve.metrics_export_interval_s
+        if interval_s > 0:
+            self._metrics_export = loop.create_task(self._export_metrics(self._node, interval_s))
         if self._pending_user_config is not None:  # arrived before the node existed
             self.reconfigure(self._pending_user_config)
         return self._node
@@ -243,6 +255,15 @@ class TierIngress:
             calls.append(transport.handle.handle_http.remote("GET", "/healthz", [], b""))
         # The upstream may not be up yet: a failed warm-up only means a cold first call.
         await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _export_metrics(self, node: Node, interval_s: float) -> None:
+        """Copy this replica's metrics into Ray's every ``interval_s`` (see MetricsMirror)."""
+        mirror = MetricsMirror(_ray_gauge, replica=self.replica)
+        metrics = node.telemetry.metrics
+        while True:
+            await metrics.refresh()
+            mirror.export(metrics.registry)
+            await asyncio.sleep(interval_s)
 
     def _transport(self) -> HandleTransport | None:
         """To the upstream tier's ingress by handle, when it is a Serve app of this cluster."""
@@ -276,6 +297,11 @@ class TierIngress:
     def stats(self) -> dict[str, Any]:
         """The node's readiness report (what ``/readyz`` shows), for tests and operators."""
         return {} if self._node is None else self._node.readiness()
+
+
+def _ray_gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> Gauge:
+    """A Ray gauge (exported by each node's metrics agent as ``ray_<name>``)."""
+    return Gauge(name, description=description, tag_keys=tag_keys)
 
 
 def policy_user_config(path: Path | str) -> dict[str, Any]:
@@ -340,6 +366,8 @@ def build_tier_app(settings: NodeSettings, *,
                 "min_replicas": knobs.model_min_replicas,
                 "max_replicas": knobs.model_max_replicas,
                 "target_ongoing_requests": knobs.model_target_ongoing_requests,
+                "upscale_delay_s": knobs.model_upscale_delay_s,
+                "downscale_delay_s": knobs.model_downscale_delay_s,
             },
         ).bind(data, task)
     ingress = _versioned(serve.deployment(TierIngress), version).options(

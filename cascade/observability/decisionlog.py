@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -79,9 +80,21 @@ def sampled(request_id: str, rate: float) -> bool:
     return zlib.crc32(request_id.encode()) < rate * 4294967296.0
 
 
-def resolve_path(template: str, tier: str) -> Path:
-    """The log file of ``tier``: ``$CASCADE_DECISION_LOG_PATH`` or the policy's ``path``."""
-    return Path((os.environ.get(PATH_ENV) or template).replace("{tier}", tier)).expanduser()
+def resolve_path(template: str, tier: str, replica: str | None = None) -> Path:
+    """The log file of ``tier``: ``$CASCADE_DECISION_LOG_PATH`` or the policy's ``path``.
+
+    One of several replicas of a tier writes its own file: ``{replica}`` in the template is
+    its id, and a template without it gets ``-<replica>`` before the suffix
+    (``var/decisions-cloud-<replica>.db``); replay takes every replica's file (``--log``)."""
+    path = (os.environ.get(PATH_ENV) or template).replace("{tier}", tier)
+    if replica is not None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", replica)
+        if "{replica}" in path:
+            path = path.replace("{replica}", safe)
+        else:
+            stem, dot, suffix = path.rpartition(".")
+            path = f"{stem}-{safe}.{suffix}" if dot and "/" not in suffix else f"{path}-{safe}"
+    return Path(path).expanduser()
 
 
 @dataclass(frozen=True)
@@ -275,9 +288,11 @@ class DecisionRecorder:
     """
 
     def __init__(self, tier: str, *, gauge: StoreGauge | None = None,
-                 retention_s: float | None = None) -> None:
-        """``gauge``: the decision log's disk share (rows past it or ``retention_s`` go)."""
+                 retention_s: float | None = None, replica: str | None = None) -> None:
+        """``gauge``: the decision log's disk share (rows past it or ``retention_s`` go);
+        ``replica``: one of several processes serving the tier (a file of its own)."""
         self.tier = tier
+        self.replica = replica
         self.gauge = gauge
         self.retention_s = retention_s
         self.log: DecisionLog | None = None
@@ -285,7 +300,8 @@ class DecisionRecorder:
     def configure(self, policy: Any) -> None:
         """Open, switch or close the log file to match ``policy.policy.decision_log``."""
         settings = policy.policy.decision_log
-        path = resolve_path(settings.path, self.tier) if settings.sample_rate > 0 else None
+        path = (resolve_path(settings.path, self.tier, self.replica)
+                if settings.sample_rate > 0 else None)
         if self.log is not None and (path is None or path != self.log.path):
             self.log.close()
             self.log = None

@@ -54,6 +54,10 @@ class OutboxSettings(BaseModel):
         "accepted provisionally.",
     )
     poll_max_s: float = Field(default=30.0, gt=0, description="Longest wait between such polls.")
+    claim_grace_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="With a shared (PostgreSQL) outbox: how long past its request's deadline an "
+        "idempotency claim holds; a replica that died computing blocks its key this long.")
     idle_poll_s: float = Field(
         default=1.0, gt=0, le=60,
         description="How often an idle forwarder looks for due work (and for rows replayed by "

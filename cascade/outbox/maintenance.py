@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from cascade.outbox.claims import sweep_claims
 from cascade.outbox.tables import HELD_STATES, LIVE_STATES, callbacks, outbox, results
 from cascade.outbox.writer import Batch
 
@@ -44,6 +45,7 @@ def sweep(writes: OutboxWrites, batch: Batch, jobs: Sequence[None]) -> list[Any]
     purged_results = conn.execute(results.delete().where(
         results.c.retain_until <= now, results.c.id.not_in(live_ids))).rowcount
     conn.execute(callbacks.delete().where(callbacks.c.retain_until <= now))
+    sweep_claims(conn, now)
     held_rows = sum(n for state, n, _ in gone if state in HELD_STATES)
     held_bytes = sum(b or 0 for state, _, b in gone if state in HELD_STATES)
     if held_rows:

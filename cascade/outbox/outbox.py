@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,7 @@ import sqlalchemy as sa
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
 from cascade.observability.disk import DiskUsage, StoreGauge
+from cascade.outbox.claims import ClaimJob
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
     DEFAULT_WAL_LIMIT_BYTES,
@@ -53,7 +56,7 @@ T = TypeVar("T")
 
 RELAXED_KINDS = frozenset({
     "claim", "outcome", "claim_callbacks", "callback_outcome", "sweep", "recount",
-    "release_backoff", "release_leases", "evict", "shrink",
+    "release_backoff", "release_leases", "evict", "shrink", "claim_keys", "release_claims",
 })
 """Writes a power cut may undo harmlessly (see :mod:`cascade.outbox.writer`): the forwarder's
 bookkeeping. Enqueues, stored answers and operator actions are always flushed to disk."""
@@ -107,6 +110,8 @@ class Outbox:
         """The latest database failure (shown by ``GET /v1/outbox``)."""
         self.inflight: set[str] = set()
         """Idempotency keys being computed right now in this process (a duplicate gets 409)."""
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        """This process among those sharing the database (names its idempotency claims)."""
         self.work_ready: asyncio.Event | None = None
         self.callbacks_ready: asyncio.Event | None = None
         self._workers: list[Any] = []
@@ -126,6 +131,12 @@ class Outbox:
     def is_sqlite(self) -> bool:
         """True for a SQLite file (single process: leases can be voided at start)."""
         return self.url.get_backend_name() == "sqlite"
+
+    @property
+    def shared(self) -> bool:
+        """True when several processes may write this database (PostgreSQL: e.g. the Serve
+        replicas of one tier): idempotency keys are then claimed in it, not only in memory."""
+        return not self.is_sqlite
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -225,6 +236,23 @@ class Outbox:
         self.check_room()
         await self._write("save_result", SaveResult(id_, task, request_hash,
                                                     to_json(response)))
+
+    async def claim_key(self, id_: str, deadline_s: float | None) -> bool:
+        """Claim idempotency key ``id_`` for this process while it computes the answer; False
+        if another process sharing the database holds it (see :mod:`cascade.outbox.claims`).
+        The claim ends when the answer is stored, on :meth:`release_key`, or
+        ``outbox.claim_grace_s`` after ``deadline_s``. Without a shared database: always True (the
+        caller's in-memory guard is the whole story)."""
+        if not self.shared:
+            return True
+        lease_s = max(deadline_s or 0.0, 0.0) + self.settings.claim_grace_s
+        claimed: bool = await self._write("claim_keys", ClaimJob(id_, self.holder, lease_s))
+        return claimed
+
+    async def release_key(self, id_: str) -> None:
+        """Give up this process's claim of ``id_`` (its computation failed or was replayed)."""
+        if self.shared:
+            await self._write("release_claims", (id_, self.holder))
 
     async def lookup(self, id_: str) -> dict[str, Any] | None:
         """The stored answer for ``id_`` with its escalation state, or None."""

@@ -19,7 +19,7 @@ import orjson
 import sqlalchemy as sa
 
 from cascade.errors import ServiceUnavailable
-from cascade.outbox import maintenance, space
+from cascade.outbox import claims, maintenance, space
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.maintenance import chunks
 from cascade.outbox.tables import callbacks, outbox, results
@@ -205,6 +205,8 @@ class OutboxWrites:
             "shrink": partial(space.shrink, self),
             "claim_callbacks": self.claim_callbacks,
             "callback_outcome": self.callback_outcome,
+            "claim_keys": claims.claim_keys,
+            "release_claims": claims.release_claims,
         }
 
     # -- enqueue and answers --------------------------------------------------------------------
@@ -258,6 +260,7 @@ class OutboxWrites:
              "next_attempt_at": now + (s.poll_initial_s if j.handed_over else 0.0),
              "retain_until": None} for j in accepted
         ])
+        claims.drop_claims(conn, [j.id for j in accepted])
         size = sum(j.size_bytes for j in accepted)
         batch.after_commit(lambda: self.counters.add(len(accepted), size, len(accepted)))
         it = iter(accepted)
@@ -291,6 +294,7 @@ class OutboxWrites:
               "updated_at": now, "retain_until": now + self.settings.results_retention_s}
              for j in jobs],
         )
+        claims.drop_claims(conn, [j.id for j in jobs])
         return [None] * len(jobs)
 
     # -- forwarding -----------------------------------------------------------------------------

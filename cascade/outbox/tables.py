@@ -1,12 +1,14 @@
 """The outbox schema (SQLAlchemy Core), identical on SQLite and PostgreSQL.
 
-Three tables, one row per request id in each that applies::
+Four tables, one row per request id in each that applies::
 
     cascade_results    the latest answer a tier gave for a request id, and the hash of the
                        request it answered (idempotency); kept for ``results_retention_s``
     cascade_outbox     an escalation this tier owes its upstream (or handed to it and awaits
                        the final answer of): state, attempts, backoff, TTL
     cascade_callbacks  a final answer owed to a client's ``callback_url``
+    cascade_claims     an idempotency key being computed right now by one of the processes
+                       sharing this database (Serve replicas on PostgreSQL): a lease
 
 Invariant that keeps every hot query an index range scan: a *live* outbox row (``queued`` or
 ``forwarding``) has ``next_attempt_at`` set; a finished one (``done``, ``dead``, ``expired``) has
@@ -109,4 +111,15 @@ callbacks = sa.Table(
     sa.Column("retain_until", sa.Double, nullable=True),
     sa.Index("ix_cascade_callbacks_due", "next_attempt_at"),
     sa.Index("ix_cascade_callbacks_retain_until", "retain_until"),
+)
+
+claims = sa.Table(
+    "cascade_claims",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    # Who computes it (replica or process); the lease lets another take over after a crash.
+    sa.Column("holder", sa.String(128), nullable=False),
+    sa.Column("claimed_at", sa.Double, nullable=False),
+    sa.Column("lease_until", sa.Double, nullable=False),
+    sa.Index("ix_cascade_claims_lease_until", "lease_until"),
 )

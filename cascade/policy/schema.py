@@ -259,7 +259,9 @@ class DecisionLogPolicy(_Strict):
     include_payloads: bool = False
     path: str = Field(
         "var/decisions-{tier}.db",
-        description="SQLite file of the log; {tier} becomes the tier name. "
+        description="SQLite file of the log; {tier} becomes the tier name, {replica} the "
+        "replica's id when a tier runs as several Serve replicas (each writes its own file; "
+        "without {replica}, -<replica> is added before the suffix). "
         "The environment variable CASCADE_DECISION_LOG_PATH overrides it.",
     )
 

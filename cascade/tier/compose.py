@@ -148,10 +148,12 @@ def build_upstream(settings: NodeSettings, *,
 
 
 def build_node(settings: NodeSettings, *, load: Loader = load_runner,
-               upstream_transport: httpx.AsyncBaseTransport | None = None) -> Node:
+               upstream_transport: httpx.AsyncBaseTransport | None = None,
+               replica: str | None = None) -> Node:
     """A tier ready to serve: raises a :class:`~cascade.errors.CascadeError` naming what is
     wrong (model file, checksum, policy key, outbox URL) before any port is bound. ``load``:
-    see :func:`build_tasks`; ``upstream_transport``: see :func:`build_upstream`."""
+    see :func:`build_tasks`; ``upstream_transport``: see :func:`build_upstream`; ``replica``:
+    this process among several serving the tier (its decision log gets its own file)."""
     telemetry = TierTelemetry(settings.tier)
     store = open_version_store(settings)
     tasks = build_tasks(settings, telemetry, load=load, store=store)
@@ -160,7 +162,8 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
     model_files = (getattr(rt.runner, "path", None) for rt in tasks.values())
     disk = build_disk_usage(settings, (path for path in model_files if path is not None))
     decisions = DecisionRecorder(settings.tier, gauge=disk.gauge("decisions"),
-                                 retention_s=settings.disk.decisions_retention_s)
+                                 retention_s=settings.disk.decisions_retention_s,
+                                 replica=replica)
     # Audits get their own client: their failures never open the traffic's breaker.
     auditor = Auditor(settings.tier, upstream=build_upstream(settings, transport=upstream_transport),
                       examples=HardExampleStore(settings.tier))
@@ -169,7 +172,7 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
                 upstream=build_upstream(settings, transport=upstream_transport),
                 escalations=Outbox.from_settings(settings, disk), telemetry=telemetry,
                 decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk,
-                auditor=auditor, pressure=pressure)
+                auditor=auditor, pressure=pressure, replica=replica)
     if store is not None:
         manifest = load_manifest(Path(settings.models_dir))
         rollout = Rollout(settings, store, manifest,

@@ -152,10 +152,14 @@ class Node:
         disk: DiskUsage | None = None,
         auditor: Auditor | None = None,
         pressure: PressureGuard | None = None,
+        replica: str | None = None,
     ) -> None:
         """Collaborators are given, not built here (:func:`cascade.tier.compose.build_node`
-        builds them from settings); the defaults suit a tier assembled by hand in a test."""
+        builds them from settings); the defaults suit a tier assembled by hand in a test.
+        ``replica``: which of several processes serving this tier this is (Serve's replica
+        id); None for a tier that is one process."""
         self.settings = settings
+        self.replica = replica
         self.tier = settings.tier
         self.tasks = tasks
         self._policy = policy
@@ -450,6 +454,9 @@ class Node:
         policy = self._policy
         return {
             "tier": self.tier,
+            # drift, policy reloads, uptime and the decision log are this replica's own; the
+            # outbox (queue, results) is the tier's, shared by its replicas (edge_nodes/README)
+            "replica": self.replica,
             "ready": True,
             "models": {task: rt.runner.model_name for task, rt in self.tasks.items()},
             "policy": {"path": policy.path, "name": policy.policy.name, "version": policy.version,

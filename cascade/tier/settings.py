@@ -62,7 +62,17 @@ class RayServeSettings(BaseModel):
     model_max_replicas: int = Field(1, ge=1, le=64, description="Autoscaling ceiling per task model.")
     model_target_ongoing_requests: float = Field(
         4.0, gt=0, description="Autoscaling aims at this many requests in flight per model replica.")
+    model_upscale_delay_s: float = Field(
+        30.0, ge=0, le=3600, description="How long the load must stay above target before "
+        "autoscaling adds a model replica.")
+    model_downscale_delay_s: float = Field(
+        600.0, ge=0, le=86_400, description="How long the load must stay below target before "
+        "autoscaling removes a model replica.")
     route_prefix: str = Field("/", pattern=r"^/", description="Where the Serve proxy routes the tier.")
+    metrics_export_interval_s: float = Field(
+        5.0, ge=0, le=3600, description="How often each ingress replica copies its /metrics "
+        "into Ray's metrics (ray.util.metrics, tagged with the replica; served by every node's "
+        "metrics agent, see infra/README.md); 0: not at all.")
     upstream_app: str | None = Field(
         None, description="A Serve application on the same cluster that is the upstream tier: "
         "escalate through a DeploymentHandle to its ingress instead of over HTTP "
@@ -218,6 +228,20 @@ class NodeSettings(BaseSettings):
         if not self.tasks and not self.optional_tasks:
             raise ValueError("tasks: at least one task must be served (tasks or optional_tasks)")
         return self
+
+    @field_validator("ray_serve")
+    @classmethod
+    def _replicas_share_a_database(cls, value: RayServeSettings,
+                                   info: ValidationInfo) -> RayServeSettings:
+        # One process owns a SQLite outbox (it voids others' leases at start, and keeps the
+        # idempotency keys it computes in memory): replicas need a database they can share.
+        url = info.data.get("outbox_url") or "sqlite:"
+        if value.ingress_replicas > 1 and url.startswith("sqlite"):
+            raise ValueError(
+                f"ingress_replicas: {value.ingress_replicas} replicas cannot share a SQLite "
+                "outbox (one process owns a SQLite file); set outbox_url to a PostgreSQL URL "
+                "(postgresql+psycopg://user@host/db) or use 1 ingress replica")
+        return value
 
     @property
     def resolved_outbox_url(self) -> str:

@@ -44,13 +44,17 @@ class PostgresServer:
     root: Path
     port: int
     runas: list[str]
+    host: str = "127.0.0.1"
+    """Where clients reach it (also the address of database URLs)."""
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://cascade@127.0.0.1:{self.port}/cascade"
+        return f"postgresql+psycopg://cascade@{self.host}:{self.port}/cascade"
 
     @classmethod
-    def start(cls) -> PostgresServer:
+    def start(cls, *, host: str = "127.0.0.1", trust_network: str | None = None) -> PostgresServer:
+        """``host``: an address it also listens on (besides 127.0.0.1), for clients in another
+        network namespace; ``trust_network``: a CIDR whose clients may connect (no password)."""
         bindir = find_bindir()
         if bindir is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
@@ -60,10 +64,14 @@ class PostgresServer:
             user = pwd.getpwnam("postgres")
             os.chown(root, user.pw_uid, user.pw_gid)
             runas = ["runuser", "-u", "postgres", "--"]
-        server = cls(bindir, root, _free_port(), runas)
+        server = cls(bindir, root, _free_port(), runas, host)
         server._run("initdb", "-D", str(root / "data"), "-U", "cascade", "--auth=trust",
                     "-E", "UTF8", "--no-sync", "--no-instructions")
-        opts = (f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+        if trust_network is not None:
+            with open(root / "data" / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {trust_network} trust\n")
+        listen = ",".join(dict.fromkeys(("127.0.0.1", host)))
+        opts = (f"-p {server.port} -k {root} -c listen_addresses={listen} -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
         server._run("pg_ctl", "-D", str(root / "data"), "-o", opts, "-l", str(root / "log"),
                     "-w", "-t", "60", "start")
@@ -74,7 +82,7 @@ class PostgresServer:
     def create_database(self, name: str) -> str:
         """A new empty database on this server; returns its URL."""
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "cascade", name)
-        return f"postgresql+psycopg://cascade@127.0.0.1:{self.port}/{name}"
+        return f"postgresql+psycopg://cascade@{self.host}:{self.port}/{name}"
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [*self.runas, str(self.bindir / tool), *args]

@@ -5,25 +5,15 @@ policy stays)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
-import yaml
 
 pytest.importorskip("ray.serve")
 
 from tests.fault.harness import metric, scrape, wait_for
+from tests.ray.conftest import escalate_everything
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
-
-
-def _escalate_everything(policy: dict[str, Any]) -> dict[str, Any]:
-    """``policy`` with the edge-server sending every request up (threshold 1.0, max_prob)."""
-    changed = yaml.safe_load(yaml.safe_dump(policy))
-    for task in changed["tasks"].values():
-        task["tiers"]["edge-server"] = {"signal": "max_prob", "threshold": 1.0}
-    return changed
 
 
 def _answered_by(url: str) -> str:
@@ -40,7 +30,7 @@ def test_reconfigure_applies_a_valid_policy_live_and_refuses_an_invalid_one(serv
     start = serve_tier.readiness()
     reload0 = start["policy"]["reload"]
     try:
-        escalating = {"policy": _escalate_everything(original["policy"]),
+        escalating = {"policy": escalate_everything(original["policy"]),
                       "source": "escalate-all.yaml"}
         deploy_tier(serve_tier.settings, user_config=escalating)
         live = wait_for(lambda: (r := serve_tier.readiness())["policy"]["reload"]["reloads"]
@@ -50,7 +40,7 @@ def test_reconfigure_applies_a_valid_policy_live_and_refuses_an_invalid_one(serv
         assert live["uptime_s"] >= start["uptime_s"]  # the same replica: reconfigured in place
         assert _answered_by(serve_tier.url) == "cloud"
 
-        bad = {"policy": _escalate_everything(original["policy"]), "source": "bad.yaml"}
+        bad = {"policy": escalate_everything(original["policy"]), "source": "bad.yaml"}
         bad["policy"]["tasks"]["vision"]["tiers"]["edge-server"]["threshold"] = 1.5
         deploy_tier(serve_tier.settings, user_config=bad)
         refused = wait_for(lambda: (r := serve_tier.readiness())["policy"]["reload"]["errors"]

@@ -29,7 +29,7 @@ class FakeNode:
         self.calls = 0
         self.release: asyncio.Event | None = None
         queue = SimpleNamespace(ttl_s=60.0, max_attempts=5)
-        self.policy = SimpleNamespace(task=lambda task: SimpleNamespace(queue=queue))
+        self.policy = SimpleNamespace(task=lambda task: SimpleNamespace(queue=queue, deadline_ms=2000))
 
     async def answer(self, request: InferRequest, ctx: CallContext,
                      events: Any = None) -> Answered:
