@@ -18,7 +18,7 @@ TIERS = ["endpoint", "edge-node", "edge-server", "cloud"]
 def fake_chain(log_dir: str) -> SimpleNamespace:
     tiers = [SimpleNamespace(tier=t, url=f"http://127.0.0.1:{8101 + i}", pid=40_000 + i,
                              log_path=Path(log_dir) / f"{t}.log") for i, t in enumerate(TIERS)]
-    return SimpleNamespace(tiers=tiers, ready_s={t: 1.25 for t in TIERS})
+    return SimpleNamespace(tiers=tiers, ready_s={t: 1.25 for t in TIERS}, model_servers=[])
 
 
 @pytest.mark.parametrize("width", [None, 40, 20])
