@@ -16,6 +16,9 @@ Callers catch what they can handle; everything derives from :class:`CascadeError
     │   ├── MalformedBody           400: not JSON
     │   ├── NotFound                404
     │   ├── IdempotencyConflict     409 (in flight) / 422 (same key, different body)
+    │   ├── Unauthenticated         401: no or unknown API key, no client certificate
+    │   ├── Forbidden               403: a disabled key, or a route outside the key's scopes
+    │   ├── TooManyRequests         429: a key over its rate limit or quota (Retry-After)
     │   └── HopLimitExceeded        508-like loop guard, reported as 400
     ├── ServiceUnavailable          503: cannot take the work now (queue full, disk full, not ready)
     └── UpstreamError               escalation to the next tier failed
@@ -144,6 +147,32 @@ class IdempotencyConflict(RequestError):
     def __init__(self, message: str, *, status: int = 409, code: str | None = None) -> None:
         super().__init__(message, field="Idempotency-Key", code=code)
         self.status = status
+
+
+class Unauthenticated(RequestError):
+    """The caller did not prove who it is (API key, client certificate)."""
+
+    status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(RequestError):
+    """The caller is known but may not do this."""
+
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(RequestError):
+    """The caller is over its rate limit or quota; ``retry_after_s`` says when to try again."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class HopLimitExceeded(RequestError):

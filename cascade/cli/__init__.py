@@ -14,6 +14,7 @@ from cascade.cli.policy_cmd import policy_app
 from cascade.cli.queue_cmd import queue_app
 from cascade.cli.run_cmd import register_run_commands
 from cascade.cli.traces_cmd import traces
+from cascade.cli.trust_cmd import certs_app, keys_app
 
 app = typer.Typer(
     name="cascade",
@@ -33,6 +34,8 @@ app.add_typer(queue_app, name="queue")
 app.command("disk")(disk)
 app.add_typer(audit_app, name="audit")
 app.add_typer(examples_app, name="examples")
+app.add_typer(certs_app, name="certs")
+app.add_typer(keys_app, name="keys")
 
 
 def _register_optional() -> None:

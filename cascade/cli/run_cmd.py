@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cascade.cli.common import console, err_console, fail, print_json, print_table, print_whole
+from cascade.cli.common import (
+    console,
+    err_console,
+    fail,
+    fail_on,
+    print_json,
+    print_table,
+    print_whole,
+)
 from cascade.errors import CascadeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cascade.deploy.restarts import RestartPolicy
     from cascade.deploy.supervisor import Chain
+    from cascade.trust.certs import SiteCerts
 
 CONFIG_HELP = "Node config YAML (e.g. edge_nodes/endpoint.yaml); CASCADE_* env vars override it."
 
@@ -71,6 +80,12 @@ def up(
                                        "--restart-window; past it the tier stays down."),
     restart_window: float = typer.Option(300.0, help="Seconds over which --restart-budget "
                                          "counts restarts."),
+    cert_dir: Path = typer.Option(
+        Path("var/certs"), help="The site CA and tier certificates (made there if missing, "
+        "as `cascade certs init` would)."),
+    plain: bool = typer.Option(
+        False, "--plain", help="Plain HTTP between tiers, no certificates: local development "
+        "only (any local process can call any tier)."),
 ) -> None:
     """Start the whole local chain (endpoint → edge-node → edge-server → cloud) and keep it up.
 
@@ -81,7 +96,10 @@ def up(
     other tiers keep serving meanwhile: below a dead tier, answers are provisional and their
     escalations wait in the outbox until it is back. A tier whose config lists model_servers
     (the cloud, once `cascade models build --generative` built the extraction task) gets its
-    local python -m llama_cpp.server started and ready-checked before it. Ctrl-C or SIGTERM stops them all;
+    local python -m llama_cpp.server started and ready-checked before it. Tiers talk mTLS
+    with certificates from --cert-dir (created if missing) and sign callbacks with
+    var/secrets/callback-signing.key; --plain turns both off for local development.
+    Ctrl-C or SIGTERM stops them all;
     children also die if this process is killed. With --ray the top two tiers run on Ray Serve
     instead (the proxy listens on the edge-server's port; cloud is under /cloud).
 
@@ -101,10 +119,18 @@ def up(
         serve_url = _start_serve_tiers(on_serve, port=port, address=ray_address,
                                        trace_dir=Path(tracing_env["CASCADE_TRACE_DIR"])
                                        if tracing_env else None)
+    if ray and not plain:  # a Serve proxy speaks plain HTTP: so must the tier below it
+        err_console.print("[yellow]--ray: the Ray Serve tiers are called over plain HTTP[/]")
+        plain = True
+    site = _site_trust(cert_dir, configs, tracing_env) if not plain else None
+    if plain:
+        err_console.print("[bold yellow]warning:[/] plain HTTP: tiers talk with no "
+                          "certificates; any local process can call any tier (development only)")
     policy = _restart_policy(restart, restart_backoff, restart_backoff_max, restart_budget,
                              restart_window)
     chain = Chain(configs, base_port=base_port, log_dir=log_dir, top_upstream_url=serve_url,
-                  ready_timeout_s=ready_timeout, env=tracing_env, restart=policy)
+                  ready_timeout_s=ready_timeout, env=tracing_env, restart=policy,
+                  tls=site)
     stopping = {"now": False}
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -152,6 +178,28 @@ def _restart_policy(restart: bool, backoff_s: float, backoff_max_s: float, budge
         fail(f"{options.get(exc.field or '', 'restart options')}: {exc.message}", 2)
 
 
+def _site_trust(cert_dir: Path, configs: list[Path], env: dict[str, str]) -> SiteCerts:
+    """The chain's certificates (issued if missing) and callback signing key (``env`` gets
+    its path); a tier that cannot read them fails at start, naming the file."""
+    import yaml
+
+    from cascade.cli.trust_cmd import write_secret
+    from cascade.trust.certs import SiteCerts, issue_site
+
+    site = SiteCerts(cert_dir)
+    tiers = [str((yaml.safe_load(c.read_text()) or {}).get("tier") or c.stem) for c in configs]
+    try:
+        for path in issue_site(site, tiers):
+            console.print(f"wrote {path}", highlight=False)
+    except CascadeError as exc:
+        fail_on(exc)
+    secret = Path("var/secrets/callback-signing.key")
+    if not secret.exists():
+        write_secret(secret)
+    env.setdefault("CASCADE_CALLBACKS__SIGNING_KEY_FILE", str(secret))
+    return site
+
+
 def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path,
                  serve_url: str | None) -> None:
     """The table of tiers (and where the Ray Serve tiers are) and what to try next."""
@@ -161,9 +209,10 @@ def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path,
         console.print(f"Ray Serve tiers (edge-server at /, cloud at /cloud): {serve_url}",
                       highlight=False)
     entry = chain.entry_url if chain.tiers else str(serve_url)
+    cacert = f"--cacert {chain.tls.ca_file} " if chain.tls is not None else ""
     console.print("\nTry it (tier 1 answers, or escalates up the chain):", style="bold")
     console.print(
-        f"  curl -s {entry}/v1/infer -H 'Content-Type: application/json' "
+        f"  curl -s {cacert}{entry}/v1/infer -H 'Content-Type: application/json' "
         "-d '{\"task\": \"documents\", \"input\": {\"text\": \"Shares rose after the central "
         "bank cut interest rates\"}}'",
         highlight=False, soft_wrap=True,
@@ -245,7 +294,13 @@ def infer(
     sample: int | None = typer.Option(
         None, help="Send test-split sample N from the models dir instead (and show its true label)."
     ),
-    url: str = typer.Option("http://127.0.0.1:8101", help="Tier to ask (tier 1 by default)."),
+    url: str | None = typer.Option(
+        None, help="Tier to ask (default tier 1: https://127.0.0.1:8101 when var/certs/ca.pem "
+        "exists, as `cascade up` makes it, else http://127.0.0.1:8101)."),
+    cacert: Path = typer.Option(Path("var/certs/ca.pem"), help="CA of an https tier."),
+    api_key: str | None = typer.Option(
+        None, envvar="CASCADE_API_KEY", help="API key, if the tier asks for one (better: the "
+        "CASCADE_API_KEY variable, which stays out of your shell history)."),
     deadline_ms: int | None = typer.Option(None, help="End-to-end deadline."),
     models_dir: Path = typer.Option(Path("models"), help="For --sample."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON answer."),
@@ -293,8 +348,17 @@ def infer(
     body: dict[str, Any] = {"task": task, "input": payload}
     if deadline_ms:
         body["deadline_ms"] = deadline_ms
+    if url is None:
+        url = "https://127.0.0.1:8101" if cacert.is_file() else "http://127.0.0.1:8101"
+    verify: Any = True
+    if url.startswith("https://") and cacert.is_file():
+        import ssl
+
+        verify = ssl.create_default_context(cafile=str(cacert))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.post(f"{url}/v1/infer", json=body, timeout=30)
+        resp = httpx.post(f"{url}/v1/infer", json=body, timeout=30, verify=verify,
+                          headers=headers)
     except httpx.TransportError as exc:
         fail(f"cannot reach {url}: {exc} (is the chain up? `cascade up`)", 1)
     data = resp.json()

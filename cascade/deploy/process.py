@@ -48,6 +48,11 @@ def run_tier(config: Path, *, port: int | None = None, host: str | None = None) 
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     app = create_app(node, max_body_bytes=settings.max_body_bytes)
+    serving: dict[str, Any] = {"http": "httptools"}
+    if node.trust is not None and node.trust.tls is not None:
+        from cascade.deploy.tls_server import uvicorn_tls_options
+
+        serving = uvicorn_tls_options(node.trust.tls)  # HTTPS, reloadable, callers identified
     # Everything loaded so far lives as long as the process: exempt it from the cyclic GC, whose
     # full collections would otherwise rescan it and stall requests (p99) under per-request
     # allocations such as spans.
@@ -65,7 +70,7 @@ def run_tier(config: Path, *, port: int | None = None, host: str | None = None) 
             log_config=None,  # uvicorn's records go through our JSON handler
             access_log=False,
             loop="uvloop",
-            http="httptools",
+            **serving,
             timeout_graceful_shutdown=5,
         )
     finally:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ import yaml
 from cascade.deploy.model_server import ModelServer, ModelServerPlan, plan_model_servers
 from cascade.deploy.restarts import RestartHistory, RestartPolicy
 from cascade.errors import ConfigError
+from cascade.trust.certs import SiteCerts
 
 log = logging.getLogger("cascade.deploy.supervisor")
 
@@ -99,12 +101,15 @@ def plan_chain(
     base_port: int | None = None,
     host: str = "127.0.0.1",
     top_upstream_url: str | None = None,
+    tls: SiteCerts | None = None,
 ) -> list[tuple[str, Path, int, dict[str, str]]]:
     """(tier, config, port, env overrides) per config, bottom to top.
 
     With ``base_port`` the tiers get consecutive ports from it and each tier's upstream is
     rewired to the next config's port, so a whole chain can run beside another one; the last
-    tier gets ``top_upstream_url`` (none by default: it is the top).
+    tier gets ``top_upstream_url`` (none by default: it is the top). With ``tls`` every tier
+    serves HTTPS with its certificate from there and calls its upstream over https; tier 1
+    asks no client certificate (its clients are products), the others require one on their API.
     """
     plan = []
     for i, cfg in enumerate(configs):
@@ -125,14 +130,26 @@ def plan_chain(
                 if i + 1 < len(configs)
                 else (top_upstream_url or "")
             )
+        if tls is not None:
+            env.update(_tls_env(tls, tier, bottom=i == 0))
+            upstream = env.get("CASCADE_UPSTREAM_URL", data.get("upstream_url")) or ""
+            env["CASCADE_UPSTREAM_URL"] = upstream.replace("http://", "https://", 1)
         plan.append((tier, path, port, env))
     return plan
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> float:
+def _tls_env(site: SiteCerts, tier: str, *, bottom: bool) -> dict[str, str]:
+    return {"CASCADE_TLS__CERT_FILE": str(site.cert_file(tier)),
+            "CASCADE_TLS__KEY_FILE": str(site.key_file(tier)),
+            "CASCADE_TLS__CA_FILE": str(site.ca_file),
+            "CASCADE_TLS__CLIENT_CERT": "never" if bottom else "api"}
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float,
+               verify: ssl.SSLContext | bool = True) -> float:
     """Poll ``url/readyz`` until 200; returns seconds waited. Raises if the child exits or times out."""
     started = time.monotonic()
-    with httpx.Client(timeout=0.5) as client:
+    with httpx.Client(timeout=0.5, verify=verify) as client:
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"tier at {url} exited with code {process.returncode} before ready")
@@ -170,12 +187,17 @@ class Chain:
         top_upstream_url: str | None = None,
         restart: RestartPolicy | None = None,
         launcher: Sequence[str] = (),
+        tls: SiteCerts | None = None,
     ) -> None:
         """``restart``: what :meth:`supervise` does when a tier dies (None: nothing).
-        ``launcher``: a command prefix for every tier (e.g. ``ip netns exec NAME``)."""
+        ``launcher``: a command prefix for every tier (e.g. ``ip netns exec NAME``).
+        ``tls``: serve every tier over HTTPS with the site's certificates (see
+        :func:`plan_chain`); None: plain HTTP (local development and most tests)."""
         self.plan = plan_chain(
-            configs, base_port=base_port, host=host, top_upstream_url=top_upstream_url
+            configs, base_port=base_port, host=host, top_upstream_url=top_upstream_url, tls=tls
         )
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         if state_dir is not None:
             # Each tier's durable state (outbox database) under state_dir instead of var/.
             for _tier, _cfg, _port, tier_env in self.plan:  # not `env`: that is the argument
@@ -202,7 +224,8 @@ class Chain:
                         server, log_dir=self.log_dir, python=self.python,
                         preexec_fn=_die_with_parent).start())
                 self.tiers.insert(0, self._spawn(tier, cfg, port, env))
-                self.ready_s[tier] = wait_ready(self.tiers[0].url, self.tiers[0].process, self.ready_timeout_s)
+                self.ready_s[tier] = wait_ready(self.tiers[0].url, self.tiers[0].process,
+                                                self.ready_timeout_s, self.verify)
         except BaseException:
             self.stop()
             raise
@@ -228,6 +251,13 @@ class Chain:
             os.environ.update(saved)
         return plan_model_servers(settings)
 
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How a client of this chain checks its tiers' certificates (the site CA)."""
+        if self.tls is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.tls.ca_file))
+
     def _spawn(self, tier: str, cfg: Path, port: int, env: dict[str, str]) -> TierProcess:
         child_env = {**os.environ, **self.extra_env, **env}
         log_path = None
@@ -247,7 +277,8 @@ class Chain:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl and setpgrp, no locks
             )
-        return TierProcess(tier, cfg, port, f"http://{self.host}:{port}", proc, log_path, env)
+        return TierProcess(tier, cfg, port, f"{self.scheme}://{self.host}:{port}", proc, log_path,
+                           env)
 
     def supervise(self, now: float | None = None) -> list[ChainEvent]:
         """One supervision pass (call it every fraction of a second): notice tiers that died,

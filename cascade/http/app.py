@@ -38,6 +38,7 @@ from cascade.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from cascade.http.guard import CallerGuardMiddleware
 from cascade.http.model_routes import PUSH_PATH, register_model_routes
 from cascade.http.responses import error_response, json_response
 from cascade.http.results import (
@@ -59,9 +60,13 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "Malformed body or hop limit exceeded",
+        401: "No or unknown API key; or no client certificate on a tier-to-tier API",
+        403: "API key disabled, or not allowed on this route",
         413: "Body larger than max_body_bytes",
         415: "Body is not application/json",
-        422: "Invalid input, unknown task, or idempotency key reused with another body",
+        422: "Invalid input, unknown task, idempotency key reused with another body, or a "
+             "callback_url the tier's callback policy refuses",
+        429: "API key over its rate limit or quota (Retry-After says when to try again)",
         503: "Cannot take the work now (upstream down with a reject policy, queue full)",
     }.items()
 }
@@ -229,6 +234,9 @@ def create_app(node_factory: Callable[[], Node] | Node, *, max_body_bytes: int =
     register_outbox_routes(app, lambda: state.get("node"))
     register_model_routes(app, lambda: state.get("node"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    # Before the body is read: API keys, client certificates (cascade.http.guard).
+    app.add_middleware(CallerGuardMiddleware,
+                       trust=lambda: getattr(state.get("node"), "trust", None))
     # Outermost: sees every response (413s included) and times the whole request.
     app.add_middleware(RequestTelemetryMiddleware,
                        telemetry=lambda: getattr(state.get("node"), "telemetry", None))
@@ -318,6 +326,10 @@ def _add_infer_route(app: FastAPI, state: dict[str, Node]) -> None:
         """Documented here for OpenAPI; served by the plain route below (same function)."""
         body = await parse_infer_request(request)
         ctx = call_context(request)
+        node = state["node"]
+        if body.callback_url and ctx.hop_count == 0 and node.trust is not None:
+            # Only the tier a client called fires the callback: only it applies its policy.
+            await node.trust.callbacks.check_request(body.callback_url)
         if wants_stream(body, request.headers.get("accept")) and ctx.audit is None:
             return await stream_infer(state["node"], body, ctx)
         answer, replayed = await answer_infer(state["node"], body, ctx)

@@ -63,12 +63,15 @@ log = logging.getLogger("cascade.observability.telemetry")
 access_log = logging.getLogger("cascade.access")
 
 TRACER_NAME: Final[str] = "cascade"
+CLIENT_KEY_SCOPE: Final[str] = "cascade.client_key"
+"""ASGI scope key holding the *name* of the API key a request was admitted with."""
 QUIET_PATHS: Final[frozenset[str]] = frozenset({"/metrics", "/healthz", "/readyz"})
 """Scrapes and probes: no span, no access line, no metrics (they would drown the real ones)."""
 
 _W3C = TraceContextTextMapPropagator()
 
 __all__ = [
+    "CLIENT_KEY_SCOPE",
     "HONOURED_ENV",
     "RequestTelemetryMiddleware",
     "RequestTrace",
@@ -246,9 +249,16 @@ class RequestTrace:
 
 
 def _http_attributes(scope: Any) -> dict[str, Any]:
-    return {"http.request.method": scope["method"], "url.path": scope["path"],
-            "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.version": scope.get("http_version", "1.1")}
+    attributes = {"http.request.method": scope["method"], "url.path": scope["path"],
+                  "url.scheme": scope.get("scheme", "http"),
+                  "network.protocol.version": scope.get("http_version", "1.1")}
+    # Who called (cascade.http.guard): the client certificate's subject and the API key's name.
+    tls = scope.get("extensions", {}).get("tls")
+    if tls and tls.get("client_cert_name"):
+        attributes["tls.client.subject"] = tls["client_cert_name"]
+    if CLIENT_KEY_SCOPE in scope:
+        attributes["cascade.client.key"] = scope[CLIENT_KEY_SCOPE]
+    return attributes
 
 
 def gen_ai_attributes(model: str, generation: Generation | None) -> dict[str, AttributeValue]:
@@ -491,6 +501,8 @@ class RequestTelemetryMiddleware:
                 value = getattr(record, name)
                 if value is not None:
                     fields[name] = value
+            if CLIENT_KEY_SCOPE in scope:  # the key's name, never the key
+                fields["client_key"] = scope[CLIENT_KEY_SCOPE]
             ctx = span.get_span_context() if span is not None else None
             if ctx is not None and ctx.is_valid:
                 fields["trace_id"], fields["span_id"] = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"

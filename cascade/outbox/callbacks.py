@@ -2,8 +2,10 @@
 
 A callback row is armed in the same transaction that marks an escalation ``done``. This task
 POSTs the latest answer (the body of ``GET /v1/results/{id}``) with an ``Idempotency-Key``
-header equal to the request id, so a receiver can discard a repeat after a lost response. A
-2xx is ``delivered``; anything else is retried with backoff and becomes ``failed`` after
+header equal to the request id, so a receiver can discard a repeat after a lost response, and,
+with the tier's signing key, ``X-Cascade-Signature`` (:mod:`cascade.trust.callbacks`). It
+connects only to addresses the tier's callback policy allows, checked on the address connected
+to; redirects are not followed. A 2xx is ``delivered``; anything else is retried with backoff and becomes ``failed`` after
 ``callback_max_attempts``, kept with its last error (``cascade queue replay ID`` re-arms it).
 """
 
@@ -42,9 +44,11 @@ class CallbackSender(BackgroundLoop):
 
     def start(self) -> None:
         """Run the delivery loop as a background task of the current event loop."""
+        guard = self.outbox.callback_guard
         self._client = httpx.AsyncClient(
             timeout=self.settings.callback_timeout_ms / 1000.0, follow_redirects=False,
             headers={"User-Agent": f"cascade-callbacks/{self.outbox.tier}"},
+            transport=guard.transport() if guard is not None else None, trust_env=False,
         )
         self._start_loop(self._run(), f"outbox-callbacks-{self.outbox.tier}")
 
@@ -86,14 +90,20 @@ class CallbackSender(BackgroundLoop):
     async def _deliver(self, cb: ClaimedCallback) -> None:
         assert self._client is not None
         error: str | None = None
+        guard = self.outbox.callback_guard
+        refusal = guard.url_refusal(cb.url) if guard is not None else None
         try:
+            if refusal is not None:  # the policy changed since the request was accepted
+                raise CascadeError(f"callback refused by policy: {refusal}")
             payload = await self.outbox.result(cb.id)
             payload.pop("callback", None)
+            body = orjson.dumps(payload)
             response = await self._client.post(
-                cb.url, content=orjson.dumps(payload),
+                cb.url, content=body,
                 headers={"Content-Type": "application/json", "Idempotency-Key": cb.id,
                          "X-Cascade-Tier": self.outbox.tier,
-                         "X-Cascade-Callback-Attempt": str(cb.attempts + 1)},
+                         "X-Cascade-Callback-Attempt": str(cb.attempts + 1),
+                         **(guard.headers(body) if guard is not None else {})},
             )
             if not 200 <= response.status_code < 300:
                 error = f"HTTP {response.status_code} from {cb.url}"

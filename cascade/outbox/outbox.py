@@ -50,6 +50,7 @@ from cascade.outbox.views import (
     read_stats,
 )
 from cascade.outbox.writer import GroupCommitWriter
+from cascade.trust.callbacks import CallbackGuard
 
 log = logging.getLogger("cascade.outbox")
 T = TypeVar("T")
@@ -74,15 +75,18 @@ class Outbox:
     def __init__(
         self, url: str, *, tier: str, settings: OutboxSettings | None = None,
         clock: Callable[[], float] = time.time, gauge: StoreGauge | None = None,
-        idempotency_window_s: float = 600.0,
+        idempotency_window_s: float = 600.0, callbacks: CallbackGuard | None = None,
     ) -> None:
         """Open (creating if needed) the outbox database at ``url``; no threads start yet.
 
         ``clock`` (UNIX seconds) stamps rows and decides what is due; tests inject a fake one.
         ``gauge``: the results store's disk share (:mod:`cascade.outbox.space` keeps the
         database within it, never evicting answers younger than ``idempotency_window_s``).
+        ``callbacks``: where callbacks may go and how they are signed (None: anywhere, unsigned;
+        only outboxes built by hand in tests).
         """
         self.tier = tier
+        self.callback_guard = callbacks
         self.settings = settings or OutboxSettings()
         self.url = parse_outbox_url(url)
         self.gauge = gauge
@@ -118,14 +122,16 @@ class Outbox:
         self._started = False
 
     @classmethod
-    def from_settings(cls, settings: Any, disk: DiskUsage | None = None) -> Outbox:
+    def from_settings(cls, settings: Any, disk: DiskUsage | None = None,
+                      callbacks: CallbackGuard | None = None) -> Outbox:
         """The outbox a node config asks for (``outbox_url``, the ``outbox:`` block and, with
-        ``disk``, the results store's share of the ``disk:`` budget)."""
+        ``disk``, the results store's share of the ``disk:`` budget; ``callbacks``: the tier's
+        callback policy)."""
         window = disk.settings.idempotency_window_s if disk is not None else 600.0
         return cls(settings.resolved_outbox_url, tier=settings.tier,
                    settings=getattr(settings, "outbox", None),
                    gauge=disk.gauge("results") if disk is not None else None,
-                   idempotency_window_s=window)
+                   idempotency_window_s=window, callbacks=callbacks)
 
     @property
     def is_sqlite(self) -> bool:

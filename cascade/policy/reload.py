@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +46,23 @@ class PolicyReloader:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, *, watch: bool = True) -> None:
-        """Start watching (unless ``watch`` is False) and listen for SIGHUP (main thread only)."""
+    async def start(self, *, watch: bool = True,
+                    also_on_sighup: Callable[[], object] | None = None) -> None:
+        """Start watching (unless ``watch`` is False) and listen for SIGHUP (main thread only;
+        ``also_on_sighup`` runs on the same signal: a process has one handler per signal)."""
         self._stop.clear()
         if watch:
             self._task = asyncio.create_task(self._watch(), name=f"policy-watch:{self.path.name}")
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup, also_on_sighup)
             self._sighup = True
         _register_metrics(self.node)
+
+    def _on_sighup(self, also: Callable[[], object] | None) -> None:
+        self.reload("SIGHUP")
+        if also is not None:
+            also()
 
     async def stop(self) -> None:
         """Stop watching."""

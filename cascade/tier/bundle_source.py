@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import httpx
 from cascade.errors import BundleRejected, CascadeError, NotFound, ServiceUnavailable
 from cascade.models.bundle import BUNDLE_SUFFIX, peek_bundle, read_bundle
 from cascade.tier.rollout import Rollout
+from cascade.trust.tls import TierTls
 
 __all__ = ["BundleSource"]
 
@@ -34,8 +36,11 @@ _FETCH_TIMEOUT_S = 120.0
 class BundleSource:
     """Lists, fetches, relays and pulls bundles for one tier's :class:`Rollout`."""
 
-    def __init__(self, rollout: Rollout, upstream_url: str | None) -> None:
+    def __init__(self, rollout: Rollout, upstream_url: str | None,
+                 tls: TierTls | None = None) -> None:
+        """``tls``: the tier's TLS (an https upstream is called with its client context)."""
         self.rollout = rollout
+        self._tls = tls
         self.config = rollout.config
         self.received = rollout.store.root / "received"
         kind = self.config.source_kind()
@@ -43,6 +48,10 @@ class BundleSource:
         self.upstream_url = upstream_url if kind == "upstream" else None
         if kind == "upstream" and not upstream_url:
             log.warning("bundles.source is 'upstream' but this tier has no upstream_url")
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        """The upstream client's context (site CA, our certificate) on a TLS tier."""
+        return self._tls.client_context() if self._tls is not None else True
 
     # -- what is offered --------------------------------------------------------------------------
 
@@ -64,7 +73,7 @@ class BundleSource:
 
     async def _upstream_list(self) -> list[dict[str, Any]]:
         try:
-            async with httpx.AsyncClient(timeout=_LIST_TIMEOUT_S) as client:
+            async with httpx.AsyncClient(timeout=_LIST_TIMEOUT_S, verify=self._verify()) as client:
                 response = await client.get(f"{self.upstream_url}/v1/models/bundles")
                 response.raise_for_status()
                 return list(response.json()["bundles"])
@@ -83,7 +92,8 @@ class BundleSource:
         if not self.upstream_url:
             raise NotFound(f"no bundle named {name!r} here", field="name")
         try:
-            async with httpx.AsyncClient(timeout=_FETCH_TIMEOUT_S) as client:
+            async with httpx.AsyncClient(timeout=_FETCH_TIMEOUT_S,
+                                         verify=self._verify()) as client:
                 response = await client.get(f"{self.upstream_url}/v1/models/bundles/{name}")
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"cannot fetch {name} from the upstream: {exc}",

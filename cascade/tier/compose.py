@@ -37,10 +37,11 @@ from cascade.tier.node import Node, TaskRuntime
 from cascade.tier.pressure import PressureGuard
 from cascade.tier.rollout import MANIFEST_VERSION, Rollout, RolloutCollector, TaskModelLoader
 from cascade.tier.settings import NodeSettings
+from cascade.trust import TierTrust
 from cascade.upstream.breaker import CircuitBreaker
 from cascade.upstream.client import UpstreamClient
 
-__all__ = ["build_fallbacks", "build_node", "build_tasks", "build_upstream",
+__all__ = ["build_fallbacks", "build_node", "build_tasks", "build_trust", "build_upstream",
            "open_version_store", "task_model_loader"]
 
 
@@ -127,14 +128,24 @@ def task_model_loader(settings: NodeSettings, telemetry: TierTelemetry, manifest
     return load_version
 
 
+def build_trust(settings: NodeSettings) -> TierTrust:
+    """The tier's TLS material, client keys and callback policy (files read now)."""
+    return TierTrust.from_settings(settings.tier, settings.tls, settings.clients,
+                                   settings.callbacks)
+
+
 def build_upstream(settings: NodeSettings, *,
-                   transport: httpx.AsyncBaseTransport | None = None) -> UpstreamClient | None:
+                   transport: httpx.AsyncBaseTransport | None = None,
+                   trust: TierTrust | None = None) -> UpstreamClient | None:
     """The client of the next tier (with its circuit breaker), or None at the top tier.
     ``transport``: how its requests travel (default: HTTP to ``upstream_url``; a Ray Serve
-    tier passes one that calls the next tier's ingress through a ``DeploymentHandle``)."""
+    tier passes one that calls the next tier's ingress through a ``DeploymentHandle``).
+    ``trust``: with TLS, the client presents the tier's certificate, trusts only the site CA
+    and follows certificate reloads."""
     if not settings.upstream_url:
         return None
-    return UpstreamClient(
+    tls = trust.tls if trust is not None else None
+    client = UpstreamClient(
         settings.upstream_url,
         breaker=CircuitBreaker(failure_threshold=settings.breaker_failure_threshold,
                                reset_timeout_s=settings.breaker_reset_s),
@@ -144,7 +155,11 @@ def build_upstream(settings: NodeSettings, *,
         connect_timeout_ms=settings.upstream_connect_timeout_ms,
         transport=transport,
         on_attempt=upstream_attempt,
+        tls=tls.client_context() if tls is not None else None,
     )
+    if tls is not None:
+        tls.on_reload(client.use_tls)
+    return client
 
 
 def build_node(settings: NodeSettings, *, load: Loader = load_runner,
@@ -164,20 +179,23 @@ def build_node(settings: NodeSettings, *, load: Loader = load_runner,
     decisions = DecisionRecorder(settings.tier, gauge=disk.gauge("decisions"),
                                  retention_s=settings.disk.decisions_retention_s,
                                  replica=replica)
+    trust = build_trust(settings)
+    telemetry.metrics.registry.register(trust.collector())
     # Audits get their own client: their failures never open the traffic's breaker.
-    auditor = Auditor(settings.tier, upstream=build_upstream(settings, transport=upstream_transport),
+    auditor = Auditor(settings.tier, upstream=build_upstream(settings, transport=upstream_transport,
+                                                             trust=trust),
                       examples=HardExampleStore(settings.tier))
     # The durable outbox also keeps idempotent results, so the top tier has one too.
     node = Node(settings, tasks=tasks, policy=policy,
-                upstream=build_upstream(settings, transport=upstream_transport),
-                escalations=Outbox.from_settings(settings, disk), telemetry=telemetry,
-                decisions=decisions, drift=DriftMonitor(settings.tier), disk=disk,
-                auditor=auditor, pressure=pressure, replica=replica)
+                upstream=build_upstream(settings, transport=upstream_transport, trust=trust),
+                escalations=Outbox.from_settings(settings, disk, trust.callbacks),
+                telemetry=telemetry, decisions=decisions, drift=DriftMonitor(settings.tier),
+                disk=disk, auditor=auditor, pressure=pressure, replica=replica, trust=trust)
     if store is not None:
         manifest = load_manifest(Path(settings.models_dir))
         rollout = Rollout(settings, store, manifest,
                           task_model_loader(settings, telemetry, manifest, load))
-        rollout.source = BundleSource(rollout, settings.upstream_url)
+        rollout.source = BundleSource(rollout, settings.upstream_url, tls=trust.tls)
         rollout.bind(node)
         telemetry.metrics.registry.register(RolloutCollector(settings.tier, rollout))
     return node

@@ -1,7 +1,8 @@
 """A tier's life around serving: what starts before the first request and stops after the last.
 
 Start: the outbox (writer thread, forwarder when there is an upstream, callbacks, maintenance),
-the policy reloader (file watch + SIGHUP) and scheduled model bundle pulls. Stop, in reverse: the reloader, the outbox (stop
+the policy reloader (file watch + SIGHUP), scheduled model bundle pulls and, with TLS, the
+certificate watcher (its files change, or the same SIGHUP). Stop, in reverse: the reloader, the outbox (stop
 sending, commit pending writes, close the database), then the node (upstream connections, model
 threads, decision log). The HTTP layer only calls :func:`run_tier_lifecycle`.
 """
@@ -31,8 +32,11 @@ async def run_tier_lifecycle(node: Node) -> AsyncIterator[Node]:
     outbox = outbox_of(node)
     if outbox is not None:
         await outbox.start(node.upstream)
+    tls = node.trust.tls if node.trust is not None else None
     reloader = PolicyReloader(node)  # nothing per request
-    await reloader.start()
+    await reloader.start(also_on_sighup=(lambda: tls.reload("SIGHUP")) if tls else None)
+    stop_watch = asyncio.Event()
+    watch = asyncio.create_task(tls.watch(stop_watch), name="tls-watch") if tls else None
     # Shadow audits: workers enough for the most demanding task of the policy at start.
     await node.auditor.start(max(t.audit.concurrency for t in node.policy.policy.tasks.values()))
     pulls = _scheduled_pulls(node)
@@ -42,6 +46,12 @@ async def run_tier_lifecycle(node: Node) -> AsyncIterator[Node]:
         if pulls is not None:
             pulls.cancel()
             await asyncio.gather(pulls, return_exceptions=True)
+        stop_watch.set()
+        if watch is not None:
+            try:
+                await asyncio.wait_for(watch, timeout=5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                watch.cancel()
         await reloader.stop()
         if outbox is not None:
             await outbox.aclose()

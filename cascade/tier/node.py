@@ -44,6 +44,7 @@ from cascade.tier.audit import AUDIT_HEADER, Auditor
 from cascade.tier.canary import Canary
 from cascade.tier.pressure import Plan, PressureGuard
 from cascade.tier.settings import NodeSettings
+from cascade.trust import TierTrust
 from cascade.upstream.base import Upstream
 
 log = logging.getLogger("cascade.tier.node")
@@ -153,6 +154,7 @@ class Node:
         auditor: Auditor | None = None,
         pressure: PressureGuard | None = None,
         replica: str | None = None,
+        trust: TierTrust | None = None,
     ) -> None:
         """Collaborators are given, not built here (:func:`cascade.tier.compose.build_node`
         builds them from settings); the defaults suit a tier assembled by hand in a test.
@@ -166,6 +168,8 @@ class Node:
         self.upstream = upstream
         self.escalations: EscalationQueue = escalations or UnqueuedEscalations()
         self.disk = disk  # bytes used per local store vs the disk budget (/readyz, /metrics)
+        # TLS, client keys, callback policy (a hand-built test node: none of them)
+        self.trust = trust
         self.started_at = time.time()
         self.telemetry = telemetry or TierTelemetry(self.tier)  # spans + /metrics of this tier
         self.telemetry.metrics.bind_node(self)
@@ -469,6 +473,7 @@ class Node:
             "audit": self.auditor.readiness(list(self.tasks)),
             "pressure": self.pressure.readiness(list(self.tasks)),
             "disk": self.disk.view() if self.disk is not None else None,
+            "security": self.trust.readiness() if self.trust is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
             **{name: section() for name, section in self.readiness_sections.items()},
         }

@@ -35,6 +35,7 @@ from cascade.observability.disk import DiskSettings
 from cascade.outbox.config import OutboxSettings
 from cascade.policy.schema import TIER_NAME
 from cascade.tier.rollout_settings import BundleSettings
+from cascade.trust import CallbackSettings, ClientAuthSettings, TlsSettings
 
 ENV_PREFIX = "CASCADE_"
 
@@ -181,6 +182,17 @@ class NodeSettings(BaseSettings):
         default_factory=RayServeSettings,
         description="Ray Serve deployment: batching, replicas and CPUs (cascade.deploy.ray_serve).",
     )
+    tls: TlsSettings | None = Field(
+        None, description="This tier's certificate, key and site CA (`cascade certs init`): "
+        "serve HTTPS, verify callers' client certificates, present ours upstream. Unset: "
+        "plain HTTP, for local development only (warned at start and on /readyz).")
+    clients: ClientAuthSettings = Field(
+        default_factory=ClientAuthSettings,
+        description="API keys (hashed) with rate limits and quotas, and which routes need one.")
+    callbacks: CallbackSettings = Field(
+        default_factory=CallbackSettings,
+        description="Where callback_url may point (schemes, hosts, allowed networks) and the "
+        "key that signs callback bodies.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field(
         "json", description="Log lines as JSON (with trace and span ids) or plain text."
@@ -242,6 +254,13 @@ class NodeSettings(BaseSettings):
                 "outbox (one process owns a SQLite file); set outbox_url to a PostgreSQL URL "
                 "(postgresql+psycopg://user@host/db) or use 1 ingress replica")
         return value
+
+    @model_validator(mode="after")
+    def _tls_upstream(self) -> NodeSettings:
+        if self.tls is not None and (self.upstream_url or "").startswith("http://"):
+            raise ValueError(f"upstream_url {self.upstream_url} is plain http while this tier "
+                             "has tls: use https:// (or drop tls for a plain development chain)")
+        return self
 
     @property
     def resolved_outbox_url(self) -> str:

@@ -172,7 +172,7 @@ class CallbackGuard:
         """An httpx transport whose connections go only to addresses this guard allows."""
         transport = httpx.AsyncHTTPTransport(retries=0, trust_env=False)
         # httpx takes no network backend; its pool does. Same pool settings, guarded connects.
-        transport._pool = httpcore.AsyncConnectionPool(  # noqa: SLF001
+        transport._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(), network_backend=GuardedBackend(self))
         return transport
 

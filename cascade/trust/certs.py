@@ -34,7 +34,7 @@ DEFAULT_CERT_DAYS = 397  # what public CAs may issue at most: rotation stays a h
 DEFAULT_CA_DAYS = 3650
 LOCAL_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
-__all__ = ["DEFAULT_TIERS", "CertInfo", "SiteCerts", "describe", "issue_site"]
+__all__ = ["DEFAULT_TIERS", "CertInfo", "SiteCerts", "describe", "issue_site", "write_private"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class CertInfo:
     names: tuple[str, ...]
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` readable by its owner only (0600), atomically (temp file, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -175,8 +175,8 @@ def issue_site(site: SiteCerts, tiers: Sequence[str] = DEFAULT_TIERS, *,
     written: list[Path] = []
     if new_ca or not site.ca_file.is_file():
         ca_cert, ca_key = _new_ca(ca_days, now)
-        _write_private(site.ca_key_file, _key_pem(ca_key))
-        _write_private(site.ca_file, ca_cert.public_bytes(serialization.Encoding.PEM))
+        write_private(site.ca_key_file, _key_pem(ca_key))
+        write_private(site.ca_file, ca_cert.public_bytes(serialization.Encoding.PEM))
         written += [site.ca_key_file, site.ca_file]
         renew = True
     else:
@@ -189,8 +189,8 @@ def issue_site(site: SiteCerts, tiers: Sequence[str] = DEFAULT_TIERS, *,
                                     not_after=now + dt.timedelta(days=days))
         # Key first: a reload between the two writes sees the old pair fail to match and
         # keeps serving the old one until the certificate lands (see cascade.trust.tls).
-        _write_private(site.key_file(tier), _key_pem(key))
-        _write_private(site.cert_file(tier), cert.public_bytes(serialization.Encoding.PEM))
+        write_private(site.key_file(tier), _key_pem(key))
+        write_private(site.cert_file(tier), cert.public_bytes(serialization.Encoding.PEM))
         written += [site.key_file(tier), site.cert_file(tier)]
     return written
 

@@ -110,7 +110,7 @@ class ClientAuthSettings(BaseModel):
 class TokenBucket:
     """``capacity`` tokens, refilled at ``rate_per_s``; pure over the ``now`` it is given."""
 
-    __slots__ = ("capacity", "rate_per_s", "_tokens", "_at")
+    __slots__ = ("_at", "_tokens", "capacity", "rate_per_s")
 
     def __init__(self, rate_per_s: float, capacity: float, now: float) -> None:
         self.rate_per_s = rate_per_s

@@ -15,6 +15,7 @@ Both carry ``.attempts``: how many HTTP requests were sent (0 when none was).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Final, Self
@@ -140,6 +141,7 @@ class UpstreamClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 64,
         on_attempt: AttemptHook | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         for name, value, minimum in (
             ("max_attempts", max_attempts, 1),
@@ -164,7 +166,9 @@ class UpstreamClient:
         self._transport = transport
         self._max_connections = max_connections
         self._on_attempt = on_attempt
+        self._tls = tls
         self._client: httpx.AsyncClient | None = None
+        self._retired: list[httpx.AsyncClient] = []
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
 
     @property
@@ -374,11 +378,21 @@ class UpstreamClient:
             return False
         return response.status_code == 200
 
-    async def aclose(self) -> None:
-        """Close pooled connections; the client may be used again afterwards (it reconnects)."""
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """Connect with ``context`` from now on (reloaded certificates): new requests open new
+        connections; the old pool is closed with :meth:`aclose` (requests on it finish)."""
+        self._tls = context
         client, self._client = self._client, None
         if client is not None:
-            await client.aclose()
+            self._retired.append(client)
+
+    async def aclose(self) -> None:
+        """Close pooled connections; the client may be used again afterwards (it reconnects)."""
+        clients, self._retired = [self._client, *self._retired], []
+        self._client = None
+        for client in clients:
+            if client is not None:
+                await client.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -390,6 +404,8 @@ class UpstreamClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 transport=self._transport,
+                # https upstreams: the tier's context (site CA only, our client certificate)
+                verify=self._tls if self._tls is not None else True,
                 http1=True,
                 http2=False,
                 limits=httpx.Limits(
