@@ -131,18 +131,21 @@ def plan_chain(
                 else (top_upstream_url or "")
             )
         if tls is not None:
-            env.update(_tls_env(tls, tier, bottom=i == 0))
+            env.update(_tls_env(tls, tier, bottom=i == 0,
+                                declared=(data.get("tls") or {}).get("client_cert")))
             upstream = env.get("CASCADE_UPSTREAM_URL", data.get("upstream_url")) or ""
             env["CASCADE_UPSTREAM_URL"] = upstream.replace("http://", "https://", 1)
         plan.append((tier, path, port, env))
     return plan
 
 
-def _tls_env(site: SiteCerts, tier: str, *, bottom: bool) -> dict[str, str]:
+def _tls_env(site: SiteCerts, tier: str, *, bottom: bool,
+             declared: str | None) -> dict[str, str]:
+    """The tier's certificate files; its client_cert mode unless its config declares one."""
     return {"CASCADE_TLS__CERT_FILE": str(site.cert_file(tier)),
             "CASCADE_TLS__KEY_FILE": str(site.key_file(tier)),
             "CASCADE_TLS__CA_FILE": str(site.ca_file),
-            "CASCADE_TLS__CLIENT_CERT": "never" if bottom else "api"}
+            "CASCADE_TLS__CLIENT_CERT": declared or ("never" if bottom else "api")}
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float,

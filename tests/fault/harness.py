@@ -19,6 +19,7 @@ import httpx
 import yaml
 
 from cascade.deploy.supervisor import Chain
+from cascade.trust.certs import SiteCerts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +36,10 @@ FAST_OUTBOX = {
     "callback_retry_max_s": 0.2, "send_timeout_ms": 3000,
 }
 
+
+LOOPBACK_CALLBACKS = {"schemes": ["http"], "allow_cidrs": ["127.0.0.0/8"]}
+"""Node config ``callbacks`` block of a tier whose test receiver listens on 127.0.0.1 (refused by
+the default callback policy: loopback is not a public address)."""
 
 FAST_BREAKER = {"breaker_failure_threshold": 2, "breaker_reset_s": 0.3,
                 "upstream_max_attempts": 2, "upstream_connect_timeout_ms": 300}
@@ -71,12 +76,17 @@ class Tier:
                  upstream: str | None = None, tasks: dict[str, str] | None = None,
                  outbox: dict[str, Any] | None = None, db_dir: Path | None = None,
                  fast: bool = True, host: str = "127.0.0.1", launcher: tuple[str, ...] = (),
-                 ready_timeout_s: float = 120.0, **knobs: Any) -> None:
+                 ready_timeout_s: float = 120.0, tls: SiteCerts | None = None,
+                 client_cert: str = "never", **knobs: Any) -> None:
         """``fast``: test timers (short polls, backoffs, breaker); False keeps the defaults.
         ``host``/``launcher``: where it listens and the command prefix that starts it (a tier
         in a network namespace: its address there, ``ip netns exec NAME``).
-        ``ready_timeout_s``: generous, a loaded machine loads slowly (language models more)."""
+        ``ready_timeout_s``: generous, a loaded machine loads slowly (language models more).
+        ``tls``: serve HTTPS with this site's certificate for ``tier``, asking callers for
+        client certificates as ``client_cert`` says; None: plain HTTP, the explicit
+        development mode most tests use."""
         self.tier = tier
+        self.tls = tls
         self.dir = tmp / tier
         self.dir.mkdir(parents=True, exist_ok=True)
         self.db = (db_dir or self.dir) / f"{tier}.db"
@@ -88,6 +98,10 @@ class Tier:
             "outbox": {**(FAST_OUTBOX if fast else {}), **(outbox or {})},
             **(FAST_BREAKER if fast else {}), **knobs,
         }
+        if tls is not None:
+            config["tls"] = {"cert_file": str(tls.cert_file(tier)),
+                             "key_file": str(tls.key_file(tier)), "ca_file": str(tls.ca_file),
+                             "client_cert": client_cert}
         self.config.write_text(yaml.safe_dump(config))
         self.upstream = upstream
         self.ready_timeout_s = ready_timeout_s
@@ -102,7 +116,7 @@ class Tier:
             chain = Chain([self.config], base_port=port or free_port(), env=env,
                           log_dir=self.dir / "logs", top_upstream_url=self.upstream,
                           host=self.host, launcher=self.launcher,
-                          ready_timeout_s=self.ready_timeout_s)
+                          ready_timeout_s=self.ready_timeout_s, tls=self.tls)
             try:
                 self.chain = chain.start()
                 return self
@@ -198,11 +212,12 @@ class CallbackReceiver:
         self.server.server_close()
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a tier's ``/metrics``, keyed by (name, labels)."""
+def scrape(url: str, *, verify: Any = True) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a tier's ``/metrics``, keyed by (name, labels); ``verify``: an
+    ``ssl.SSLContext`` trusting an https tier's CA."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    r = httpx.get(f"{url}/metrics", timeout=10)
+    r = httpx.get(f"{url}/metrics", timeout=10, verify=verify)
     assert r.status_code == 200, r.text
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(r.text) for s in family.samples}

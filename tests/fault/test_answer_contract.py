@@ -11,7 +11,7 @@ import pytest
 
 from cascade.contract.answer import Answer
 from cascade.contract.schemas import InferResponse, ResultResponse
-from tests.fault.harness import post, wait_for, write_policy
+from tests.fault.harness import LOOPBACK_CALLBACKS, post, wait_for, write_policy
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,8 @@ def test_final_provisional_handed_over_and_results_bodies_match_the_contract(
     proxy = proxy_to(server.url)
     node = tiers("edge-node", upstream=proxy.url, policy_path=policy)
     node_proxy = proxy_to(node.url)
-    endpoint = tiers("endpoint", upstream=node_proxy.url, policy_path=policy)
+    endpoint = tiers("endpoint", upstream=node_proxy.url, policy_path=policy,
+                     callbacks=LOOPBACK_CALLBACKS)
     image = {"task": "vision", "input": {"image": hard_images[0]}}
     with httpx.Client() as client:
         final = post(client, endpoint.url, image, key="c-final").json()

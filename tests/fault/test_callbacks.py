@@ -11,7 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cascade.cli import app
-from tests.fault.harness import CallbackReceiver, Tier, free_port, post, wait_for
+from tests.fault.harness import (
+    LOOPBACK_CALLBACKS,
+    CallbackReceiver,
+    Tier,
+    free_port,
+    post,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +30,9 @@ def answered_offline_then_final(tiers: Callable[..., Tier], proxy_to: Callable[.
     link is back (so its callback is armed). Returns the endpoint."""
     upstream = tiers("edge-node")
     proxy = proxy_to(upstream.url)
-    endpoint = tiers("endpoint", upstream=proxy.url, **endpoint_knobs)
+    # The receiver listens on 127.0.0.1: loopback must be allowed explicitly.
+    endpoint = tiers("endpoint", upstream=proxy.url,
+                     **{"callbacks": LOOPBACK_CALLBACKS, **endpoint_knobs})
     proxy.set(mode="reset")
     with httpx.Client() as client:
         r = post(client, endpoint.url, {"task": "vision", "input": {"image": image},

@@ -30,6 +30,7 @@ import pytest
 
 from cascade.observability.disk import DiskSettings
 from tests.fault.harness import (
+    LOOPBACK_CALLBACKS,
     CallbackReceiver,
     Tier,
     default_policy_copy,
@@ -188,7 +189,8 @@ def test_small_budget_soak_keeps_every_store_within_its_share(
         tmp_path: Path, models_dir: Path, hard_images: list[Any], proxy_to: Any) -> None:
     policy = default_policy_copy(tmp_path / "policy.yaml")
     trace_dir = tmp_path / "traces"
-    knobs: dict[str, Any] = {"disk": DISK, "trace_dir": str(trace_dir)}
+    knobs: dict[str, Any] = {"disk": DISK, "trace_dir": str(trace_dir),
+                             "callbacks": LOOPBACK_CALLBACKS}
     made: list[Tier] = []
     receiver = CallbackReceiver(fail_first=10**9)  # refuses every callback for now
     try:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from cascade.outbox.config import OutboxSettings
-from tests.fault.harness import post, wait_for, write_policy
+from tests.fault.harness import LOOPBACK_CALLBACKS, post, wait_for, write_policy
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ def test_outage_then_every_request_final_once_with_one_callback(tiers, proxy_to,
                                                                 hard_images):
     upstream = tiers("edge-node")
     proxy = proxy_to(upstream.url)
-    endpoint = tiers("endpoint", upstream=proxy.url)
+    endpoint = tiers("endpoint", upstream=proxy.url, callbacks=LOOPBACK_CALLBACKS)
     bodies = [{"task": "vision", "input": {"image": img}} for img in hard_images[:N]]
     with httpx.Client() as client:
         online = [post(client, endpoint.url, b, key=f"online-{i}").json()
@@ -80,7 +80,7 @@ def test_outage_then_every_request_final_once_with_one_callback(tiers, proxy_to,
 def test_lost_response_is_not_computed_twice_upstream(tiers, proxy_to, hard_images):
     upstream = tiers("edge-node")
     proxy = proxy_to(upstream.url)
-    endpoint = tiers("endpoint", upstream=proxy.url)
+    endpoint = tiers("endpoint", upstream=proxy.url, callbacks=LOOPBACK_CALLBACKS)
     body = {"task": "vision", "input": {"image": hard_images[0]}}
     with httpx.Client() as client:
         # Online: the upstream answers, the proxy drops that answer; the retry is a lookup.
@@ -117,7 +117,8 @@ def test_outage_further_up_is_handed_over_and_polled_down(tiers, proxy_to, callb
     server = tiers("edge-server", policy_path=policy)
     proxy = proxy_to(server.url)
     node = tiers("edge-node", upstream=proxy.url, policy_path=policy)
-    endpoint = tiers("endpoint", upstream=node.url, policy_path=policy)
+    endpoint = tiers("endpoint", upstream=node.url, policy_path=policy,
+                     callbacks=LOOPBACK_CALLBACKS)
     proxy.set(mode="reset")
     n = 5
     with httpx.Client() as client:

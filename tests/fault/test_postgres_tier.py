@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cascade.cli import app
 from tests.contract.conftest import postgres_server  # noqa: F401 - the session fixture
-from tests.fault.harness import post, wait_for, write_policy
+from tests.fault.harness import LOOPBACK_CALLBACKS, post, wait_for, write_policy
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,8 @@ def test_edge_server_with_a_postgres_outbox(tiers, proxy_to, callbacks, tmp_path
     policy = write_policy(tmp_path / "p.yaml", escalating=("endpoint", "edge-node", "edge-server"))
     cloud = tiers("cloud", policy_path=policy)
     proxy = proxy_to(cloud.url)
-    server = tiers("edge-server", upstream=proxy.url, policy_path=policy, outbox_url=url)
+    server = tiers("edge-server", upstream=proxy.url, policy_path=policy, outbox_url=url,
+                   callbacks=LOOPBACK_CALLBACKS)
     proxy.set(mode="reset")
     with httpx.Client() as client:
         answers = [post(client, server.url, {"task": "vision", "input": {"image": hard_images[i]},
