@@ -212,12 +212,13 @@ class CallbackReceiver:
         self.server.server_close()
 
 
-def scrape(url: str, *, verify: Any = True) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(url: str, *, verify: Any = True, headers: dict[str, str] | None = None,
+           ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of a tier's ``/metrics``, keyed by (name, labels); ``verify``: an
-    ``ssl.SSLContext`` trusting an https tier's CA."""
+    ``ssl.SSLContext`` trusting an https tier's CA; ``headers``: e.g. an API key."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    r = httpx.get(f"{url}/metrics", timeout=10, verify=verify)
+    r = httpx.get(f"{url}/metrics", timeout=10, verify=verify, headers=headers)
     assert r.status_code == 200, r.text
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(r.text) for s in family.samples}
