@@ -175,21 +175,28 @@ class CallbackReceiver:
     (a receiver that is down for a while). ``received`` holds the POSTs answered 2xx (key, body);
     ``attempts`` every POST as (key, the X-Cascade-Callback-Attempt header, status answered).
     ``port``: listen there (0: any free port), e.g. where a callback used to find no one.
+    ``redirect_to``: failing answers carry ``Location: <redirect_to>`` (a redirecting receiver).
+    ``raw`` holds every POST's headers and raw body (to check signatures).
     """
 
-    def __init__(self, *, fail_first: int = 0, fail_status: int = 503, port: int = 0) -> None:
+    def __init__(self, *, fail_first: int = 0, fail_status: int = 503, port: int = 0,
+                 redirect_to: str | None = None) -> None:
         received: list[tuple[str, dict[str, Any]]] = []
         attempts: list[tuple[str, int, int]] = []
+        raw: list[tuple[dict[str, str], bytes]] = []
         self.received = received
         self.attempts = attempts
+        self.raw = raw
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length))
+                data = self.rfile.read(length)
+                body = json.loads(data)
                 key = self.headers.get("Idempotency-Key", "")
                 with lock:
+                    raw.append((dict(self.headers.items()), data))
                     seen = sum(k == key for k, _, _ in attempts)
                     status = fail_status if seen < fail_first else 200
                     attempts.append((key, int(self.headers.get("X-Cascade-Callback-Attempt", 0)),
@@ -197,6 +204,8 @@ class CallbackReceiver:
                     if status == 200:
                         received.append((key, body))
                 self.send_response(status)
+                if status != 200 and redirect_to:
+                    self.send_header("Location", redirect_to)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
