@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -45,9 +47,10 @@ def wait_until(predicate, timeout_s: float) -> bool:
     return predicate()
 
 
-def start_up(models_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+def start_up(models_dir: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
     """``cascade up`` of the four shipped node configs, run in ``tmp_path``: their relative state
-    paths (var/<tier>.db, var/traces, var/decisions-*) land there, not in the repository."""
+    paths (var/<tier>.db, var/certs, var/traces, var/decisions-*) land there, not in the
+    repository. ``extra``: more arguments (``--plain``)."""
     from cascade.deploy.supervisor import DEFAULT_CHAIN
 
     base = free_port_block(4)
@@ -57,11 +60,11 @@ def start_up(models_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], i
     configs = [arg for cfg in DEFAULT_CHAIN for arg in ("--config", str(ROOT / cfg))]
     proc = subprocess.Popen(
         [sys.executable, "-m", "cascade", "up", *configs, "--base-port", str(base), "--log-dir",
-         str(tmp_path / "logs"), "--ready-timeout", "120"],
+         str(tmp_path / "logs"), "--ready-timeout", "120", *extra],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     # Generous: four tiers load their models one after another on a machine that may be busy.
-    ok = wait_until(lambda: all(_ready(base + i) for i in range(4)), 300)
+    ok = wait_until(lambda: all(_ready(tmp_path, base + i) for i in range(4)), 300)
     if not ok:
         proc.kill()
         logs = {log.name: log.read_text()[-2000:] for log in (tmp_path / "logs").glob("*.log")}
@@ -69,26 +72,47 @@ def start_up(models_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], i
     return proc, base
 
 
-def _ready(port: int) -> bool:
+def _client(tmp_path: Path) -> tuple[str, Any]:
+    """(scheme, verify) of a chain `cascade up` started in ``tmp_path``: https with the CA it
+    made there, or plain http under --plain."""
+    ca = tmp_path / "var/certs/ca.pem"
+    if ca.exists():
+        return "https", ssl.create_default_context(cafile=str(ca))
+    return "http", True
+
+
+def _ready(tmp_path: Path, port: int) -> bool:
+    scheme, verify = _client(tmp_path)
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=0.5).status_code == 200
-    except httpx.TransportError:
+        return httpx.get(f"{scheme}://127.0.0.1:{port}/readyz", timeout=0.5,
+                         verify=verify).status_code == 200
+    except (httpx.TransportError, ssl.SSLError):
         return False
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
-def test_up_stops_all_children_on_signal(models_dir, tmp_path, how):
-    proc, base = start_up(models_dir, tmp_path)
+@pytest.mark.parametrize(("how", "plain"), [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_up_stops_all_children_on_signal(models_dir, tmp_path, how, plain):
+    """By default over mTLS (certificates made under var/certs), with --plain over HTTP."""
+    proc, base = start_up(models_dir, tmp_path, *(["--plain"] if plain else []))
     kids = children_of(proc.pid)
     assert len(kids) == 4
-    r = httpx.post(f"http://127.0.0.1:{base}/v1/infer",
+    scheme, verify = _client(tmp_path)
+    assert scheme == ("http" if plain else "https")
+    r = httpx.post(f"{scheme}://127.0.0.1:{base}/v1/infer", verify=verify,
                    json={"task": "documents", "input": {"text": "The striker scored twice"}})
     assert r.status_code == 200
+    if not plain:  # the tiers above the endpoint want a client certificate on their API
+        refused = httpx.post(f"https://127.0.0.1:{base + 1}/v1/infer", verify=verify,
+                             json={"task": "documents", "input": {"text": "x"}})
+        assert refused.status_code == 401
     proc.send_signal(how)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "all tiers stopped" in out
-    assert "curl -s" in out and f"http://127.0.0.1:{base}" in out
+    if plain:
+        assert "plain HTTP" in out and f"curl -s http://127.0.0.1:{base}" in out
+    else:
+        assert f"curl -s --cacert var/certs/ca.pem https://127.0.0.1:{base}" in out
     assert wait_until(lambda: not any(alive(k) for k in kids), 10)
 
 

@@ -239,3 +239,31 @@ def test_a_bad_new_certificate_keeps_the_old_one_live(tmp_path: Path) -> None:
     assert tls.reload() is True
     assert tls.client_context() is not before and seen == [tls.client_context()]
     assert tls.reloads == {"rejected": 1, "applied": 1}
+
+
+async def test_sighup_reloads_the_certificates_too(tmp_path: Path) -> None:
+    """The tier's one SIGHUP handler (the policy reloader's) also reloads TLS (a real signal
+    to this process; the node is a stand-in whose policy came from elsewhere)."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from cascade.policy.reload import PolicyReloader
+
+    site = SiteCerts(tmp_path / "certs")
+    issue_site(site, ["edge-node"])
+    tls = TierTls(TlsSettings(cert_file=site.cert_file("edge-node"),
+                              key_file=site.key_file("edge-node"), ca_file=site.ca_file))
+    node = SimpleNamespace(policy=SimpleNamespace(path="not-this-file"),
+                           telemetry=SimpleNamespace(metrics=None))
+    reloader = PolicyReloader(node, tmp_path / "policy.yaml")
+    reloaded = asyncio.Event()
+    await reloader.start(watch=False, also_on_sighup=lambda: tls.reload("SIGHUP")
+                         and reloaded.set())
+    try:
+        issue_site(site, ["edge-node"], renew=True)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.wait_for(reloaded.wait(), 30)
+        assert tls.reloads == {"applied": 1}
+    finally:
+        await reloader.stop()
