@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cascade.errors import CascadeError, Forbidden, TooManyRequests, Unauthenticated
 from cascade.http.responses import error_response
-from cascade.observability.telemetry import CLIENT_KEY_SCOPE
+from cascade.observability.caller import CLIENT_KEY_SCOPE
 from cascade.trust import TierTrust
 from cascade.trust.keys import Refusal, presented_key, route_group
 

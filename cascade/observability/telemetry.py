@@ -43,6 +43,7 @@ from opentelemetry.util.types import AttributeValue
 
 from cascade.contract.answer import Answer
 from cascade.contract.outputs import Generation
+from cascade.observability.caller import CLIENT_KEY_SCOPE, caller_attributes
 from cascade.observability.metrics import NO_TASK, TierMetrics
 from cascade.observability.outcome import RequestOutcome
 from cascade.observability.tracing import (
@@ -63,15 +64,12 @@ log = logging.getLogger("cascade.observability.telemetry")
 access_log = logging.getLogger("cascade.access")
 
 TRACER_NAME: Final[str] = "cascade"
-CLIENT_KEY_SCOPE: Final[str] = "cascade.client_key"
-"""ASGI scope key holding the *name* of the API key a request was admitted with."""
 QUIET_PATHS: Final[frozenset[str]] = frozenset({"/metrics", "/healthz", "/readyz"})
 """Scrapes and probes: no span, no access line, no metrics (they would drown the real ones)."""
 
 _W3C = TraceContextTextMapPropagator()
 
 __all__ = [
-    "CLIENT_KEY_SCOPE",
     "HONOURED_ENV",
     "RequestTelemetryMiddleware",
     "RequestTrace",
@@ -249,16 +247,10 @@ class RequestTrace:
 
 
 def _http_attributes(scope: Any) -> dict[str, Any]:
-    attributes = {"http.request.method": scope["method"], "url.path": scope["path"],
-                  "url.scheme": scope.get("scheme", "http"),
-                  "network.protocol.version": scope.get("http_version", "1.1")}
-    # Who called (cascade.http.guard): the client certificate's subject and the API key's name.
-    tls = scope.get("extensions", {}).get("tls")
-    if tls and tls.get("client_cert_name"):
-        attributes["tls.client.subject"] = tls["client_cert_name"]
-    if CLIENT_KEY_SCOPE in scope:
-        attributes["cascade.client.key"] = scope[CLIENT_KEY_SCOPE]
-    return attributes
+    return {"http.request.method": scope["method"], "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+            **caller_attributes(scope)}
 
 
 def gen_ai_attributes(model: str, generation: Generation | None) -> dict[str, AttributeValue]:
