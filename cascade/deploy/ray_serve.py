@@ -47,7 +47,7 @@ from ray.util.metrics import Gauge
 from cascade.contract.deadline import Deadline
 from cascade.contract.outputs import Classification, Output
 from cascade.deploy.replicas import MetricsMirror, ReplicaHeaderMiddleware
-from cascade.errors import CascadeError, ModelError, PolicyError, ServiceUnavailable
+from cascade.errors import CascadeError, ConfigError, ModelError, PolicyError, ServiceUnavailable
 from cascade.http.app import create_app
 from cascade.models.manifest import load_manifest, load_split
 from cascade.models.repository import model_spec
@@ -353,6 +353,10 @@ def portable_settings(settings: NodeSettings) -> dict[str, Any]:
 def build_tier_app(settings: NodeSettings, *,
                    user_config: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application of one tier: a model deployment per task and the ingress."""
+    if settings.tls is not None:  # the Serve proxy would serve it plain, and no caller has a cert
+        raise ConfigError(f"{settings.tier}: tls is not served by a Ray Serve tier (its proxy "
+                          "speaks plain HTTP); terminate TLS in front of the proxy and drop "
+                          "the tls: block", field="tls")
     knobs = settings.ray_serve
     data = portable_settings(settings)
     version = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

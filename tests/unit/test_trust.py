@@ -267,3 +267,20 @@ async def test_sighup_reloads_the_certificates_too(tmp_path: Path) -> None:
         assert tls.reloads == {"applied": 1}
     finally:
         await reloader.stop()
+
+
+def test_a_tls_tier_must_call_its_upstream_over_https(tmp_path: Path) -> None:
+    from cascade.errors import ConfigError
+    from cascade.tier.settings import load_node_settings
+
+    site = SiteCerts(tmp_path / "certs")
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        f"tier: endpoint\ntasks: [vision]\nupstream_url: http://10.0.0.2:8102\n"
+        f"tls: {{cert_file: {site.cert_file('endpoint')}, key_file: {site.key_file('endpoint')},"
+        f" ca_file: {site.ca_file}}}\n")
+    with pytest.raises(ConfigError, match="upstream_url http://10.0.0.2:8102 is plain http "
+                                          "while this tier has tls: use https://"):
+        load_node_settings(config)
+    settings = load_node_settings(config, upstream_url="https://10.0.0.2:8102")
+    assert settings.tls is not None and settings.tls.client_cert == "api"
