@@ -35,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cascade.errors import ConfigError, InvalidInput
 
 SIGNATURE_HEADER = "X-Cascade-Signature"
+RESOLVE_TIMEOUT_S = 2.0
+"""Longest wait for a callback host's addresses (at request time: then left to the send)."""
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["SIGNATURE_HEADER", "CallbackGuard", "CallbackSettings", "GuardedBackend",
@@ -185,8 +187,11 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     else:
         return [literal]
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
+        # Bounded: an offline site's resolver may hang for many seconds on an outside name.
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                                 type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError):
         return []
     # An IPv6 scope id ("fe80::1%eth0") is not part of the address itself.
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
