@@ -5,10 +5,12 @@ A. The tier-to-tier hop, plain HTTP against mTLS: two real edge-node processes o
    its API), called the way a tier calls its upstream (httpx, HTTP/1.1 keep-alive, the TLS
    context a tier's upstream client uses: site CA only, the endpoint's certificate). Rounds
    alternate the two so drift on this shared machine hits both alike:
-     * latency with connection reuse: sequential requests, p50/p99 over every round;
-     * throughput with connection reuse: ``--concurrency`` requests in flight for a fixed time;
-     * latency without reuse (a new connection, hence a full handshake, per request), to show
-       what keep-alive saves.
+     * latency with connection reuse: sequential requests, the two modes taking turns request
+       by request, p50/p99 over every round;
+     * throughput with connection reuse: both modes loaded at the same time, ``--concurrency``
+       requests in flight each, for a fixed time (requests/s each, median over rounds);
+     * latency without reuse (a new connection, hence a full handshake, per request), the
+       modes again taking turns, to show what keep-alive saves.
 B. The API key check per request, in process: ``KeyGuard.check`` for a key with a rate limit
    and a quota (header parse, SHA-256, two token buckets), against a tier with no keys.
 
@@ -48,31 +50,40 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def sequential_ms(client: httpx.AsyncClient, url: str, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        started = time.perf_counter()
-        response = await client.post(f"{url}/v1/infer", json=BODY)
-        out.append((time.perf_counter() - started) * 1000)
-        assert response.status_code == 200, response.text
+async def one_ms(client: httpx.AsyncClient, url: str) -> float:
+    started = time.perf_counter()
+    response = await client.post(f"{url}/v1/infer", json=BODY)
+    elapsed = (time.perf_counter() - started) * 1000
+    assert response.status_code == 200, response.text
+    return elapsed
+
+
+async def paired_ms(clients: dict[str, httpx.AsyncClient], urls: dict[str, str],
+                    n: int) -> dict[str, list[float]]:
+    """``n`` requests per mode, the modes taking turns request by request, so a burst of load
+    on this shared machine lands on both alike."""
+    out: dict[str, list[float]] = {mode: [] for mode in urls}
+    for i in range(n):
+        for mode in (list(urls) if i % 2 == 0 else list(reversed(urls))):
+            out[mode].append(await one_ms(clients[mode], urls[mode]))
     return out
 
 
-async def throughput(client: httpx.AsyncClient, url: str, concurrency: int,
-                     seconds: float) -> float:
-    done = 0
+async def side_by_side_rps(clients: dict[str, httpx.AsyncClient], urls: dict[str, str],
+                           concurrency: int, seconds: float) -> dict[str, float]:
+    """Both modes loaded at once (``concurrency`` in flight each) for ``seconds``: requests/s
+    of each under the same conditions."""
+    done = dict.fromkeys(urls, 0)
     stop_at = time.perf_counter() + seconds
 
-    async def worker() -> None:
-        nonlocal done
+    async def worker(mode: str) -> None:
         while time.perf_counter() < stop_at:
-            response = await client.post(f"{url}/v1/infer", json=BODY)
-            assert response.status_code == 200, response.text
-            done += 1
+            await one_ms(clients[mode], urls[mode])
+            done[mode] += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+    await asyncio.gather(*(worker(mode) for mode in urls for _ in range(concurrency)))
+    return {mode: done[mode] / (time.perf_counter() - started) for mode in urls}
 
 
 def client(verify: Any, *, reuse: bool) -> httpx.AsyncClient:
@@ -86,14 +97,20 @@ async def measure_hop(urls: dict[str, str], verify: dict[str, Any], *, rounds: i
     fresh: dict[str, list[float]] = {m: [] for m in urls}
     rps: dict[str, list[float]] = {m: [] for m in urls}
     for r in range(rounds):
-        order = list(urls) if r % 2 == 0 else list(reversed(urls))
-        for mode in order:
-            async with client(verify[mode], reuse=True) as reused:
-                await sequential_ms(reused, urls[mode], 20)  # connect, warm up
-                latency[mode] += await sequential_ms(reused, urls[mode], n)
-                rps[mode].append(await throughput(reused, urls[mode], concurrency, seconds))
-            async with client(verify[mode], reuse=False) as no_reuse:
-                fresh[mode] += await sequential_ms(no_reuse, urls[mode], max(20, n // 5))
+        reused = {mode: client(verify[mode], reuse=True) for mode in urls}
+        no_reuse = {mode: client(verify[mode], reuse=False) for mode in urls}
+        try:
+            await paired_ms(reused, urls, 20)  # connect, warm up
+            for mode, values in (await paired_ms(reused, urls, n)).items():
+                latency[mode] += values
+            for mode, value in (await side_by_side_rps(reused, urls, concurrency,
+                                                       seconds)).items():
+                rps[mode].append(value)
+            for mode, values in (await paired_ms(no_reuse, urls, max(20, n // 5))).items():
+                fresh[mode] += values
+        finally:
+            for c in (*reused.values(), *no_reuse.values()):
+                await c.aclose()
         print(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{m} p50 {statistics.median(latency[m]):.2f} ms" for m in urls), flush=True)
     return {mode: {"n": len(latency[mode]),
@@ -141,7 +158,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     ]
     for label, key in (("p50 latency, reused connection (ms)", "p50_ms"),
                        ("p99 latency, reused connection (ms)", "p99_ms"),
-                       (f"throughput, {results['concurrency']} in flight (req/s, median round)",
+                       ((f"throughput, both loaded at once, {results['concurrency']} in flight each "
+                        "(req/s, median round)"),
                         "rps"),
                        ("p50 latency, new connection per request (ms)", "no_reuse_p50_ms"),
                        ("p99 latency, new connection per request (ms)", "no_reuse_p99_ms")):
