@@ -149,11 +149,13 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     lines = [
         "# Trust controls: what they cost", "",
         (f"Measured by `python benchmarks/bench_trust.py` on {results['machine']} "
-        f"({results['rounds']} alternating rounds; 2 vCPUs shared with other work, so read the "
+        f"({results['rounds']} rounds; 2 vCPUs shared with other work, so read the "
         "ratios, not the absolute numbers)."), "",
         "## Tier-to-tier hop: plain HTTP vs mTLS", "",
         ("One edge-node process per mode (same config and models), called as a tier calls its "
-        "upstream (httpx, HTTP/1.1 keep-alive, the tier's TLS context)."), "",
+         "upstream (httpx, HTTP/1.1 keep-alive, the tier's TLS context). The two modes take "
+         "turns request by request, and their throughput is measured with both loaded at the "
+         "same time, so the machine's other load falls on both alike."), "",
         "| | plain | mTLS | mTLS / plain |", "|---|---:|---:|---:|",
     ]
     for label, key in (("p50 latency, reused connection (ms)", "p50_ms"),
