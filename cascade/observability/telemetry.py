@@ -43,7 +43,7 @@ from opentelemetry.util.types import AttributeValue
 
 from cascade.contract.answer import Answer
 from cascade.contract.outputs import Generation
-from cascade.observability.caller import CLIENT_KEY_SCOPE, caller_attributes
+from cascade.observability.caller import caller_attributes
 from cascade.observability.metrics import NO_TASK, TierMetrics
 from cascade.observability.outcome import RequestOutcome
 from cascade.observability.tracing import (
@@ -248,9 +248,8 @@ class RequestTrace:
 
 def _http_attributes(scope: Any) -> dict[str, Any]:
     return {"http.request.method": scope["method"], "url.path": scope["path"],
-            "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.version": scope.get("http_version", "1.1"),
-            **caller_attributes(scope)}
+            "url.scheme": scope.get("scheme", "http"), **caller_attributes(scope),
+            "network.protocol.version": scope.get("http_version", "1.1")}
 
 
 def gen_ai_attributes(model: str, generation: Generation | None) -> dict[str, AttributeValue]:
@@ -493,8 +492,7 @@ class RequestTelemetryMiddleware:
                 value = getattr(record, name)
                 if value is not None:
                     fields[name] = value
-            if CLIENT_KEY_SCOPE in scope:  # the key's name, never the key
-                fields["client_key"] = scope[CLIENT_KEY_SCOPE]
+            fields.update(caller_attributes(scope))  # certificate subject, key *name*
             ctx = span.get_span_context() if span is not None else None
             if ctx is not None and ctx.is_valid:
                 fields["trace_id"], fields["span_id"] = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"

@@ -85,7 +85,7 @@ def test_keys_admit_refuse_and_limit_each_client(keyed: tuple[Tier, dict[str, st
                        "api_key_not_allowed": 1, "rate_limited": 1, "quota_exceeded": 1}
 
     # The key's name is in the access line; no key (nor its hash) is in any log or span.
-    wait_for(lambda: '"client_key":"app"' in endpoint.log(), 30, "the access line with the name")
+    wait_for(lambda: '"cascade.client.key":"app"' in endpoint.log(), 30, "the access line with the name")
     traces = tmp_path / "traces"
     written = endpoint.log() + "".join(p.read_text() for p in traces.glob("*.jsonl"))
     for key in (*keys.values(), "ck_not-a-key"):
