@@ -166,9 +166,9 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float,
             time.sleep(0.05)
 
 
-def _answers_ready(url: str) -> bool:
+def _answers_ready(url: str, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        return httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200
+        return httpx.get(f"{url}/readyz", timeout=0.5, verify=verify).status_code == 200
     except httpx.TransportError:
         return False
 
@@ -296,7 +296,7 @@ class Chain:
                 self.tiers[i] = tier = self._respawn(tier, now)
                 events.append(ChainEvent(tier.tier, "restarted", f"tier {tier.tier} restarted "
                                          f"(pid {tier.pid}, log: {tier.log_path})", pid=tier.pid))
-            elif tier.state == "starting" and _answers_ready(tier.url):
+            elif tier.state == "starting" and _answers_ready(tier.url, self.verify):
                 tier.state = "up"
                 events.append(ChainEvent(tier.tier, "ready", f"tier {tier.tier} is ready again "
                                          f"({now - tier.started_at:.1f} s after its restart)",

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -32,14 +33,18 @@ def readme_blocks() -> list[str]:
     return re.findall(r"```bash\n(.*?)```", text[start:end], flags=re.DOTALL)
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float,
+                ca: Path) -> None:
+    """``url`` answers /readyz over TLS, trusting the CA `cascade up` made at ``ca``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, "cascade up exited before the chain was ready"
         try:
-            if httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200:
+            verify = ssl.create_default_context(cafile=str(ca)) if ca.is_file() else None
+            if verify and httpx.get(f"{url}/readyz", timeout=0.5,
+                                    verify=verify).status_code == 200:
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, ssl.SSLError):
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
@@ -66,7 +71,8 @@ def test_readme_example_registers_calibrates_serves_and_escalates(tmp_path: Path
                     up = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env,
                                           stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
-                _wait_ready(f"http://127.0.0.1:{base}", up, timeout_s=120)
+                _wait_ready(f"https://127.0.0.1:{base}", up, timeout_s=120,
+                            ca=tmp_path / "var/certs/ca.pem")
                 continue
             done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
                                   env=env, capture_output=True, text=True, timeout=240,
@@ -86,7 +92,9 @@ def test_readme_example_registers_calibrates_serves_and_escalates(tmp_path: Path
                 assert tier["fp32_accuracy"] - tier["int8_accuracy"] <= 0.005
         # 6. the answer came from the edge node, after the endpoint escalated
         body = {"task": "cancer", "input": {"features": [1.0] * 30}}
-        assert httpx.post(f"http://127.0.0.1:{base}/v1/infer", json=body).status_code == 200
+        ca = ssl.create_default_context(cafile=str(tmp_path / "var/certs/ca.pem"))
+        assert httpx.post(f"https://127.0.0.1:{base}/v1/infer", json=body,
+                          verify=ca).status_code == 200
         infer_out = outputs[-1]
         assert "answered by edge-node" in infer_out and "true label: malignant" in infer_out
         assert re.search(r"endpoint .*escalate", infer_out), infer_out
