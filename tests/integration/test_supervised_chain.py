@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -75,12 +76,14 @@ def test_a_killed_tier_is_restarted_while_the_endpoint_answers_and_its_backlog_d
     try:
         tiers = up.tiers()
         endpoint, edge = tiers["endpoint"]["url"], tiers["edge-node"]
+        # `cascade up` serves TLS with the CA it made in its working directory.
+        ca = ssl.create_default_context(cafile=str(tmp_path / "var/certs/ca.pem"))
         answers: dict[str, str] = {}
         refused: list[tuple[str, int]] = []
         stop = threading.Event()
 
         def client() -> None:  # steady traffic, each request with its own key
-            with httpx.Client(timeout=30) as c:
+            with httpx.Client(timeout=30, verify=ca) as c:
                 for n in range(1_000_000):
                     if stop.is_set():
                         return
@@ -112,7 +115,7 @@ def test_a_killed_tier_is_restarted_while_the_endpoint_answers_and_its_backlog_d
         assert refused == [], refused[:5]
         assert up.said("tier edge-node exited with code -9; restarting in 0.5 s")
         # Every request ends final: the provisional ones once the outbox delivered them.
-        with httpx.Client(timeout=10) as c:
+        with httpx.Client(timeout=10, verify=ca) as c:
             def not_final() -> list[str]:
                 return [k for k in answers
                         if c.get(f"{endpoint}/v1/results/{k}").json().get("status") != "final"]
