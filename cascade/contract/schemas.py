@@ -55,7 +55,9 @@ class InferRequest(BaseModel):
         None,
         max_length=2048,
         pattern=r"^https?://",
-        description="Where to POST the final answer when this one is provisional.",
+        description="Where to POST the final answer when this one is provisional; the tier's "
+        "callback policy (schemes, hosts, public addresses only unless allowed) may refuse it: "
+        "422 naming callback_url.",
     )
     request_id: str | None = Field(
         None,

@@ -8,6 +8,10 @@
   ``idempotency_key_reused`` (architecture §2): right, but a fact about the server's state, not
   about one request, which no schema can describe; hypothesis reuses short keys such as ``"0"``
   on purpose. Keys that do not match the pattern are left as they are (they must be refused).
+* A schema-valid ``callback_url`` replaced by one the tier's callback policy allows. Where
+  callbacks may go (public addresses, allowed schemes and hosts: docs/security.md) is the
+  tier's configuration and the network's, not the request's shape; a refused one is the
+  documented 422 naming ``callback_url`` (tests/integration/test_callback_policy.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from cascade.contract.schemas import REQUEST_ID_PATTERN
 from tests.helpers import picture_base64
 
 _KEY = re.compile(REQUEST_ID_PATTERN)
+_CALLBACK = re.compile(r"^https?://")
+ALLOWED_CALLBACK = "https://93.184.215.14/cascade/done"  # a public address: the default policy
 _calls = itertools.count()
 _RUN = uuid.uuid4().hex[:8]  # unique across runs too (a tier's store outlives a run)
 
@@ -43,6 +49,9 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     """Give every call its own idempotency key (see the module docstring)."""
     if isinstance(case.body, dict) and "request_id" in case.body:
         case.body["request_id"] = _unique(case.body["request_id"])
+    if isinstance(case.body, dict) and isinstance(case.body.get("callback_url"), str) \
+            and _CALLBACK.match(case.body["callback_url"]) and len(case.body["callback_url"]) <= 2048:
+        case.body["callback_url"] = ALLOWED_CALLBACK
     headers = case.headers or {}
     for name in list(headers):
         if name.lower() == "idempotency-key":
