@@ -38,11 +38,12 @@ def run_tier(config: Path, *, port: int | None = None, host: str | None = None) 
         configure_logging(settings.tier, settings.log_level, fmt=settings.log_format,
                           file=settings.log_file, file_backups=disk.log_backups,
                           file_max_bytes=disk.share_bytes("logs") // (disk.log_backups + 1))
+        tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir,  # + OTEL_* env
+                                trace_file_max_bytes=disk.share_bytes("traces") // 2)
+        # After every configuration check: a bad setting is the one line a user reads.
         for task, why in optional_task_gaps(settings).items():
             logging.getLogger("cascade.deploy.process").warning(
                 "optional task %s not served: %s", task, why)
-        tracing = setup_tracing(settings.tier, trace_dir=settings.trace_dir,  # + OTEL_* env
-                                trace_file_max_bytes=disk.share_bytes("traces") // 2)
         node = build_node(settings)  # fail fast, before binding the port
     except CascadeError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
