@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from cascade.contract.answer import Answer
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import UpstreamRejected, UpstreamUnavailable
+from cascade.observability import telemetry
 from cascade.outbox import Outbox, OutboxSettings
 from cascade.outbox.forwarder import Forwarder
 from cascade.upstream.breaker import CircuitBreaker
@@ -115,7 +116,11 @@ async def run_forwarder(box: Outbox, upstream: ScriptedUpstream) -> Forwarder:
     return fwd
 
 
-async def test_drains_with_the_key_hop_and_trace_and_stores_the_final_answer(outbox):
+async def test_drains_with_the_key_hop_and_trace_and_stores_the_final_answer(outbox, monkeypatch):
+    # Tracing off, whatever an earlier test installed (the OpenTelemetry provider is process-
+    # global): the traceparent stored with the row is what travels. With tracing on, the drain
+    # span's own trace travels instead, linked to it (tests/integration/test_tracing.py).
+    monkeypatch.setattr(telemetry, "sdk_tracer", lambda: None)
     up = ScriptedUpstream()
     for i in range(10):
         await outbox.enqueue(pending(i))
