@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,10 +77,17 @@ class MeteredRunner:
 
     async def run(self, inputs: Any, deadline: Deadline | None = None) -> list[Output]:
         """The inner runner's ``run``, metered."""
+        with self.metering():
+            return await self.inner.run(inputs, deadline)
+
+    @contextmanager
+    def metering(self) -> Iterator[None]:
+        """Count one call: in flight while it runs, its latency when it answers, an error when
+        it fails (not when the runner is only busy: ``ServiceUnavailable``)."""
         self.in_flight += 1
         started = time.perf_counter()
         try:
-            outputs = await self.inner.run(inputs, deadline)
+            yield
         except ServiceUnavailable:
             raise
         except Exception:
@@ -89,7 +97,6 @@ class MeteredRunner:
             self.in_flight -= 1
             self.stats.calls += 1
         self.stats.latencies_ms.append((time.perf_counter() - started) * 1000)
-        return outputs
 
     def warmup(self) -> None:
         """The inner runner's warm-up."""
@@ -107,20 +114,9 @@ class MeteredStreamingRunner(MeteredRunner):
     async def stream(self, inputs: CompletionInput,
                      deadline: Deadline | None = None) -> AsyncIterator[TokenDelta | Generation]:
         """The inner runner's stream, metered."""
-        self.in_flight += 1
-        started = time.perf_counter()
-        try:
+        with self.metering():
             async for item in self.inner.stream(inputs, deadline):  # type: ignore[attr-defined]
                 yield item
-        except ServiceUnavailable:
-            raise
-        except Exception:
-            self.stats.errors += 1
-            raise
-        finally:
-            self.in_flight -= 1
-            self.stats.calls += 1
-        self.stats.latencies_ms.append((time.perf_counter() - started) * 1000)
 
 
 def metered(inner: Runner, version: str) -> MeteredRunner:
