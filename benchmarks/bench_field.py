@@ -46,6 +46,7 @@ import httpx
 import numpy as np
 import yaml
 
+from benchmarks.field_loop import close_loop, loop_rows
 from cascade.deploy.supervisor import Chain
 from cascade.lab.bench.run import _send_all, bodies_for
 from cascade.lab.bench.shift import corrupt_frames
@@ -78,6 +79,27 @@ def audits_settled(url: str) -> dict[str, Any] | None:
     return view if done >= c["sampled"] else None
 
 
+def chain_env(args: argparse.Namespace, models_dir: Path, work: Path) -> dict[str, str]:
+    """Environment of a benchmark chain: its models, the field policy, its own databases."""
+    return {"CASCADE_MODELS_DIR": str(models_dir),
+            "CASCADE_POLICY": str(field_policy(work / "policy.yaml", args.rate, args.reference)),
+            "CASCADE_DECISION_LOG_PATH": str(work / "decisions-{tier}.db"),
+            "CASCADE_EXAMPLES_PATH": str(work / "examples-{tier}.db"),
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def ship(args: argparse.Namespace, models_dir: Path, severity: float,
+         work: Path) -> dict[str, Any]:
+    """The retrained endpoint model (``work/models-retrained``) out through a live endpoint's
+    signed-bundle pull and canary; its accuracy on a fresh shifted draw before and after."""
+    loop_work = work / "loop"
+    loop_work.mkdir(parents=True, exist_ok=True)
+    canary = {"share": args.canary_share, "window_requests": args.canary_window}
+    return close_loop(models_dir, work / "models-retrained", severity, loop_work,
+                      env=chain_env(args, models_dir, loop_work), draws=args.loop_draws,
+                      canary=canary, canary_requests=args.canary_requests)
+
+
 def run_traffic(args: argparse.Namespace, models_dir: Path, severity: float, seed: int,
                 work: Path) -> dict[str, Any]:
     """One chain, one draw of shifted traffic; the audit estimate vs the truth."""
@@ -85,11 +107,7 @@ def run_traffic(args: argparse.Namespace, models_dir: Path, severity: float, see
     pick = np.random.default_rng(seed).integers(0, len(labels), args.requests)
     frames = corrupt_frames(inputs[pick], FAMILY, severity=severity, seed=1000 + seed)
     truth = [labels[i] for i in pick]
-    env = {"CASCADE_MODELS_DIR": str(models_dir),
-           "CASCADE_POLICY": str(field_policy(work / "policy.yaml", args.rate, args.reference)),
-           "CASCADE_DECISION_LOG_PATH": str(work / "decisions-{tier}.db"),
-           "CASCADE_EXAMPLES_PATH": str(work / "examples-{tier}.db"),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = chain_env(args, models_dir, work)
     from tests.conftest import free_port_block
 
     with Chain(CHAIN, base_port=free_port_block(4), env=env, log_dir=work / "logs",
@@ -271,6 +289,8 @@ def report(results: dict[str, Any]) -> str:
             f"{r['shifted_accuracy_new']:.3f} | {r['lost_points']:.1f} | "
             f"{r['recovered_points']:.1f} | {'-' if share is None else f'{share:.0%}'} | "
             f"{r['build_seconds']} |")
+    if results.get("loop"):
+        lines += loop_rows(results["loop"])
     fallback = results.get("fallback")
     if fallback:
         lines += ["", "## Fallbacks under pressure: the endpoint's latency under a CPU hog", "",
@@ -307,8 +327,18 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/field.json")
     parser.add_argument("--phase", default="all",
-                        choices=["audits", "fallback", "all", "render"],
-                        help="render: rewrite the .md from the .json only")
+                        choices=["audits", "fallback", "loop", "all", "render"],
+                        help="loop: seed 0 of each severity only (traffic, retraining, the "
+                        "retrained model shipped through the canary), keeping the other "
+                        "sections; render: rewrite the .md from the .json only")
+    parser.add_argument("--loop-draws", type=int, default=3,
+                        help="loop: corruption seeds of the test split in the fresh draw")
+    parser.add_argument("--canary-share", type=float, default=0.2,
+                        help="loop: the endpoint's bundles.canary.share")
+    parser.add_argument("--canary-window", type=int, default=200,
+                        help="loop: bundles.canary.window_requests (canary answers to promote)")
+    parser.add_argument("--canary-requests", type=int, default=3000,
+                        help="loop: most shifted live requests sent while the canary runs")
     parser.add_argument("--primary", default="cloud", help="fallback phase: the big model")
     parser.add_argument("--fallback", default="endpoint", help="fallback phase: the small one")
     parser.add_argument("--budget-ms", type=float, default=1.0)
@@ -322,7 +352,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "reference": args.reference,
         "requests": args.requests, "command": " ".join(["python -m benchmarks.bench_field",
                                                         *sys.argv[1:]]),
-        "runs": [], "retraining": {}}
+        "runs": [], "retraining": {}, "loop": {}}
     if args.phase == "render":
         _write(args.out, previous)
         return
@@ -330,15 +360,23 @@ def main() -> None:
         results = {**previous, "fallback": fallback_phase(args, models_dir)}
         _write(args.out, results)
         return
+    if args.phase == "loop":
+        results = {**previous, "loop": {}}
     for severity in severities:
-        for seed in range(args.seeds):
+        for seed in range(1 if args.phase == "loop" else args.seeds):
             work = Path(tempfile.mkdtemp(prefix=f"bench-field-{severity}-{seed}-"))
             run = run_traffic(args, models_dir, severity, seed, work)
             print(json.dumps({k: v for k, v in run.items() if k != "counts"}), flush=True)
-            results["runs"].append(run)
             if seed == 0:
-                results["retraining"][str(severity)] = retrain(models_dir, severity, work)
-                print(json.dumps(results["retraining"][str(severity)]), flush=True)
+                retrained = retrain(models_dir, severity, work)
+                print(json.dumps(retrained), flush=True)
+                results["loop"][str(severity)] = ship(args, models_dir, severity, work)
+                print(json.dumps(results["loop"][str(severity)]), flush=True)
+                _write(args.out, results)  # a long run keeps what it measured so far
+            if args.phase != "loop":
+                results["runs"].append(run)
+                if seed == 0:
+                    results["retraining"][str(severity)] = retrained
     if args.phase == "all":
         results["fallback"] = fallback_phase(args, models_dir)
     elif "fallback" in previous:
