@@ -94,7 +94,8 @@ def ship(args: argparse.Namespace, models_dir: Path, severity: float,
     signed-bundle pull and canary; its accuracy on a fresh shifted draw before and after."""
     loop_work = work / "loop"
     loop_work.mkdir(parents=True, exist_ok=True)
-    canary = {"share": args.canary_share, "window_requests": args.canary_window}
+    canary = {"share": args.canary_share, "window_requests": args.canary_window,
+              "min_requests": args.canary_min_requests}
     return close_loop(models_dir, work / "models-retrained", severity, loop_work,
                       env=chain_env(args, models_dir, loop_work), draws=args.loop_draws,
                       canary=canary, canary_requests=args.canary_requests)
@@ -335,6 +336,10 @@ def main() -> None:
                         help="loop: corruption seeds of the test split in the fresh draw")
     parser.add_argument("--canary-share", type=float, default=0.2,
                         help="loop: the endpoint's bundles.canary.share")
+    parser.add_argument("--canary-min-requests", type=int, default=100,
+                        help="loop: bundles.canary.min_requests (canary answers before its "
+                        "guards judge it; 20, the default, let one slow call on a shared "
+                        "2-core box trip the p99 guard)")
     parser.add_argument("--canary-window", type=int, default=200,
                         help="loop: bundles.canary.window_requests (canary answers to promote)")
     parser.add_argument("--canary-requests", type=int, default=3000,
