@@ -14,6 +14,13 @@ an offset: exposure drift; no tier trains on it). Per severity and seed:
    endpoint`` retrains into a copy of the models directory, and the endpoint's model alone is
    measured, old and new, on a fresh draw (the test split, never sent, its own corruption seed):
    recovered share = (new - old) / (clean - old).
+   Then the loop is closed (``benchmarks/field_loop.py``): a fresh chain whose endpoint trusts
+   a key from ``cascade models keygen`` pulls the retrained model, packed by ``cascade models
+   pack``, on ``cascade models pull``; it runs as a canary (``--canary-share``,
+   ``--canary-min-requests``, ``--canary-window``) under shifted live traffic until promoted or
+   rolled back; the endpoint's accuracy and audit estimate on a fresh shifted draw (the test
+   split under ``--loop-draws`` corruption seeds) are measured through the live chain before
+   and after (``--phase loop`` runs only this, seed 0 of each severity, keeping the rest).
 
 3. **Fallbacks under pressure** (``--phase fallback``): one endpoint process serving the
    vision ladder's big model (``--primary``, the cloud's SVC) answers everything locally; a
@@ -22,7 +29,7 @@ an offset: exposure drift; no tier trains on it). Per severity and seed:
    alternating, ``--rounds``) with and without a CPU hog (2 busy processes per core, started
    and stopped by this script): the endpoint's p99 side by side.
 
-    python -m benchmarks.bench_field [--phase audits|fallback|all] [--severity 1.3 ...]
+    python -m benchmarks.bench_field [--phase audits|fallback|loop|all] [--severity 1.3 ...]
 
 Writes ``reports/field.json`` and ``reports/field.md`` (a phase run alone keeps the other
 phase's section).
