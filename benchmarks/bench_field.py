@@ -298,7 +298,7 @@ def report(results: dict[str, Any]) -> str:
             f"{r['recovered_points']:.1f} | {'-' if share is None else f'{share:.0%}'} | "
             f"{r['build_seconds']} |")
     if results.get("loop"):
-        lines += loop_rows(results["loop"])
+        lines += loop_rows(results["loop"], results.get("loop_run") or results)
     fallback = results.get("fallback")
     if fallback:
         lines += ["", "## Fallbacks under pressure: the endpoint's latency under a CPU hog", "",
@@ -373,7 +373,7 @@ def main() -> None:
         _write(args.out, results)
         return
     if args.phase == "loop":
-        results = {**previous, "loop": {}}
+        results = {**previous, "loop": {}, "loop_run": {k: results[k] for k in ("when", "command")}}
     for severity in severities:
         for seed in range(1 if args.phase == "loop" else args.seeds):
             work = Path(tempfile.mkdtemp(prefix=f"bench-field-{severity}-{seed}-"))
@@ -382,7 +382,8 @@ def main() -> None:
             if seed == 0:
                 retrained = retrain(models_dir, severity, work)
                 print(json.dumps(retrained), flush=True)
-                results["loop"][str(severity)] = ship(args, models_dir, severity, work)
+                results["loop"][str(severity)] = {**ship(args, models_dir, severity, work),
+                                                  "offline": retrained}
                 print(json.dumps(results["loop"][str(severity)]), flush=True)
                 _write(args.out, results)  # a long run keeps what it measured so far
             if args.phase != "loop":

@@ -159,10 +159,11 @@ def close_loop(models_dir: Path, new_dir: Path, severity: float, work: Path, *,
             "recovered_share": gained / lost if lost > 0 else None}
 
 
-def loop_rows(loop: dict[str, Any]) -> list[str]:
-    """reports/field.md's section for the closed loop."""
+def loop_rows(loop: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """reports/field.md's section for the closed loop (``run``: its when and command)."""
     lines = ["", ("## The loop closed: the retrained endpoint model shipped as a signed bundle "
              "through the canary"), "",
+             f"Run {run['when']}; command: `{run['command']}`.", "",
              ("A fresh chain; its endpoint trusts a key from `cascade models keygen` and pulls "
               "from a directory. `cascade models pack` (from the retrained models directory) "
               "writes the bundle there, `cascade models pull --url` makes the running endpoint "
@@ -194,6 +195,14 @@ def loop_rows(loop: dict[str, Any]) -> list[str]:
             f"{'-' if share is None else f'{share:.0%}'} | {v.get('verdict', 'none')} "
             f"({v.get('reason', '')}) | {v.get('canary_requests', '-')} / "
             f"{r['rollout']['requests_sent']} | {est(a)} | {est(b)} |")
+    lines += ["", ("The same retrained model measured offline (endpoint alone, `predict_inputs`, "
+              "the test split under one corruption seed, 360 samples): " + "; ".join(
+                  f"{sev}: {r['offline']['shifted_accuracy_old']:.3f} → "
+                  f"{r['offline']['shifted_accuracy_new']:.3f}, "
+                  f"{r['offline']['recovered_share']:.0%} recovered, clean "
+                  f"{r['offline']['clean_accuracy_new']:.3f}, {r['offline']['export']['written']} "
+                  f"hard examples, build {r['offline']['build_seconds']} s"
+                  for sev, r in loop.items() if r.get("offline")) + ".")]
     lines += ["", "Models that answered at the endpoint: " + "; ".join(
         f"{sev}: before {r['before']['models']}, after {r['after']['models']}"
         for sev, r in loop.items())]
