@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+KEEP_ALIVE_S = 30
+"""How long a tier keeps an idle client connection open (seconds)."""
+
 
 def run_tier(config: Path, *, port: int | None = None, host: str | None = None) -> int:
     """Load and serve one tier until SIGTERM/SIGINT; returns the exit code (2: bad config)."""
@@ -73,6 +76,10 @@ def run_tier(config: Path, *, port: int | None = None, host: str | None = None) 
             loop="uvloop",
             **serving,
             timeout_graceful_shutdown=5,
+            # Idle connections are kept longer than clients keep theirs (httpx: 5 s, like
+            # uvicorn's default): with equal timers a client can reuse a connection the tier is
+            # closing at that moment, and its POST fails with a ReadError (the keep-alive race).
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
     finally:
         tracing.shutdown()  # bounded: a dead collector does not delay the stop

@@ -97,8 +97,10 @@ class _Watcher(threading.Thread):
                             self.at_peak[key] = _sizes(t.db)
 
 
-async def _soak(url: str, bodies: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Keyed load from 16 connections; after some answers, look them up and replay them."""
+async def _soak(url: str, bodies: list[dict[str, Any]], seconds: float,
+                round_no: int) -> dict[str, Any]:
+    """Keyed load from 16 connections (keys new in each round); after some answers, look them
+    up and replay them."""
     stats: dict[str, Any] = {"codes": {}, "lookups": 0, "replays": 0, "mismatches": []}
     stop_at = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=20)
@@ -108,7 +110,7 @@ async def _soak(url: str, bodies: list[dict[str, Any]], seconds: float) -> dict[
             rng = random.Random(w)
             i = 0
             while time.monotonic() < stop_at:
-                key, body = f"soak-{w}-{i}", rng.choice(bodies)
+                key, body = f"soak-{round_no}-{w}-{i}", rng.choice(bodies)
                 i += 1
                 r = await client.post(f"{url}/v1/infer", json=body,
                                       headers={"Idempotency-Key": key})
@@ -150,8 +152,8 @@ def _soak_until_filled(endpoint: Tier, bodies: list[dict[str, Any]]) -> dict[str
     ``SOAK_ROUNDS`` rounds: a loaded machine answers fewer requests per round, so the rounds,
     not the bar, adapt."""
     total: dict[str, Any] = {"codes": {}, "lookups": 0, "replays": 0, "mismatches": []}
-    for _ in range(SOAK_ROUNDS):
-        stats = asyncio.run(_soak(endpoint.url, bodies, SOAK_ROUND_S))
+    for round_no in range(SOAK_ROUNDS):
+        stats = asyncio.run(_soak(endpoint.url, bodies, SOAK_ROUND_S, round_no))
         for code, n in stats["codes"].items():
             total["codes"][code] = total["codes"].get(code, 0) + n
         for key in ("lookups", "replays", "mismatches"):
