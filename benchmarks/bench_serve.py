@@ -18,6 +18,9 @@ run (``--rounds`` interleaved rounds, medians):
                        documents requests only (the bigger input: bag-of-words vectorizer and
                        model), 1 replica, batches of up to 32 (wait 5 ms) vs none
 
+Every configuration's outbox is a fresh PostgreSQL database (two ingress replicas cannot share
+a SQLite file; the same store for all keeps the rows comparable).
+
 Derived: the tier on Serve over the bare echo (target >= 0.8), batching on over off with the
 heavy bodies at 64 connections (target >= 2x throughput, p99 <= 1.5x), and per-request
 overhead of Serve against uvicorn (1 connection: p50 and mean latency differences). The
@@ -46,6 +49,7 @@ from cascade.deploy.supervisor import Chain
 from cascade.lab.bench.load import have_wrk, run_load
 from cascade.models.manifest import load_split
 from cascade.tier.settings import NodeSettings, load_node_settings
+from tests.contract.pgserver import PostgresServer
 
 CONNECTIONS = (1, 16, 64)
 BATCHED = {"max_batch_size": 8, "batch_wait_timeout_s": 0.002}
@@ -73,10 +77,10 @@ def _bodies(models_dir: Path, tasks: tuple[str, ...] = ("vision", "documents"),
     return [body for group in zip(*per_task, strict=True) for body in group]
 
 
-def _settings(tmp: Path, port: int, models_dir: Path, knobs: dict[str, Any]) -> NodeSettings:
+def _settings(outbox_url: str, port: int, models_dir: Path,
+              knobs: dict[str, Any]) -> NodeSettings:
     return load_node_settings(ROOT / "cloud/cloud.yaml", port=port, models_dir=models_dir,
-                              policy=ROOT / "policies/default.yaml",
-                              outbox_url=f"sqlite:///{tmp / f'cloud-{port}.db'}",
+                              policy=ROOT / "policies/default.yaml", outbox_url=outbox_url,
                               ray_serve={**CPUS, **knobs})
 
 
@@ -127,7 +131,7 @@ def _deploy_echo(port: int) -> str:
     return f"http://127.0.0.1:{port}/echo"
 
 
-def _one_round(raw: dict[str, list[Any]], chain_url: str, tmp: Path, port: int,
+def _one_round(raw: dict[str, list[Any]], chain_url: str, pg: PostgresServer, port: int,
                models_dir: Path, duration_s: float) -> None:
     from ray import serve
 
@@ -137,7 +141,8 @@ def _one_round(raw: dict[str, list[Any]], chain_url: str, tmp: Path, port: int,
     bodies = {"mixed": mixed, "documents": _bodies(models_dir, ("documents",))}
     raw["process"].append(_measure(chain_url, mixed, duration_s, None))
     for name, (knobs, kind) in SERVE_CONFIGS.items():
-        deploy_tier(_settings(tmp, port, models_dir, knobs))
+        outbox = pg.create_database(f"{name.replace('-', '_')}_{len(raw[name])}")
+        deploy_tier(_settings(outbox, port, models_dir, knobs))
         raw[name].append(_measure(f"http://127.0.0.1:{port}", bodies[kind], duration_s, "cloud"))
     serve.delete("cloud")
     raw["echo"].append(_measure(_deploy_echo(port), mixed, duration_s, None))
@@ -152,19 +157,21 @@ def run(models_dir: Path, rounds: int, duration_s: float) -> dict[str, list[Any]
     from tests.conftest import free_port_block
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    pg = PostgresServer.start()
     base = free_port_block(2)
     raw: dict[str, list[Any]] = {name: [] for name in ("process", *SERVE_CONFIGS, "echo")}
     process_config = tmp / "cloud.yaml"
     process_config.write_text(json.dumps(
-        _settings(tmp, base, models_dir, BATCHED).model_dump(mode="json", exclude={"ray_serve"})))
+        _settings(pg.create_database("process"), base, models_dir, BATCHED).model_dump(mode="json", exclude={"ray_serve"})))
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), log_to_driver=False)
     try:
         with Chain([process_config], log_dir=tmp / "logs") as chain:
             for _ in range(rounds):
-                _one_round(raw, chain.entry_url, tmp, base + 1, models_dir, duration_s)
+                _one_round(raw, chain.entry_url, pg, base + 1, models_dir, duration_s)
     finally:
         stop_ray()
+        pg.stop()
     return raw
 
 
