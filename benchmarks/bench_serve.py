@@ -26,6 +26,10 @@ heavy bodies at 64 connections (target >= 2x throughput, p99 <= 1.5x), and per-r
 overhead of Serve against uvicorn (1 connection: p50 and mean latency differences). The
 1-minute load average is recorded for every cell (the machine is shared).
 
+With ``--two-node`` (root: ip netns) the tier then runs with one ingress replica on each node
+of a two-node cluster (tests/ray/cluster.py) and the answers per node are counted from each
+replica's own /metrics; ``--skip-matrix --two-node`` adds that to an existing report.
+
 Writes reports/serve.json and reports/serve.md. Run: python benchmarks/bench_serve.py
 """
 
@@ -217,6 +221,46 @@ def derive(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def two_node(models_dir: Path, duration_s: float, connections: int = 16) -> dict[str, Any]:
+    """The tier with 2 ingress replicas (models inside) on a two-node cluster
+    (tests/ray/cluster.py), one replica per node; wrk through the head's proxy; answers per
+    node from each replica's own /metrics, before and after."""
+    from cascade.deploy.ray_serve import portable_settings
+    from tests.conftest import free_port_block
+    from tests.fault.harness import wait_for
+    from tests.ray.cluster import netns_available, two_node_cluster
+    from tests.ray.test_multinode import _answered_per_node, _replica_nodes
+
+    reason = netns_available()
+    if reason is not None:
+        return {"skipped": f"a second node in its own network namespace {reason}"}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-nodes-"))
+    with two_node_cluster(tmp / "ray-logs") as cluster:
+        pg = PostgresServer.start(host=cluster.head_ip, trust_network=f"{cluster.head_ip}/24")
+        try:
+            settings = _settings(pg.create_database("nodes"), 8000, models_dir, {
+                "ingress_replicas": 2, "model_deployments": False,
+                "metrics_export_interval_s": 0})
+            settings_file = tmp / "cloud-settings.json"
+            settings_file.write_text(json.dumps(portable_settings(settings)))
+            port = free_port_block(1)
+            cluster.driver("deploy", str(settings_file), str(port))
+            url = f"http://{cluster.head_ip}:{port}"
+            seen: dict[str, str] = {}
+            wait_for(lambda: len(_replica_nodes(url, seen)) == 2, timeout_s=240,
+                     what="ingress replicas answering from both nodes")
+            before = _answered_per_node(url)
+            load = run_load(f"{url}/v1/infer", _bodies(models_dir), connections=connections,
+                            duration_s=duration_s).as_dict()
+            load["load1"] = round(os.getloadavg()[0], 2)
+            after = _answered_per_node(url)
+        finally:
+            pg.stop()
+    names = {cluster.head_ip: "head", cluster.netns.ns_ip: "worker"}
+    return {"load": load, "answered_per_node": {
+        names.get(ip, ip): int(after[ip] - before.get(ip, 0)) for ip in after}}
+
+
 def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
@@ -254,18 +298,38 @@ def _findings(derived: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_report(summary: dict[str, Any], derived: dict[str, Any], meta: dict[str, Any],
-                 reports: Path) -> None:
-    """reports/serve.json and reports/serve.md."""
+def _nodes_section(nodes: dict[str, Any] | None) -> list[str]:
+    if nodes is None:
+        return ["## Two-node cluster", "", "Not measured in this run (`--two-node`)."]
+    if "skipped" in nodes:
+        return ["## Two-node cluster", "", f"Skipped: {nodes['skipped']}."]
+    load = nodes["load"]
+    return ["## Two-node cluster", "",
+            (f"tests/ray/cluster.py (head here, worker node in its own network namespace, both "
+             f"on these 2 cores): the tier with 2 ingress replicas (models in the replica), one "
+             f"per node, {load['connections']} connections for {load['duration_s']} s through "
+             f"the head's proxy: {round(load['rps'], 2)} req/s, p50 {load['p50_ms']} ms, p99 "
+             f"{load['p99_ms']} ms, {load['errors']} errors, load 1m {load['load1']}. Answered "
+             "per node (each replica's own /metrics, 200s on /v1/infer during the load): "
+             + ", ".join(f"{n} {c}" for n, c in nodes["answered_per_node"].items())
+             + ". A second node on the same machine adds no CPU: this shows spread, not speed."),
+            "", (f"Machine load: before `{nodes['uptime_before']}`; "
+                 f"after `{nodes['uptime_after']}`.")]
+
+
+def write_report(report: dict[str, Any], reports: Path) -> None:
+    """reports/serve.json and reports/serve.md from ``report`` (meta, summary, derived and,
+    when measured, two_node)."""
     reports.mkdir(exist_ok=True)
-    (reports / "serve.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "derived": derived}, indent=2))
+    (reports / "serve.json").write_text(json.dumps(report, indent=2))
+    meta, summary, derived = report["meta"], report["summary"], report["derived"]
     lines = ["# The cloud tier on Ray Serve vs as a process vs a bare Serve echo", "",
              (f"Generated by `python benchmarks/bench_serve.py` ({meta['generator']}, "
               f"{meta['rounds']} round(s) of {meta['duration_s']} s per cell, medians; 2 cores "
               "shared with other work, so compare within this table only)."), "",
              f"Machine load: before `{meta['uptime_before']}`; after `{meta['uptime_after']}`.",
-             "", *_table(summary), "", *_findings(derived), "", "## Configurations", "",
+             "", *_table(summary), "", *_findings(derived), "",
+             *_nodes_section(report.get("two_node")), "", "## Configurations", "",
              ("- `process`: `cascade serve` (uvicorn, one process). `serve-1r`: Serve proxy -> "
               "ingress replica (the tier's FastAPI app) -> model replica per task through a "
               "DeploymentHandle, `@serve.batch` (max 8, 2 ms wait); batches are computed sample "
@@ -290,13 +354,27 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per cell")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    parser.add_argument("--two-node", action="store_true",
+                        help="then measure requests answered per node on a two-node cluster "
+                        "(tests/ray/cluster.py; needs root for ip netns)")
+    parser.add_argument("--skip-matrix", action="store_true",
+                        help="keep the side-by-side table of the existing reports/serve.json "
+                        "(e.g. to add --two-node to it)")
     args = parser.parse_args()
-    before = _uptime()
-    raw = run(args.models_dir, args.rounds, args.duration)
-    summary = summarise(raw)
-    meta = {"generator": "wrk" if have_wrk() else "httpx", "rounds": args.rounds,
-            "duration_s": args.duration, "uptime_before": before, "uptime_after": _uptime()}
-    write_report(summary, derive(summary), meta, args.reports)
+    if args.skip_matrix:
+        report = json.loads((args.reports / "serve.json").read_text())
+    else:
+        before = _uptime()
+        summary = summarise(run(args.models_dir, args.rounds, args.duration))
+        report = {"meta": {"generator": "wrk" if have_wrk() else "httpx", "rounds": args.rounds,
+                           "duration_s": args.duration, "uptime_before": before,
+                           "uptime_after": _uptime()},
+                  "summary": summary, "derived": derive(summary)}
+    if args.two_node:
+        before = _uptime()
+        report["two_node"] = {**two_node(args.models_dir, args.duration),
+                              "uptime_before": before, "uptime_after": _uptime()}
+    write_report(report, args.reports)
     print((args.reports / "serve.md").read_text())
 
 
