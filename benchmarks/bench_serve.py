@@ -15,8 +15,8 @@ run (``--rounds`` interleaved rounds, medians):
   echo                 a bare Serve app that answers each POST with its body: Serve's own
                        floor (proxy -> one replica, no FastAPI, no model)
   heavy-batched, heavy-unbatched
-                       documents requests only (the bigger input: bag-of-words vectorizer and
-                       model), 1 replica, batches of up to 32 (wait 5 ms) vs none
+                       documents requests only (the largest model in models/: TF-IDF over the
+                       full vocabulary + logistic regression, 1.2 MB ONNX), 1 replica, batches of up to 32 (wait 5 ms) vs none
 
 Every configuration's outbox is a fresh PostgreSQL database (two ingress replicas cannot share
 a SQLite file; the same store for all keeps the rows comparable).
@@ -337,9 +337,9 @@ def write_report(report: dict[str, Any], reports: Path) -> None:
               "`-unbatched`: max_batch_size 1. `serve-2r`: 2 ingress replicas and 2 replicas "
               "per task model. `echo`: a bare Serve deployment returning the request body."),
              ("- `heavy-*`: documents requests only, 1 replica, batches of up to 32 (5 ms wait) "
-              "vs unbatched. The built-in models are small (sklearn/ONNX, sub-millisecond); no "
-              "bigger cloud classifier exists in models/, and the generative model is served "
-              "by llama.cpp, not by a Serve model deployment."),
+              "vs unbatched. The cloud documents model (TF-IDF + logistic regression, 1.2 MB ONNX) "
+              "is the largest classifier in models/; the generative model is served by "
+              "llama.cpp, not by a Serve model deployment, so it is not measured here."),
              ("- `requests per model call`: requests over batched-method calls, from the model "
               "replicas' own counters (one replica's counters per task; 1.0: no two requests "
               "met). `load 1m`: the 1-minute load average right after the cell.")]
