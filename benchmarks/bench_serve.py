@@ -12,6 +12,8 @@ run (``--rounds`` interleaved rounds, medians):
   serve-1r-unbatched   the same with max_batch_size 1 (each request its own model call)
   serve-2r, serve-2r-unbatched
                        2 ingress replicas and 2 replicas per task model
+  serve-inline         ray_serve.model_deployments false: the models run in the ingress
+                       replica (one Ray hop less per request, no batching)
   echo                 a bare Serve app that answers each POST with its body: Serve's own
                        floor (proxy -> one replica, no FastAPI, no model)
   heavy-batched, heavy-unbatched
@@ -64,6 +66,7 @@ CPUS = {"ingress_num_cpus": 0.2, "model_num_cpus": 0.2}
 SERVE_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "serve-1r": (BATCHED, "mixed"), "serve-1r-unbatched": (UNBATCHED, "mixed"),
     "serve-2r": ({**BATCHED, **TWO}, "mixed"), "serve-2r-unbatched": ({**UNBATCHED, **TWO}, "mixed"),
+    "serve-inline": ({"model_deployments": False}, "mixed"),
     "heavy-batched": (HEAVY_BATCHED, "documents"), "heavy-unbatched": (UNBATCHED, "documents"),
 }
 ECHO_TARGET = 0.8
@@ -147,7 +150,8 @@ def _one_round(raw: dict[str, list[Any]], chain_url: str, pg: PostgresServer, po
     for name, (knobs, kind) in SERVE_CONFIGS.items():
         outbox = pg.create_database(f"{name.replace('-', '_')}_{len(raw[name])}")
         deploy_tier(_settings(outbox, port, models_dir, knobs))
-        raw[name].append(_measure(f"http://127.0.0.1:{port}", bodies[kind], duration_s, "cloud"))
+        counted = "cloud" if knobs.get("model_deployments", True) else None
+        raw[name].append(_measure(f"http://127.0.0.1:{port}", bodies[kind], duration_s, counted))
     serve.delete("cloud")
     raw["echo"].append(_measure(_deploy_echo(port), mixed, duration_s, None))
     serve.delete("echo")
@@ -199,13 +203,15 @@ def derive(summary: dict[str, Any]) -> dict[str, Any]:
         return round(a / b, 2) if b else float("nan")
 
     best = {c: max(summary[n][c]["rps"] for n in ("serve-1r", "serve-1r-unbatched",
-                                                  "serve-2r", "serve-2r-unbatched"))
+                                                  "serve-2r", "serve-2r-unbatched",
+                                                  "serve-inline"))
             for c in CONNECTIONS}
     echo = {c: ratio(best[c], summary["echo"][c]["rps"]) for c in CONNECTIONS}
     on, off = summary["heavy-batched"][64], summary["heavy-unbatched"][64]
     batching = {"rps_ratio": ratio(on["rps"], off["rps"]),
                 "p99_ratio": ratio(on["p99_ms"], off["p99_ms"])}
-    one = {n: summary[n][1] for n in ("process", "serve-1r", "serve-1r-unbatched", "echo")}
+    one = {n: summary[n][1] for n in ("process", "serve-1r", "serve-1r-unbatched",
+                                      "serve-inline", "echo")}
     overhead = {n: {"p50_ms": round(m["p50_ms"] - one["process"]["p50_ms"], 2),
                     "mean_ms": round(m["mean_ms"] - one["process"]["mean_ms"], 2)}
                 for n, m in one.items() if n != "process"}
@@ -283,7 +289,7 @@ def _findings(derived: dict[str, Any]) -> list[str]:
     met = {True: "met", False: "NOT met"}
     return [
         "## Against the targets", "",
-        (f"- Cascade tier on Serve (best of the four serve configurations) / bare Serve echo, "
+        (f"- Cascade tier on Serve (best of the five serve configurations) / bare Serve echo, "
          f"req/s: {', '.join(f'{c} conn {r}' for c, r in echo.items())} (target >= "
          f"{ECHO_TARGET}: {', '.join(met[v] for v in derived['serve_over_echo_met'].values())})."),
         (f"- Batching on / off, documents only, 64 connections: throughput x"
@@ -335,7 +341,8 @@ def write_report(report: dict[str, Any], reports: Path) -> None:
               "DeploymentHandle, `@serve.batch` (max 8, 2 ms wait); batches are computed sample "
               "by sample so answers never depend on the batch (edge_nodes/README.md). "
               "`-unbatched`: max_batch_size 1. `serve-2r`: 2 ingress replicas and 2 replicas "
-              "per task model. `echo`: a bare Serve deployment returning the request body."),
+              "per task model. `serve-inline`: `model_deployments: false` (models in the "
+              "ingress replica). `echo`: a bare Serve deployment returning the request body."),
              ("- `heavy-*`: documents requests only, 1 replica, batches of up to 32 (5 ms wait) "
               "vs unbatched. The cloud documents model (TF-IDF + logistic regression, 1.2 MB ONNX) "
               "is the largest classifier in models/; the generative model is served by "
