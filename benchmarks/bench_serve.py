@@ -313,9 +313,9 @@ def _nodes_section(nodes: dict[str, Any] | None) -> list[str]:
     return ["## Two-node cluster", "",
             (f"tests/ray/cluster.py (head here, worker node in its own network namespace, both "
              f"on these 2 cores): the tier with 2 ingress replicas (models in the replica), one "
-             f"per node, {load['connections']} connections for {load['duration_s']} s through "
-             f"the head's proxy: {round(load['rps'], 2)} req/s, p50 {load['p50_ms']} ms, p99 "
-             f"{load['p99_ms']} ms, {load['errors']} errors, load 1m {load['load1']}. Answered "
+             f"per node, {load['connections']} connections for {load['duration_s']:.1f} s through "
+             f"the head's proxy: {load['rps']:.2f} req/s, p50 {load['p50_ms']:.1f} ms, p99 "
+             f"{load['p99_ms']:.1f} ms, {load['errors']} errors, load 1m {load['load1']}. Answered "
              "per node (each replica's own /metrics, 200s on /v1/infer during the load): "
              + ", ".join(f"{n} {c}" for n, c in nodes["answered_per_node"].items())
              + ". A second node on the same machine adds no CPU: this shows spread, not speed."),
