@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from cascade.errors import ModelError
+from cascade.models.extra import ExtraData
 from cascade.models.freshness import (
     compute_build_key,
     package_versions,
@@ -63,7 +64,6 @@ from cascade.runners.onnx import OnnxRunner
 
 if TYPE_CHECKING:
     from cascade.models.datasets import Dataset, Splits
-    from cascade.models.extra import ExtraData
 
 # The ONNX graph must reproduce scikit-learn: same argmax almost everywhere, same probabilities
 # up to float32 rounding. A silent tokenizer or formula difference fails the build.
@@ -191,7 +191,8 @@ class _Builder:
     step: Any
     console: Console
     verbose: bool
-    extra: ExtraData
+    extra: ExtraData = field(default_factory=ExtraData)
+    """Extra training rows (``--extra-data``); none by default."""
 
     def build_task(self, task: TaskName) -> TaskEntry:
         from cascade.models.datasets import load_dataset, split_dataset
