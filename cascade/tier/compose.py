@@ -77,6 +77,17 @@ def build_tasks(settings: NodeSettings, telemetry: TierTelemetry, *,
     return tasks
 
 
+def blocking_calls(settings: NodeSettings, telemetry: TierTelemetry, task: str,
+                   model: str) -> BlockingCalls:
+    """The executor of one model's blocking calls (``runner_offload``, its concurrency and
+    threshold from the node config; waits metered per task)."""
+    return BlockingCalls(
+        name=f"{task}/{model}", mode=settings.runner_offload,
+        max_concurrency=settings.runner_concurrency,
+        offload_above_ms=settings.runner_offload_above_ms,
+        on_wait=partial(telemetry.metrics.observe_runner_wait, task))
+
+
 def build_fallbacks(settings: NodeSettings, policy: LoadedPolicy, telemetry: TierTelemetry, *,
                     load: Loader = load_runner) -> dict[str, dict[str, Runner]]:
     """The fallback models the policy names for this tier (``tasks.<task>.tiers.<tier>.
@@ -88,11 +99,7 @@ def build_fallbacks(settings: NodeSettings, policy: LoadedPolicy, telemetry: Tie
         name = tier_policy.pressure.fallback_model if tier_policy is not None else None
         if name is None:
             continue
-        calls = BlockingCalls(
-            name=f"{task}/{name} (fallback)", mode=settings.runner_offload,
-            max_concurrency=settings.runner_concurrency,
-            offload_above_ms=settings.runner_offload_above_ms,
-            on_wait=partial(telemetry.metrics.observe_runner_wait, task))
+        calls = blocking_calls(settings, telemetry, task, f"{name} (fallback)")
         runner = load(model_spec(manifest, task, name, verify_sha256=settings.verify_models,
                                  calls=calls))
         runner.warmup()
@@ -108,12 +115,7 @@ def task_model_loader(settings: NodeSettings, telemetry: TierTelemetry, manifest
 
     def load_version(task: str, installed: InstalledVersion | None) -> MeteredRunner:
         model_tier = settings.tasks[task]
-        calls = BlockingCalls(
-            name=f"{task}/{model_tier}", mode=settings.runner_offload,
-            max_concurrency=settings.runner_concurrency,
-            offload_above_ms=settings.runner_offload_above_ms,
-            on_wait=partial(metrics.observe_runner_wait, task),
-        )
+        calls = blocking_calls(settings, telemetry, task, model_tier)
         if installed is None:
             spec = model_spec(manifest, task, model_tier, verify_sha256=settings.verify_models,
                               calls=calls, options=settings.model_options.get(task))
