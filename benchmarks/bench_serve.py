@@ -234,8 +234,12 @@ def two_node(models_dir: Path, duration_s: float, connections: int = 16) -> dict
     from cascade.deploy.ray_serve import portable_settings
     from tests.conftest import free_port_block
     from tests.fault.harness import wait_for
-    from tests.ray.cluster import netns_available, two_node_cluster
-    from tests.ray.test_multinode import _answered_per_node, _replica_nodes
+    from tests.ray.cluster import (
+        answered_per_node,
+        netns_available,
+        replica_nodes,
+        two_node_cluster,
+    )
 
     reason = netns_available()
     if reason is not None:
@@ -253,13 +257,13 @@ def two_node(models_dir: Path, duration_s: float, connections: int = 16) -> dict
             cluster.driver("deploy", str(settings_file), str(port))
             url = f"http://{cluster.head_ip}:{port}"
             seen: dict[str, str] = {}
-            wait_for(lambda: len(_replica_nodes(url, seen)) == 2, timeout_s=240,
+            wait_for(lambda: len(replica_nodes(url, seen)) == 2, timeout_s=240,
                      what="ingress replicas answering from both nodes")
-            before = _answered_per_node(url)
+            before = answered_per_node(url)
             load = run_load(f"{url}/v1/infer", _bodies(models_dir), connections=connections,
                             duration_s=duration_s).as_dict()
             load["load1"] = round(os.getloadavg()[0], 2)
-            after = _answered_per_node(url)
+            after = answered_per_node(url)
         finally:
             pg.stop()
     names = {cluster.head_ip: "head", cluster.netns.ns_ip: "worker"}

@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from cascade.deploy.replicas import REPLICA_HEADER
 from tests.conftest import free_port_block
 from tests.fault.harness import wait_for
 
@@ -243,3 +247,34 @@ def _quiet_nodes(cluster: TwoNodeCluster) -> list[dict[str, Any]]:
         return cluster.alive_nodes()
     except (AssertionError, subprocess.TimeoutExpired, json.JSONDecodeError):
         return []
+
+
+def replica_nodes(url: str, seen: dict[str, str]) -> set[str]:
+    """Ask /readyz once; the node addresses of every replica seen so far."""
+    try:
+        response = httpx.get(f"{url}/readyz", timeout=10)
+    except httpx.HTTPError:
+        return set()
+    if response.status_code == 200:
+        replica = response.headers[REPLICA_HEADER]
+        seen[replica] = replica.rsplit("@", 1)[1]
+    return set(seen.values())
+
+
+def answered_per_node(url: str) -> dict[str, float]:
+    """/v1/infer answers (200) per node, from each replica's own /metrics (the proxy picks
+    the replica: ask until both have answered)."""
+    counts: dict[str, float] = {}
+
+    def both() -> bool:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+        samples = {(s.name, frozenset(s.labels.items())): s.value
+                   for family in text_string_to_metric_families(response.text)
+                   for s in family.samples}
+        key = frozenset({"tier": "cloud", "route": "/v1/infer", "code": "200"}.items())
+        node = response.headers[REPLICA_HEADER].rsplit("@", 1)[1]
+        counts[node] = samples.get(("cascade_http_responses_total", key), 0.0)
+        return len(counts) == 2
+
+    wait_for(both, timeout_s=60, what="/metrics from both replicas")
+    return counts

@@ -20,16 +20,20 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve")
 
-from cascade.deploy.replicas import REPLICA_HEADER
 from cascade.outbox.tables import results
 from tests.conftest import free_port_block
 from tests.contract.pgserver import PostgresServer, find_bindir
 from tests.fault.harness import Tier, default_policy_copy, wait_for
-from tests.ray.cluster import TwoNodeCluster, netns_available, two_node_cluster
+from tests.ray.cluster import (
+    TwoNodeCluster,
+    answered_per_node,
+    netns_available,
+    replica_nodes,
+    two_node_cluster,
+)
 from tests.ray.conftest import escalate_everything
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
@@ -79,41 +83,10 @@ def _deploy_cloud(cluster: TwoNodeCluster, outbox_url: str, models_dir: Path,
     return f"http://{cluster.head_ip}:{port}"
 
 
-def _replica_nodes(url: str, seen: dict[str, str]) -> set[str]:
-    """Ask /readyz once; the node addresses of every replica seen so far."""
-    try:
-        response = httpx.get(f"{url}/readyz", timeout=10)
-    except httpx.HTTPError:
-        return set()
-    if response.status_code == 200:
-        replica = response.headers[REPLICA_HEADER]
-        seen[replica] = replica.rsplit("@", 1)[1]
-    return set(seen.values())
-
-
 def _edge_server(tmp: Path, models_dir: Path, upstream: str) -> Tier:
     policy = default_policy_copy(tmp / "edge-policy.yaml")
     policy.write_text(yaml.safe_dump(escalate_everything(yaml.safe_load(policy.read_text()))))
     return Tier(tmp, "edge-server", models_dir, policy, upstream=upstream).start()
-
-
-def _answered_per_node(url: str) -> dict[str, float]:
-    """/v1/infer answers (200) per node, from each replica's own /metrics (the proxy picks
-    the replica: ask until both have answered)."""
-    counts: dict[str, float] = {}
-
-    def both() -> bool:
-        response = httpx.get(f"{url}/metrics", timeout=10)
-        samples = {(s.name, frozenset(s.labels.items())): s.value
-                   for family in text_string_to_metric_families(response.text)
-                   for s in family.samples}
-        key = frozenset({"tier": "cloud", "route": "/v1/infer", "code": "200"}.items())
-        node = response.headers[REPLICA_HEADER].rsplit("@", 1)[1]
-        counts[node] = samples.get(("cascade_http_responses_total", key), 0.0)
-        return len(counts) == 2
-
-    wait_for(both, timeout_s=60, what="/metrics from both replicas")
-    return counts
 
 
 def _load_through_a_node_failure(edge: Tier, cluster: TwoNodeCluster,
@@ -137,7 +110,7 @@ def _load_through_a_node_failure(edge: Tier, cluster: TwoNodeCluster,
         for _ in range(KILL_AFTER):
             assert done.acquire(timeout=300), "requests before the failure did not finish"
         def worker_answered() -> dict[str, float] | None:
-            counts = _answered_per_node(cloud_url)
+            counts = answered_per_node(cloud_url)
             return counts if counts.get(cluster.netns.ns_ip) else None
 
         per_node = wait_for(worker_answered, timeout_s=120, what="answers from the worker node")
@@ -151,7 +124,7 @@ def test_replicas_on_two_nodes_survive_the_loss_of_one(cluster, cluster_postgres
     cloud_url = _deploy_cloud(cluster, outbox_url, models_dir, tmp_path)
     seen: dict[str, str] = {}
     try:
-        wait_for(lambda: _replica_nodes(cloud_url, seen) >= {cluster.head_ip,
+        wait_for(lambda: replica_nodes(cloud_url, seen) >= {cluster.head_ip,
                                                              cluster.netns.ns_ip},
                  timeout_s=180, what="ingress replicas answering from both nodes")
     except AssertionError as exc:
@@ -183,7 +156,7 @@ def test_replicas_on_two_nodes_survive_the_loss_of_one(cluster, cluster_postgres
     after: dict[str, str] = {}
 
     def replaced() -> bool:  # asks once; the replicas seen answering since the node died
-        return _replica_nodes(cloud_url, after) == {cluster.head_ip} and len(after) == 2
+        return replica_nodes(cloud_url, after) == {cluster.head_ip} and len(after) == 2
 
     try:
         wait_for(replaced, timeout_s=240, what="two replicas answering from the head node")
