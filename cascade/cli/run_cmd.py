@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
     from rich.table import Table
 
+    from cascade.deploy.model_server import ModelServer
     from cascade.deploy.restarts import RestartPolicy
     from cascade.deploy.supervisor import Chain
     from cascade.trust.certs import SiteCerts
@@ -113,12 +114,13 @@ def up(
     configs = configs or [Path(config) for config in DEFAULT_CHAIN]
     on_serve = configs[-2:] if ray else []
     configs = configs[:len(configs) - len(on_serve)]
-    serve_url = None
+    serve_url: str | None = None
+    serve_models: list[ModelServer] = []
     if on_serve:
         port = None if base_port is None else base_port + len(configs)
-        serve_url = _start_serve_tiers(on_serve, port=port, address=ray_address,
-                                       trace_dir=Path(tracing_env["CASCADE_TRACE_DIR"])
-                                       if tracing_env else None)
+        serve_url, serve_models = _start_serve_tiers(
+            on_serve, port=port, address=ray_address, log_dir=log_dir,
+            trace_dir=Path(tracing_env["CASCADE_TRACE_DIR"]) if tracing_env else None)
     if ray and not plain:  # a Serve proxy speaks plain HTTP: so must the tier below it
         err_console.print("[yellow]--ray: the Ray Serve tiers are called over plain HTTP[/]")
         plain = True
@@ -142,23 +144,23 @@ def up(
         with console.status("starting tiers (top first)..."):
             chain.start()
     except (CascadeError, RuntimeError, TimeoutError) as exc:
-        _stop_serve_tiers(on_serve)
+        _stop_serve_tiers(on_serve, serve_models)
         fail(f"{exc}; see the logs in {log_dir}/", 1)
     if as_json:
         tiers: dict[str, Any] = {"tiers": [
             {"tier": t.tier, "url": t.url, "pid": t.pid,
              "ready_s": round(chain.ready_s[t.tier], 3), "log": str(t.log_path)}
             for t in chain.tiers]}
-        if chain.model_servers:
+        if chain.model_servers or serve_models:
             tiers["model_servers"] = [
                 {"tier": m.plan.tier, "task": m.plan.task, "url": m.plan.url,
                  "pid": m.process.pid if m.process else None,
                  "ready_s": round(m.ready_s or 0.0, 3), "log": str(m.log_path)}
-                for m in chain.model_servers]
+                for m in [*chain.model_servers, *serve_models]]
         print_json({**tiers, "ray_serve_url": serve_url} if serve_url else tiers)
     else:
-        _print_chain(chain, tracing_env, trace_dir, serve_url)
-    _watch_chain(chain, stopping, err_console if as_json else console, on_serve)
+        _print_chain(chain, tracing_env, trace_dir, serve_url, serve_models)
+    _watch_chain(chain, stopping, err_console if as_json else console, on_serve, serve_models)
 
 
 def _restart_policy(restart: bool, backoff_s: float, backoff_max_s: float, budget: int,
@@ -201,13 +203,16 @@ def _site_trust(cert_dir: Path, configs: list[Path], env: dict[str, str]) -> Sit
 
 
 def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path,
-                 serve_url: str | None) -> None:
+                 serve_url: str | None, serve_models: list[ModelServer]) -> None:
     """The table of tiers (and where the Ray Serve tiers are) and what to try next."""
     if chain.tiers:
         print_whole(console, chain_table(chain))
     if serve_url:
         console.print(f"Ray Serve tiers (edge-server at /, cloud at /cloud): {serve_url}",
                       highlight=False)
+    for server in serve_models:
+        console.print(f"  model server of Serve tier {server.plan.tier} ({server.plan.task}): "
+                      f"{server.plan.url}, log {server.log_path}", highlight=False)
     entry = chain.entry_url if chain.tiers else str(serve_url)
     cacert = f"--cacert {chain.tls.ca_file} " if chain.tls is not None else ""
     console.print("\nTry it (tier 1 answers, or escalates up the chain):", style="bold")
@@ -225,7 +230,7 @@ def _print_chain(chain: Chain, tracing_env: dict[str, str], trace_dir: Path,
 
 
 def _watch_chain(chain: Chain, stopping: dict[str, bool], out: Console,
-                 on_serve: list[Path]) -> None:
+                 on_serve: list[Path], serve_models: list[ModelServer]) -> None:
     """Supervise until asked to stop (news of dead and restarted tiers on ``out``), then stop
     every tier, Ray Serve's included. Without a restart policy a dead tier stops the chain."""
     styles = {"exited": "red", "gave_up": "bold red", "restarted": "yellow", "ready": "green"}
@@ -240,33 +245,51 @@ def _watch_chain(chain: Chain, stopping: dict[str, bool], out: Console,
     finally:
         out.print("stopping tiers...")
         chain.stop()
-        _stop_serve_tiers(on_serve)
+        _stop_serve_tiers(on_serve, serve_models)
         out.print("all tiers stopped.")
 
 
 def _start_serve_tiers(configs: list[Path], *, port: int | None, address: str | None,
-                       trace_dir: Path | None) -> str:
-    """Deploy ``configs`` (bottom to top) on Ray Serve behind one proxy; its entry URL."""
+                       log_dir: Path, trace_dir: Path | None) -> tuple[str, list[ModelServer]]:
+    """Deploy ``configs`` (bottom to top) on Ray Serve behind one proxy: its entry URL, and the
+    local model servers (``model_servers`` of those configs) started before them, top first,
+    as the process chain does. A model server listens on this machine (127.0.0.1), so its Serve
+    tier's replicas must run here too: on a multi-node cluster point the tier at a shared
+    service instead (``model_options.<task>.base_url``)."""
+    from cascade.deploy.model_server import start_model_servers
     from cascade.deploy.ray_serve import deploy_chain, start_ray
     from cascade.tier.settings import load_node_settings
 
     overrides: dict[str, Any] = {} if trace_dir is None else {"trace_dir": trace_dir}
+    servers: list[ModelServer] = []
     try:
         settings = [load_node_settings(config, **overrides) for config in configs]
+        with console.status("starting the Serve tiers' model servers..."):
+            servers = start_model_servers(reversed(settings), log_dir=log_dir)
         with console.status("starting Ray and the Serve tiers (a cold start takes up to a "
                             "minute)..."):
             start_ray(address=address)
             wired = deploy_chain(settings, port=port)
     except CascadeError as exc:
+        _stop_model_servers(servers)
         fail(exc.message, 2)
-    return f"http://{wired[0].host}:{wired[0].port}"
+    except (RuntimeError, TimeoutError) as exc:  # a model server that never became ready
+        _stop_model_servers(servers)
+        fail(f"{exc}; see the logs in {log_dir}/", 1)
+    return f"http://{wired[0].host}:{wired[0].port}", servers
 
 
-def _stop_serve_tiers(configs: list[Path]) -> None:
+def _stop_model_servers(servers: list[ModelServer]) -> None:
+    for server in servers:
+        server.stop()
+
+
+def _stop_serve_tiers(configs: list[Path], servers: list[ModelServer]) -> None:
     if configs:
         from cascade.deploy.ray_serve import stop_ray
 
         stop_ray()
+    _stop_model_servers(servers)  # after the tiers: they are its clients
 
 
 def chain_table(chain: Chain) -> Table:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,7 +28,7 @@ from cascade.models.manifest import load_manifest
 from cascade.models.repository import model_spec, verified_model_file
 from cascade.tier.settings import ModelServerSettings, NodeSettings
 
-__all__ = ["ModelServer", "ModelServerPlan", "plan_model_servers"]
+__all__ = ["ModelServer", "ModelServerPlan", "plan_model_servers", "start_model_servers"]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -159,3 +159,21 @@ class ModelServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def start_model_servers(settings: Iterable[NodeSettings], *, log_dir: Path | None,
+                        python: str = sys.executable,
+                        preexec_fn: Callable[[], None] | None = None) -> list[ModelServer]:
+    """Start the model servers of every tier in ``settings`` (in that order), each ready before
+    the next; on any failure the ones already started are stopped and the error raised."""
+    started: list[ModelServer] = []
+    try:
+        for tier in settings:
+            for plan in plan_model_servers(tier):
+                started.append(ModelServer(plan, log_dir=log_dir, python=python,
+                                           preexec_fn=preexec_fn).start())
+    except BaseException:
+        for server in started:
+            server.stop()
+        raise
+    return started

@@ -108,3 +108,22 @@ def test_a_model_server_is_for_runtime_openai_only(models: Path, tmp_path: Path)
     skipped = node_config(tmp_path, models, tasks={"vision": "cloud"},
                           model_servers={TASK: {}})
     assert plan_model_servers(load_node_settings(skipped)) == []
+
+
+def test_starting_model_servers_fails_clearly_and_leaves_none_running(
+        models: Path, tmp_path: Path) -> None:
+    """What ``cascade up --ray`` runs before deploying its Serve tiers: every listed server
+    started in order; one that exits before ready (here the stand-in file, which llama.cpp
+    cannot load: a real ``llama_cpp.server`` process) raises naming its tier, task and log,
+    and no server is left behind."""
+    from cascade.deploy.model_server import start_model_servers
+
+    config = node_config(tmp_path, models, tasks={TASK: "cloud"},
+                         model_servers={TASK: {"ready_timeout_s": 60}})
+    settings = load_node_settings(config)
+    logs = tmp_path / "logs"
+    with pytest.raises(RuntimeError, match=r"model server for cloud/extraction exited with "
+                                           r"code \d+ before ready: log .*cloud-extraction"):
+        start_model_servers([settings], log_dir=logs)
+    assert (logs / "cloud-extraction-model-server.log").stat().st_size > 0
+    assert start_model_servers([], log_dir=logs) == []
