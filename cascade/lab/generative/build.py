@@ -9,7 +9,10 @@ Steps:
    ``extraction/`` (a hard link where the file system allows, else a copy);
 3. run every distinct (model, prompt) of the ladder (or of the candidates) over both splits,
    recording each answer (``data/extraction.predictions.json``); runs already recorded on the
-   same file, prompt and split are kept, so an interrupted build resumes;
+   same file, prompt and split are kept, so an interrupted build resumes. ``jobs`` distinct
+   runs go at once, each on its own llama.cpp context with one thread (llama.cpp leaves the
+   GIL while it computes): on two cores two one-thread runs finish sooner than one after the
+   other with two threads each, which wait on each other at every layer;
 4. merge the task entry (per tier: file, runtime, sha256, size, quantization, licence,
    exact-match accuracy, per-field accuracy, latency) into ``manifest.json`` under the
    directory's build lock.
@@ -20,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,15 +153,21 @@ def record_candidate(models_dir: Path, candidate: Candidate, located: LocatedMod
     return {s: run.splits[s] for s in splits}
 
 
+_SAVING = threading.Lock()
+"""One save at a time in this process: runs recorded at once share the predictions file."""
+
+
 def _merge_save(path: Path, run: RecordedRun, split: str) -> Recordings:
     """Save one split of one run into the predictions file, re-read first: other runs, and
-    other splits of this run, may have landed since (another process recording them)."""
-    recordings = Recordings.load(path, TASK)
-    saved = recordings.run(run.sha256, run.prompt, run.model)
-    saved.splits[split] = run.splits[split]
-    saved.split_digest[split] = run.split_digest[split]
-    recordings.save(path)
-    return recordings
+    other splits of this run, may have landed since (another thread or process recording
+    them)."""
+    with _SAVING:
+        recordings = Recordings.load(path, TASK)
+        saved = recordings.run(run.sha256, run.prompt, run.model)
+        saved.splits[split] = run.splits[split]
+        saved.split_digest[split] = run.split_digest[split]
+        recordings.save(path)
+        return recordings
 
 
 @dataclass(frozen=True)
@@ -174,16 +185,17 @@ Locate = Callable[[str], LocatedModel]
 def measure_candidates(models_dir: Path, candidates: Sequence[Candidate], *,
                        splits: Sequence[str] = ("calibration",),
                        progress: Progress | None = None,
-                       locate: Locate = locate_model) -> list[CandidateReport]:
-    """Record and score candidates (model and prompt variants) to choose a ladder from."""
+                       locate: Locate = locate_model, jobs: int = 1) -> list[CandidateReport]:
+    """Record and score candidates (model and prompt variants) to choose a ladder from
+    (``jobs`` at once)."""
     from cascade.models.extraction.fields import FIELDS
 
     split_info = write_splits(models_dir)
+    recorded = record_all(models_dir, candidates, split_info, locate=locate,
+                          progress=progress, splits=splits, jobs=jobs)
     reports = []
-    for candidate in candidates:
-        located = locate(candidate.model)
-        records = record_candidate(models_dir, candidate, located, split_info,
-                                   progress=progress, splits=splits)
+    for candidate in dict.fromkeys(candidates):
+        _located, records = recorded[candidate]
         scored = {s: score_records(recs, _split_texts(models_dir, s)[1], FIELDS)
                   for s, recs in records.items()}
         reports.append(CandidateReport(candidate, scored, latency_summary(records[splits[0]])))
@@ -213,12 +225,36 @@ def _tier_entry(models_dir: Path, tier: LadderTier, located: LocatedModel,
         ttft_ms_p50=timing["ttft_ms_p50"], tokens_per_s=timing["tokens_per_s"])
 
 
+def default_jobs() -> int:
+    """Runs recorded at once by default: one per core."""
+    return max(1, os.cpu_count() or 1)
+
+
+def record_all(models_dir: Path, candidates: Sequence[Candidate], split_info: SplitInfo, *,
+               locate: Locate, progress: Progress | None = None,
+               splits: Sequence[str] = ("calibration", "test"),
+               jobs: int = 1) -> dict[Candidate, tuple[LocatedModel, dict[str, list[Record]]]]:
+    """Record every distinct candidate, ``jobs`` at once; each one's file and records."""
+    distinct = list(dict.fromkeys(candidates))
+    located = {c: locate(c.model) for c in distinct}
+
+    def one(candidate: Candidate) -> dict[str, list[Record]]:
+        return record_candidate(models_dir, candidate, located[candidate], split_info,
+                                progress=progress, splits=splits)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(distinct)))) as pool:
+        done = dict(zip(distinct, pool.map(one, distinct), strict=True))
+    return {c: (located[c], done[c]) for c in distinct}
+
+
 def build_generative(models_dir: Path, *, ladder: Sequence[LadderTier] = LADDER,
                      progress: Progress | None = None, say: Say | None = None,
-                     locate: Locate = locate_model, force: bool = False) -> TaskEntry:
+                     locate: Locate = locate_model, force: bool = False,
+                     jobs: int = 1) -> TaskEntry:
     """Build the generative task into ``models_dir`` and merge its manifest entry
     (``locate``: where each packaged model's file is; the installed packages by default;
-    ``force``: answer every document again instead of keeping the recorded answers)."""
+    ``force``: answer every document again instead of keeping the recorded answers;
+    ``jobs``: distinct (model, prompt) runs recorded at once)."""
     from cascade.models.extraction.fields import FIELDS
     from cascade.models.workspace import exclusive_build_lock
 
@@ -229,11 +265,11 @@ def build_generative(models_dir: Path, *, ladder: Sequence[LadderTier] = LADDER,
     split_info = write_splits(models_dir)
     say(f"{TASK}: splits written ({split_info.calibration} calibration + {split_info.test} "
         f"test documents)")
+    recorded = record_all(models_dir, [t.candidate for t in ladder], split_info,
+                          locate=locate, progress=progress, jobs=jobs)
     tiers: dict[str, GenerativeTierEntry] = {}
     for tier in ladder:
-        located = locate(tier.candidate.model)
-        records = record_candidate(models_dir, tier.candidate, located, split_info,
-                                   progress=progress)
+        located, records = recorded[tier.candidate]
         tiers[tier.tier] = _tier_entry(models_dir, tier, located, records)
         say(f"{TASK}/{tier.tier}: {tier.candidate.name} ({tier.runtime}) exact match "
             f"{tiers[tier.tier].accuracy:.1%}, p50 {tiers[tier.tier].latency_ms_p50:.0f} ms")
