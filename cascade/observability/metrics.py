@@ -438,7 +438,7 @@ def _telemetry_families(tier: str) -> Iterator[Any]:
 
 
 def _routine_trace_families(tier: str) -> Iterator[Any]:
-    from cascade.observability.telemetry import sdk_tracer
+    from cascade.observability.trace_context import sdk_tracer
     from cascade.observability.tracing import CascadeSampler
 
     sampler = getattr(sdk_tracer(), "sampler", None)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from cascade.contract.answer import Answer, merge_upstream
 from cascade.contract.deadline import Deadline
 from cascade.errors import ServiceUnavailable, UpstreamRejected, UpstreamUnavailable
-from cascade.observability.telemetry import current_traceparent, drain_span
+from cascade.observability.trace_context import current_traceparent, drain_span
 from cascade.outbox.background import BackgroundLoop
 from cascade.outbox.rules import backoff_s, strip_view, to_json, wait_event
 from cascade.outbox.store import Claimed, Outcome

@@ -40,7 +40,7 @@ from cascade.gating.agreement import (
 from cascade.observability.decisionlog import sampled
 from cascade.observability.examples import HardExample, HardExampleStore
 from cascade.observability.outcome import RequestOutcome
-from cascade.observability.telemetry import (
+from cascade.observability.trace_context import (
     current_traceparent,
     sdk_tracer,
     span_link_from_traceparent,

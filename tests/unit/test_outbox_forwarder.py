@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from cascade.contract.answer import Answer
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import UpstreamRejected, UpstreamUnavailable
-from cascade.observability import telemetry
+from cascade.observability import trace_context
 from cascade.outbox import Outbox, OutboxSettings
 from cascade.outbox.forwarder import Forwarder
 from cascade.upstream.breaker import CircuitBreaker
@@ -120,7 +120,7 @@ async def test_drains_with_the_key_hop_and_trace_and_stores_the_final_answer(out
     # Tracing off, whatever an earlier test installed (the OpenTelemetry provider is process-
     # global): the traceparent stored with the row is what travels. With tracing on, the drain
     # span's own trace travels instead, linked to it (tests/integration/test_tracing.py).
-    monkeypatch.setattr(telemetry, "sdk_tracer", lambda: None)
+    monkeypatch.setattr(trace_context, "sdk_tracer", lambda: None)
     up = ScriptedUpstream()
     for i in range(10):
         await outbox.enqueue(pending(i))
