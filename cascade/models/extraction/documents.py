@@ -24,8 +24,10 @@ __all__ = ["Document", "generate", "split_documents"]
 
 _T = TypeVar("_T")
 Difficulty = Literal["easy", "hard"]
-SPLIT_SIZES: dict[str, int] = {"train": 24, "calibration": 48, "test": 30}
-"""Train is the pool few-shot examples come from; calibration and test are held out."""
+SPLIT_SIZES: dict[str, int] = {"train": 24, "calibration": 150, "test": 120}
+"""Train is the pool few-shot examples come from; calibration and test are held out (150 and
+120: a threshold fitted on 48 documents, three of them answered right by the endpoint model, let
+wrong answers through on the test split; see the README)."""
 
 _COMPANIES = (
     "Brightwave Energy Ltd", "Nordlicht Maschinenbau GmbH", "Harbor & Finch LLC",
