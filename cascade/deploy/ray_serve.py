@@ -233,8 +233,12 @@ class TierIngress:
         from cascade.observability.telemetry import setup_tracing
 
         setup_tracing(self._settings.tier, trace_dir=self._settings.trace_dir)
-        # Without model deployments the models load here, by their manifest runtime.
-        load = self._handle_runner if self._models else load_runner
+        # Tasks without a model deployment load their models here, by their manifest runtime.
+        models = self._models
+
+        def load(spec: ModelSpec) -> Runner:
+            return self._handle_runner(spec) if spec.task in models else load_runner(spec)
+
         transport = self._transport()
         self._node = build_node(self._settings, load=load, upstream_transport=transport,
                                 replica=self.replica)
@@ -350,6 +354,29 @@ def portable_settings(settings: NodeSettings) -> dict[str, Any]:
     return data
 
 
+def deployed_tasks(settings: NodeSettings) -> list[str]:
+    """The tasks whose models get a deployment of their own (``ray_serve.model_deployments``):
+    every classification task for ``true``, none for ``false``, else the listed ones, each of
+    which must be a classification task the tier serves (:class:`ConfigError` naming it)."""
+    choice = settings.ray_serve.model_deployments
+    if choice is False:
+        return []
+    manifest = load_manifest(Path(settings.models_dir))
+    if choice is True:
+        return [t for t in settings.tasks if not manifest.task(t).generative]
+    key = f"{settings.tier}: ray_serve.model_deployments"
+    for task in choice:
+        if task not in settings.tasks:
+            raise ConfigError(f"{key} lists {task!r}, which this tier does not serve (it "
+                              f"serves {', '.join(settings.tasks)})",
+                              field="ray_serve.model_deployments")
+        if manifest.task(task).generative:
+            raise ConfigError(f"{key} lists {task!r}, a generative task: its model has no batch "
+                              "API to deploy apart; it runs in the ingress (or behind its own "
+                              "model server)", field="ray_serve.model_deployments")
+    return list(dict.fromkeys(choice))
+
+
 def build_tier_app(settings: NodeSettings, *,
                    user_config: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application of one tier: a model deployment per task and the ingress."""
@@ -361,7 +388,7 @@ def build_tier_app(settings: NodeSettings, *,
     data = portable_settings(settings)
     version = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     models = {}
-    for task in settings.tasks if knobs.model_deployments else ():
+    for task in deployed_tasks(settings):
         models[task] = _versioned(TaskModel, version).options(
             name=f"{settings.tier}-model-{task}",
             ray_actor_options={"num_cpus": knobs.model_num_cpus},

@@ -46,9 +46,11 @@ class RayServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_deployments: bool = Field(
-        True, description="Each task's model in its own batched, autoscaled deployment; false: "
-        "in the ingress replica (one Ray hop less per request, no batching).")
+    model_deployments: bool | list[str] = Field(
+        True, description="Which tasks' models run in their own batched, autoscaled deployment: "
+        "true: every classification task (generative models run in the ingress, or behind "
+        "their own server); false: none, all in the ingress replica (one Ray hop less per "
+        "request, no batching); a list: those tasks.")
     max_batch_size: int = Field(
         8, ge=1, le=256, description="Most concurrent requests a model replica takes in one call.")
     batch_wait_timeout_s: float = Field(

@@ -102,3 +102,44 @@ def test_the_rayservice_runs_the_same_applications(monkeypatch):
         if settings.upstream_url is not None:  # KubeRay's Serve port, the cloud's prefix
             assert settings.upstream_url == "http://127.0.0.1:8000" + prefixes["cloud"]
             assert settings.ray_serve.upstream_app == "cloud"
+
+
+def test_generative_tasks_stay_in_the_ingress_and_listed_tasks_are_checked(models_dir, tmp_path):
+    """``model_deployments: true`` deploys every classification task apart and leaves a
+    generative one (no batch API) in the ingress; a list names tasks, and a task the tier does
+    not serve, or a generative one, is a configuration error naming the key."""
+    import shutil
+
+    from cascade.deploy.ray_serve import build_tier_app, deployed_tasks
+    from cascade.errors import ConfigError
+    from cascade.models.manifest import load_manifest, write_manifest
+    from tests.generative_fixture import generative_models_dir
+
+    both = tmp_path / "models"
+    shutil.copytree(models_dir, both)
+    generative = generative_models_dir(tmp_path / "generative")
+    shutil.copytree(generative / "data", both / "data", dirs_exist_ok=True)
+    manifest = load_manifest(both)
+    write_manifest(manifest.model_copy(update={"tasks": {
+        **manifest.tasks, **load_manifest(generative).tasks}}), both)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, "name": "t", "tasks": {
+        task: {"tiers": {"cloud": {"signal": signal, "threshold": 0.0}}}
+        for task, signal in (("vision", "max_prob"), ("documents", "max_prob"),
+                             ("extraction", "field_min_logprob"))}}))
+
+    def settings(**ray_serve):
+        return load_node_settings(ROOT / "cloud/cloud.yaml", models_dir=both, policy=policy,
+                                  tasks={"vision": "cloud", "documents": "cloud",
+                                         "extraction": "cloud"}, ray_serve=ray_serve)
+
+    assert deployed_tasks(settings()) == ["vision", "documents"]
+    app = build_tier_app(settings())._bound_deployment
+    assert set(app.init_args[1]) == {"vision", "documents"}  # extraction: in the ingress
+    assert deployed_tasks(settings(model_deployments=["documents"])) == ["documents"]
+    assert deployed_tasks(settings(model_deployments=False)) == []
+    with pytest.raises(ConfigError, match="ray_serve.model_deployments lists 'extraction', a "
+                                          "generative task"):
+        deployed_tasks(settings(model_deployments=["vision", "extraction"]))
+    with pytest.raises(ConfigError, match="lists 'audio', which this tier does not serve"):
+        deployed_tasks(settings(model_deployments=["audio"]))
