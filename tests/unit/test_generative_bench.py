@@ -56,7 +56,9 @@ def test_the_report_checks_the_targets_honestly() -> None:
                                  "ttft_ms_p50": 410.0, "ttft_ms_p95": 420.0},
                      "raw": {"requests": 2, "tokens": 80, "tokens_per_s": 100.0,
                              "ttft_ms_p50": 400.0, "ttft_ms_p95": 405.0},
-                     "tokens_per_s_ratio": 0.95, "ttft_ms_p50_difference": 10.0},
+                     "tokens_per_s_ratio": 0.95, "ttft_ms_p50_difference": 10.0,
+                     "ttft_by_length": [{"chars": 100, "document_tokens_p50": 31.0, "requests": 3,
+                                         "service_ttft_ms_p50": 120.4, "raw_ttft_ms_p50": 118.0}]},
         "chain": chain,
         "offline": {"samples": 3, "simulated_accuracy": 0.3, "simulated_escalations_per_request":
                     0.5, "simulated_cloud_share": 0.0, "oracle_escalations_per_request": 0.2,
@@ -74,3 +76,4 @@ def test_the_report_checks_the_targets_honestly() -> None:
     text = render_generative(results)
     assert "| endpoint | 33% | 2 | 500 | 590 | 33.3% |" in text
     assert "| cloud | 0% | 0 | - | - | 33.3% |" in text
+    assert "| 100 | 31 | 3 | 120 | 118 |" in text  # time to first token by document length

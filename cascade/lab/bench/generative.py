@@ -49,6 +49,12 @@ class GenerativeBenchConfig:
     """Prompts of the service-vs-raw comparison (each run on both sides)."""
     threads: int = 1
     """llama.cpp threads of both sides of the overhead comparison."""
+    ttft_lengths: tuple[int, ...] = (100, 200, 400, 800)
+    """Document lengths (characters, cut at a word) at which both sides' time to first token is
+    measured: the few-shot prefix is cached after the first call, so the document is what a
+    request's first token waits for."""
+    ttft_repeats: int = 3
+    """Documents per length (each measured on both sides, one token each)."""
     deadline_ms: int = 600_000
     """Every bench request's deadline: the measure is the models, not the policy's deadline."""
     configs: tuple[str, ...] = DEFAULT_CHAIN
@@ -165,17 +171,53 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
             cfg.log(f"  overhead {i + 1}/{len(prompts)}: service {service[-1]['tokens']} "
                     f"tokens, TTFT {service[-1]['ttft_ms']:.0f} ms; raw {raw[-1]['tokens']} "
                     f"tokens, TTFT {raw[-1]['ttft_ms']:.0f} ms")
+        by_length = [_ttft_at_length(cfg, client, url, llama, grammar, decode, prompts, chars)
+                     for chars in cfg.ttft_lengths]
     llama.close()
     out: dict[str, Any] = {"model": manifest.model_name(cfg.task, tier), "threads": cfg.threads,
            "prompts": len(prompts), "service": _side(service), "raw": _side(raw),
            "raw_means": "llama-cpp-python create_completion(stream=True), same grammar, no "
                         "logprobs (the service computes each token's logprob too)"}
+    out["ttft_by_length"] = by_length
     s, r = out["service"], out["raw"]
     if s["tokens_per_s"] and r["tokens_per_s"]:
         out["tokens_per_s_ratio"] = s["tokens_per_s"] / r["tokens_per_s"]
     if s["ttft_ms_p50"] is not None and r["ttft_ms_p50"] is not None:
         out["ttft_ms_p50_difference"] = s["ttft_ms_p50"] - r["ttft_ms_p50"]
     return out
+
+
+def _cut(text: str, chars: int) -> str:
+    """``text`` cut to at most ``chars`` characters, at a word."""
+    if len(text) <= chars:
+        return text
+    head = text[:chars]
+    return head[:head.rfind(" ")] if " " in head else head
+
+
+def _ttft_at_length(cfg: GenerativeBenchConfig, client: Any, url: str, llama: Any, grammar: Any,
+                    decode: Callable[..., Any], texts: list[str], chars: int) -> dict[str, Any]:
+    """Both sides' time to first token (one token asked for) on documents cut to ``chars``,
+    alternating which goes first; the documents' own token counts."""
+    service: list[float] = []
+    raw: list[float] = []
+    tokens: list[float] = []
+    for i, text in enumerate(texts[:cfg.ttft_repeats]):
+        cut = _cut(text, chars)
+        item = decode({"text": cut})
+        tokens.append(float(len(llama.tokenize(cut.encode("utf-8"), add_bos=False))))
+        body = {"task": cfg.task, "input": {"text": cut}, "max_tokens": 1,
+                "deadline_ms": cfg.deadline_ms}
+        for side in ("service", "raw") if i % 2 == 0 else ("raw", "service"):
+            if side == "service":
+                service.append(_measure_service(client, url, body)["ttft_ms"])
+            else:
+                raw.append(_measure_raw(llama, grammar, item.prompt, list(item.stop), 1)["ttft_ms"])
+    row = {"chars": chars, "document_tokens_p50": _pct(tokens, 50), "requests": len(service),
+           "service_ttft_ms_p50": _pct(service, 50), "raw_ttft_ms_p50": _pct(raw, 50)}
+    cfg.log(f"  TTFT at {chars} characters (~{row['document_tokens_p50']:.0f} document tokens): "
+            f"service {row['service_ttft_ms_p50']:.0f} ms, raw {row['raw_ttft_ms_p50']:.0f} ms")
+    return row
 
 
 DEFAULT_CHAIN_TIERS = ("endpoint", "edge-node", "edge-server", "cloud")
