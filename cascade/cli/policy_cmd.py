@@ -81,7 +81,7 @@ def _parse_goal_options(goal: list[str], tasks: list[str]):  # type: ignore[no-u
 
 
 def _command_line(goal: list[str], out: Path, models_dir: Path, signal: str, calibration: str,
-                  per_class: bool, tasks: list[str]) -> str:
+                  per_class: bool, tasks: list[str], target: str = "correct") -> str:
     import shlex
 
     parts = ["cascade", "policy", "calibrate"]
@@ -90,6 +90,8 @@ def _command_line(goal: list[str], out: Path, models_dir: Path, signal: str, cal
     parts += ["--signal", signal, "--calibration", calibration]
     if not per_class:
         parts.append("--no-per-class")
+    if target != "correct":
+        parts += ["--target", target]
     for t in tasks:
         parts += ["--task", t]
     if models_dir != Path("models"):
@@ -120,6 +122,12 @@ def calibrate(
         "threshold under cross-validation)."),
     task: list[str] = typer.Option([], help="Only these tasks (default: every task in the "
                                    "manifest). Other tasks are kept from the base policy."),
+    target: str = typer.Option(
+        "correct", help="What the lower tiers' confidences are fitted to: correct (their "
+        "answer is right) or agreement (their answer is the top tier's: an accuracy goal then "
+        "bounds how often the cascade answers as the top tier would, so a weak tier cannot "
+        "answer what the top tier also gets wrong; steadier held out when a tier is rarely "
+        "right, and needs no labels beyond the top tier's answers)."),
     dry_run: bool = typer.Option(False, help="Print the result, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (the fit of "
                                  "each task, what was written, which tiers watch it)."),
@@ -164,13 +172,15 @@ def calibrate(
     goals = _parse_goal_options(goal, tasks)
     base_path = base or (out if out.is_file() else None)
     base_doc = _read_base(base_path)
+    if target not in ("correct", "agreement"):
+        fail(f"--target {target!r}: allowed: correct, agreement")
     options = FitOptions(signal=signal, calibration=calibration,  # type: ignore[arg-type]
-                         per_class=per_class)
+                         per_class=per_class, target=target)  # type: ignore[arg-type]
     fits = [_fit_one(models_dir, name, list(manifest.tasks[name].tiers), goals[name], options,
                      (base_doc.get("tasks") or {}).get(name), quiet=as_json) for name in tasks]
     sections = {**(base_doc.get("tasks") or {}), **{f.task: f.section for f in fits}}
     doc = policy_document(out.stem, sections, base_doc)
-    command = _command_line(goal, out, models_dir, signal, calibration, per_class, task)
+    command = _command_line(goal, out, models_dir, signal, calibration, per_class, task, target)
     header = header_lines(command, models_dir, manifest.build_key, fits, options)
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(doc, sort_keys=False, width=100,
                                                                 default_flow_style=None)
@@ -271,7 +281,10 @@ def _print_fit(f) -> None:  # type: ignore[no-untyped-def]
     from rich.table import Table
 
     o = f.outcome
-    table = Table(title=f"{f.task}: goal {f.goals.describe()} → {f.resolved_goals.describe()} "
+    resolved = f.resolved_goals.describe()
+    if f.target == "agreement":
+        resolved = f"{resolved} (accuracy: agreement with the top tier)"
+    table = Table(title=f"{f.task}: goal {f.goals.describe()} → {resolved} "
                   f"({f.samples} calibration samples, signal {f.signal})", title_justify="left")
     for col in ("tier", "model", "alone acc.", "calibration", "ECE before → after (5-fold CV)",
                 "threshold", "class thresholds", "answers here", "acc. of its answers",

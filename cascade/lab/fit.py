@@ -11,9 +11,11 @@ a base policy.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,12 @@ from cascade.errors import PolicyError
 from cascade.gating.drift import DriftReference
 from cascade.gating.gate import SIGNAL_NAMES, GateRule, SignalName
 from cascade.gating.logprobs import GENERATION_SIGNAL_NAMES
-from cascade.policy.calibrate import CascadeOutcome, drift_references, oracle_escalations_for
+from cascade.policy.calibrate import (
+    CascadeOutcome,
+    drift_references,
+    oracle_escalations_for,
+    simulate_cascade,
+)
 from cascade.policy.calibration import CalibrationFit, Method, fit_calibration, gate_confidences
 from cascade.policy.goals import Goals
 from cascade.policy.search import (
@@ -45,6 +52,14 @@ class FitOptions:
     class_min_support: int = 20
     grid: int = 64
     split: str = "calibration"
+    target: Literal["correct", "agreement"] = "correct"
+    """What a lower tier's confidence is calibrated to predict and its thresholds are searched
+    on: ``correct``, its own answer is right; ``agreement``, its answer is the top tier's. With
+    ``agreement`` an accuracy goal bounds how often the cascade's answer is the top tier's
+    (``accuracy>=top``: always, on the split), so a weak tier may not answer the samples the
+    top tier also gets wrong: on the split that costs nothing, but held out it lets through
+    answers the top tier would have got right. The policy's expected accuracy is still
+    computed against the labels."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,9 @@ class TaskFit:
     signal_cv: dict[str, tuple[float, ...]] = field(default_factory=dict)
     """With ``--signal auto``: per signal, the cross-validated (violation, cost...) key."""
     section: dict[str, Any] = field(default_factory=dict)
+    target: str = "correct"
+    """What the lower tiers were fitted to (:attr:`FitOptions.target`); with ``agreement``
+    ``resolved_goals`` bound agreement with the top tier, not accuracy."""
 
     @property
     def outcome(self) -> CascadeOutcome:
@@ -97,6 +115,7 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
     labels, preds = predict_split(models_dir, task, list(tiers), options.split)
     correct = [preds[t].correct for t in tiers]
     generative = preds[tiers[0]].output == "generation"
+    targets, answers = _targets(preds, tiers, labels, correct, options.target)
     signals = _signals_to_try(options.signal, generative=generative, task=task)
     fitted_by_signal = {}
     for sig in signals:
@@ -104,7 +123,8 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
         for tier in tiers:
             p = preds[tier]
             # a generation's calibration target is its correctness (see fit_calibration)
-            target = p.correct.astype(int) if generative else true_indices(p.classes, labels)
+            target = (targets[tiers.index(tier)].astype(int) if generative
+                      else true_indices(p.classes, answers[tier]))
             fit = fit_calibration(p.probabilities, target, signal=sig,
                                   method=options.calibration)
             fits.append(fit)
@@ -113,18 +133,21 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
     signal_cv: dict[str, tuple[float, ...]] = {}
     if len(signals) > 1:
         for sig, (_, conf) in fitted_by_signal.items():
-            key, _ = cross_validate(tiers, conf, correct, goals)
+            key, _ = cross_validate(tiers, conf, targets, goals)
             signal_cv[sig] = tuple(round(float(v), 9) for v in key)
     chosen = min(signals, key=lambda s: (signal_cv.get(s, ()), signals.index(s)))
     reports_fit, conf = fitted_by_signal[chosen]
     # answers of a generation are not classes: no per-class thresholds
     predicted = [preds[t].predicted for t in tiers] if options.per_class and not generative \
         else None
-    search = search_thresholds(tiers, conf, correct, goals, predicted=predicted, grid=options.grid,
+    search = search_thresholds(tiers, conf, targets, goals, predicted=predicted, grid=options.grid,
                                class_min_support=options.class_min_support)
     per_sample = [per_sample_thresholds(search.thresholds[i], search.class_thresholds[i],
                                         preds[t].predicted if predicted else None)
                   for i, t in enumerate(tiers)]
+    if options.target == "agreement":  # what the policy does against the labels
+        search = dataclasses.replace(search, outcome=simulate_cascade(tiers, conf, correct,
+                                                                      per_sample))
     references = drift_references(tiers, conf, per_sample, search.thresholds)
     reports = [
         TierReport(tier=t, model=preds[t].model_name, accuracy_alone=preds[t].accuracy, fit=f,
@@ -134,11 +157,26 @@ def fit_task(models_dir: Path, task: str, tiers: Sequence[str], goals: Goals,
     ]
     fitted = TaskFit(
         task=task, samples=len(labels), goals=goals,
-        resolved_goals=goals.resolved(preds[tiers[-1]].accuracy), tiers=reports, search=search,
+        resolved_goals=goals.resolved(1.0 if options.target == "agreement"
+                                      else preds[tiers[-1]].accuracy),
+        tiers=reports, search=search, target=options.target,
         oracle_escalations=oracle_escalations_for(correct, search.outcome.accuracy),
         signal=chosen, signal_cv=signal_cv,
     )
     return TaskFit(**{**fitted.__dict__, "section": task_section(fitted, options, base_section)})
+
+
+def _targets(preds: dict[str, Any], tiers: Sequence[str], labels: Sequence[str],
+             correct: list[np.ndarray], target: str) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Per tier what its thresholds are searched on (right answers, or answers equal to the
+    top tier's), and the labels its calibration is fitted to (the truth, or the top's)."""
+    if target == "correct":
+        return correct, dict.fromkeys(tiers, labels)
+    top = np.asarray(preds[tiers[-1]].predicted, dtype=object)
+    agree = [np.asarray(preds[t].predicted, dtype=object) == top for t in tiers[:-1]]
+    answers: dict[str, Any] = {t: list(top) for t in tiers[:-1]}
+    answers[tiers[-1]] = labels  # the top's own calibration stays against the truth
+    return [*agree, np.ones_like(correct[-1], dtype=bool)], answers
 
 
 def _signals_to_try(signal: str, *, generative: bool, task: str) -> tuple[SignalName, ...]:
@@ -172,9 +210,14 @@ def drift_reference_block(ref: DriftReference, split: str) -> dict[str, Any]:
 
 
 def _round_threshold(t: float) -> float:
-    # Six decimals keep the file readable. A searched threshold sits midway between two
-    # samples' confidences, so rounding moves it past one only if they differ by < 1e-6.
-    return float(f"{t:.6f}") if t not in (0.0, 1.0) else t
+    """Six decimals keep the file readable; always rounded **up**. A searched threshold sits
+    midway between two samples' confidences (rounding up moves it past one only if they differ
+    by < 1e-6), except "answer none", one step above the highest confidence: rounded to the
+    nearest it fell below it, and every sample at that confidence (an isotonic calibration puts
+    many on one plateau) was answered by the written policy though not in the search."""
+    if t in (0.0, 1.0):
+        return t
+    return min(1.0, float(Decimal(repr(t)).quantize(Decimal("0.000001"), rounding=ROUND_CEILING)))
 
 
 def task_section(fitted: TaskFit, options: FitOptions, base: dict[str, Any] | None) -> dict[str, Any]:
@@ -230,7 +273,9 @@ def header_lines(command: str, models_dir: Path, build_key: str, fits: Sequence[
          f"{models_dir}/manifest.json (build {build_key[:12]}); do not edit thresholds by hand,"),
         "re-run the command (settings it does not fit are kept from the previous file).",
         (f"Signal {options.signal}, calibration {options.calibration}, per-class thresholds "
-         f"{'on' if options.per_class else 'off'}. Expected on the {options.split} split:"),
+         f"{'on' if options.per_class else 'off'}"
+         + (", lower tiers fitted to agree with the top tier" if options.target == "agreement"
+            else "") + f". Expected on the {options.split} split:"),
     ]
     for f in fits:
         o = f.outcome

@@ -126,3 +126,33 @@ def test_a_classifier_signal_on_the_generative_task_is_refused(gen_dir, tmp_path
                 "--models-dir", str(gen_dir), "--out", str(tmp_path / "x.yaml"))
     assert r.returncode == 2
     assert "task 'extraction' generates text; its signals are mean_logprob" in r.stdout + r.stderr
+
+
+def test_fitted_to_agree_with_the_top_tier_every_answer_below_it_is_the_tops(gen_dir):
+    """``target='agreement'``: with ``accuracy>=top`` a lower tier answers only what the top
+    tier would answer the same on the split (not the samples both get wrong), the written
+    policy does exactly what the search found (its thresholds are rounded up, so an "answer
+    none" cut above an isotonic plateau stays above it), and the expected accuracy is against
+    the labels."""
+    goals = Goals(max_accuracy_drop_vs_top=0.0, max_cloud_share=0.5)
+    fitted = fit_task(gen_dir, "extraction", TIERS, goals,
+                      FitOptions(signal="auto", target="agreement"))
+    assert fitted.target == "agreement" and fitted.resolved_goals.min_accuracy == 1.0
+    doc = {"version": 1, "name": "gen", "tasks": {"extraction": fitted.section}}
+    loaded = load_policy_bytes(yaml.safe_dump(doc).encode(), source="gen.yaml")
+    traffic = traffic_from_split(gen_dir, "extraction", TIERS, "calibration")
+    replayed = replay_task(traffic, loaded)
+    assert replayed.agreement_with_top == pytest.approx(1.0)
+    assert replayed.accuracy == pytest.approx(fitted.outcome.accuracy)
+    _, preds = predict_split(gen_dir, "extraction", TIERS, "calibration")
+    assert fitted.outcome.accuracy == pytest.approx(preds["cloud"].accuracy)
+
+
+def test_thresholds_are_written_rounded_up():
+    from cascade.lab.fit import _round_threshold
+
+    plateau = 0.030303030303030304  # many samples at exactly this calibrated confidence
+    none = float(np.nextafter(plateau, np.inf))  # the search's "answer none" cut
+    assert _round_threshold(none) > plateau  # to the nearest it was 0.030303: below them all
+    assert _round_threshold(0.25) == 0.25 and _round_threshold(0.1234561) == 0.123457
+    assert _round_threshold(0.0) == 0.0 and _round_threshold(1.0) == 1.0
