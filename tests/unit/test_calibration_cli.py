@@ -48,6 +48,23 @@ def test_an_unreachable_goal_exits_1_and_writes_nothing(models_dir, tmp_path):
     assert not out.exists()
 
 
+def test_calibrated_to_agree_every_answer_below_the_top_is_the_tops(models_dir, tmp_path):
+    out = tmp_path / "agree.yaml"
+    r = cascade("policy", "calibrate", "--task", "vision", "--signal", "max_prob", "--no-per-class",
+                "--target", "agreement", "-g", "accuracy>=top", "-g", "cloud<=50%",
+                "--models-dir", str(models_dir), "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(accuracy: agreement with the top tier)" in r.stdout
+    text = out.read_text()
+    assert "--target agreement" in text.splitlines()[0]
+    assert "lower tiers fitted to agree with the top tier" in text
+    replay = cascade("policy", "replay", str(out), "--live", str(out), "--task", "vision",
+                     "--split", "calibration", "--models-dir", str(models_dir))
+    assert "agreement with the top tier" in replay.stdout, replay.stdout + replay.stderr
+    line = next(x for x in replay.stdout.splitlines() if "agreement with the top tier" in x)
+    assert line.rstrip(" │").split()[-1] == "1.0000", line  # on the split it was fitted on
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -56,6 +73,7 @@ def test_an_unreachable_goal_exits_1_and_writes_nothing(models_dir, tmp_path):
         (["policy", "calibrate", "-g", "audio:cloud<=0.1"], "unknown task 'audio'"),
         (["policy", "calibrate", "--task", "audio"], "--task: unknown task 'audio'; allowed:"),
         (["policy", "calibrate", "--signal", "logits"], "allowed: auto, max_prob, margin, entropy"),
+        (["policy", "calibrate", "--target", "truth"], "--target 'truth': allowed: correct, agreement"),
         (["policy", "calibrate", "--models-dir", "/nonexistent"], "no model manifest at"),
         (["policy", "replay", "nope.yaml"], "nope.yaml: no such policy file"),
         (["policy", "replay", "policies/default.yaml", "--log", "nope.db"], "no such decision log"),
