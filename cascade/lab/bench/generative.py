@@ -73,8 +73,9 @@ def _test_documents(cfg: GenerativeBenchConfig) -> tuple[list[str], list[str]]:
     return [str(t) for t in texts], list(labels)
 
 
-def _stream_events(client: Any, url: str, body: dict[str, Any]) -> Iterator[tuple[str, float]]:
-    """(event name, arrival time) of one streamed request."""
+def _stream_events(client: Any, url: str,
+                   body: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
+    """(event name, data, arrival time) of one streamed request."""
     from cascade.contract.streaming import SseParser
 
     parser = SseParser()
@@ -82,21 +83,29 @@ def _stream_events(client: Any, url: str, body: dict[str, Any]) -> Iterator[tupl
         response.raise_for_status()
         for chunk in response.iter_text():
             now = time.perf_counter()
-            for event, _data in parser.feed(chunk):
-                yield event, now
+            for event, data in parser.feed(chunk):
+                yield event, data, now
 
 
 def _measure_service(client: Any, url: str, body: dict[str, Any]) -> dict[str, float]:
+    """Tokens, seconds and TTFT as the client sees them; ``path_ms``: the client's TTFT less
+    the tier's own (its runner's, in the answer's hop), what HTTP, the node and the SSE
+    delivery add to the first token."""
     started = time.perf_counter()
-    first, tokens, ended = None, 0, started
-    for event, at in _stream_events(client, url, body):
+    first, tokens, ended, tier_ttft = None, 0, started, None
+    for event, data, at in _stream_events(client, url, body):
         if event == "token":
             first = first or at
             tokens += 1
         elif event == "answer":
             ended = at
-    return {"tokens": tokens, "seconds": ended - started,
-            "ttft_ms": ((first or ended) - started) * 1000.0}
+            hops = json.loads(data).get("hops") or [{}]
+            tier_ttft = hops[0].get("ttft_ms")
+    ttft_ms = ((first or ended) - started) * 1000.0
+    out = {"tokens": tokens, "seconds": ended - started, "ttft_ms": ttft_ms}
+    if tier_ttft is not None and first is not None:
+        out["path_ms"] = ttft_ms - float(tier_ttft)
+    return out
 
 
 def _measure_raw(llama: Any, grammar: Any, prompt: str, stop: list[str],
@@ -116,9 +125,13 @@ def _measure_raw(llama: Any, grammar: Any, prompt: str, stop: list[str],
 def _side(rows: list[dict[str, float]]) -> dict[str, Any]:
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] for r in rows)
     ttft = [r["ttft_ms"] for r in rows]
-    return {"requests": len(rows), "tokens": int(tokens),
-            "tokens_per_s": tokens / seconds if seconds else None,
-            "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p95": _pct(ttft, 95)}
+    out = {"requests": len(rows), "tokens": int(tokens),
+           "tokens_per_s": tokens / seconds if seconds else None,
+           "ttft_ms_p50": _pct(ttft, 50), "ttft_ms_p95": _pct(ttft, 95)}
+    path = [r["path_ms"] for r in rows if "path_ms" in r]
+    if path:
+        out["path_ms_p50"] = _pct(path, 50)
+    return out
 
 
 def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) -> dict[str, Any]:

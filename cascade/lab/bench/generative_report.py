@@ -23,6 +23,10 @@ def generative_targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
     if "ttft_ms_p50_difference" in o:
         rows.append(("service TTFT p50 <= raw + 5 ms", f"{o['ttft_ms_p50_difference']:+.1f} ms",
                      o["ttft_ms_p50_difference"] <= 5.0))
+    path = o["service"].get("path_ms_p50")
+    if path is not None:
+        rows.append(("what HTTP, the node and SSE add to the tier's own TTFT, p50 <= 5 ms",
+                     f"{path:+.1f} ms", path <= 5.0))
     first = next(iter(c["ttft_ms"]))
     p50 = c["ttft_ms"][first]["p50"]
     rows.append((f"{first} TTFT p50 < 500 ms", f"{_n(p50)} ms", p50 is not None and p50 < 500))
