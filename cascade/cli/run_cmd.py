@@ -102,7 +102,8 @@ def up(
     var/secrets/callback-signing.key; --plain turns both off for local development.
     Ctrl-C or SIGTERM stops them all;
     children also die if this process is killed. With --ray the top two tiers run on Ray Serve
-    instead (the proxy listens on the edge-server's port; cloud is under /cloud).
+    instead (the proxy listens on the edge-server's port; cloud is under /cloud; their model
+    servers are started on this machine first).
 
     Example: cascade up            (then: cascade infer documents "Shares rose after the rate cut")
     """
