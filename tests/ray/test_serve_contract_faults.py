@@ -40,6 +40,11 @@ from tests.ray.conftest import SERVE_KNOBS
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 APP, PREFIX = "edge-server-uplink", "/uplink"
+INGRESS_CPUS = 0.1
+"""The app is the ingress alone (models inside it): the session's Ray has 2 logical CPUs, and
+the long-lived apps of other modules (conftest.py) hold most of them. This module is named to
+run before ``replicated_cloud`` takes the rest; should it not fit, the fixture fails at once
+instead of waiting in ``serve.run`` for replicas that can never be placed."""
 
 
 @dataclass
@@ -63,6 +68,7 @@ class UplinkRig:
 @pytest.fixture(scope="module")
 def rig(serve_proxy: str, models_dir: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[UplinkRig]:
+    import ray
     from ray import serve
 
     from cascade.deploy.ray_serve import build_tier_app
@@ -77,9 +83,15 @@ def rig(serve_proxy: str, models_dir: Path,
     settings = load_node_settings(
         root / "edge_nodes/edge-server.yaml", models_dir=models_dir, policy=policy,
         outbox_url=f"sqlite:///{db}", upstream_url=proxy.url, outbox=FAST_OUTBOX,
-        callbacks=LOOPBACK_CALLBACKS, ray_serve={**SERVE_KNOBS, "route_prefix": PREFIX},
+        callbacks=LOOPBACK_CALLBACKS,
+        ray_serve={**SERVE_KNOBS, "route_prefix": PREFIX, "model_deployments": False,
+                   "ingress_num_cpus": INGRESS_CPUS},
         **FAST_BREAKER)
     try:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free < INGRESS_CPUS:
+            pytest.fail(f"the session's Ray has {free} CPU free, the app needs {INGRESS_CPUS}: "
+                        "serve.run would wait forever for a replica it cannot place")
         serve.run(build_tier_app(settings), name=APP, route_prefix=PREFIX)
         url = f"{serve_proxy}{PREFIX}"
         wait_for(lambda: _ready(url), timeout_s=120, what="the Serve edge-server ready")
