@@ -257,7 +257,7 @@ def _start_serve_tiers(configs: list[Path], *, port: int | None, address: str | 
     as the process chain does. A model server listens on this machine (127.0.0.1), so its Serve
     tier's replicas must run here too: on a multi-node cluster point the tier at a shared
     service instead (``model_options.<task>.base_url``)."""
-    from cascade.deploy.model_server import start_model_servers
+    from cascade.deploy.model_server import plan_model_servers, start_model_servers
     from cascade.deploy.ray_serve import deploy_chain, start_ray
     from cascade.tier.settings import load_node_settings
 
@@ -266,7 +266,9 @@ def _start_serve_tiers(configs: list[Path], *, port: int | None, address: str | 
     try:
         settings = [load_node_settings(config, **overrides) for config in configs]
         with console.status("starting the Serve tiers' model servers..."):
-            servers = start_model_servers(reversed(settings), log_dir=log_dir)
+            servers = start_model_servers(
+                [plan for tier in reversed(settings) for plan in plan_model_servers(tier)],
+                log_dir=log_dir)
         with console.status("starting Ray and the Serve tiers (a cold start takes up to a "
                             "minute)..."):
             start_ray(address=address)

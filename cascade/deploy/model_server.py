@@ -161,17 +161,16 @@ class ModelServer:
             self.process.wait()
 
 
-def start_model_servers(settings: Iterable[NodeSettings], *, log_dir: Path | None,
+def start_model_servers(plans: Iterable[ModelServerPlan], *, log_dir: Path | None,
                         python: str = sys.executable,
                         preexec_fn: Callable[[], None] | None = None) -> list[ModelServer]:
-    """Start the model servers of every tier in ``settings`` (in that order), each ready before
-    the next; on any failure the ones already started are stopped and the error raised."""
+    """Start the planned model servers in order, each ready before the next; on any failure
+    the ones already started are stopped and the error raised."""
     started: list[ModelServer] = []
     try:
-        for tier in settings:
-            for plan in plan_model_servers(tier):
-                started.append(ModelServer(plan, log_dir=log_dir, python=python,
-                                           preexec_fn=preexec_fn).start())
+        for plan in plans:
+            started.append(ModelServer(plan, log_dir=log_dir, python=python,
+                                       preexec_fn=preexec_fn).start())
     except BaseException:
         for server in started:
             server.stop()

@@ -34,7 +34,12 @@ from typing import Self
 import httpx
 import yaml
 
-from cascade.deploy.model_server import ModelServer, ModelServerPlan, plan_model_servers
+from cascade.deploy.model_server import (
+    ModelServer,
+    ModelServerPlan,
+    plan_model_servers,
+    start_model_servers,
+)
 from cascade.deploy.restarts import RestartHistory, RestartPolicy
 from cascade.errors import ConfigError
 from cascade.trust.certs import SiteCerts
@@ -222,10 +227,9 @@ class Chain:
         self.model_servers = []
         try:
             for tier, cfg, port, env in reversed(self.plan):
-                for server in self._model_server_plans(cfg, env):
-                    self.model_servers.append(ModelServer(
-                        server, log_dir=self.log_dir, python=self.python,
-                        preexec_fn=_die_with_parent).start())
+                self.model_servers += start_model_servers(
+                    self._model_server_plans(cfg, env), log_dir=self.log_dir,
+                    python=self.python, preexec_fn=_die_with_parent)
                 self.tiers.insert(0, self._spawn(tier, cfg, port, env))
                 self.ready_s[tier] = wait_ready(self.tiers[0].url, self.tiers[0].process,
                                                 self.ready_timeout_s, self.verify)

@@ -124,6 +124,6 @@ def test_starting_model_servers_fails_clearly_and_leaves_none_running(
     logs = tmp_path / "logs"
     with pytest.raises(RuntimeError, match=r"model server for cloud/extraction exited with "
                                            r"code \d+ before ready: log .*cloud-extraction"):
-        start_model_servers([settings], log_dir=logs)
+        start_model_servers(plan_model_servers(settings), log_dir=logs)
     assert (logs / "cloud-extraction-model-server.log").stat().st_size > 0
     assert start_model_servers([], log_dir=logs) == []
