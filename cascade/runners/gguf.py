@@ -7,7 +7,8 @@ requests wait at once (more: 503 ``model_busy`` with a retry hint), and every wa
 (``cascade_runner_wait_seconds``). The event loop never runs llama.cpp.
 
 A generation runs in its worker as a token loop over ``Llama.generate`` (llama.cpp's sampler,
-grammar and KV-cache reuse): each token's logprob is log-softmax of the logits that chose it
+grammar and KV-cache reuse; under a JSON schema, greedy decoding asks the grammar about the best
+token only: :mod:`cascade.runners.gguf_grammar`): each token's logprob is log-softmax of the logits that chose it
 (the context's last row: no ``logits_all``, which would compute and keep a vocabulary-wide row
 for every prompt token, 1 MB each for Gemma 3), its bytes go through :class:`~cascade.runners.token_text.
 TokenText` (UTF-8 across tokens, stop sequences). The loop stops at the end of generation or a
@@ -55,6 +56,7 @@ from cascade.contract.outputs import CompletionInput, Generation, Output, TokenD
 from cascade.errors import InvalidInput, ModelError
 from cascade.runners.base import completion_inputs
 from cascade.runners.execution import BlockingCalls, measure_ms
+from cascade.runners.gguf_grammar import grammar_sampling
 from cascade.runners.options import parse_options
 from cascade.runners.token_text import TokenText
 
@@ -292,8 +294,9 @@ class GgufRunner:
                     job.emit(TokenDelta(piece, logprob))
 
         finish_reason = "length"
+        checker, sampling = grammar_sampling(job.grammar, request.temperature, vocab, n_vocab)
         generated = llama.generate(prompt_ids, temp=request.temperature, top_k=40, top_p=0.95,
-                                   min_p=0.05, repeat_penalty=1.0, grammar=job.grammar)
+                                   min_p=0.05, repeat_penalty=1.0, **sampling)
         try:
             for count, token in enumerate(generated, start=1):
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
@@ -315,6 +318,8 @@ class GgufRunner:
                     break
         finally:
             generated.close()
+            if checker is not None:
+                checker.close()
         take(text.finish())
         ttft_ms = None if first_token_s is None else (first_token_s - job.started_s) * 1000.0
         return Generation(text="".join(tokens), tokens=tuple(tokens),

