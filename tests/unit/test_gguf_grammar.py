@@ -18,8 +18,8 @@ SCHEMA = {"type": "object",
           "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
           "required": ["city", "rank"]}
 PROMPTS = (
-    "<|im_start|>user\nName a large city and its rank by size as JSON.<|im_end|>\n"
-    "<|im_start|>assistant\n",
+    ("<|im_start|>user\nName a large city and its rank by size as JSON.<|im_end|>\n"
+     "<|im_start|>assistant\n"),
     "Once upon a time, in a small village by the sea,",  # wants prose: refused tokens
     "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHello",
 )

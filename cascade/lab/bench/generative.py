@@ -6,8 +6,10 @@ Measured in one run, side by side:
   streamed as Server-Sent Events, read by this process) against raw llama-cpp-python in this
   process (``Llama.create_completion(stream=True)``, the library's fastest path: no logprobs),
   on the same GGUF file, the same prompts (the tier's prompt of each test document), the same
-  grammar, greedy, the same threads, alternating which goes first per prompt. Per side:
-  tokens/s over the whole call, time to first token (TTFT) as the caller sees it;
+  grammar checked the same way (the best token only), greedy, the same threads; and the same
+  raw call with llama-cpp-python's ``grammar=`` (every token of the vocabulary checked at each
+  step: what a caller of the plain library gets); each side first in turn. Per side: tokens/s
+  over the whole call, time to first token (TTFT) as the caller sees it;
 - **the live chain** (four tier processes and the cloud's llama_cpp.server, started as ``cascade
   up`` does) on the test documents, one at a time: accuracy of the cascade, share answered per
   tier and below the cloud, escalations per request, TTFT p50/p95 per tier (each hop's own
@@ -109,14 +111,24 @@ def _measure_service(client: Any, url: str, body: dict[str, Any]) -> dict[str, f
 
 
 def _measure_raw(llama: Any, grammar: Any, prompt: str, stop: list[str],
-                 max_tokens: int) -> dict[str, float]:
+                 max_tokens: int, *, chain: bool = False) -> dict[str, float]:
+    """One raw completion: the grammar checked as the service checks it (the best token
+    only), or with ``chain`` as llama-cpp-python's ``grammar=`` does (the whole vocabulary)."""
+    from cascade.runners.gguf_grammar import grammar_sampling
+
+    checker, sampling = (None, {"grammar": grammar}) if chain else grammar_sampling(
+        grammar, 0.0, llama._model.vocab, llama.n_vocab())
     started = time.perf_counter()
     first, tokens = None, 0
-    for chunk in llama.create_completion(prompt, max_tokens=max_tokens, temperature=0.0,
-                                         stream=True, grammar=grammar, stop=stop):
-        if chunk["choices"][0]["text"]:
-            first = first or time.perf_counter()
-            tokens += 1
+    try:
+        for chunk in llama.create_completion(prompt, max_tokens=max_tokens, temperature=0.0,
+                                             stream=True, stop=stop, **sampling):
+            if chunk["choices"][0]["text"]:
+                first = first or time.perf_counter()
+                tokens += 1
+    finally:
+        if checker is not None:
+            checker.close()
     ended = time.perf_counter()
     return {"tokens": tokens, "seconds": ended - started,
             "ttft_ms": ((first or ended) - started) * 1000.0}
@@ -167,6 +179,8 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
     grammar = LlamaGrammar.from_json_schema(json.dumps(first.json_schema), verbose=False)
     service: list[dict[str, float]] = []
     raw: list[dict[str, float]] = []
+    chain: list[dict[str, float]] = []
+    sides = ("service", "raw", "chain")
     with Chain([config], base_port=cfg.base_port + 40, log_dir=state / "logs",
                env={"CASCADE_UPSTREAM_URL": ""}, ready_timeout_s=600) as one, \
             httpx.Client(timeout=cfg.deadline_ms / 1000.0) as client:
@@ -175,26 +189,34 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
             item = decode({"text": text})
             body = {"task": cfg.task, "input": {"text": text}, "max_tokens": item.max_tokens,
                     "deadline_ms": cfg.deadline_ms}
-            for side in ("service", "raw") if i % 2 == 0 else ("raw", "service"):
+            for side in sides[i % 3:] + sides[:i % 3]:  # each side first in turn
                 if side == "service":
                     service.append(_measure_service(client, url, body))
                 else:
-                    raw.append(_measure_raw(llama, grammar, item.prompt, list(item.stop),
-                                            item.max_tokens))
+                    (raw if side == "raw" else chain).append(_measure_raw(
+                        llama, grammar, item.prompt, list(item.stop), item.max_tokens,
+                        chain=side == "chain"))
             cfg.log(f"  overhead {i + 1}/{len(prompts)}: service {service[-1]['tokens']} "
                     f"tokens, TTFT {service[-1]['ttft_ms']:.0f} ms; raw {raw[-1]['tokens']} "
-                    f"tokens, TTFT {raw[-1]['ttft_ms']:.0f} ms")
+                    f"tokens, TTFT {raw[-1]['ttft_ms']:.0f} ms; raw with grammar= "
+                    f"{chain[-1]['tokens'] / chain[-1]['seconds']:.1f} tokens/s")
         by_length = [_ttft_at_length(cfg, client, url, llama, grammar, decode, prompts, chars)
                      for chars in cfg.ttft_lengths]
     llama.close()
     out: dict[str, Any] = {"model": manifest.model_name(cfg.task, tier), "threads": cfg.threads,
            "prompts": len(prompts), "service": _side(service), "raw": _side(raw),
-           "raw_means": "llama-cpp-python create_completion(stream=True), same grammar, no "
-                        "logprobs (the service computes each token's logprob too)"}
+           "raw_grammar_chain": _side(chain),
+           "raw_means": "llama-cpp-python create_completion(stream=True), the grammar checked "
+                        "as the service does (the best token only), no logprobs (the service "
+                        "computes each token's logprob too); raw_grammar_chain: the same call "
+                        "with grammar=, llama.cpp checking the whole vocabulary per token"}
     out["ttft_by_length"] = by_length
     s, r = out["service"], out["raw"]
     if s["tokens_per_s"] and r["tokens_per_s"]:
         out["tokens_per_s_ratio"] = s["tokens_per_s"] / r["tokens_per_s"]
+    if s["tokens_per_s"] and out["raw_grammar_chain"]["tokens_per_s"]:
+        out["tokens_per_s_ratio_vs_grammar_chain"] = (
+            s["tokens_per_s"] / out["raw_grammar_chain"]["tokens_per_s"])
     if s["ttft_ms_p50"] is not None and r["ttft_ms_p50"] is not None:
         out["ttft_ms_p50_difference"] = s["ttft_ms_p50"] - r["ttft_ms_p50"]
     return out

@@ -40,6 +40,7 @@ from cascade.lab.generative.records import (
     Recordings,
     latency_summary,
     predictions_path,
+    run_key,
     split_digest,
 )
 from cascade.models.manifest import (
@@ -253,15 +254,16 @@ def build_generative(models_dir: Path, *, ladder: Sequence[LadderTier] = LADDER,
                      jobs: int = 1) -> TaskEntry:
     """Build the generative task into ``models_dir`` and merge its manifest entry
     (``locate``: where each packaged model's file is; the installed packages by default;
-    ``force``: answer every document again instead of keeping the recorded answers;
+    ``force``: answer every document again with the ladder's models instead of keeping
+    their recorded answers (other candidates' recordings are kept);
     ``jobs``: distinct (model, prompt) runs recorded at once)."""
     from cascade.models.extraction.fields import FIELDS
     from cascade.models.workspace import exclusive_build_lock
 
     models_dir = Path(models_dir).resolve()
-    if force:
-        predictions_path(models_dir, TASK).unlink(missing_ok=True)
     say = say or (lambda _message: None)
+    if force:
+        _forget_runs(models_dir, ladder, locate)
     split_info = write_splits(models_dir)
     say(f"{TASK}: splits written ({split_info.calibration} calibration + {split_info.test} "
         f"test documents)")
@@ -278,6 +280,16 @@ def build_generative(models_dir: Path, *, ladder: Sequence[LadderTier] = LADDER,
     with exclusive_build_lock(models_dir):
         _merge_entry(models_dir, entry)
     return entry
+
+
+def _forget_runs(models_dir: Path, ladder: Sequence[LadderTier], locate: Locate) -> None:
+    """Drop the recorded runs of the ladder's (model, prompt) pairs from the predictions file."""
+    path = predictions_path(models_dir, TASK)
+    with _SAVING:
+        recordings = Recordings.load(path, TASK)
+        for candidate in dict.fromkeys(t.candidate for t in ladder):
+            recordings.runs.pop(run_key(locate(candidate.model).sha256, candidate.prompt), None)
+        recordings.save(path)
 
 
 def _merge_entry(models_dir: Path, entry: TaskEntry) -> None:

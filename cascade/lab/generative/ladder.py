@@ -75,7 +75,8 @@ _N_CTX = {"n_ctx": 2048}
 CLOUD_SERVER = {"base_url": "http://127.0.0.1:8110", "model": "gemma-3-270m"}
 """Where the cloud's ``python -m llama_cpp.server --model <file> --port 8110`` listens."""
 LADDER: tuple[LadderTier, ...] = (
-    LadderTier("endpoint", Candidate("smollm2-135m-instruct", "chatml-fewshot"), options=_N_CTX),
+    LadderTier("endpoint", Candidate("smollm2-135m-instruct-q8_0", "chatml-fewshot"),
+               options=_N_CTX),
     LadderTier("edge-node", Candidate("smollm2-135m-instruct", "chatml-fewshot"), options=_N_CTX),
     LadderTier("edge-server", Candidate("gemma3-270m", "fewshot"), options=_N_CTX),
     LadderTier("cloud", Candidate("gemma3-270m", "fewshot"), runtime="openai",
