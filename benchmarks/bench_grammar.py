@@ -9,7 +9,8 @@ prompt style) under the task's JSON schema, greedily, with the same llama.cpp co
   checked  ``cascade.runners.gguf_grammar.GreedyGrammar`` as a logits processor: the grammar is
            asked about the best token only, the whole vocabulary masked only when it refuses it
 
-Per model and document, in alternating order (machine load hits both alike): decode tokens/s
+Each side has its own llama.cpp context fed the same prompts in the same order. Per model and
+document, in alternating order (machine load hits both alike): decode tokens/s
 (after the first token), time to first token, whether the token ids are identical, and the
 share of steps where the checked way had to mask. Prints the ratios measured side by side and
 writes reports/bench_grammar.json.
@@ -61,8 +62,12 @@ def bench_model(name: str, prompt_style: str, texts: list[str], threads: int) ->
     from llama_cpp.llama_grammar import LlamaGrammar
 
     located = locate_model(name)
-    llama = Llama(model_path=str(located.path), n_ctx=2048, n_threads=threads,
-                  n_threads_batch=threads, verbose=False)
+    # One context per side, fed the same prompts in the same order: llama.cpp's logits depend
+    # on how a prompt was split into batches (what the KV cache already held), so sides sharing
+    # one context could differ by a near tie for that reason alone.
+    contexts = {side: Llama(model_path=str(located.path), n_ctx=2048, n_threads=threads,
+                            n_threads_batch=threads, verbose=False)
+                for side in ("chain", "checked")}
     rows: dict[str, list[dict[str, Any]]] = {"chain": [], "checked": []}
     identical = steps = masked = 0
     for i, text in enumerate(texts):
@@ -70,6 +75,7 @@ def bench_model(name: str, prompt_style: str, texts: list[str], threads: int) ->
         grammar = LlamaGrammar.from_json_schema(json.dumps(item.json_schema), verbose=False)
         got: dict[str, list[int]] = {}
         for side in ("chain", "checked") if i % 2 == 0 else ("checked", "chain"):
+            llama = contexts[side]
             if side == "chain":
                 row = decode(llama, item.prompt, item.max_tokens, grammar=grammar)
             else:
@@ -88,7 +94,8 @@ def bench_model(name: str, prompt_style: str, texts: list[str], threads: int) ->
               f"{rows['chain'][-1]['decode_tokens_per_s'] or 0:.1f} tok/s, checked "
               f"{rows['checked'][-1]['decode_tokens_per_s'] or 0:.1f} tok/s, same tokens "
               f"{got['chain'] == got['checked']}", flush=True)
-    llama.close()
+    for llama in contexts.values():
+        llama.close()
 
     def side(samples: list[dict[str, Any]]) -> dict[str, Any]:
         rates = [s["decode_tokens_per_s"] for s in samples if s["decode_tokens_per_s"]]
