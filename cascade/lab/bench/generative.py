@@ -174,8 +174,12 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
     first = decode({"text": prompts[0]})
     # The tier's gguf runner reads prompts with n_threads too (llama-cpp-python's default
     # n_threads_batch is every core: not the same work).
-    llama = Llama(model_path=str(manifest.model_path(cfg.task, tier)), n_ctx=n_ctx,
-                  n_threads=cfg.threads, n_threads_batch=cfg.threads, verbose=False)
+    # Each raw side has its own context (the service has its own in the tier): a context that
+    # has just answered a prompt holds it in its KV cache, and the next call on that prompt
+    # would read only its last token.
+    llama, chain_llama = (Llama(model_path=str(manifest.model_path(cfg.task, tier)), n_ctx=n_ctx,
+                                n_threads=cfg.threads, n_threads_batch=cfg.threads, verbose=False)
+                          for _ in range(2))
     grammar = LlamaGrammar.from_json_schema(json.dumps(first.json_schema), verbose=False)
     service: list[dict[str, float]] = []
     raw: list[dict[str, float]] = []
@@ -194,8 +198,8 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
                     service.append(_measure_service(client, url, body))
                 else:
                     (raw if side == "raw" else chain).append(_measure_raw(
-                        llama, grammar, item.prompt, list(item.stop), item.max_tokens,
-                        chain=side == "chain"))
+                        llama if side == "raw" else chain_llama, grammar, item.prompt,
+                        list(item.stop), item.max_tokens, chain=side == "chain"))
             cfg.log(f"  overhead {i + 1}/{len(prompts)}: service {service[-1]['tokens']} "
                     f"tokens, TTFT {service[-1]['ttft_ms']:.0f} ms; raw {raw[-1]['tokens']} "
                     f"tokens, TTFT {raw[-1]['ttft_ms']:.0f} ms; raw with grammar= "
@@ -203,6 +207,7 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
         by_length = [_ttft_at_length(cfg, client, url, llama, grammar, decode, prompts, chars)
                      for chars in cfg.ttft_lengths]
     llama.close()
+    chain_llama.close()
     out: dict[str, Any] = {"model": manifest.model_name(cfg.task, tier), "threads": cfg.threads,
            "prompts": len(prompts), "service": _side(service), "raw": _side(raw),
            "raw_grammar_chain": _side(chain),
