@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from cascade.lab.generative.build import locate_model
 from cascade.lab.generative.ladder import LADDER
 from cascade.models.prompting import completion_input
-from cascade.runners.gguf_grammar import GreedyGrammar
+from cascade.runners.gguf_grammar import grammar_sampling
 
 SPLITS = ROOT / "models" / "data" / "extraction.json"
 
@@ -58,7 +58,7 @@ def decode(llama: Any, prompt: str, max_tokens: int, **sampling: Any) -> dict[st
 
 
 def bench_model(name: str, prompt_style: str, texts: list[str], threads: int) -> dict[str, Any]:
-    from llama_cpp import Llama, LogitsProcessorList
+    from llama_cpp import Llama
     from llama_cpp.llama_grammar import LlamaGrammar
 
     located = locate_model(name)
@@ -79,12 +79,10 @@ def bench_model(name: str, prompt_style: str, texts: list[str], threads: int) ->
             if side == "chain":
                 row = decode(llama, item.prompt, item.max_tokens, grammar=grammar)
             else:
-                checker = GreedyGrammar(llama._model.vocab, grammar, llama.n_vocab())
-                try:
-                    row = decode(llama, item.prompt, item.max_tokens,
-                                 logits_processor=LogitsProcessorList([checker]))
-                finally:
-                    checker.close()
+                with grammar_sampling(grammar, 0.0, llama._model.vocab,
+                                      llama.n_vocab()) as sampling:
+                    [checker] = sampling["logits_processor"]
+                    row = decode(llama, item.prompt, item.max_tokens, **sampling)
                 steps, masked = steps + checker.steps, masked + checker.masked_steps
             got[side] = row.pop("ids")
             row["tokens"] = len(got[side])

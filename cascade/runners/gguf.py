@@ -42,6 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -294,10 +295,9 @@ class GgufRunner:
                     job.emit(TokenDelta(piece, logprob))
 
         finish_reason = "length"
-        checker, sampling = grammar_sampling(job.grammar, request.temperature, vocab, n_vocab)
-        generated = llama.generate(prompt_ids, temp=request.temperature, top_k=40, top_p=0.95,
-                                   min_p=0.05, repeat_penalty=1.0, **sampling)
-        try:
+        with grammar_sampling(job.grammar, request.temperature, vocab, n_vocab) as sampling, \
+                closing(llama.generate(prompt_ids, temp=request.temperature, top_k=40, top_p=0.95,
+                                       min_p=0.05, repeat_penalty=1.0, **sampling)) as generated:
             for count, token in enumerate(generated, start=1):
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish_reason = "stop"
@@ -316,10 +316,6 @@ class GgufRunner:
                 if stopped is not None:
                     finish_reason = stopped
                     break
-        finally:
-            generated.close()
-            if checker is not None:
-                checker.close()
         take(text.finish())
         ttft_ms = None if first_token_s is None else (first_token_s - job.started_s) * 1000.0
         return Generation(text="".join(tokens), tokens=tuple(tokens),

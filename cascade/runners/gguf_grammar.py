@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -102,14 +103,20 @@ class GreedyGrammar:
         self.close()
 
 
+@contextmanager
 def grammar_sampling(grammar: Any, temperature: float, vocab: Any,
-                     n_vocab: int) -> tuple[GreedyGrammar | None, dict[str, Any]]:
-    """How ``Llama.generate`` applies ``grammar``: greedy decoding checks only the best token
-    (:class:`GreedyGrammar`, the same tokens, far faster on a large vocabulary); sampling at a
-    temperature masks the whole vocabulary in llama.cpp's chain."""
+                     n_vocab: int) -> Iterator[dict[str, Any]]:
+    """The keyword arguments with which ``Llama.generate`` applies ``grammar``: greedy
+    decoding checks only the best token (a :class:`GreedyGrammar` as the one logits processor,
+    the same tokens, far faster on a large vocabulary; freed on leaving the block); sampling at
+    a temperature masks the whole vocabulary in llama.cpp's chain."""
     if grammar is None or temperature != 0:
-        return None, {"grammar": grammar}
+        yield {"grammar": grammar}
+        return
     from llama_cpp import LogitsProcessorList
 
     checker = GreedyGrammar(vocab, grammar, n_vocab)
-    return checker, {"grammar": None, "logits_processor": LogitsProcessorList([checker])}
+    try:
+        yield {"grammar": None, "logits_processor": LogitsProcessorList([checker])}
+    finally:
+        checker.close()

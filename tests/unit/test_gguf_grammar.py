@@ -54,12 +54,11 @@ def test_greedy_tokens_are_the_chains_token_for_token(llama) -> None:  # type: i
     steps = masked = 0
     for prompt in PROMPTS:
         chain = _greedy(llama, prompt, grammar=grammar)
-        checker, sampling = grammar_sampling(grammar, 0.0, llama._model.vocab, llama.n_vocab())
-        assert isinstance(checker, GreedyGrammar) and sampling["grammar"] is None
-        try:
+        with grammar_sampling(grammar, 0.0, llama._model.vocab, llama.n_vocab()) as sampling:
+            [checker] = sampling["logits_processor"]
+            assert isinstance(checker, GreedyGrammar) and sampling["grammar"] is None
             checked = _greedy(llama, prompt, **sampling)
-        finally:
-            checker.close()
+        assert checker._sampler is None  # freed on leaving the block
         assert checked == chain, prompt
         steps, masked = steps + checker.steps, masked + checker.masked_steps
         text = llama.detokenize(checked).decode()
@@ -70,5 +69,7 @@ def test_greedy_tokens_are_the_chains_token_for_token(llama) -> None:  # type: i
 
 def test_sampling_at_a_temperature_keeps_the_chains_grammar() -> None:
     grammar = object()
-    assert grammar_sampling(grammar, 0.7, None, 10) == (None, {"grammar": grammar})
-    assert grammar_sampling(None, 0.0, None, 10) == (None, {"grammar": None})
+    with grammar_sampling(grammar, 0.7, None, 10) as sampling:
+        assert sampling == {"grammar": grammar}
+    with grammar_sampling(None, 0.0, None, 10) as sampling:
+        assert sampling == {"grammar": None}

@@ -114,21 +114,19 @@ def _measure_raw(llama: Any, grammar: Any, prompt: str, stop: list[str],
                  max_tokens: int, *, chain: bool = False) -> dict[str, float]:
     """One raw completion: the grammar checked as the service checks it (the best token
     only), or with ``chain`` as llama-cpp-python's ``grammar=`` does (the whole vocabulary)."""
+    from contextlib import nullcontext
+
     from cascade.runners.gguf_grammar import grammar_sampling
 
-    checker, sampling = (None, {"grammar": grammar}) if chain else grammar_sampling(
-        grammar, 0.0, llama._model.vocab, llama.n_vocab())
-    started = time.perf_counter()
-    first, tokens = None, 0
-    try:
+    with (nullcontext({"grammar": grammar}) if chain else grammar_sampling(
+            grammar, 0.0, llama._model.vocab, llama.n_vocab())) as sampling:
+        started = time.perf_counter()
+        first, tokens = None, 0
         for chunk in llama.create_completion(prompt, max_tokens=max_tokens, temperature=0.0,
                                              stream=True, stop=stop, **sampling):
             if chunk["choices"][0]["text"]:
                 first = first or time.perf_counter()
                 tokens += 1
-    finally:
-        if checker is not None:
-            checker.close()
     ended = time.perf_counter()
     return {"tokens": tokens, "seconds": ended - started,
             "ttft_ms": ((first or ended) - started) * 1000.0}
@@ -177,14 +175,12 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
     # Each raw side has its own context (the service has its own in the tier): a context that
     # has just answered a prompt holds it in its KV cache, and the next call on that prompt
     # would read only its last token.
-    llama, chain_llama = (Llama(model_path=str(manifest.model_path(cfg.task, tier)), n_ctx=n_ctx,
-                                n_threads=cfg.threads, n_threads_batch=cfg.threads, verbose=False)
-                          for _ in range(2))
+    contexts = {side: Llama(model_path=str(manifest.model_path(cfg.task, tier)), n_ctx=n_ctx,
+                            n_threads=cfg.threads, n_threads_batch=cfg.threads, verbose=False)
+                for side in ("raw", "chain")}
     grammar = LlamaGrammar.from_json_schema(json.dumps(first.json_schema), verbose=False)
-    service: list[dict[str, float]] = []
-    raw: list[dict[str, float]] = []
-    chain: list[dict[str, float]] = []
     sides = ("service", "raw", "chain")
+    rows: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     with Chain([config], base_port=cfg.base_port + 40, log_dir=state / "logs",
                env={"CASCADE_UPSTREAM_URL": ""}, ready_timeout_s=600) as one, \
             httpx.Client(timeout=cfg.deadline_ms / 1000.0) as client:
@@ -194,23 +190,22 @@ def overhead_phase(cfg: GenerativeBenchConfig, state: Path, texts: list[str]) ->
             body = {"task": cfg.task, "input": {"text": text}, "max_tokens": item.max_tokens,
                     "deadline_ms": cfg.deadline_ms}
             for side in sides[i % 3:] + sides[:i % 3]:  # each side first in turn
-                if side == "service":
-                    service.append(_measure_service(client, url, body))
-                else:
-                    (raw if side == "raw" else chain).append(_measure_raw(
-                        llama if side == "raw" else chain_llama, grammar, item.prompt,
-                        list(item.stop), item.max_tokens, chain=side == "chain"))
-            cfg.log(f"  overhead {i + 1}/{len(prompts)}: service {service[-1]['tokens']} "
-                    f"tokens, TTFT {service[-1]['ttft_ms']:.0f} ms; raw {raw[-1]['tokens']} "
-                    f"tokens, TTFT {raw[-1]['ttft_ms']:.0f} ms; raw with grammar= "
-                    f"{chain[-1]['tokens'] / chain[-1]['seconds']:.1f} tokens/s")
-        by_length = [_ttft_at_length(cfg, client, url, llama, grammar, decode, prompts, chars)
-                     for chars in cfg.ttft_lengths]
-    llama.close()
-    chain_llama.close()
+                rows[side].append(
+                    _measure_service(client, url, body) if side == "service" else
+                    _measure_raw(contexts[side], grammar, item.prompt, list(item.stop),
+                                 item.max_tokens, chain=side == "chain"))
+            service, raw, chain = (rows[side][-1] for side in sides)
+            cfg.log(f"  overhead {i + 1}/{len(prompts)}: service {service['tokens']} tokens, "
+                    f"TTFT {service['ttft_ms']:.0f} ms; raw {raw['tokens']} tokens, TTFT "
+                    f"{raw['ttft_ms']:.0f} ms; raw with grammar= "
+                    f"{chain['tokens'] / chain['seconds']:.1f} tokens/s")
+        by_length = [_ttft_at_length(cfg, client, url, contexts["raw"], grammar, decode,
+                                     prompts, chars) for chars in cfg.ttft_lengths]
+    for context in contexts.values():
+        context.close()
     out: dict[str, Any] = {"model": manifest.model_name(cfg.task, tier), "threads": cfg.threads,
-           "prompts": len(prompts), "service": _side(service), "raw": _side(raw),
-           "raw_grammar_chain": _side(chain),
+           "prompts": len(prompts), "service": _side(rows["service"]), "raw": _side(rows["raw"]),
+           "raw_grammar_chain": _side(rows["chain"]),
            "raw_means": "llama-cpp-python create_completion(stream=True), the grammar checked "
                         "as the service does (the best token only), no logprobs (the service "
                         "computes each token's logprob too); raw_grammar_chain: the same call "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,30 +99,25 @@ def _complete(llama: Any, request: CompletionInput, grammar: Any) -> Generation:
     texts: list[str] = []
     logprobs: list[float] = []
     finish_reason = "length"
-    checker, sampling = grammar_sampling(grammar, request.temperature, llama._model.vocab,
-                                          llama.n_vocab())
-    processors = LogitsProcessorList([reader, *sampling.pop("logits_processor", [])])
-    generated = llama.generate(prompt, temp=request.temperature, logits_processor=processors,
-                               reset=True, **sampling)
-    try:
-        for token in generated:
-            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
-                finish_reason = "stop"
-                break
-            texts.append(llama.detokenize([token], prev_tokens=prompt + ids)
-                         .decode("utf-8", errors="ignore"))
-            ids.append(token)
-            logprobs.append(reader.logprob(token))
-            text = llama.detokenize(ids).decode("utf-8", errors="ignore")
-            if any(stop in text for stop in request.stop):
-                finish_reason = "stop"
-                break
-            if len(ids) >= request.max_tokens:
-                break
-    finally:
-        generated.close()
-        if checker is not None:
-            checker.close()
+    with grammar_sampling(grammar, request.temperature, llama._model.vocab,
+                          llama.n_vocab()) as sampling:
+        processors = LogitsProcessorList([reader, *sampling.pop("logits_processor", [])])
+        with closing(llama.generate(prompt, temp=request.temperature, logits_processor=processors,
+                                    reset=True, **sampling)) as generated:
+            for token in generated:
+                if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+                    finish_reason = "stop"
+                    break
+                texts.append(llama.detokenize([token], prev_tokens=prompt + ids)
+                             .decode("utf-8", errors="ignore"))
+                ids.append(token)
+                logprobs.append(reader.logprob(token))
+                text = llama.detokenize(ids).decode("utf-8", errors="ignore")
+                if any(stop in text for stop in request.stop):
+                    finish_reason = "stop"
+                    break
+                if len(ids) >= request.max_tokens:
+                    break
     text = llama.detokenize(ids).decode("utf-8", errors="ignore")
     for stop in request.stop:
         text = text.split(stop)[0] if stop in text else text
