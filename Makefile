@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION  := $(shell sed -n 's/.*"llama-cpp-python\[server\]==\([0-9.]*
 LLAMA_CMAKE_ARGS   := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_WHEEL         = $(wildcard $(CASCADE_WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl)
 
-.PHONY: run test models bench lint clean help wheels
+.PHONY: run test models bench soak lint clean help wheels
 
 help:  ## show the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test: models  ## install test deps and run the whole test suite
 bench: models  ## run the benchmark (writes reports/bench.json and reports/bench.md)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
 	$(PY) -m cascade bench
+
+soak:  ## the whole suite 10x and the fault suite 20x in a row, each loading the other (hours; .ci/soak --help)
+	.ci/soak
 
 lint: $(STAMP)  ## ruff, mypy --strict and the import-linter layer contracts (pyproject.toml); fails on findings
 	$(PY) -m pip install -q -e '.[lint]'
