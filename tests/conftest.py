@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,23 +56,34 @@ def _ephemeral_low() -> int:
 
 
 def free_port_block(n: int) -> int:
-    """A base port such that ``base .. base+n-1`` are all free on 127.0.0.1 right now.
+    """A base port such that ``base .. base+n-1`` are all free on 127.0.0.1 right now, and none
+    of them was handed out before in this test run unless the whole slice has been gone through.
 
     Chosen below the kernel's ephemeral range: a port in that range, free when checked, could
     be given to some client's outgoing connection before the tier binds it (seen under load:
-    a tier exiting with "address already in use").
+    a tier exiting with "address already in use"). Handed out in turn, not at random: a port
+    checked free is not yet bound, so a random pick could hand it out again. A test that takes
+    a port for a dead upstream and then starts a tier could get that same port for the tier,
+    and the tier would escalate to itself. This was seen in a soak with two suites at once:
+    the self-hop was refused 401 and its span was read as the request's.
     """
+    global _cursor
     low, high = _port_slice()
-    high -= n
-    for _ in range(200):
-        base = random.randint(low, high)
-        if all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no free block of {n} ports in {low}..{high + n}")
+    size = high - low + 1
+    with _cursor_lock:
+        for _ in range(size):
+            base, _cursor = low + _cursor, (_cursor + 1) % size
+            if base + n - 1 <= high and all(_port_free(base + i) for i in range(n)):
+                _cursor = (base - low + n) % size
+                return base
+    raise RuntimeError(f"no free block of {n} ports in {low}..{high}")
 
 
 _SLICE_PORTS = 500
 _slice: tuple[int, int] | None = None
+_cursor = 0
+"""Offset in the slice of the next port to try: ports go out in turn, wrapping at the end."""
+_cursor_lock = threading.Lock()
 _slice_lock: Any = None
 
 
