@@ -12,7 +12,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -28,12 +27,6 @@ def find_bindir() -> Path | None:
             return Path(cand)
     pg_ctl = shutil.which("pg_ctl")
     return Path(pg_ctl).parent if pg_ctl else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -64,7 +57,11 @@ class PostgresServer:
             user = pwd.getpwnam("postgres")
             os.chown(root, user.pw_uid, user.pw_gid)
             runas = ["runuser", "-u", "postgres", "--"]
-        server = cls(bindir, root, _free_port(), runas, host)
+        # A port from this run's own slice, not the kernel's ephemeral range: initdb takes
+        # seconds, in which an outgoing connection could take an ephemeral port checked free.
+        from tests.conftest import free_port_block
+
+        server = cls(bindir, root, free_port_block(1), runas, host)
         server._run("initdb", "-D", str(root / "data"), "-U", "cascade", "--auth=trust",
                     "-E", "UTF8", "--no-sync", "--no-instructions")
         if trust_network is not None:
