@@ -8,7 +8,6 @@ STAMP  := $(VENV)/.installed
 CASCADE_WHEELHOUSE ?= $(HOME)/.cache/cascade/wheels
 LLAMA_CPP_VERSION  := $(shell sed -n 's/.*"llama-cpp-python\[server\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
 LLAMA_CMAKE_ARGS   := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
-LLAMA_WHEEL         = $(wildcard $(CASCADE_WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl)
 
 .PHONY: run test models bench soak lint clean help wheels
 
@@ -22,11 +21,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --find-links $(CASCADE_WHEELHOUSE) -e '.[build,test,bench,llm,ray]'
 	touch $(STAMP)
 
+# One build at a time: a second install (another clone, at once) waits on the lock and then finds
+# the wheel. It is built in a scratch directory and renamed in, so no install reads a half-written
+# wheel and a failed build leaves nothing behind.
 wheels:  ## compile llama-cpp-python's wheel into the wheel cache once (minutes; then cached)
 	@test -n "$(LLAMA_CPP_VERSION)" || (echo "no llama-cpp-python[server]==X pin in pyproject.toml" >&2; exit 1)
-	$(if $(LLAMA_WHEEL),@echo "cached: $(notdir $(LLAMA_WHEEL))",\
-	  mkdir -p $(CASCADE_WHEELHOUSE) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-	  $(PY) -m pip wheel -q --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(CASCADE_WHEELHOUSE))
+	@mkdir -p $(CASCADE_WHEELHOUSE)
+	@flock $(CASCADE_WHEELHOUSE)/.build.lock sh -ec '\
+	  wh=$$(cd $(CASCADE_WHEELHOUSE) && pwd); \
+	  for w in "$$wh"/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl; do \
+	    if [ -f "$$w" ]; then echo "cached: $$w"; exit 0; fi; done; \
+	  tmp=$$(mktemp -d "$$wh/.build.XXXXXX"); trap "rm -rf \"$$tmp\"" EXIT; \
+	  echo "compiling llama-cpp-python $(LLAMA_CPP_VERSION) into $$wh (minutes, once)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION) -w "$$tmp"; \
+	  mv "$$tmp"/llama_cpp_python-*.whl "$$wh"/'
 
 models: $(STAMP)  ## build the model ladders into models/ (seconds when up to date)
 	$(PY) -m cascade models build
