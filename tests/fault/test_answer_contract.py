@@ -49,8 +49,15 @@ def test_final_provisional_handed_over_and_results_bodies_match_the_contract(
         assert "callback" not in result  # armed once the final answer is in
         assert result["escalation"]["held_by"] == "endpoint"
 
-        node_proxy.set(mode="pass")
         proxy.set(mode="reset")  # now the edge-node's uplink is down: it queues, we track it
+        node_proxy.set(mode="pass")
+        # The endpoint's uplink is back once its breaker is closed. c-queued's failed sends
+        # (the request's own, then the forwarder's retry) opened it, and a request sent before it
+        # closes is queued at the endpoint (seen under load). So wait for the forwarder to hand
+        # c-queued over to the edge-node: that success closes the breaker.
+        wait_for(lambda: endpoint.query(
+            "SELECT handed_over FROM cascade_outbox WHERE id = 'c-queued'") == [(1,)],
+            timeout_s=30, what="c-queued handed over to the edge-node")
         handed = post(client, endpoint.url, {**image, "input": {"image": hard_images[1]}},
                       key="c-handed").json()
         assert handed["escalation"]["state"] == "forwarding"
