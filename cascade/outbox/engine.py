@@ -129,10 +129,64 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | Non
         finally:
             cursor.close()
 
+    # Read-only connections are not kept. On a read-only filesystem SQLite opens the database
+    # read-only (when its WAL files are there), and such a connection stays read-only after the
+    # filesystem is writable again. Worse, SQLite shares one WAL index per file among all the
+    # connections of a process, so while one read-only connection is open every new connection
+    # is read-only too. So a connection opened while the file could not be written is closed
+    # when it is returned, and one that meets a read-only, failed or vanished file is treated
+    # as a disconnect: it is closed and every other one is replaced on its next checkout.
+    path = sqlite_path(engine.url)
+
+    @event.listens_for(engine, "connect")
+    def _mark_read_only(_dbapi_connection: Any, record: Any) -> None:
+        record.info["read_only"] = path is not None and _read_only(path)
+
+    @event.listens_for(engine, "checkin")
+    def _close_read_only(_dbapi_connection: Any, record: Any) -> None:
+        if record.info.get("read_only"):
+            record.invalidate()
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        if _stale_connection_error(context.original_exception):
+            context.is_disconnect = True
+            # Close the failed statement's cursor now: SQLite keeps a closed connection (and
+            # the file) open while a statement of it is alive, and the exception's traceback
+            # would keep this one alive until the next garbage collection.
+            cursor = getattr(context.execution_context, "cursor", None)
+            if cursor is not None:
+                try:
+                    cursor.close()
+                except Exception:  # noqa: BLE001, S110 - it is being thrown away
+                    pass
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         mode = conn.get_execution_options().get("cascade_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 8, 10, 14
+
+
+def _sqlite_code(exc: BaseException | None) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _stale_connection_error(exc: BaseException) -> bool:
+    """A SQLite error after which the connection cannot be trusted to write again (read-only,
+    I/O error, cannot open), unlike a full disk or a lock, which pass with the connection intact."""
+    return _sqlite_code(exc) in (_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN)
+
+
+def refused_by_a_stale_connection(exc: sa.exc.DBAPIError) -> bool:
+    """The connection was replaced because it could not write (read-only, or the file could not
+    be opened): nothing was written, so the same writes may be tried on a new connection. (Not
+    after an I/O error: a commit that failed that way may still have reached the disk.)"""
+    return exc.connection_invalidated and _sqlite_code(exc.orig) in (_SQLITE_READONLY,
+                                                                     _SQLITE_CANTOPEN)
 
 
 def checkpoint(conn: sa.Connection, *, truncate: bool = False) -> None:

@@ -34,7 +34,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cascade.errors import ServiceUnavailable
-from cascade.outbox.engine import SQLITE_BUSY_TIMEOUT_MS, storage_unavailable, writer_connection
+from cascade.outbox.engine import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    refused_by_a_stale_connection,
+    storage_unavailable,
+    writer_connection,
+)
 
 log = logging.getLogger("cascade.outbox")
 
@@ -94,7 +99,7 @@ class GroupCommitWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stats = {"batches": 0, "relaxed_batches": 0, "jobs": 0, "largest_batch": 0,
-                      "failed_batches": 0, "wal_truncations": 0}
+                      "failed_batches": 0, "wal_truncations": 0, "stale_connections": 0}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -170,9 +175,19 @@ class GroupCommitWriter:
                     if extra is not _STOP:
                         jobs.append(extra)  # type: ignore[arg-type]
             try:
-                if conn is None:
+                try:
+                    if conn is None:
+                        conn = writer_connection(self._engine)
+                    outcomes = self._commit(conn, jobs)
+                except sa.exc.DBAPIError as exc:
+                    if not refused_by_a_stale_connection(exc):
+                        raise
+                    # A connection left read-only by a read-only spell of the filesystem (see
+                    # engine.py), now replaced with the rest of the pool: try once on a new one.
+                    self.stats["stale_connections"] += 1
+                    _discard(conn)
                     conn = writer_connection(self._engine)
-                outcomes = self._commit(conn, jobs)
+                    outcomes = self._commit(conn, jobs)
             except sa.exc.SQLAlchemyError as exc:
                 self.stats["failed_batches"] += 1
                 _discard(conn)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -182,23 +180,6 @@ def test_a_full_outbox_is_503_not_500_and_what_was_accepted_is_kept(tiers, proxy
         assert r.status_code == 200, r.text
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (a real filesystem that fills up and can be remounted read-only)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (the CI runs as root)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_and_read_only_database_are_503_not_500(tiers, proxy_to, small_disk):
     upstream = tiers("edge-node")
     proxy = proxy_to(upstream.url)
@@ -214,9 +195,13 @@ def test_full_disk_and_read_only_database_are_503_not_500(tiers, proxy_to, small
         r = post(client, endpoint.url, FULL_BODY, key="after-full")
         assert r.status_code == 200 and r.json()["status"] == "provisional"
 
-        # Read-only: the filesystem comes back read-only (what a failing SD card often does);
-        # the tier still starts, and what needs the outbox is refused as such.
-        endpoint.stop()
+        # Read-only: the tier dies and the filesystem comes back read-only (what a failing SD
+        # card often does); the tier still starts, and what needs the outbox is refused as such.
+        # SIGKILL leaves the WAL and its index behind, so SQLite can open the database read-only
+        # and the tier holds read-only connections, which stay read-only after the remount: the
+        # recovery below must not reuse them. (A clean stop removes both files, and then every
+        # open fails instead; a stop that left them made this test fail now and then.)
+        endpoint.kill()
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
         try:
             endpoint.start()
