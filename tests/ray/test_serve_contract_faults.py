@@ -64,6 +64,21 @@ class UplinkRig:
     def states(self) -> dict[str, str]:
         return dict(self.query("SELECT id, state FROM cascade_outbox"))
 
+    def explain(self, what: str = "") -> str:
+        """``what`` and the rig's state, for a failure message: a red run must be explainable
+        from its log alone (the tier logs live in a temp dir pytest soon deletes)."""
+        cloud = self.cloud.chain.tiers[0].process.poll() if self.cloud.chain else "stopped"
+        rows = self.query("SELECT id, state, attempts, last_error FROM cascade_outbox")
+        return (f"{what}\nproxy: mode={self.proxy.mode} {self.proxy.stats}\n"
+                f"cloud process: {'running' if cloud is None else f'exited {cloud}'}\n"
+                f"edge-server outbox: {rows}\ncloud log ends:\n{self.cloud.log()[-3000:]}")
+
+    def wait_for(self, check: Any, timeout_s: float, what: str) -> Any:
+        try:
+            return wait_for(check, timeout_s=timeout_s, what=what)
+        except AssertionError as exc:
+            raise AssertionError(self.explain(str(exc))) from None
+
 
 @pytest.fixture(scope="module")
 def rig(serve_proxy: str, models_dir: Path,
@@ -123,7 +138,7 @@ def test_a_duplicate_in_flight_on_a_serve_tier_gets_409_and_is_computed_once(
         with httpx.Client() as client, ThreadPoolExecutor(1) as pool:
             first = pool.submit(post, client, rig.url, body, "serve-busy-1", 90.0)
             # In flight for sure: the Serve tier sent it upstream, where the blackhole holds it.
-            wait_for(lambda: rig.proxy.stats["swallowed_bytes"] > swallowed, timeout_s=60,
+            rig.wait_for(lambda: rig.proxy.stats["swallowed_bytes"] > swallowed, timeout_s=60,
                      what="the first request sent upstream")
             duplicate = post(client, rig.url, body, key="serve-busy-1")
             assert duplicate.status_code == 409, duplicate.text
@@ -133,8 +148,9 @@ def test_a_duplicate_in_flight_on_a_serve_tier_gets_409_and_is_computed_once(
             assert not first.done()
             rig.proxy.set(mode="pass")  # resets the held connection; the retry gets through
             answer = first.result(90)
-            assert answer.status_code == 200, answer.text
-            assert (answer.json()["status"], answer.json()["answered_by"]) == ("final", "cloud")
+            assert answer.status_code == 200, rig.explain(answer.text)
+            assert (answer.json()["status"], answer.json()["answered_by"]) == (
+                "final", "cloud"), rig.explain(answer.text)
             after = post(client, rig.url, body, key="serve-busy-1")
             assert after.headers["Idempotent-Replayed"] == "true"
             assert after.json()["label"] == answer.json()["label"]
@@ -165,14 +181,14 @@ def test_a_serve_tier_with_its_uplink_down_answers_provisionally_and_delivers_la
             assert receiver.received == []
 
             rig.proxy.set(mode="pass")
-            wait_for(lambda: all(rig.states().get(k) == "done" for k in keys), timeout_s=60,
+            rig.wait_for(lambda: all(rig.states().get(k) == "done" for k in keys), timeout_s=60,
                      what="every queued escalation delivered by the Serve tier's forwarder")
             for key in keys:
                 done = client.get(f"{rig.url}/v1/results/{key}").json()
                 assert (done["status"], done["answered_by"]) == ("final", "cloud")
                 assert [h["tier"] for h in done["hops"]] == ["edge-server", "cloud"]
                 assert _computations(rig.cloud.query, key) == [(1,)]
-            wait_for(lambda: len(receiver.received) >= len(keys), timeout_s=30,
+            rig.wait_for(lambda: len(receiver.received) >= len(keys), timeout_s=30,
                      what="every callback delivered")
             assert sorted(key for key, _ in receiver.received) == keys  # once each
     finally:
