@@ -29,11 +29,15 @@ from cascade.runners.base import StreamingRunner
 from cascade.runners.openai_compat import OpenAIRunner
 from cascade.runners.registry import ModelSpec, load_runner
 from tests.conftest import free_port_block
+from tests.fault.proxy import FaultProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.llm]
 
 QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-COUNTING = "Count from 1 to 1000, separated by commas: 1, 2, 3, 4,"
+LONG = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,"
+"""A prompt whose greedy continuation runs to 1500 tokens under llama_cpp.server's own sampling
+defaults (its repeat penalty 1.1: with it "Count from 1 to 1000: 1, 2, 3, 4," ends after 74
+tokens, in about 2.5 s here, and a 3 s deadline could come after the answer)."""
 
 
 class LlamaServer:
@@ -150,19 +154,26 @@ async def test_json_schema_is_sent_as_a_grammar(
 
 async def test_a_deadline_keeps_what_was_streamed(
         llama_server: LlamaServer, open_runner: Callable[..., OpenAIRunner]) -> None:
-    runner = open_runner(base_url=llama_server.url)
-    [generation] = await runner.run([CompletionInput(COUNTING, max_tokens=1500)],
-                                    Deadline.from_ms(3000))
+    # Through a link of 2 kB/s: the 3 s deadline comes long before the answer (hundreds of kB
+    # of events) however fast this machine generates, and after the first events (< 1 kB each).
+    proxy = FaultProxy(llama_server.port).start()
+    try:
+        proxy.set(bandwidth_bps=2_000)
+        runner = open_runner(base_url=proxy.url)
+        [generation] = await runner.run([CompletionInput(LONG, max_tokens=1500)],
+                                        Deadline.from_ms(3000))
+    finally:
+        proxy.stop()
     assert isinstance(generation, Generation)
     assert generation.finish_reason == "deadline"
-    assert generation.completion_tokens < 1500
+    assert 1 <= generation.completion_tokens < 1500
     assert generation.text == "".join(generation.tokens)
 
 
 async def test_abandoning_a_stream_stops_the_server_generating(
         llama_server: LlamaServer, open_runner: Callable[..., OpenAIRunner]) -> None:
     runner = open_runner(base_url=llama_server.url)
-    stream = runner.stream(CompletionInput(COUNTING, max_tokens=1500))
+    stream = runner.stream(CompletionInput(LONG, max_tokens=1500))  # generates for seconds
     assert isinstance(await anext(stream), TokenDelta)
     await stream.aclose()
     async with asyncio.timeout(120):  # the server logs the disconnect and stops generating
