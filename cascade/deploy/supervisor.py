@@ -20,6 +20,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
 import ssl
 import subprocess
@@ -82,6 +83,8 @@ class TierProcess:
     restart_at: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
     history: RestartHistory | None = None
+    instance: str | None = None
+    """The token this start of the process got (``CASCADE_INSTANCE``); its ``/readyz`` says it."""
 
     @property
     def pid(self) -> int:
@@ -154,28 +157,66 @@ def _tls_env(site: SiteCerts, tier: str, *, bottom: bool,
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float,
-               verify: ssl.SSLContext | bool = True) -> float:
-    """Poll ``url/readyz`` until 200; returns seconds waited. Raises if the child exits or times out."""
+               verify: ssl.SSLContext | bool = True, instance: str | None = None) -> float:
+    """Poll ``url/readyz`` until 200; returns seconds waited. Raises if the child exits or times out.
+
+    With ``instance`` only an answer reporting that instance counts: another process answering
+    on the port (a second chain, an old tier) is not this one, which may be about to fail to bind.
+    """
     started = time.monotonic()
+    other: str | None = None
     with httpx.Client(timeout=0.5, verify=verify) as client:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"tier at {url} exited with code {process.returncode} before ready")
+                raise RuntimeError(f"tier at {url} exited with code {process.returncode} before "
+                                   f"ready{_answered_by(other)}")
             try:
-                if client.get(f"{url}/readyz").status_code == 200:
-                    return time.monotonic() - started
+                response = client.get(f"{url}/readyz")
+                if response.status_code == 200:
+                    if _is_instance(response, instance):
+                        return time.monotonic() - started
+                    other = _describe(response)
             except httpx.TransportError:
                 pass
             if time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"tier at {url} not ready after {timeout_s:.0f} s")
+                raise TimeoutError(f"tier at {url} not ready after {timeout_s:.0f} s"
+                                   f"{_answered_by(other)}")
             time.sleep(0.05)
 
 
-def _answers_ready(url: str, verify: ssl.SSLContext | bool = True) -> bool:
+def _is_instance(response: httpx.Response, instance: str | None) -> bool:
+    """Does this 200 ``/readyz`` come from the process started as ``instance`` (None: any)?"""
+    if instance is None:
+        return True
     try:
-        return httpx.get(f"{url}/readyz", timeout=0.5, verify=verify).status_code == 200
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("instance") == instance
+
+
+def _describe(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("tier"):
+        return f"tier {body['tier']} (instance {body.get('instance')})"
+    return f"a process that is no tier of this chain ({response.text[:80]!r})"
+
+
+def _answered_by(other: str | None) -> str:
+    return "" if other is None else (f"; meanwhile its port was answered by another process: "
+                                     f"{other}. Is another chain running on these ports?")
+
+
+def _answers_ready(url: str, verify: ssl.SSLContext | bool = True,
+                   instance: str | None = None) -> bool:
+    try:
+        response = httpx.get(f"{url}/readyz", timeout=0.5, verify=verify)
     except httpx.TransportError:
         return False
+    return response.status_code == 200 and _is_instance(response, instance)
 
 
 class Chain:
@@ -232,7 +273,8 @@ class Chain:
                     python=self.python, preexec_fn=_die_with_parent)
                 self.tiers.insert(0, self._spawn(tier, cfg, port, env))
                 self.ready_s[tier] = wait_ready(self.tiers[0].url, self.tiers[0].process,
-                                                self.ready_timeout_s, self.verify)
+                                                self.ready_timeout_s, self.verify,
+                                                self.tiers[0].instance)
         except BaseException:
             self.stop()
             raise
@@ -274,6 +316,8 @@ class Chain:
             # The tier writes and rotates this file itself (within disk.logs_mb); its output
             # before logging is set up (a config error) reaches the same file through stdout.
             child_env["CASCADE_LOG_FILE"] = str(log_path)
+        # Its /readyz reports this token: only this process's answer counts as it being ready.
+        instance = child_env["CASCADE_INSTANCE"] = secrets.token_hex(8)
         # the child gets its own copy of the log's descriptor; ours closes once it is started
         with open(log_path, "ab") if log_path else nullcontext(subprocess.DEVNULL) as out:
             proc = subprocess.Popen(
@@ -285,7 +329,7 @@ class Chain:
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl and setpgrp, no locks
             )
         return TierProcess(tier, cfg, port, f"{self.scheme}://{self.host}:{port}", proc, log_path,
-                           env)
+                           env, instance=instance)
 
     def supervise(self, now: float | None = None) -> list[ChainEvent]:
         """One supervision pass (call it every fraction of a second): notice tiers that died,
@@ -300,7 +344,8 @@ class Chain:
                 self.tiers[i] = tier = self._respawn(tier, now)
                 events.append(ChainEvent(tier.tier, "restarted", f"tier {tier.tier} restarted "
                                          f"(pid {tier.pid}, log: {tier.log_path})", pid=tier.pid))
-            elif tier.state == "starting" and _answers_ready(tier.url, self.verify):
+            elif tier.state == "starting" and _answers_ready(tier.url, self.verify,
+                                                              tier.instance):
                 tier.state = "up"
                 events.append(ChainEvent(tier.tier, "ready", f"tier {tier.tier} is ready again "
                                          f"({now - tier.started_at:.1f} s after its restart)",

@@ -461,6 +461,7 @@ class Node:
             # drift, policy reloads, uptime and the decision log are this replica's own; the
             # outbox (queue, results) is the tier's, shared by its replicas (edge_nodes/README)
             "replica": self.replica,
+            "instance": self.settings.instance,
             "ready": True,
             "models": {task: rt.runner.model_name for task, rt in self.tasks.items()},
             "policy": {"path": policy.path, "name": policy.policy.name, "version": policy.version,

@@ -204,6 +204,12 @@ class NodeSettings(BaseSettings):
         description="Write this tier's log here, rotated within its disk share (disk.logs_mb, "
         "disk.log_backups copies), instead of to stderr; `cascade up` sets var/logs/<tier>.log.",
     )
+    instance: str | None = Field(
+        None,
+        description="Which start of this tier process this is: a token its supervisor (`cascade "
+        "up`, the tests) sets in CASCADE_INSTANCE and /readyz reports, so the supervisor counts "
+        "only its own process ready, never another one answering on the same port.",
+    )
     trace_dir: Path | None = Field(
         None,
         description="Also write this tier's spans to <trace_dir>/<tier>.jsonl (read them with "
