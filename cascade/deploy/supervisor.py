@@ -184,23 +184,23 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float,
             time.sleep(0.05)
 
 
-def _is_instance(response: httpx.Response, instance: str | None) -> bool:
-    """Does this 200 ``/readyz`` come from the process started as ``instance`` (None: any)?"""
-    if instance is None:
-        return True
+def _readyz_body(response: httpx.Response) -> dict[str, object]:
+    """A ``/readyz`` answer's JSON object ({} when it is none)."""
     try:
         body = response.json()
     except ValueError:
-        return False
-    return isinstance(body, dict) and body.get("instance") == instance
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _is_instance(response: httpx.Response, instance: str | None) -> bool:
+    """Does this 200 ``/readyz`` come from the process started as ``instance`` (None: any)?"""
+    return instance is None or _readyz_body(response).get("instance") == instance
 
 
 def _describe(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and body.get("tier"):
+    body = _readyz_body(response)
+    if body.get("tier"):
         return f"tier {body['tier']} (instance {body.get('instance')})"
     return f"a process that is no tier of this chain ({response.text[:80]!r})"
 

@@ -139,7 +139,7 @@ def test_a_duplicate_in_flight_on_a_serve_tier_gets_409_and_is_computed_once(
             first = pool.submit(post, client, rig.url, body, "serve-busy-1", 90.0)
             # In flight for sure: the Serve tier sent it upstream, where the blackhole holds it.
             rig.wait_for(lambda: rig.proxy.stats["swallowed_bytes"] > swallowed, timeout_s=60,
-                     what="the first request sent upstream")
+                         what="the first request sent upstream")
             duplicate = post(client, rig.url, body, key="serve-busy-1")
             assert duplicate.status_code == 409, duplicate.text
             error = duplicate.json()["error"]
@@ -182,14 +182,14 @@ def test_a_serve_tier_with_its_uplink_down_answers_provisionally_and_delivers_la
 
             rig.proxy.set(mode="pass")
             rig.wait_for(lambda: all(rig.states().get(k) == "done" for k in keys), timeout_s=60,
-                     what="every queued escalation delivered by the Serve tier's forwarder")
+                         what="every queued escalation delivered by the Serve tier's forwarder")
             for key in keys:
                 done = client.get(f"{rig.url}/v1/results/{key}").json()
                 assert (done["status"], done["answered_by"]) == ("final", "cloud")
                 assert [h["tier"] for h in done["hops"]] == ["edge-server", "cloud"]
                 assert _computations(rig.cloud.query, key) == [(1,)]
             rig.wait_for(lambda: len(receiver.received) >= len(keys), timeout_s=30,
-                     what="every callback delivered")
+                         what="every callback delivered")
             assert sorted(key for key, _ in receiver.received) == keys  # once each
     finally:
         rig.proxy.set(mode="pass")
