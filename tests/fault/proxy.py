@@ -33,6 +33,7 @@ class _Conn:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     swallowed: bool = False
+    cut: bool = False  # accepted while the link was down: it never gets an upstream
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -120,7 +121,10 @@ class FaultProxy:
         if mode is not None and mode != self.mode:
             self.mode = mode
             for conn in list(self._conns):
-                if mode == "reset" or conn.swallowed:
+                # A connection that lost bytes, or was accepted while the link was down
+                # (so it has no upstream), cannot carry traffic again: reset it, so its
+                # client retries on a new one instead of waiting for its own timeout.
+                if mode == "reset" or conn.swallowed or conn.cut:
                     self._kill(conn)
 
     async def _set_drop(self, n: int) -> None:
@@ -139,6 +143,7 @@ class FaultProxy:
             self.stats["resets"] += 1
             _abort(writer)
             return
+        conn.cut = self.mode != "pass"
         self._conns.add(conn)
         try:
             up_reader: asyncio.StreamReader | None = None

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fault.harness import wait_for
 from tests.fault.proxy import FaultProxy
 
 
@@ -61,6 +62,23 @@ def test_blackhole_swallows_and_reset_refuses(proxy):
     with pytest.raises((ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
         roundtrip(proxy.port)
     proxy.set(mode="pass")
+    assert roundtrip(proxy.port) == b"ping"
+
+
+def test_a_connection_opened_while_cut_is_reset_when_the_link_returns(proxy):
+    # A client that connected during the cut and has sent nothing yet has no upstream.
+    # Were it kept open after the link comes back, its request would be swallowed
+    # until its own timeout; it must be reset so the client retries on a new one.
+    proxy.set(mode="blackhole")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5.0) as s:
+        wait_for(lambda: proxy.stats["connections"] == 1, timeout_s=10.0,
+                 what="the proxy accepted the connection")
+        proxy.set(mode="pass")
+        with pytest.raises((ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            s.sendall(b"ping")
+            if not s.recv(4096):
+                raise ConnectionAbortedError("closed")
+    assert proxy.stats["swallowed_bytes"] == 0
     assert roundtrip(proxy.port) == b"ping"
 
 
