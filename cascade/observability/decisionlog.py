@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -136,13 +137,42 @@ def connect(path: Path, wal_limit_bytes: int = 4 << 20,
     return conn
 
 
+EVICT_ABOVE = 0.85
+"""The oldest rows go once the live bytes pass this fraction of the share..."""
+EVICT_DOWN_TO = 0.70
+"""...down to this fraction (hysteresis: one eviction, then quiet for a while)."""
+_PAGES_PER_ROW = 3
+"""Pages one row written or deleted may change, at most: its table leaf, its index leaf, a split."""
+_PAGES_PER_COMMIT = 4
+"""Pages any commit may change besides its rows': the header, a pointer map, two b-tree parents."""
+_WAL_FRAME_HEADER = 24
+
+
+def rows_per_commit(share_bytes: int, wal_limit_bytes: int, page_bytes: int) -> int:
+    """Most rows one commit may write or delete so that a log's files stay within its share.
+
+    The share is checked after every commit; at each check the live pages plus the whole WAL
+    allowance are kept below :data:`EVICT_ABOVE` of it, and the WAL is emptied once it passes
+    half its allowance. Between two checks one commit appends a frame to the WAL for each page
+    it changes and may add as many pages to the file, so the pages it may change are the room
+    above that line plus half the allowance, over a page and a frame each."""
+    room = (1 - EVICT_ABOVE) * share_bytes + wal_limit_bytes / 2
+    pages = int(room // (2 * page_bytes + _WAL_FRAME_HEADER))
+    return max(1, (pages - _PAGES_PER_COMMIT) // _PAGES_PER_ROW)
+
+
 class DecisionLog:
     """Buffered writer of decision rows into one SQLite file (one per tier).
 
-    With a ``gauge`` (its share of the tier's disk budget) the writer thread also keeps the file
-    within it: rows older than ``retention_s`` go, and past 85% of the share the oldest rows
-    go down to 70% (:mod:`cascade.observability.disk`); freed pages are reused, and given back
-    to the disk when the file itself passes its share.
+    With a ``gauge`` (its share of the tier's disk budget) the writer thread also keeps the
+    files (database, WAL, shared-memory index) within it at every moment, not only on average:
+    after every commit it measures them; past :data:`EVICT_ABOVE` of the share the oldest rows
+    go down to :data:`EVICT_DOWN_TO`, the WAL is emptied once it passes half its allowance, and
+    each commit carries at most :func:`rows_per_commit` rows, so one commit cannot outgrow the
+    room left. Rows older than ``retention_s`` go at each upkeep; freed pages are reused, and
+    given back to the disk when the files pass their share (a share lowered by a reload).
+    A reader holding the file open (``cascade policy replay`` on the live log) can keep the WAL
+    from being emptied while it reads.
     """
 
     def __init__(self, path: Path, *, flush_interval_s: float = 0.25, max_pending: int = 20_000,
@@ -171,6 +201,9 @@ class DecisionLog:
         self.wal_limit = max(64 << 10, min(1 << 20, gauge.budget_bytes // 8)) if gauge else 1 << 20
         # fail early (unwritable path) rather than in the thread
         self._conn = connect(path, self.wal_limit, table)
+        self._page_bytes = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+        self.commit_rows = (rows_per_commit(gauge.budget_bytes, self.wal_limit, self._page_bytes)
+                            if gauge else 10_000)
         self._thread = threading.Thread(target=self._run, name=f"decisionlog:{path.name}", daemon=True)
         self._thread.start()
 
@@ -190,16 +223,19 @@ class DecisionLog:
         batch = []
         while self._pending:
             batch.append(self._pending.popleft())
-        if not batch:
-            return
-        try:
-            with self._conn:
-                self._conn.executemany(self.table.insert, batch)
-            self.stats["written"] += len(batch)
-        except sqlite3.Error as exc:
-            self.stats["write_errors"] += 1
-            self.stats["lost"] += len(batch)
-            log.error("decision log %s: cannot write %d rows: %s", self.path, len(batch), exc)
+        for start in range(0, len(batch), self.commit_rows):
+            chunk = batch[start:start + self.commit_rows]
+            try:
+                with self._conn:
+                    self._conn.executemany(self.table.insert, chunk)
+            except sqlite3.Error as exc:
+                self.stats["write_errors"] += 1
+                self.stats["lost"] += len(batch) - start
+                log.error("decision log %s: cannot write %d rows: %s", self.path,
+                          len(batch) - start, exc)
+                return
+            self.stats["written"] += len(chunk)
+            self._after_commit()
 
     def _run(self) -> None:
         while True:
@@ -217,51 +253,85 @@ class DecisionLog:
                 return
 
     def _upkeep(self) -> None:
-        """Retention and the disk share (see the class docstring); never raises."""
-        table = self.table.name
+        """Row limits, retention and the disk share (see the class docstring); never raises."""
         try:
             if self.max_rows is not None:
-                with self._conn:
-                    self.stats["evicted"] += self._conn.execute(
-                        f"DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?",
-                        (self.max_rows,)).rowcount
+                self.stats["evicted"] += self._delete_oldest(
+                    f"id <= (SELECT max(id) FROM {self.table.name}) - ?", (self.max_rows,))
+            if self.retention_s is not None and self.gauge is not None:
+                removed = self._delete_oldest("ts < ?", (time.time() - self.retention_s,))
+                self.gauge.evicted("retention", removed)
+                self.stats["evicted"] += removed
+        except sqlite3.Error as exc:
+            log.warning("log %s: cannot keep it within its bounds: %s", self.path, exc)
+        self._after_commit()
+
+    def _after_commit(self) -> None:
+        """Keep the WAL short and, with a gauge, the files within their share; never raises."""
+        try:
+            self._keep_wal_short()
             if self.gauge is None:
                 return
-            removed = 0
-            if self.retention_s is not None:
-                with self._conn:
-                    removed = self._conn.execute(f"DELETE FROM {table} WHERE ts < ?",
-                                                 (time.time() - self.retention_s,)).rowcount
-                self.gauge.evicted("retention", removed)
             share = self.gauge.budget_bytes
-            live, on_disk, rows = self._space()
-            if rows and live > 0.85 * share:
-                n = min(rows, int((live - 0.70 * share) / (live / rows)) + 1)
-                with self._conn:
-                    gone = self._conn.execute(
-                        f"DELETE FROM {table} WHERE id IN "
-                        f"(SELECT id FROM {table} ORDER BY id LIMIT ?)", (n,)).rowcount
-                self.gauge.evicted("budget", gone)
-                self.stats["evicted"] += gone + removed
-                live, on_disk, rows = self._space()
+            data, live, on_disk = self._space()
+            if live > EVICT_ABOVE * share:
+                rows = self._conn.execute(f"SELECT count(*) FROM {self.table.name}").fetchone()[0]
+                if rows:
+                    per_row = max(1.0, data / rows)
+                    n = min(rows, math.ceil((live - EVICT_DOWN_TO * share) / per_row))
+                    gone = self._delete_oldest("1", (), most=n)
+                    self.gauge.evicted("budget", gone)
+                    self.stats["evicted"] += gone
+                    data, live, on_disk = self._space()
             if on_disk > share:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                self._conn.execute("PRAGMA incremental_vacuum").fetchall()
-                live, on_disk, rows = self._space()
+                self._give_back_free_pages()
+                data, live, on_disk = self._space()
             self.gauge.set_used(on_disk)
         except sqlite3.Error as exc:
             log.warning("log %s: cannot keep it within its bounds: %s", self.path, exc)
 
+    def _delete_oldest(self, where: str, params: tuple[Any, ...], most: int | None = None) -> int:
+        """Delete the oldest rows matching ``where`` (at most ``most``), a commit of at most
+        :attr:`commit_rows` rows at a time, the WAL kept short between them; how many went."""
+        table, gone = self.table.name, 0
+        while most is None or gone < most:
+            step = self.commit_rows if most is None else min(self.commit_rows, most - gone)
+            with self._conn:
+                n = self._conn.execute(
+                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {where} "
+                    f"ORDER BY id LIMIT ?)", (*params, step)).rowcount
+            gone += n
+            self._keep_wal_short()
+            if n < step:
+                break
+        return gone
+
+    def _keep_wal_short(self) -> None:
+        """Empty the WAL (a TRUNCATE checkpoint) once it passes half its allowance."""
+        if files_bytes([Path(f"{self.path}-wal")]) > self.wal_limit // 2:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _give_back_free_pages(self) -> None:
+        """Shrink the file by its free pages, a few per commit so the WAL stays short (moving a
+        page changes about as many pages as writing a row: itself, its parent, a pointer map)."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        while free > 0:
+            self._conn.execute(f"PRAGMA incremental_vacuum({self.commit_rows})").fetchall()
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            before, free = free, self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free >= before:  # a file made without auto_vacuum cannot shrink this way
+                break
+
     def _space(self) -> tuple[int, int, int]:
-        """(live bytes, bytes on disk, rows) of the log file; live bytes reserve the WAL's
-        allowance and count the shared-memory index (see cascade.outbox.space.measure)."""
-        page_size, pages, free = (self._conn.execute(f"PRAGMA {name}").fetchone()[0]
-                                  for name in ("page_size", "page_count", "freelist_count"))
+        """(bytes of the rows' pages, live bytes, bytes on disk) of the log; live bytes reserve
+        the WAL's allowance and count the shared-memory index (see cascade.outbox.space)."""
+        pages, free = (self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+                       for name in ("page_count", "freelist_count"))
         wal = files_bytes([Path(f"{self.path}-wal")])
         shm = files_bytes([Path(f"{self.path}-shm")])
-        on_disk = files_bytes([self.path]) + wal + shm
-        rows = self._conn.execute(f"SELECT count(*) FROM {self.table.name}").fetchone()[0]
-        return (pages - free) * page_size + max(wal, self.wal_limit) + shm, on_disk, rows
+        data = (pages - free) * self._page_bytes
+        return data, data + max(wal, self.wal_limit) + shm, files_bytes([self.path]) + wal + shm
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Block until everything recorded so far is committed (tests, shutdown)."""

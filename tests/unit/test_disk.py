@@ -143,3 +143,50 @@ def test_decision_log_stays_within_its_share(tmp_path: Path) -> None:
     assert gauge.used_bytes <= 256 * 1024
     files = tmp_path.glob("decisions-endpoint.db*")
     assert sum(p.stat().st_size for p in files) <= 256 * 1024
+
+
+def test_decision_log_files_stay_within_its_share_at_every_statement(tmp_path: Path) -> None:
+    # The share of a 3 MiB budget (tests/fault/test_disk_soak.py), rows like a tier's (random
+    # request ids, so a commit changes many index pages), in bursts of 200: a second of a
+    # tier logging every request at 200 requests/s.
+    # The files are measured at the start of every statement the writer runs (each sees what
+    # the one before left on disk, the WAL at its longest included), not only at the end.
+    import random
+    import sqlite3
+
+    from cascade.observability.decisionlog import COLUMNS, DecisionLog
+
+    share = DiskSettings(budget_mb=3).shares()["decisions"]
+    path = tmp_path / "decisions-endpoint.db"
+    gauge = StoreGauge("decisions", share)
+    # Each flush() is one drain of its burst (the writer never wakes by itself), and each
+    # drain is followed by the budget upkeep.
+    log = DecisionLog(path, gauge=gauge, retention_s=3600, flush_interval_s=3600,
+                      upkeep_interval_s=0.0)
+    peak = {"bytes": 0, "files": {}}
+
+    def measure(_statement: str) -> None:
+        files = {p.name: p.stat().st_size for p in tmp_path.glob(path.name + "*")}
+        if sum(files.values()) > peak["bytes"]:
+            peak.update(bytes=sum(files.values()), files=files)
+
+    conn: sqlite3.Connection = log._conn  # the writer's own connection: its statements
+    conn.set_trace_callback(measure)
+    rng = random.Random(7)
+    last = ""
+    try:
+        for burst in range(20):
+            for i in range(200):
+                last = f"req-{rng.getrandbits(64):016x}-{burst}-{i}"
+                values = {"ts": time.time(), "request_id": last,
+                          "probs": str([rng.random() for _ in range(10)])}
+                log.record(tuple(values.get(c, 0) for c in COLUMNS))
+            log.flush()
+    finally:
+        log.close()
+    measure("closed")
+    assert gauge.evictions.get("budget", 0) > 0  # the share was filled, more than once
+    assert peak["bytes"] <= share, (peak, share)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM decisions WHERE request_id = ?",
+                          (last,)).fetchone() == (1,)  # the newest rows are the ones kept
