@@ -190,3 +190,55 @@ def test_decision_log_files_stay_within_its_share_at_every_statement(tmp_path: P
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM decisions WHERE request_id = ?",
                           (last,)).fetchone() == (1,)  # the newest rows are the ones kept
+
+
+async def test_results_store_files_stay_within_its_share_at_every_statement(tmp_path: Path) -> None:
+    # The results store of a 3 MiB budget (tests/fault/test_disk_soak.py) under bursts a tier
+    # meets after an outage: 800 keyed answers and 50 escalations at once, group-committed,
+    # then the escalations' final answers. Everything is evictable at once (no idempotency
+    # window), so nothing may be refused, and the files must never pass the share: they are
+    # measured at every statement any connection runs (each sees what the commit before it
+    # left on disk), with the tier's upkeep running beside the writer as in a tier.
+    import asyncio
+    import random
+
+    import sqlalchemy as sa
+
+    from cascade.outbox import Outbox
+    from cascade.outbox.store import Outcome
+    from tests.contract.test_outbox_contract import pending
+
+    share = DiskSettings(budget_mb=3).shares()["results"]
+    gauge = StoreGauge("results", share)
+    box = Outbox(f"sqlite:///{tmp_path / 'outbox.db'}", tier="endpoint", gauge=gauge,
+                 idempotency_window_s=0.0)
+    peak = {"bytes": 0, "files": {}}
+
+    def measure(*_args: object) -> None:
+        files = {p.name: p.stat().st_size for p in tmp_path.glob("outbox.db*") if p.exists()}
+        if sum(files.values()) > peak["bytes"]:
+            peak.update(bytes=sum(files.values()), files=files)
+
+    sa.event.listen(box.engine, "before_cursor_execute", measure)
+    rng = random.Random(11)
+    final = '{"status": "final", "label": "business", "t": "%s"}' % ("z" * 200)
+    await box.start()  # the writer, the upkeep (once a second) and the callback sender
+    try:
+        for burst in range(6):
+            keys = [f"k-{rng.getrandbits(64):016x}" for _ in range(800)]
+            saved = [box.save_result(k, "documents", "h", {"id": k, "status": "final",
+                                                           "probs": [rng.random() for _ in range(8)]})
+                     for k in keys]
+            owed = [box.enqueue(pending(f"{burst}-{i}", text="y" * 300)) for i in range(50)]
+            await asyncio.gather(*saved, *owed)
+            while claimed := await box.claim(16):
+                for c in claimed:
+                    await box.record(Outcome(c.id, "final", response_json=final))
+        last = keys[-1]
+        assert await box.lookup(last) is not None  # the newest answers are the ones kept
+    finally:
+        await box.aclose()
+    measure()
+    assert peak["bytes"] <= share, (peak, share)
+    assert gauge.evictions.get("budget", 0) > 0  # the share was filled, more than once
+    assert box.stats["refused_disk_budget"] == 0
