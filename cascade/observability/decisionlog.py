@@ -401,21 +401,45 @@ class DecisionRecorder:
             self.log = None
 
 
-def read_rows(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
-    """Every row of the given decision log files, as dicts (oldest first per file)."""
+READ_CHUNK_ROWS = 1000
+"""Rows one read of a live log file takes (:func:`read_log`)."""
+
+
+def read_log(path: Path, table: str, what: str, *, field: str | None = None,
+             chunk: int = READ_CHUNK_ROWS) -> Iterator[dict[str, Any]]:
+    """Every row of ``table`` in the log file ``path`` (a tier may be writing it), as dicts,
+    oldest first.
+
+    Rows are read ``chunk`` at a time, each chunk a short read of its own, so a slow consumer (a
+    replay of a day of decisions) never holds a read open on the live file: one would keep the
+    tier from emptying the file's WAL, which then grows past the file's disk share. Rows the
+    tier evicts meanwhile (its oldest) may be missed. Errors are a :class:`ConfigError` naming
+    the file and ``what`` it should have been."""
     from cascade.errors import ConfigError
 
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: cannot open the {what}: {exc}", field=field) from None
+    conn.row_factory = sqlite3.Row
+    try:
+        last = 0  # ids start at 1 (AUTOINCREMENT)
+        while True:
+            try:
+                rows = conn.execute(f"SELECT * FROM {table} WHERE id > ? ORDER BY id LIMIT ?",
+                                    (last, chunk)).fetchall()
+            except sqlite3.Error as exc:
+                raise ConfigError(f"{path}: not a {what} ({exc})", field=field) from None
+            yield from (dict(row) for row in rows)
+            if len(rows) < chunk:
+                return
+            last = rows[-1]["id"]
+    finally:
+        conn.close()
+
+
+def read_rows(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """Every row of the given decision log files, as dicts (oldest first per file; see
+    :func:`read_log`)."""
     for path in paths:
-        try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"{path}: cannot open the decision log: {exc}") from None
-        conn.row_factory = sqlite3.Row
-        try:
-            rows = conn.execute("SELECT * FROM decisions ORDER BY id")
-            for row in rows:
-                yield dict(row)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"{path}: not a cascade decision log ({exc})") from None
-        finally:
-            conn.close()
+        yield from read_log(path, "decisions", "cascade decision log")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from cascade.observability.decisionlog import DecisionLog, LogTable
+from cascade.observability.decisionlog import DecisionLog, LogTable, read_log
 
 __all__ = ["EXAMPLES_PATH_ENV", "HardExample", "HardExampleStore", "export_examples",
            "input_sha256", "read_examples"]
@@ -132,20 +132,14 @@ class HardExampleStore:
 
 
 def read_examples(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
-    """Every row of the given example files as dicts (oldest first per file)."""
+    """Every row of the given example files as dicts (oldest first per file; read in short
+    chunks, see :func:`~cascade.observability.decisionlog.read_log`)."""
     from cascade.errors import ConfigError
 
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(f"{path}: no such hard example file", field="path")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        conn.row_factory = sqlite3.Row
-        try:
-            yield from (dict(row) for row in conn.execute("SELECT * FROM examples ORDER BY id"))
-        except sqlite3.Error as exc:
-            raise ConfigError(f"{path}: not a hard example file ({exc})", field="path") from None
-        finally:
-            conn.close()
+        yield from read_log(path, _TABLE.name, "hard example file", field="path")
 
 
 def export_examples(paths: Sequence[Path], out: Path, *, task: str | None = None,

@@ -61,6 +61,45 @@ def test_decision_log_round_trips_exact_probabilities(tmp_path):
     assert log.stats["written"] == 1 and log.stats["lost"] == 0
 
 
+def test_a_paused_reader_of_a_live_log_does_not_keep_its_wal_from_being_emptied(tmp_path):
+    # A replay reads a tier's live log while the tier writes it. A read left open between two
+    # rows (the replay busy with one) would pin the WAL: the tier's TRUNCATE checkpoint would
+    # be refused as busy, and the WAL would grow past the log's disk share. Rows are read in
+    # short chunks instead, and reading on after the checkpoint still yields every row once,
+    # in order, including rows written meanwhile.
+    import sqlite3
+
+    from cascade.observability.decisionlog import COLUMNS, read_log
+
+    path = tmp_path / "d.db"
+    log = DecisionLog(path)
+
+    def row(i: int) -> tuple:
+        return (float(i), f"r{i}", None, "endpoint", "documents", 0, "m", "v1", 1, "[0.4, 0.6]",
+                "b", 0.6, 0.2, 0.6, "max_prob", 0.9, 0.6, "escalate", "b", "cloud", "final", None)
+
+    for i in range(25):
+        log.record(row(i))
+    log.flush()
+    log.close()
+    tier = sqlite3.connect(path)  # the tier's writer
+    assert tier.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    try:
+        for readers in (read_rows([path]), read_log(path, "decisions", "log", chunk=10)):
+            first = next(readers)  # the reader pauses here
+            new = row(100 + first["id"])
+            with tier:
+                tier.execute(f"INSERT INTO decisions ({', '.join(COLUMNS[:len(new)])}) "
+                             f"VALUES ({', '.join('?' * len(new))})", new)
+            assert Path(f"{path}-wal").stat().st_size > 0
+            busy, _, _ = tier.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            assert busy == 0 and Path(f"{path}-wal").stat().st_size == 0
+            ids = [first["id"]] + [r["id"] for r in readers]
+            assert ids == sorted(set(ids)) and set(range(1, 26)) <= set(ids)
+    finally:
+        tier.close()
+
+
 def test_replay_of_a_node_log_reproduces_every_live_decision(tmp_path):
     node = text_node(tmp_path, policy_text(tmp_path))
     probs = [0.95, 0.7, 0.55, 0.51, 0.99, 0.6, 0.58]
