@@ -4,6 +4,10 @@ Uses the Debian server binaries (``/usr/lib/postgresql/<v>/bin``) or whatever ``
 PATH. PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres``
 user and is driven through ``runuser``. Durability settings are off: this server holds test
 data only.
+
+A cluster outlives a test process that is killed (``pg_ctl`` detaches the server), so each
+cluster's directory names the process that started it, and starting a cluster first stops and
+removes those whose process is gone (an interrupted soak or a killed ``make test`` left them).
 """
 
 from __future__ import annotations
@@ -29,6 +33,43 @@ def find_bindir() -> Path | None:
     return Path(pg_ctl).parent if pg_ctl else None
 
 
+OWNER_FILE = "owner"
+"""In a cluster's directory: ``<pid> <start time>`` of the process that started it."""
+
+
+def process_identity(pid: int) -> str | None:
+    """``<pid> <start time>`` of a live process (the start time tells a reused pid apart), or
+    None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields from the state (3rd) on follow the command name, which may hold spaces; a zombie
+    # (state Z: exited, not yet waited for) is gone. The start time is the 22nd.
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else f"{pid} {fields[19]}"
+
+
+def reap_orphans(bindir: Path, runas: list[str]) -> list[Path]:
+    """Stop and remove the throwaway clusters whose starting process is gone; returns their
+    directories. Clusters of live processes (another test run beside this one) are left."""
+    reaped = []
+    for root in Path(tempfile.gettempdir()).glob("cascade-pg-*"):
+        try:
+            owner = (root / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue  # being made by another process, or not ours to judge
+        if process_identity(int(owner.split()[0])) == owner:
+            continue
+        if (root / "data" / "postmaster.pid").exists():
+            subprocess.run([*runas, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m",
+                            "immediate", "-w", "stop"], capture_output=True, timeout=60,
+                           check=False)
+        shutil.rmtree(root, ignore_errors=True)
+        reaped.append(root)
+    return reaped
+
+
 @dataclass
 class PostgresServer:
     """A running cluster; :meth:`stop` removes it."""
@@ -51,12 +92,17 @@ class PostgresServer:
         bindir = find_bindir()
         if bindir is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
-        root = Path(tempfile.mkdtemp(prefix="cascade-pg-"))
         runas: list[str] = []
         if os.geteuid() == 0:
+            runas = ["runuser", "-u", "postgres", "--"]
+        reap_orphans(bindir, runas)
+        root = Path(tempfile.mkdtemp(prefix="cascade-pg-"))
+        identity = process_identity(os.getpid())
+        assert identity is not None
+        (root / OWNER_FILE).write_text(identity)
+        if runas:
             user = pwd.getpwnam("postgres")
             os.chown(root, user.pw_uid, user.pw_gid)
-            runas = ["runuser", "-u", "postgres", "--"]
         # A port from this run's own slice, not the kernel's ephemeral range: initdb takes
         # seconds, in which an outgoing connection could take an ephemeral port checked free.
         from tests.conftest import free_port_block
