@@ -4,8 +4,9 @@ The edge-node runs in its own network namespace behind a veth pair (tests/fault/
 endpoint, on the host, escalates every request to it. A client sends keyed requests at a steady
 rate while the link goes through ``--cycles`` of ``--down-s`` seconds faulted and ``--up-s``
 healthy, for each fault of ``--faults``: ``down`` (ip link set down), ``blackhole`` (replies
-dropped in silence), ``slow`` (tbf: 64 kbit/s), ``lossy`` (tc netem delay 200 ms, loss 20 %;
-only where the kernel has sch_netem). Default timers everywhere (no test shortcuts).
+dropped in silence), ``slow`` (tbf: 64 kbit/s), ``lossy`` (tc netem delay 200 ms, loss 20 %; where the kernel has
+no sch_netem, nftables drops 20 % of the packets each way, without the delay: the report names
+which, with the packets dropped). Default timers everywhere (no test shortcuts).
 
 Targets: the endpoint answers 100 % of requests, lost 0, computed twice upstream 0, and each
 outage's backlog delivered within 2x the outage once the link is back.
@@ -30,11 +31,18 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fault.cycles import CycleReport, partition_cycles
 from tests.fault.harness import Tier, write_policy
-from tests.fault.netns import Partition, namespaces_unavailable, netem_unavailable, sweep_stale
+from tests.fault.netns import (
+    Partition,
+    loss_method,
+    loss_unavailable,
+    namespaces_unavailable,
+    sweep_stale,
+)
 
 
-def soak(fault: str, args: argparse.Namespace, tmp: Path) -> CycleReport:
-    """One fault's cycles on a fresh pair of tiers and a fresh namespace."""
+def soak(fault: str, args: argparse.Namespace, tmp: Path) -> tuple[CycleReport, int]:
+    """One fault's cycles on a fresh pair of tiers and a fresh namespace; with the packets
+    nftables dropped (the ``lossy`` fault without netem; else 0)."""
     policy = write_policy(tmp / f"policy-{fault}.yaml")
     with Partition() as link:
         upstream = Tier(tmp / fault, "edge-node", args.models_dir, policy, fast=False,
@@ -42,8 +50,9 @@ def soak(fault: str, args: argparse.Namespace, tmp: Path) -> CycleReport:
         endpoint = Tier(tmp / fault, "endpoint", args.models_dir, policy, fast=False,
                         upstream=upstream.url).start()
         try:
-            return partition_cycles(endpoint, upstream, link, fault=fault, cycles=args.cycles,
-                                    down_s=args.down_s, up_s=args.up_s)
+            report = partition_cycles(endpoint, upstream, link, fault=fault,
+                                      cycles=args.cycles, down_s=args.down_s, up_s=args.up_s)
+            return report, link.dropped_packets
         finally:
             endpoint.stop()
             upstream.stop()
@@ -73,6 +82,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {fault} | skipped: {r['skipped']} |||||||||")
             continue
         met = r["verdict"]
+        if fault == "lossy":
+            fault += (" (netem: 200 ms, 20 % loss)" if r["loss_method"] == "netem" else
+                      f" (nftables: 20 % loss each way, no delay; {r['dropped_packets']} "
+                      "packets dropped)")
         lines.append(
             f"| {fault} | {r['requests']} | {r['answered']} | {r['provisional']} | {r['lost']} "
             f"| {r['computed_twice']} | {r['not_final']} | {r['queued_per_cycle']} | "
@@ -107,13 +120,15 @@ def main() -> None:
                               "faults": {}}
     with tempfile.TemporaryDirectory(prefix="bench-partition-") as tmp:
         for fault in args.faults.split(","):
-            if fault == "lossy" and (reason := netem_unavailable()):
+            if fault == "lossy" and (reason := loss_unavailable()):
                 report["faults"][fault] = {"skipped": reason}
                 continue
             print(f"{fault}: {args.cycles} x ({args.down_s:g} s down, {args.up_s:g} s up)...",
                   flush=True)
-            result = soak(fault, args, Path(tmp))
+            result, dropped = soak(fault, args, Path(tmp))
             report["faults"][fault] = {**result.as_dict(), "verdict": verdict(result)}
+            if fault == "lossy":
+                report["faults"][fault].update(loss_method=loss_method(), dropped_packets=dropped)
     report["seconds"] = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "partition.json").write_text(json.dumps(report, indent=2))

@@ -11,8 +11,11 @@ Faults (:meth:`Partition.apply`):
                  established connections that hang), like a dead WAN link.
 * ``slow``       ``tc qdisc tbf`` on both ends: 64 kbit/s with a 300 ms queue (queueing delay,
                  tail drop): a degraded link that still carries some traffic.
-* ``lossy``      ``tc qdisc netem`` delay 200 ms and 20 % loss on both ends; kernels without
-                 ``sch_netem`` cannot (:func:`netem_unavailable` says why).
+* ``lossy``      ``tc qdisc netem`` delay 200 ms and 20 % loss on both ends. Kernels without
+                 ``sch_netem`` (this CI's) get the loss without the delay: nftables in the
+                 namespace drops a random 20 % of the packets crossing its end of the pair,
+                 each way (:func:`loss_method` says which, :func:`loss_unavailable` why
+                 neither can).
 
 Names are unique per process and partition (``cxpart-<pid>-<n>``); :func:`sweep_stale`
 removes namespaces of processes that no longer exist (a run killed before its cleanup).
@@ -23,10 +26,12 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
 import subprocess
 from typing import Self
 
 PREFIX = "cxpart-"
+_LOSS_TABLE = "cxloss"
 FAULTS = ("down", "blackhole", "slow", "lossy")
 _numbers = itertools.count()
 
@@ -63,6 +68,36 @@ def netem_unavailable() -> str | None:
     return None
 
 
+@functools.cache
+def loss_method() -> str | None:
+    """How the ``lossy`` fault drops packets here: ``netem`` (with its delay), ``nftables``
+    (loss only), or None (:func:`loss_unavailable` says why)."""
+    if netem_unavailable() is None:
+        return "netem"
+    return "nftables" if _nftables_unavailable() is None else None
+
+
+def loss_unavailable() -> str | None:
+    """Why the ``lossy`` fault cannot be made here (None: it can, see :func:`loss_method`)."""
+    if loss_method() is not None:
+        return None
+    return f"{netem_unavailable()}; and {_nftables_unavailable()}"
+
+
+@functools.cache
+def _nftables_unavailable() -> str | None:
+    if reason := namespaces_unavailable():
+        return reason
+    with Partition() as probe:
+        try:
+            out = probe._drop_randomly(check=False)
+        except FileNotFoundError:
+            return "the nft command is not installed (apt-get install nftables)"
+        if out.returncode != 0:
+            return f"nft: {out.stderr.strip()} (the kernel has no nf_tables)"
+    return None
+
+
 def sweep_stale() -> list[str]:
     """Delete the namespaces of this module left by processes that are gone; their names."""
     out = _ip("ip", "netns", "list", check=False).stdout.split()
@@ -92,6 +127,8 @@ class Partition:
         self.subnet = f"{_dotted(base)}/30"
         self.host_ip, self.ns_ip = _dotted(base + 1), _dotted(base + 2)
         self.fault: str | None = None
+        self.dropped_packets = 0
+        """Packets the ``lossy`` fault dropped by nftables, counted when it is healed."""
 
     @property
     def launcher(self) -> tuple[str, ...]:
@@ -134,6 +171,8 @@ class Partition:
             _ip("ip", "link", "set", self.host_if, "down")
         elif fault == "blackhole":
             _ip("ip", "-n", self.name, "route", "add", "blackhole", f"{self.host_ip}/32")
+        elif fault == "lossy" and loss_method() == "nftables":
+            self._drop_randomly()
         else:
             qdisc = (("tbf", "rate", "64kbit", "burst", "4kb", "latency", "300ms")
                      if fault == "slow" else ("netem", "delay", "200ms", "loss", "20%"))
@@ -150,7 +189,26 @@ class Partition:
         _ip("tc", "qdisc", "del", "dev", self.host_if, "root", check=False)
         _ip("ip", "netns", "exec", self.name, "tc", "qdisc", "del", "dev", self.ns_if, "root",
             check=False)
+        if loss_method() == "nftables":
+            rules = _ip("ip", "netns", "exec", self.name, "nft", "list", "table", "inet",
+                        _LOSS_TABLE, check=False).stdout
+            counts = re.findall(r"counter packets (\d+)", rules)
+            self.dropped_packets += sum(int(n) for n in counts)
+            _ip("ip", "netns", "exec", self.name, "nft", "delete", "table", "inet", _LOSS_TABLE,
+                check=False)
         self.fault = None
+
+    def _drop_randomly(self, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """nftables in the namespace: drop 20 % of the packets leaving and entering by its end
+        of the pair, each chosen at random (the namespace's loopback is untouched)."""
+        rules = (f"table inet {_LOSS_TABLE} {{\n"
+                 "  chain in { type filter hook input priority 0; "
+                 f'iifname "{self.ns_if}" numgen random mod 5 == 0 counter drop; }}\n'
+                 "  chain out { type filter hook output priority 0; "
+                 f'oifname "{self.ns_if}" numgen random mod 5 == 0 counter drop; }}\n'
+                 "}\n")
+        return subprocess.run(("ip", "netns", "exec", self.name, "nft", "-f", "-"), input=rules,
+                              capture_output=True, text=True, check=check, timeout=30)
 
 
 def _dotted(address: int) -> str:

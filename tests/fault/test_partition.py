@@ -15,7 +15,13 @@ import pytest
 
 from tests.fault.cycles import partition_cycles
 from tests.fault.harness import write_policy
-from tests.fault.netns import Partition, namespaces_unavailable, netem_unavailable, sweep_stale
+from tests.fault.netns import (
+    Partition,
+    loss_method,
+    loss_unavailable,
+    namespaces_unavailable,
+    sweep_stale,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +42,7 @@ def link():
 @pytest.mark.parametrize("fault", ["down", "blackhole", "slow", "lossy"])
 def test_link_cycles_under_load_answer_everything_lose_nothing_compute_once(
         fault, link, tiers, tmp_path, record_property):
-    if fault == "lossy" and (reason := netem_unavailable()):
+    if fault == "lossy" and (reason := loss_unavailable()):
         pytest.skip(reason)
     policy = write_policy(tmp_path / "policy.yaml", max_attempts=10_000)
     upstream = tiers("edge-node", policy_path=policy, host=link.ns_ip, launcher=link.launcher)
@@ -44,6 +50,10 @@ def test_link_cycles_under_load_answer_everything_lose_nothing_compute_once(
     report = partition_cycles(endpoint, upstream, link, fault=fault, cycles=CYCLES,
                               down_s=DOWN_S, up_s=UP_S)
     record_property("partition", report.as_dict())  # drain times: reported, not asserted
+    if fault == "lossy":  # netem (loss and delay), or nftables (loss only) where it is missing
+        record_property("loss_method", loss_method())
+        if loss_method() == "nftables":  # packets were really lost (netem keeps no count)
+            assert link.dropped_packets > 0
     assert report.failures == [], report.failures[:5]
     assert report.answered == report.requests > 0
     assert (report.lost, report.never_upstream, report.computed_twice, report.not_final) == (
