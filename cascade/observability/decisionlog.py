@@ -162,8 +162,9 @@ class DecisionLog:
     each commit carries at most :func:`rows_per_commit` rows, so one commit cannot outgrow the
     room left. Rows older than ``retention_s`` go at each upkeep; freed pages are reused, and
     given back to the disk when the files pass their share (a share lowered by a reload).
-    A reader holding the file open (``cascade policy replay`` on the live log) can keep the WAL
-    from being emptied while it reads.
+    The project's readers of a live file (``cascade policy replay``, :func:`read_log`) read it in
+    short chunks, so they never keep the WAL from being emptied; another program holding a read
+    open on it can, until that read ends.
     """
 
     def __init__(self, path: Path, *, flush_interval_s: float = 0.25, max_pending: int = 20_000,
