@@ -50,11 +50,12 @@ def process_identity(pid: int) -> str | None:
     return None if fields[0] == "Z" else f"{pid} {fields[19]}"
 
 
-def reap_orphans(bindir: Path, runas: list[str]) -> list[Path]:
-    """Stop and remove the throwaway clusters whose starting process is gone; returns their
-    directories. Clusters of live processes (another test run beside this one) are left."""
+def reap_orphans(bindir: Path, runas: list[str], base: Path | None = None) -> list[Path]:
+    """Stop and remove the throwaway clusters in ``base`` (the temp directory) whose starting
+    process is gone; returns their directories. Clusters of live processes (another test run
+    beside this one) are left."""
     reaped = []
-    for root in Path(tempfile.gettempdir()).glob("cascade-pg-*"):
+    for root in (base or Path(tempfile.gettempdir())).glob("cascade-pg-*"):
         try:
             owner = (root / OWNER_FILE).read_text().strip()
         except OSError:
@@ -86,17 +87,20 @@ class PostgresServer:
         return f"postgresql+psycopg://cascade@{self.host}:{self.port}/cascade"
 
     @classmethod
-    def start(cls, *, host: str = "127.0.0.1", trust_network: str | None = None) -> PostgresServer:
+    def start(cls, *, host: str = "127.0.0.1", trust_network: str | None = None,
+              base: Path | None = None) -> PostgresServer:
         """``host``: an address it also listens on (besides 127.0.0.1), for clients in another
-        network namespace; ``trust_network``: a CIDR whose clients may connect (no password)."""
+        network namespace; ``trust_network``: a CIDR whose clients may connect (no password);
+        ``base``: the directory to make the cluster in (the temp directory; keep it short, the
+        server's socket lives below it)."""
         bindir = find_bindir()
         if bindir is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
         runas: list[str] = []
         if os.geteuid() == 0:
             runas = ["runuser", "-u", "postgres", "--"]
-        reap_orphans(bindir, runas)
-        root = Path(tempfile.mkdtemp(prefix="cascade-pg-"))
+        reap_orphans(bindir, runas, base)
+        root = Path(tempfile.mkdtemp(prefix="cascade-pg-", dir=base))
         identity = process_identity(os.getpid())
         assert identity is not None
         (root / OWNER_FILE).write_text(identity)
