@@ -42,7 +42,6 @@ from cascade.outbox.rules import to_json
 from cascade.outbox.space import (
     EVICT_ABOVE,
     Space,
-    claim_rows,
     job_pages,
     keep_within_share,
     wal_limit_bytes,
@@ -131,11 +130,6 @@ class Outbox:
             self.commit_pages = pages_per_commit(gauge.budget_bytes, self.wal_limit_bytes,
                                                  self.page_bytes, EVICT_ABOVE)
         bounded = self.commit_pages is not None
-        self.claim_rows: int | None = (None if self.commit_pages is None else
-                                       claim_rows(self.commit_pages))
-        """Most rows one claim takes (a SQLite store with a share), so that its commit keeps
-        within :attr:`commit_pages` like every other batch; the forwarder and the callback
-        sender claim again for the rest."""
         self.writer = GroupCommitWriter(
             self.engine, self.writes.handlers(), max_batch=self.settings.commit_batch_max,
             name=f"outbox-writer-{tier}", clock=clock, relaxed_kinds=RELAXED_KINDS,
@@ -381,12 +375,9 @@ class Outbox:
     # -- used by the forwarder and the callback sender ------------------------------------------
 
     async def claim(self, limit: int) -> list[Claimed]:
-        """Reserve up to ``limit`` due rows (at most :attr:`claim_rows`), oldest first."""
-        rows: list[Claimed] = await self._write("claim", self._claim_limit(limit))
+        """Reserve up to ``limit`` due rows, oldest first."""
+        rows: list[Claimed] = await self._write("claim", limit)
         return rows
-
-    def _claim_limit(self, limit: int) -> int:
-        return limit if self.claim_rows is None else min(limit, self.claim_rows)
 
     async def record(self, outcome: Outcome) -> str | None:
         """Store what one send achieved; returns the row's new state."""
@@ -396,8 +387,7 @@ class Outbox:
         return state
 
     async def claim_callbacks(self, limit: int) -> list[ClaimedCallback]:
-        rows: list[ClaimedCallback] = await self._write("claim_callbacks",
-                                                        self._claim_limit(limit))
+        rows: list[ClaimedCallback] = await self._write("claim_callbacks", limit)
         return rows
 
     async def record_callback(self, id_: str, delivered: bool, error: str | None,

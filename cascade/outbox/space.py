@@ -186,15 +186,6 @@ def shrink(writes: OutboxWrites, batch: Batch, jobs: Sequence[int | None]) -> li
 
 PAGES_PER_SPLIT: Final[int] = 2
 """Pages a full leaf adds when a row lands in it: the new leaf and the parent pointing to it."""
-PAGES_PER_CLAIMED_ROW: Final[int] = 4
-"""Pages claiming one row may change: its table leaf and the leaves of the index entries that
-move with its state, lease and due time."""
-
-
-def claim_rows(commit_pages: int) -> int:
-    """Most rows one claim (of escalations or of callbacks) may take so that its commit stays
-    within ``commit_pages`` (:func:`job_pages`); at least one."""
-    return max(1, (commit_pages - PAGES_PER_SPLIT) // PAGES_PER_CLAIMED_ROW)
 
 
 def job_pages(page_bytes: int) -> Callable[[str, Any], int]:
@@ -215,7 +206,7 @@ def job_pages(page_bytes: int) -> Callable[[str, Any], int]:
         if kind == "outcome":  # answer and escalation rewritten (index entries move), callback
             return overflow(len(payload.response_json or "")) + 3 + 2 * 5 + 3 + PAGES_PER_SPLIT
         if kind in ("claim", "claim_callbacks"):  # payload: how many rows, each re-indexed
-            return PAGES_PER_CLAIMED_ROW * int(payload) + PAGES_PER_SPLIT
+            return 4 * int(payload) + PAGES_PER_SPLIT
         if kind == "evict":
             return PAGES_PER_EVICTED_ROW * int(payload[0])
         return 8

@@ -120,10 +120,7 @@ class GroupCommitWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stats = {"batches": 0, "relaxed_batches": 0, "jobs": 0, "largest_batch": 0,
-                      "heaviest_batch_pages": 0, "failed_batches": 0, "wal_truncations": 0,
-                      "stale_connections": 0}
-        """What the thread did; ``heaviest_batch_pages``: the most pages one batch weighed
-        (``job_pages``; 0 without it)."""
+                      "failed_batches": 0, "wal_truncations": 0, "stale_connections": 0}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -206,7 +203,6 @@ class GroupCommitWriter:
             jobs, pages = self._take()
             if not jobs:
                 break
-            self.stats["heaviest_batch_pages"] = max(self.stats["heaviest_batch_pages"], pages)
             try:
                 try:
                     if conn is None:

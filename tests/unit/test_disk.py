@@ -242,30 +242,3 @@ async def test_results_store_files_stay_within_its_share_at_every_statement(tmp_
     assert peak["bytes"] <= share, (peak, share)
     assert gauge.evictions.get("budget", 0) > 0  # the share was filled, more than once
     assert box.stats["refused_disk_budget"] == 0
-
-
-async def test_claims_keep_within_the_commit_bound_of_a_small_share(tmp_path: Path) -> None:
-    # A 3 MiB budget's results store: one commit may change a few dozen pages. A claim of 16
-    # escalations weighs 4 pages each, so before claims were capped it committed alone, past
-    # the bound that keeps the files within the share. It now takes at most claim_rows, and
-    # claiming again gets the rest, oldest first, none lost or taken twice.
-    import asyncio
-
-    from cascade.outbox import Outbox
-    from tests.contract.test_outbox_contract import pending
-
-    gauge = StoreGauge("results", DiskSettings(budget_mb=3).shares()["results"])
-    box = Outbox(f"sqlite:///{tmp_path / 'outbox.db'}", tier="endpoint", gauge=gauge)
-    await box.start()
-    try:
-        await asyncio.gather(*(box.enqueue(pending(i)) for i in range(40)))
-        assert box.claim_rows is not None and box.commit_pages is not None
-        assert 1 <= box.claim_rows < 16
-        claimed: list[str] = []
-        while rows := await box.claim(16):
-            assert len(rows) <= box.claim_rows
-            claimed += [row.id for row in rows]
-        assert sorted(claimed) == sorted(f"req-{i}" for i in range(40))
-        assert 0 < box.writer.stats["heaviest_batch_pages"] <= box.commit_pages
-    finally:
-        await box.aclose()
