@@ -21,13 +21,7 @@ import sqlalchemy as sa
 
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
-from cascade.observability.disk import (
-    MIB,
-    WAL_FRAME_HEADER,
-    DiskUsage,
-    StoreGauge,
-    pages_per_commit,
-)
+from cascade.observability.disk import MIB, DiskUsage, StoreGauge, pages_per_commit
 from cascade.outbox.claims import ClaimJob
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
@@ -116,10 +110,6 @@ class Outbox:
         self.writes = OutboxWrites(tier, self.settings, self.counters, self.stats)
         self.space: Space | None = None
         """What the disk budget measured last (None: no budget, or not measured yet)."""
-        self._pages_since = 0
-        """Pages the batches committed since :attr:`space` was measured may have changed."""
-        self.measure_next = True
-        """Measure after the next batch even if it cannot have reached the line (the upkeep's)."""
         self.page_bytes = 0
         self.commit_pages: int | None = None
         """Most pages one commit may change (a SQLite store with a share: see
@@ -200,25 +190,12 @@ class Outbox:
                 "escalations, undelivered callbacks, provisional answers. Nothing was stored; "
                 "retry later")
 
-    def _keep_within_share(self, writer: GroupCommitWriter, conn: sa.Connection,
-                           pages: int) -> None:
-        """The writer's ``after_batch`` hook of a SQLite store with a share (its thread).
-
-        Measuring costs a transaction, three PRAGMAs and two ``stat`` calls, so it is skipped
-        while the store cannot have reached its eviction line: the size last measured plus, for
-        every page the batches since may have changed, a page in the file and a frame in the WAL
-        (the upkeep still asks for a measurement every second)."""
+    def _keep_within_share(self, writer: GroupCommitWriter, conn: sa.Connection) -> None:
+        """The writer's ``after_batch`` hook of a SQLite store with a share (its thread)."""
         assert self.gauge is not None and self.commit_pages is not None
         path = sqlite_path(self.url)
         assert path is not None
         share = self.gauge.budget_bytes
-        self._pages_since += pages
-        if self.space is not None and not self.measure_next and self.full_reason is None:
-            grown = self._pages_since * (2 * self.page_bytes + WAL_FRAME_HEADER)
-            if self.space.on_disk_bytes + self.wal_limit_bytes + grown <= EVICT_ABOVE * share:
-                return
-        self.measure_next = False
-        self._pages_since = 0
         space, evicted = keep_within_share(
             writer, conn, path=path, share_bytes=share, wal_limit=self.wal_limit_bytes,
             commit_pages=self.commit_pages, page_bytes=self.page_bytes,

@@ -88,7 +88,6 @@ async def keep_within_budget(box: Outbox) -> Space | None:
     if gauge is None:
         return None
     if box.commit_pages is not None:
-        box.measure_next = True
         await box._write("check", None)
         return box.space
     share = gauge.budget_bytes

@@ -67,9 +67,8 @@ class Batch:
 Handler = Callable[[Batch, Sequence[Any]], list[Any]]
 """Applies jobs of one kind; returns one outcome per job (a value, or a CascadeError for a job it
 refused without writing anything)."""
-AfterBatch = Callable[["GroupCommitWriter", sa.Connection, int], None]
-"""A hook run after every batch, with the writer, its connection and the pages the batch's jobs
-weigh (see the constructor)."""
+AfterBatch = Callable[["GroupCommitWriter", sa.Connection], None]
+"""A hook run after every batch, with the writer and its connection (see the constructor)."""
 
 _STOP = object()
 _WAL_WAIT_MS = 50
@@ -98,7 +97,7 @@ class GroupCommitWriter:
         checkpoint never gets to restart the WAL, which then grows by every commit.
 
         ``job_pages(kind, payload)``: how many database pages a job may change; a batch takes
-        jobs while their sum stays within ``max_batch_pages``. ``after_batch(writer, conn, pages)``:
+        jobs while their sum stays within ``max_batch_pages``. ``after_batch(writer, conn)``:
         run in the writer thread after each batch committed, before its callers are answered and
         before the next batch (it may apply jobs itself with :meth:`commit_one`)."""
         self._engine = engine
@@ -168,10 +167,9 @@ class GroupCommitWriter:
 
     # -- the thread -----------------------------------------------------------------------------
 
-    def _take(self) -> tuple[list[_Job], int]:
+    def _take(self) -> list[_Job]:
         """The next batch: jobs in order, up to ``max_batch`` and ``max_batch_pages`` (at least
-        one job) and the pages they weigh; waits for the first unless the stop marker was seen;
-        empty once stopped."""
+        one job); waits for the first unless the stop marker was seen; empty once stopped."""
         jobs: list[_Job] = []
         pages = 0
         while len(jobs) < self._max_batch:
@@ -195,12 +193,12 @@ class GroupCommitWriter:
                     break
                 pages += weight
             jobs.append(item)
-        return jobs, pages
+        return jobs
 
     def _run(self) -> None:
         conn: sa.Connection | None = None
         while True:
-            jobs, pages = self._take()
+            jobs = self._take()
             if not jobs:
                 break
             try:
@@ -228,16 +226,16 @@ class GroupCommitWriter:
                 conn = None
                 outcomes = [exc] * len(jobs)
             if self._after_batch is not None and conn is not None:
-                conn = self._run_after_batch(conn, pages)
+                conn = self._run_after_batch(conn)
             _deliver(jobs, outcomes)
         _discard(conn)
 
-    def _run_after_batch(self, conn: sa.Connection, pages: int) -> sa.Connection | None:
+    def _run_after_batch(self, conn: sa.Connection) -> sa.Connection | None:
         """Run the ``after_batch`` hook; a failure is logged, never raised (the batch stands);
         returns the connection to go on with (None: discarded after a database error)."""
         assert self._after_batch is not None
         try:
-            self._after_batch(self, conn, pages)
+            self._after_batch(self, conn)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("outbox writer: the check after a commit failed: %s", exc)
             _discard(conn)
