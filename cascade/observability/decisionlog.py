@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cascade.observability.disk import StoreGauge, files_bytes, pages_per_commit
+from cascade.observability.disk import StoreGauge, files_bytes
 from cascade.observability.outcome import RequestOutcome
 
 log = logging.getLogger("cascade.observability.decisionlog")
@@ -143,13 +143,22 @@ EVICT_DOWN_TO = 0.70
 """...down to this fraction (hysteresis: one eviction, then quiet for a while)."""
 _PAGES_PER_ROW = 3
 """Pages one row written or deleted may change, at most: its table leaf, its index leaf, a split."""
+_PAGES_PER_COMMIT = 4
+"""Pages any commit may change besides its rows': the header, a pointer map, two b-tree parents."""
+_WAL_FRAME_HEADER = 24
 
 
 def rows_per_commit(share_bytes: int, wal_limit_bytes: int, page_bytes: int) -> int:
-    """Most rows one commit may write or delete so that a log's files stay within its share
-    (:func:`~cascade.observability.disk.pages_per_commit`, :data:`_PAGES_PER_ROW` each)."""
-    pages = pages_per_commit(share_bytes, wal_limit_bytes, page_bytes, EVICT_ABOVE)
-    return max(1, pages // _PAGES_PER_ROW)
+    """Most rows one commit may write or delete so that a log's files stay within its share.
+
+    The share is checked after every commit; at each check the live pages plus the whole WAL
+    allowance are kept below :data:`EVICT_ABOVE` of it, and the WAL is emptied once it passes
+    half its allowance. Between two checks one commit appends a frame to the WAL for each page
+    it changes and may add as many pages to the file, so the pages it may change are the room
+    above that line plus half the allowance, over a page and a frame each."""
+    room = (1 - EVICT_ABOVE) * share_bytes + wal_limit_bytes / 2
+    pages = int(room // (2 * page_bytes + _WAL_FRAME_HEADER))
+    return max(1, (pages - _PAGES_PER_COMMIT) // _PAGES_PER_ROW)
 
 
 class DecisionLog:

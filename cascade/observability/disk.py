@@ -37,7 +37,7 @@ DEFAULT_SHARES: Final[dict[str, float]] = {
 """Each store's part of ``budget_mb`` unless its ``<store>_mb`` is set."""
 
 __all__ = ["DEFAULT_SHARES", "MIB", "STORES", "DiskSettings", "DiskUsage", "StoreGauge",
-           "files_bytes", "pages_per_commit"]
+           "files_bytes"]
 
 
 class DiskSettings(BaseModel):
@@ -84,26 +84,6 @@ class DiskSettings(BaseModel):
     def shares(self) -> dict[str, int]:
         """Every store's share in bytes."""
         return {store: self.share_bytes(store) for store in STORES}
-
-
-WAL_FRAME_HEADER: Final[int] = 24
-"""Bytes a SQLite WAL frame adds to the page it carries."""
-PAGES_PER_COMMIT: Final[int] = 4
-"""Pages any SQLite commit may change besides its rows': the header, a pointer map, two b-tree
-parents."""
-
-
-def pages_per_commit(share_bytes: int, wal_limit_bytes: int, page_bytes: int,
-                     evict_above: float) -> int:
-    """Most pages one commit may change so that a SQLite store stays within its share.
-
-    The store is checked after every commit: its live pages plus the whole WAL allowance are
-    brought below ``evict_above`` of the share, and the WAL is emptied once past half its
-    allowance. One commit then appends a WAL frame for each page it changes and may add as
-    many pages to the file, so the pages it may change are the room above that line plus half
-    the allowance, over a page and a frame each (the decision log and the results store)."""
-    room = (1 - evict_above) * share_bytes + wal_limit_bytes / 2
-    return max(1, int(room // (2 * page_bytes + WAL_FRAME_HEADER)) - PAGES_PER_COMMIT)
 
 
 def files_bytes(paths: Iterable[Path]) -> int:

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
-from cascade.observability.disk import MIB, DiskUsage, StoreGauge, pages_per_commit
+from cascade.observability.disk import MIB, DiskUsage, StoreGauge
 from cascade.outbox.claims import ClaimJob
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
@@ -38,6 +38,7 @@ from cascade.outbox.space import (
     Space,
     job_pages,
     keep_within_share,
+    pages_per_commit,
     wal_limit_bytes,
 )
 from cascade.outbox.store import (
@@ -113,12 +114,12 @@ class Outbox:
         self.page_bytes = 0
         self.commit_pages: int | None = None
         """Most pages one commit may change (a SQLite store with a share: see
-        :func:`cascade.observability.disk.pages_per_commit`); None: no bound."""
+        :func:`cascade.outbox.space.pages_per_commit`); None: no bound."""
         if gauge is not None and self.is_sqlite:
             with self.engine.connect() as conn:
                 self.page_bytes = int(conn.exec_driver_sql("PRAGMA page_size").scalar() or 4096)
             self.commit_pages = pages_per_commit(gauge.budget_bytes, self.wal_limit_bytes,
-                                                 self.page_bytes, EVICT_ABOVE)
+                                                 self.page_bytes)
         bounded = self.commit_pages is not None
         self.writer = GroupCommitWriter(
             self.engine, self.writes.handlers(), max_batch=self.settings.commit_batch_max,
@@ -168,7 +169,7 @@ class Outbox:
             return
         self.gauge.set_used(space.on_disk_bytes)
         # Past the eviction line after evicting all that may go: the room above it is what the
-        # next commit, and the answers still owed, may need (disk.pages_per_commit).
+        # next commit, and the answers still owed, may need (space.pages_per_commit).
         share = self.gauge.budget_bytes
         full = self._full_reason(space) if space.live_bytes > EVICT_ABOVE * share else None
         if full is not None and self.writes.full_reason is None:

@@ -14,9 +14,8 @@ removes it; the forwarder and the callback sender write through the same writer,
 
 A SQLite store is kept within its share at every moment, not only on average
 (:func:`keep_within_share`): the writer checks it after every batch, before the next can commit,
-and a batch may change at most :func:`~cascade.observability.disk.pages_per_commit` pages
-(:func:`job_pages` weighs each job), so no commit can outgrow the room left above the eviction
-line. New work that would be
+and a batch may change at most :func:`pages_per_commit` pages (:func:`job_pages` weighs each
+job), so no commit can outgrow the room left above the eviction line. New work that would be
 stored is refused by the writer itself from the batch after the one that filled the share, so
 work queued before the refusal cannot overfill it either. What is owed (final answers of queued
 escalations, callbacks) is always written. PostgreSQL's files are its own to manage: there the
@@ -41,7 +40,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 
-from cascade.observability.disk import WAL_FRAME_HEADER
 from cascade.outbox.maintenance import chunks
 from cascade.outbox.tables import callbacks, outbox, results
 from cascade.outbox.writer import Batch, GroupCommitWriter
@@ -57,6 +55,9 @@ MAX_EVICT_ROWS: Final[int] = 20_000
 """Most rows one eviction removes (one writer transaction stays short)."""
 MAX_EVICT_PASSES: Final[int] = 8
 """Evictions in one check at most; each re-measures (rows differ in size from the average)."""
+WAL_FRAME_HEADER: Final[int] = 24
+PAGES_PER_COMMIT: Final[int] = 4
+"""Pages any commit may change besides its jobs': the header, a pointer map, two b-tree parents."""
 PAGES_PER_EVICTED_ROW: Final[int] = 12
 """Leaf pages one evicted request may change: its answer (table, key, retention index), its
 finished escalation (table and five indexes) and its delivered callback (table, two indexes)."""
@@ -184,15 +185,27 @@ def shrink(writes: OutboxWrites, batch: Batch, jobs: Sequence[int | None]) -> li
     return out
 
 
+def pages_per_commit(share_bytes: int, wal_limit: int, page_bytes: int) -> int:
+    """Most pages one commit may change so that a SQLite store stays within its share.
+
+    After every batch the live bytes (the rows' pages plus the whole WAL allowance) are brought
+    below :data:`EVICT_ABOVE` of the share, and the WAL is emptied once past half its allowance.
+    One commit then appends a WAL frame for each page it changes and may add as many pages to
+    the file, so the pages it may change are the room above that line plus half the allowance,
+    over a page and a frame each."""
+    room = (1 - EVICT_ABOVE) * share_bytes + wal_limit / 2
+    return max(1, int(room // (2 * page_bytes + WAL_FRAME_HEADER)) - PAGES_PER_COMMIT)
+
+
 PAGES_PER_SPLIT: Final[int] = 2
 """Pages a full leaf adds when a row lands in it: the new leaf and the parent pointing to it."""
 
 
 def job_pages(page_bytes: int) -> Callable[[str, Any], int]:
     """How many pages a writer job may change, at most, on a SQLite store (see
-    :func:`~cascade.observability.disk.pages_per_commit`): a leaf of each table and index it
-    touches, a split, and the overflow pages of text too long to stay in its leaf (idempotency
-    claims are a shared, PostgreSQL store's: a SQLite store has none to drop)."""
+    :func:`pages_per_commit`): a leaf of each table and index it touches, a split, and the
+    overflow pages of text too long to stay in its leaf (idempotency claims are a shared,
+    PostgreSQL store's: a SQLite store has none to drop)."""
 
     def overflow(n: int) -> int:
         return n // page_bytes
@@ -218,12 +231,9 @@ def keep_within_share(writer: GroupCommitWriter, conn: sa.Connection, *, path: P
                       share_bytes: int, wal_limit: int, commit_pages: int, page_bytes: int,
                       cutoff: float) -> tuple[Space, int]:
     """The check after every batch of a SQLite store with a share (the writer's ``after_batch``
-    hook: its thread, its connection, between batches).
-
-    Evicts past :data:`EVICT_ABOVE`, down to :data:`EVICT_DOWN_TO`, in commits of at most
-    ``commit_pages`` pages (:func:`~cascade.observability.disk.pages_per_commit`); gives free
-    pages back while they would leave the next commit no room; returns the space measured last
-    and how many answers were evicted."""
+    hook: its thread, its connection, between batches). Evicts past :data:`EVICT_ABOVE`, down to :data:`EVICT_DOWN_TO`,
+    at most :func:`pages_per_commit` pages a commit; gives free pages back while they would leave
+    the next commit no room; returns the space measured last and how many answers were evicted."""
     above = int(EVICT_ABOVE * share_bytes)
 
     def now() -> Space:
