@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from cascade.contract.escalation import PendingEscalation
 from cascade.errors import NotFound, ServiceUnavailable
-from cascade.observability.disk import MIB, DiskUsage, StoreGauge
+from cascade.observability.disk import DiskUsage, StoreGauge
 from cascade.outbox.claims import ClaimJob
 from cascade.outbox.config import OutboxSettings
 from cascade.outbox.engine import (
@@ -29,18 +29,10 @@ from cascade.outbox.engine import (
     create_outbox_engine,
     ensure_schema,
     parse_outbox_url,
-    sqlite_path,
     storage_unavailable,
 )
 from cascade.outbox.rules import to_json
-from cascade.outbox.space import (
-    EVICT_ABOVE,
-    Space,
-    job_pages,
-    keep_within_share,
-    pages_per_commit,
-    wal_limit_bytes,
-)
+from cascade.outbox.space import wal_limit_bytes
 from cascade.outbox.store import (
     Claimed,
     ClaimedCallback,
@@ -65,8 +57,7 @@ T = TypeVar("T")
 
 RELAXED_KINDS = frozenset({
     "claim", "outcome", "claim_callbacks", "callback_outcome", "sweep", "recount",
-    "release_backoff", "release_leases", "evict", "shrink", "check", "claim_keys",
-    "release_claims",
+    "release_backoff", "release_leases", "evict", "shrink", "claim_keys", "release_claims",
 })
 """Writes a power cut may undo harmlessly (see :mod:`cascade.outbox.writer`): the forwarder's
 bookkeeping. Enqueues, stored answers and operator actions are always flushed to disk."""
@@ -100,6 +91,8 @@ class Outbox:
         self.url = parse_outbox_url(url)
         self.gauge = gauge
         self.idempotency_window_s = idempotency_window_s
+        self.full_reason: str | None = None
+        """Set while the store is over its disk share with nothing evictable (new work: 503)."""
         self.wal_limit_bytes = (wal_limit_bytes(gauge.budget_bytes) if gauge else
                                 DEFAULT_WAL_LIMIT_BYTES)
         self.engine = create_outbox_engine(
@@ -109,27 +102,12 @@ class Outbox:
         self.counters = HeldCounters()
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
         self.writes = OutboxWrites(tier, self.settings, self.counters, self.stats)
-        self.space: Space | None = None
-        """What the disk budget measured last (None: no budget, or not measured yet)."""
-        self.page_bytes = 0
-        self.commit_pages: int | None = None
-        """Most pages one commit may change (a SQLite store with a share: see
-        :func:`cascade.outbox.space.pages_per_commit`); None: no bound."""
-        if gauge is not None and self.is_sqlite:
-            with self.engine.connect() as conn:
-                self.page_bytes = int(conn.exec_driver_sql("PRAGMA page_size").scalar() or 4096)
-            self.commit_pages = pages_per_commit(gauge.budget_bytes, self.wal_limit_bytes,
-                                                 self.page_bytes)
-        bounded = self.commit_pages is not None
-        self.writer = GroupCommitWriter(
-            self.engine, self.writes.handlers(), max_batch=self.settings.commit_batch_max,
-            name=f"outbox-writer-{tier}", clock=clock, relaxed_kinds=RELAXED_KINDS,
-            synchronous=self.settings.sqlite_synchronous,
-            # With a share, the WAL is emptied once past half its allowance (pages_per_commit).
-            wal_limit_bytes=self.wal_limit_bytes // 2 if bounded else self.wal_limit_bytes,
-            job_pages=job_pages(self.page_bytes) if bounded else None,
-            max_batch_pages=self.commit_pages,
-            after_batch=self._keep_within_share if bounded else None)
+        self.writer = GroupCommitWriter(self.engine, self.writes.handlers(),
+                                        max_batch=self.settings.commit_batch_max,
+                                        name=f"outbox-writer-{tier}", clock=clock,
+                                        relaxed_kinds=RELAXED_KINDS,
+                                        synchronous=self.settings.sqlite_synchronous,
+                                        wal_limit_bytes=self.wal_limit_bytes)
         self.clock = clock
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"outbox-read-{tier}")
         self.last_storage_error: str | None = None
@@ -154,59 +132,6 @@ class Outbox:
                    settings=getattr(settings, "outbox", None),
                    gauge=disk.gauge("results") if disk is not None else None,
                    idempotency_window_s=window, callbacks=callbacks)
-
-    @property
-    def full_reason(self) -> str | None:
-        """Set while the store is past its eviction line with nothing evictable: new work that
-        would be stored gets 503 ``storage_unavailable`` with this message."""
-        return self.writes.full_reason
-
-    def note_space(self, space: Space) -> None:
-        """Take in what the disk budget measured: the gauge, and refusing new work (or taking it
-        again) as the store is past its eviction line with nothing evictable (or back below it)."""
-        self.space = space
-        if self.gauge is None:
-            return
-        self.gauge.set_used(space.on_disk_bytes)
-        # Past the eviction line after evicting all that may go: the room above it is what the
-        # next commit, and the answers still owed, may need (space.pages_per_commit).
-        share = self.gauge.budget_bytes
-        full = self._full_reason(space) if space.live_bytes > EVICT_ABOVE * share else None
-        if full is not None and self.writes.full_reason is None:
-            log.warning("disk: %s", full.replace("Nothing was stored; retry later",
-                                                 "new work that needs storing gets 503"))
-        elif full is None and self.writes.full_reason is not None:
-            log.warning("disk: tier %s's results store is back below its eviction line; "
-                        "storing again", self.tier)
-        self.writes.full_reason = full
-
-    def _full_reason(self, space: Space) -> str:
-        """The 503 message while the store is past its eviction line with nothing left to evict."""
-        share = self.gauge.budget_bytes if self.gauge else 0
-        return (f"tier {self.tier}'s results store uses {space.live_bytes / MIB:.1f} MiB of its "
-                f"disk share of {share / MIB:.1f} MiB (disk.results_mb or disk.budget_mb), past "
-                f"the {100 * EVICT_ABOVE:.0f}% it keeps for new work, and holds only work it still "
-                "owes or answers younger than "
-                f"disk.idempotency_window_s ({self.idempotency_window_s:g} s): pending "
-                "escalations, undelivered callbacks, provisional answers. Nothing was stored; "
-                "retry later")
-
-    def _keep_within_share(self, writer: GroupCommitWriter, conn: sa.Connection) -> None:
-        """The writer's ``after_batch`` hook of a SQLite store with a share (its thread)."""
-        assert self.gauge is not None and self.commit_pages is not None
-        path = sqlite_path(self.url)
-        assert path is not None
-        share = self.gauge.budget_bytes
-        space, evicted = keep_within_share(
-            writer, conn, path=path, share_bytes=share, wal_limit=self.wal_limit_bytes,
-            commit_pages=self.commit_pages, page_bytes=self.page_bytes,
-            cutoff=self.clock() - self.idempotency_window_s)
-        if evicted:
-            self.gauge.evicted("budget", evicted)
-            log.info("disk: evicted the %d oldest delivered answers of tier %s (results store "
-                     "past %.0f%% of its %.1f MiB)", evicted, self.tier,
-                     100 * EVICT_ABOVE, share / MIB)
-        self.note_space(space)
 
     @property
     def is_sqlite(self) -> bool:
@@ -295,10 +220,11 @@ class Outbox:
         }
 
     def check_room(self) -> None:
-        """503 ``storage_unavailable`` while the store is past its eviction line and holds only
+        """503 ``storage_unavailable`` while the store is over its disk share and holds only
         what may not be evicted (see :mod:`cascade.outbox.space`)."""
-        if self.writes.full_reason is not None:
-            raise self.writes.disk_full_error()
+        if self.full_reason is not None:
+            self.stats["refused_disk_budget"] += 1
+            raise ServiceUnavailable(self.full_reason, code="storage_unavailable")
 
     def depth(self) -> int:
         """Escalations still to deliver (queued or forwarding)."""

@@ -187,9 +187,6 @@ class OutboxWrites:
         self.settings = settings
         self.counters = counters
         self.stats = stats
-        self.full_reason: str | None = None
-        """Set while the store is past its eviction line with nothing evictable: new work that
-        would be stored (enqueues, saved answers) is refused with it, 503 storage_unavailable."""
 
     def handlers(self) -> dict[str, Handler]:
         """Job kind -> handler, for :class:`~cascade.outbox.writer.GroupCommitWriter`."""
@@ -206,7 +203,6 @@ class OutboxWrites:
             "recount": partial(maintenance.recount, self),
             "evict": partial(space.evict, self),
             "shrink": partial(space.shrink, self),
-            "check": lambda batch, jobs: [None] * len(jobs),  # a batch, so its after_batch runs
             "claim_callbacks": self.claim_callbacks,
             "callback_outcome": self.callback_outcome,
             "claim_keys": claims.claim_keys,
@@ -234,9 +230,6 @@ class OutboxWrites:
         for job in jobs:
             if job.id in existing or any(a.id == job.id for a in accepted):
                 outcomes.append({"state": existing.get(job.id, "queued"), "duplicate": True})
-                continue
-            if self.full_reason is not None:
-                outcomes.append(self.disk_full_error())
                 continue
             rows_after = self.counters.rows + pending_rows + 1
             bytes_after = self.counters.bytes + pending_bytes + job.size_bytes
@@ -292,15 +285,7 @@ class OutboxWrites:
             code="queue_full",
         )
 
-    def disk_full_error(self) -> ServiceUnavailable:
-        """The 503 for new work while the store is past its eviction line (nothing is stored)."""
-        self.stats["refused_disk_budget"] += 1
-        return ServiceUnavailable(self.full_reason or "the results store is full",
-                                  code="storage_unavailable")
-
     def save_result(self, batch: Batch, jobs: Sequence[SaveResult]) -> list[Any]:
-        if self.full_reason is not None:
-            return [self.disk_full_error() for _ in jobs]
         conn, now = batch.conn, batch.now
         conn.execute(
             _hot(conn).results_for_save,

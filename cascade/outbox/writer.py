@@ -10,12 +10,6 @@ handed to their handler together, so it can use one ``executemany``.
 If a batch fails, its jobs are retried one transaction each, so one bad job cannot fail its
 neighbours; database errors reach the caller as a 503 ``storage_unavailable``.
 
-A writer may also bound what one commit may change (``job_pages`` and ``max_batch_pages``: a
-batch stops taking jobs once their pages would pass the bound, always taking at least one) and
-run a hook after every batch (``after_batch``), before its callers are answered and the next
-batch is taken: the outbox keeps its disk share that way (:mod:`cascade.outbox.space`), since
-nothing else can commit in between.
-
 Only promises made to clients need the fsync. A batch made only of *relaxed* kinds (the
 forwarder's claims and outcomes, sweeps) commits without waiting for the disk (SQLite
 ``synchronous=NORMAL`` for that batch, PostgreSQL ``synchronous_commit=off``): a power cut may
@@ -67,8 +61,6 @@ class Batch:
 Handler = Callable[[Batch, Sequence[Any]], list[Any]]
 """Applies jobs of one kind; returns one outcome per job (a value, or a CascadeError for a job it
 refused without writing anything)."""
-AfterBatch = Callable[["GroupCommitWriter", sa.Connection], None]
-"""A hook run after every batch, with the writer and its connection (see the constructor)."""
 
 _STOP = object()
 _WAL_WAIT_MS = 50
@@ -89,17 +81,11 @@ class GroupCommitWriter:
         self, engine: Engine, handlers: dict[str, Handler], *, max_batch: int = 512,
         name: str = "outbox-writer", clock: Callable[[], float] = time.time,
         relaxed_kinds: frozenset[str] = frozenset(), synchronous: str = "full",
-        wal_limit_bytes: int | None = None, job_pages: Callable[[str, Any], int] | None = None,
-        max_batch_pages: int | None = None, after_batch: AfterBatch | None = None,
+        wal_limit_bytes: int | None = None,
     ) -> None:
         """``wal_limit_bytes`` (SQLite): after a commit that left the WAL file larger, empty it
         (a TRUNCATE checkpoint on the writer's connection). Under steady reads a PASSIVE
-        checkpoint never gets to restart the WAL, which then grows by every commit.
-
-        ``job_pages(kind, payload)``: how many database pages a job may change; a batch takes
-        jobs while their sum stays within ``max_batch_pages``. ``after_batch(writer, conn)``:
-        run in the writer thread after each batch committed, before its callers are answered and
-        before the next batch (it may apply jobs itself with :meth:`commit_one`)."""
+        checkpoint never gets to restart the WAL, which then grows by every commit."""
         self._engine = engine
         path = engine.url.database if engine.dialect.name == "sqlite" else None
         self._wal = (Path(f"{path}-wal"), wal_limit_bytes) if path and wal_limit_bytes else None
@@ -110,12 +96,6 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._name = name
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
-        self._job_pages = job_pages
-        self._max_batch_pages = max_batch_pages
-        self._after_batch = after_batch
-        self._carry: _Job | None = None
-        """A job taken from the queue that did not fit the batch before: the next one's first."""
-        self._stop_seen = False
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stats = {"batches": 0, "relaxed_batches": 0, "jobs": 0, "largest_batch": 0,
@@ -167,40 +147,33 @@ class GroupCommitWriter:
 
     # -- the thread -----------------------------------------------------------------------------
 
-    def _take(self) -> list[_Job]:
-        """The next batch: jobs in order, up to ``max_batch`` and ``max_batch_pages`` (at least
-        one job); waits for the first unless the stop marker was seen; empty once stopped."""
-        jobs: list[_Job] = []
-        pages = 0
-        while len(jobs) < self._max_batch:
-            if self._carry is not None:
-                item: _Job | object = self._carry
-                self._carry = None
-            elif not jobs and not self._stop_seen:
-                item = self._queue.get()
-            else:
+    def _run(self) -> None:
+        conn: sa.Connection | None = None
+        stopping = False
+        while not stopping:
+            jobs: list[_Job] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    jobs.append(item)  # type: ignore[arg-type]
+                if len(jobs) >= self._max_batch:
+                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if not isinstance(item, _Job):  # the stop marker: apply what was submitted before it
-                self._stop_seen = True
-                continue
-            if self._job_pages is not None and self._max_batch_pages is not None:
-                weight = self._job_pages(item.kind, item.payload)
-                if jobs and pages + weight > self._max_batch_pages:
-                    self._carry = item
-                    break
-                pages += weight
-            jobs.append(item)
-        return jobs
-
-    def _run(self) -> None:
-        conn: sa.Connection | None = None
-        while True:
-            jobs = self._take()
             if not jobs:
-                break
+                continue
+            if stopping:  # drain whatever arrived before the stop marker
+                while True:
+                    try:
+                        extra = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if extra is not _STOP:
+                        jobs.append(extra)  # type: ignore[arg-type]
             try:
                 try:
                     if conn is None:
@@ -225,32 +198,8 @@ class GroupCommitWriter:
                 _discard(conn)
                 conn = None
                 outcomes = [exc] * len(jobs)
-            if self._after_batch is not None and conn is not None:
-                conn = self._run_after_batch(conn)
             _deliver(jobs, outcomes)
         _discard(conn)
-
-    def _run_after_batch(self, conn: sa.Connection) -> sa.Connection | None:
-        """Run the ``after_batch`` hook; a failure is logged, never raised (the batch stands);
-        returns the connection to go on with (None: discarded after a database error)."""
-        assert self._after_batch is not None
-        try:
-            self._after_batch(self, conn)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("outbox writer: the check after a commit failed: %s", exc)
-            _discard(conn)
-            return None
-        except Exception:
-            log.exception("outbox writer: the check after a commit failed")
-        return conn
-
-    def commit_one(self, conn: sa.Connection, kind: str, payload: Any) -> Any:
-        """Apply one job now, in a transaction of its own (only from the writer thread: the
-        ``after_batch`` hook); returns its outcome, raises what it failed with."""
-        (outcome,) = self._commit(conn, [_Job(kind, payload, concurrent.futures.Future())])
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
     def _commit(self, conn: sa.Connection, jobs: list[_Job]) -> list[Any]:
         batch = Batch(conn, self._clock())
@@ -281,23 +230,18 @@ class GroupCommitWriter:
         """Empty the WAL once it has passed its limit (never fails the committed batch)."""
         assert self._wal is not None
         wal, limit = self._wal
+        # Readers are waited for 50 ms at most: a busy WAL is tried again after the next commit
+        # rather than stalling every write behind a long read.
         try:
             if wal.stat().st_size > limit:
-                self.empty_wal(conn)
+                _pragma(conn, f"busy_timeout={_WAL_WAIT_MS}")
+                try:
+                    _pragma(conn, "wal_checkpoint(TRUNCATE)")
+                    self.stats["wal_truncations"] += 1
+                finally:
+                    _pragma(conn, f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         except Exception:
             log.debug("WAL checkpoint after commit failed", exc_info=True)
-
-    def empty_wal(self, conn: sa.Connection) -> None:
-        """A TRUNCATE checkpoint on the writer's connection (SQLite, outside a transaction).
-
-        Readers are waited for 50 ms at most: a busy WAL is tried again after the next commit
-        rather than stalling every write behind a long read."""
-        _pragma(conn, f"busy_timeout={_WAL_WAIT_MS}")
-        try:
-            _pragma(conn, "wal_checkpoint(TRUNCATE)")
-            self.stats["wal_truncations"] += 1
-        finally:
-            _pragma(conn, f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
     def _apply(self, batch: Batch, jobs: list[_Job], outcomes: list[Any]) -> None:
         """Hand consecutive jobs of one kind to their handler together."""
@@ -380,4 +324,4 @@ def _discard(conn: sa.Connection | None) -> None:
             pass
 
 
-__all__ = ["AfterBatch", "Batch", "GroupCommitWriter", "Handler"]
+__all__ = ["Batch", "GroupCommitWriter", "Handler"]

@@ -37,10 +37,8 @@ def committed_ids(engine) -> set[str]:
 
 
 def make_writer(engine, seen_after_commit: list[str] | None = None,
-                gate: threading.Event | None = None, entered: threading.Event | None = None,
-                **options: Any):
-    """``entered`` is set when a batch starts; the batch then waits for ``gate``; ``options``
-    go to the writer."""
+                gate: threading.Event | None = None, entered: threading.Event | None = None):
+    """``entered`` is set when a batch starts; the batch then waits for ``gate``."""
 
     def insert(batch: Batch, payloads: list[Any]) -> list[Any]:
         if entered is not None:
@@ -58,7 +56,7 @@ def make_writer(engine, seen_after_commit: list[str] | None = None,
             out.append(p.upper())
         return out
 
-    return GroupCommitWriter(engine, {"insert": insert}, **{"max_batch": 64, **options})
+    return GroupCommitWriter(engine, {"insert": insert}, max_batch=64)
 
 
 async def test_results_arrive_after_commit_and_in_batches(engine):
@@ -103,61 +101,6 @@ async def test_a_failing_job_does_not_fail_its_batch(engine):
     # after_commit effects ran only for committed work, once each
     assert sorted(seen) == ["dup", "first", "ok1", "ok2"]
     assert writer.stats["failed_batches"] == 1
-
-
-async def test_batches_keep_within_their_pages_and_are_checked_before_answers(engine):
-    # Each job weighs the pages its name says ("w3-a": 3); a batch takes jobs in order while
-    # they fit 7 pages, at least one; the hook sees each batch committed before any of its
-    # callers is answered, and may commit jobs of its own in between.
-    gate, entered = threading.Event(), threading.Event()
-    batches: list[list[str]] = []
-    checked: set[str] = set()
-
-    def after(writer: GroupCommitWriter, conn: sa.Connection) -> None:
-        new = committed_ids(engine) - checked
-        batches.append(sorted(new))
-        checked.update(new)
-        mark = f"hook{len(batches)}"
-        assert writer.commit_one(conn, "insert", mark) == mark.upper()
-        checked.add(mark)
-
-    writer = make_writer(engine, gate=gate, entered=entered, after_batch=after,
-                         job_pages=lambda kind, p: int(p.split("-")[0][1:]), max_batch_pages=7)
-    writer.start()
-
-    async def submit(payload: str) -> str:
-        got: str = await writer.submit("insert", payload)
-        assert payload in checked  # its batch was checked before it was answered
-        return got
-
-    try:
-        first = asyncio.ensure_future(submit("w1-first"))
-        assert await asyncio.to_thread(entered.wait, 10)  # a batch of its own, at the gate
-        names = ["w3-a", "w3-b", "w3-c", "w9-big", "w1-d", "w2-e"]
-        rest = [asyncio.ensure_future(submit(n)) for n in names]
-        await asyncio.sleep(0)  # one loop turn: all six are queued behind the first batch
-        gate.set()
-        got = await asyncio.gather(first, *rest)
-    finally:
-        writer.stop()
-    assert got == [n.upper() for n in ["w1-first", *names]]
-    assert batches == [["w1-first"], ["w3-a", "w3-b"], ["w3-c"], ["w9-big"], ["w1-d", "w2-e"]]
-    assert committed_ids(engine) == checked
-
-
-async def test_a_failing_check_does_not_fail_its_batch(engine, caplog):
-    def after(writer: GroupCommitWriter, conn: sa.Connection) -> None:
-        raise RuntimeError("the check broke")
-
-    writer = make_writer(engine, after_batch=after)
-    writer.start()
-    try:
-        assert await writer.submit("insert", "x1") == "X1"
-        assert await writer.submit("insert", "x2") == "X2"  # the writer goes on
-    finally:
-        writer.stop()
-    assert committed_ids(engine) == {"x1", "x2"}
-    assert "the check after a commit failed" in caplog.text
 
 
 async def test_stop_commits_everything_submitted_and_then_refuses(engine):
