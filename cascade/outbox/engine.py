@@ -135,22 +135,29 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, max_bytes: int | Non
     # connections of a process, so while one read-only connection is open every new connection
     # is read-only too. So a connection opened while the file could not be written is closed
     # when it is returned, and one that meets a read-only, failed or vanished file is treated
-    # as a disconnect: it is closed and every other one is replaced on its next checkout.
+    # as a disconnect: it is closed, the idle ones are closed at once (each may have inherited
+    # the read-only index, and would hand it on to every connection opened while it stays
+    # open), and those in use are replaced when they come back.
     path = sqlite_path(engine.url)
 
     @event.listens_for(engine, "connect")
     def _mark_read_only(_dbapi_connection: Any, record: Any) -> None:
         record.info["read_only"] = path is not None and _read_only(path)
 
+    stale_since = [0.0]
+    """When a connection last met a read-only, failed or vanished file (time.time())."""
+
     @event.listens_for(engine, "checkin")
     def _close_read_only(_dbapi_connection: Any, record: Any) -> None:
-        if record.info.get("read_only"):
+        if record.info.get("read_only") or record.starttime <= stale_since[0]:
             record.invalidate()
 
     @event.listens_for(engine, "handle_error")
     def _on_error(context: Any) -> None:
         if _stale_connection_error(context.original_exception):
             context.is_disconnect = True
+            stale_since[0] = time.time()  # those in use now are closed when they come back
+            engine.pool.dispose()  # closes the idle connections only; the pool stays usable
             # Close the failed statement's cursor now: SQLite keeps a closed connection (and
             # the file) open while a statement of it is alive, and the exception's traceback
             # would keep this one alive until the next garbage collection.

@@ -101,3 +101,23 @@ def test_a_connection_that_turned_out_read_only_is_replaced_and_the_write_retrie
     assert writer.submit_sync("insert", 3) == 3  # no 503: replaced, and tried once more
     assert writer.stats["stale_connections"] == 1
     assert _rows(engine) == [0, 3]
+
+
+def test_idle_connections_that_inherited_the_read_only_index_do_not_keep_writes_refused(stores):
+    # The soak's red (fault run 23 of 37855a9): after the remount, several connections were
+    # opened while a read-only one was still open (the tier's readers and callback sender). They
+    # share its read-only WAL index, yet look healthy and go back to the pool, where each keeps
+    # that index alive for the next connection: the writer's retry met one of them, or a new
+    # connection poisoned by them, and the first write after the remount got a 503.
+    disk, engine, writer = stores
+    old = engine.connect()  # opened read-only, held across the remount
+    assert old.execute(sa.text("SELECT count(*) FROM t")).scalar() == 1
+    _remount(disk, "rw")
+    inherited = [engine.connect() for _ in range(3)]
+    for conn in inherited:
+        assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 1
+        conn.close()  # back to the pool, idle, looking healthy
+    old.close()
+
+    assert writer.submit_sync("insert", 4) == 4  # no 503
+    assert _rows(engine) == [0, 4]
