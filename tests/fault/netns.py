@@ -189,7 +189,7 @@ class Partition:
         _ip("tc", "qdisc", "del", "dev", self.host_if, "root", check=False)
         _ip("ip", "netns", "exec", self.name, "tc", "qdisc", "del", "dev", self.ns_if, "root",
             check=False)
-        if loss_method() == "nftables":
+        if self.fault == "lossy" and loss_method() == "nftables":
             rules = _ip("ip", "netns", "exec", self.name, "nft", "list", "table", "inet",
                         _LOSS_TABLE, check=False).stdout
             counts = re.findall(r"counter packets (\d+)", rules)
